@@ -1,0 +1,56 @@
+"""``mmem demo-data`` and ``mmem ingest``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import DataRootOpt, fail, load
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo-data")(demo_data)
+    app.command("ingest")(ingest)
+
+
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path("mmem-data/demo"),
+    dialogs: Annotated[int, typer.Option(help="Train dialogs (one image each).")] = 40,
+    val_dialogs: Annotated[int | None, typer.Option(help="Val dialogs (default: a fifth of --dialogs).")] = None,
+    seed: Annotated[int, typer.Option(help="Everything is a function of the seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes drawing images.")] = 2,
+) -> None:
+    """Write the deterministic demo dataset: JPEG scenes, VisDial v1.0 JSON and COCO captions."""
+    from tasks.demo_data import write_demo
+
+    paths = write_demo(out, dialogs, seed=seed, val_dialogs=val_dialogs, workers=workers, progress=True)
+    typer.echo(json.dumps({s: {k: str(v) for k, v in p.items()} for s, p in paths.items()}, indent=2))
+
+
+def ingest(
+    visdial: Annotated[Path, typer.Option(help="visdial_1.0_<split>.json")],
+    images: Annotated[Path, typer.Option(help="The split's image folder.")],
+    coco: Annotated[Path | None, typer.Option(help="COCO annotation file (image file names).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-checking processes.")] = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Clean a VisDial split into the Lance tables images, dialogs, turns and quarantine."""
+    from flows.ingest import ingest_flow
+    from tasks.validate import ValidationFailed
+    from tasks.visdial import VisdialFormatError
+
+    config = load(_ingest_config(), data_root, visdial=visdial, images=images, coco=coco, workers=workers)
+    try:
+        result = ingest_flow(config)
+    except (VisdialFormatError, FileNotFoundError, ValidationFailed) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def _ingest_config():
+    from schemas.ingest import IngestConfig
+
+    return IngestConfig

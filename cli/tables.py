@@ -1,0 +1,52 @@
+"""``mmem tables`` and ``mmem sql``: look at what the pipeline wrote."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import DataRootOpt, fail, load
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tables")(tables)
+    app.command("sql")(sql)
+
+
+def tables(data_root: DataRootOpt = None) -> None:
+    """Every table: rows, columns, current version and tags."""
+    from schemas.config import StageConfig
+    from storage.catalog import describe_tables
+
+    cfg = load(StageConfig, data_root)
+    rows = describe_tables(cfg.lance_uri)
+    if not rows:
+        typer.echo(f"no tables under {cfg.lance_uri}")
+    for r in rows:
+        typer.echo(f"{r['table']:<18} rows={r['rows']:<9} version={r['version']:<4} tags={','.join(r['tags']) or '-'}")
+        typer.echo(f"{'':<18} columns: {', '.join(r['columns'])}")
+
+
+def sql(
+    query: Annotated[str, typer.Argument(help="DuckDB SQL; tables are named as in Lance.")],
+    version: Annotated[list[str] | None, typer.Option(help="TABLE=VERSION (number or tag) to read a past version.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to print.")] = 50,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Run DuckDB SQL over the Lance tables (joins included), e.g. mmem sql "SELECT count(*) FROM turns"."""
+    from schemas.config import StageConfig
+    from storage.catalog import run_sql
+
+    cfg = load(StageConfig, data_root)
+    pins = {}
+    for v in version or []:
+        name, _, ver = v.partition("=")
+        if not ver:
+            fail(f"--version wants TABLE=VERSION, got {v!r}")
+        pins[name] = int(ver) if ver.isdigit() else ver
+    try:
+        result = run_sql(cfg.lance_uri, query, pins)
+    except Exception as exc:  # noqa: BLE001 - DuckDB's message is the useful part
+        fail(str(exc))
+    typer.echo(result.to_pandas().head(limit).to_string(max_colwidth=60))

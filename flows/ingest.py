@@ -1,0 +1,29 @@
+"""The ingest flow: clean one VisDial split into Lance tables, gate it with Great Expectations."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from schemas.ingest import IngestConfig
+from tasks.ingest import clean_task, counts_markdown, validate_task, write_task
+from tasks.runtime import logger, publish_markdown, run_id
+from tasks.validate import ValidationFailed
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(config: IngestConfig) -> dict:
+    """Clean ``config.visdial`` + ``config.images`` into ``images``/``dialogs``/``turns``.
+
+    Returns the table versions written and the counts kept and dropped per reason.
+    """
+    out = clean_task(config)
+    reports = validate_task(out)
+    publish_markdown("ingest-validation", "\n".join(r.markdown() for r in reports), "Great Expectations: ingest")
+    failed = [r for r in reports if not r.success]
+    if failed:
+        raise ValidationFailed("ingest validation failed:\n" + "\n".join(r.markdown() for r in failed))
+    versions = write_task(config.lance_uri, out, f"ingest-{run_id()}")
+    counts = out.counts()
+    publish_markdown("ingest-counts", counts_markdown(counts), "Rows kept and dropped per reason")
+    logger().info("ingest done: %s; versions %s", counts, versions)
+    return {"versions": versions, "counts": counts}

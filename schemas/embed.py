@@ -1,0 +1,76 @@
+"""Embed: the ``image_embeddings`` and ``text_embeddings`` tables, the text key, and the config."""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from schemas.config import StageConfig
+from schemas.tables import register
+
+EMBED_DIM = 1024  # ImageBind-Huge's joint space, both towers
+
+
+def normalise_text(text: str) -> str:
+    """The form a text is embedded and keyed in: NFKC, collapsed whitespace, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def text_hash(text: str) -> str:
+    """Key of ``text_embeddings``: identical normalised texts are embedded once."""
+    return hashlib.sha256(normalise_text(text).encode("utf-8")).hexdigest()[:32]
+
+
+def turn_text(question: str, answer: str) -> str:
+    """A turn is embedded as its question and answer in one string."""
+    return f"Q: {question} A: {answer}"
+
+
+IMAGE_EMBEDDINGS = register(
+    "image_embeddings",
+    pa.schema(
+        [
+            pa.field("image_id", pa.int64(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), EMBED_DIM), nullable=False),
+            pa.field("model", pa.string(), nullable=False),  # model fingerprint
+            pa.field("preprocess", pa.string(), nullable=False),  # preprocessing version
+        ]
+    ),
+    key=("image_id",),
+    doc="L2-normalised ImageBind image embedding per image.",
+)
+
+TEXT_EMBEDDINGS = register(
+    "text_embeddings",
+    pa.schema(
+        [
+            pa.field("text_hash", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), EMBED_DIM), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("preprocess", pa.string(), nullable=False),
+        ]
+    ),
+    key=("text_hash",),
+    doc="L2-normalised ImageBind text embedding per distinct normalised text (turns and captions).",
+)
+
+
+class EmbedConfig(StageConfig):
+    """Parameters of the embed flow (section ``[embed]``, env ``MMEM_EMBED_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MMEM_EMBED_")
+    section: ClassVar[str] = "embed"
+
+    checkpoint: Path | None = Field(default=None, description="Local imagebind_huge.pth (never downloaded).")
+    tiny: bool = Field(default=False, description="Use a tiny random-weight ImageBind (tests, demo).")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    shard_rows: int = Field(default=4096, ge=1, description="Rows per shard (one Prefect task each).")
+    batch_size: int = Field(default=256, ge=1)
+    dask_address: str | None = Field(default=None, description="Run shards on this Dask cluster.")

@@ -1,0 +1,50 @@
+"""Great Expectations suites: the data contracts each stage's output must meet.
+
+Suites are built by functions because some expectations depend on the run (a turns table must
+have ten rows per dialog written). ``tasks.validate`` runs them; a failed suite stops the
+stages downstream.
+"""
+
+from __future__ import annotations
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+
+from schemas.ingest import NUM_OPTIONS, NUM_TURNS
+
+
+def images_suite() -> gx.ExpectationSuite:
+    return gx.ExpectationSuite(
+        name="images",
+        expectations=[
+            gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+            gxe.ExpectColumnValuesToNotBeNull(column="path"),
+            gxe.ExpectColumnValuesToBeBetween(column="width", min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="height", min_value=1),
+            gxe.ExpectColumnValueLengthsToEqual(column="sha256", value=64),
+        ],
+    )
+
+
+def dialogs_suite() -> gx.ExpectationSuite:
+    return gx.ExpectationSuite(
+        name="dialogs",
+        expectations=[
+            gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+            gxe.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1),
+        ],
+    )
+
+
+def turns_suite(num_dialogs: int) -> gx.ExpectationSuite:
+    return gx.ExpectationSuite(
+        name="turns",
+        expectations=[
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "turn"]),
+            gxe.ExpectTableRowCountToEqual(value=num_dialogs * NUM_TURNS),
+            gxe.ExpectColumnValuesToBeBetween(column="turn", min_value=1, max_value=NUM_TURNS),
+            gxe.ExpectColumnValuesToBeBetween(column="gt_index", min_value=0, max_value=NUM_OPTIONS - 1),
+            gxe.ExpectColumnValueLengthsToBeBetween(column="question", min_value=1),
+            gxe.ExpectColumnValueLengthsToBeBetween(column="answer", min_value=1),
+        ],
+    )

@@ -1,0 +1,135 @@
+"""LanceDB access: open/create tables by their registered schema, merge rows on their key,
+read (at a version), tag versions.
+
+Writers are the flows, one per table; workers return Arrow tables. ``merge`` writes only rows
+that are new or changed, so a re-run on the same input leaves the table's version unchanged
+(LanceDB's ``merge_insert`` would commit an empty version otherwise).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lancedb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.tables import TableSpec, spec
+
+
+def connect(uri: str | Path) -> lancedb.DBConnection:
+    return lancedb.connect(str(uri))
+
+
+def table_exists(db: lancedb.DBConnection, name: str) -> bool:
+    return name in db.list_tables().tables
+
+
+def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
+    """Open a registered table, creating it empty with its declared schema the first time."""
+    return db.create_table(name, schema=spec(name).schema, exist_ok=True)
+
+
+def conform(rows: pa.Table, table_spec: TableSpec) -> pa.Table:
+    """Order and cast ``rows`` to the declared schema; a missing nullable column becomes nulls."""
+    schema = table_spec.schema
+    missing = [f.name for f in schema if f.name not in rows.column_names and not f.nullable]
+    if missing:
+        raise ValueError(f"rows for {table_spec.name!r} lack required columns {missing}")
+    columns = [
+        rows.column(f.name).cast(f.type) if f.name in rows.column_names else pa.nulls(len(rows), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def dedupe(rows: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """Keep the last row of each key: LanceDB does not check a batch for duplicate keys."""
+    if len(rows) == 0:
+        return rows
+    idx = pa.array(range(len(rows)), pa.int64())
+    grouped = rows.select(list(key)).append_column("__i", idx).group_by(list(key)).aggregate([("__i", "max")])
+    keep = pc.sort_indices(grouped.column("__i_max"))
+    return rows.take(pc.take(grouped.column("__i_max"), keep))
+
+
+def _comparable(schema: pa.Schema, key: tuple[str, ...]) -> list[str]:
+    return [
+        f.name
+        for f in schema
+        if f.name not in key and not pa.types.is_list(f.type) and not pa.types.is_fixed_size_list(f.type)
+        and not f.name.endswith("_at")
+    ]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    table: str
+    inserted: int
+    updated: int
+    version: int
+
+
+def changed_rows(tbl: lancedb.table.Table, rows: pa.Table, table_spec: TableSpec, update: bool) -> pa.Table:
+    """Rows whose key is new, plus (if ``update``) rows whose scalar columns differ from the table's."""
+    key = list(table_spec.key)
+    compare = _comparable(table_spec.schema, table_spec.key) if update else []
+    existing = tbl.to_arrow().select(key + compare) if tbl.count_rows() else None
+    if existing is None or len(existing) == 0:
+        return rows
+    probe = rows.select(key + compare).append_column("__i", pa.array(range(len(rows)), pa.int64()))
+    renamed = existing.rename_columns(key + [f"__old_{c}" for c in compare]).append_column(
+        "__hit", pa.array([True] * len(existing))
+    )
+    joined = probe.join(renamed, keys=key, join_type="left outer")
+    differs = pc.is_null(joined.column("__hit"))
+    for c in compare:
+        new, old = joined.column(c), joined.column(f"__old_{c}")
+        ne = pc.fill_null(pc.not_equal(new, old), True)
+        both_null = pc.and_(pc.is_null(new), pc.is_null(old))
+        differs = pc.or_(differs, pc.and_(ne, pc.invert(both_null)))
+    take = pc.sort_indices(pc.filter(joined.column("__i"), differs))
+    return rows.take(pc.take(pc.filter(joined.column("__i"), differs), take))
+
+
+def merge(db: lancedb.DBConnection, name: str, rows: pa.Table, *, update: bool = True) -> MergeResult:
+    """Upsert ``rows`` on the table's key; writes (and versions) only when something changed."""
+    table_spec = spec(name)
+    rows = dedupe(conform(rows, table_spec), table_spec.key)
+    tbl = open_table(db, name)
+    todo = changed_rows(tbl, rows, table_spec, update)
+    if len(todo) == 0:
+        return MergeResult(name, 0, 0, tbl.version)
+    builder = tbl.merge_insert(list(table_spec.key)).when_not_matched_insert_all()
+    if update:
+        builder = builder.when_matched_update_all()
+    res = builder.execute(todo)
+    return MergeResult(name, res.num_inserted_rows, res.num_updated_rows, tbl.version)
+
+
+def read(
+    db: lancedb.DBConnection,
+    name: str,
+    *,
+    version: int | str | None = None,
+    columns: list[str] | None = None,
+    where: str | None = None,
+) -> pa.Table:
+    """The table (or one of its versions, by number or tag) as Arrow."""
+    tbl = open_table(db, name)
+    if version is not None:
+        tbl.checkout(version)
+    ds = tbl.to_lance()
+    return ds.to_table(columns=columns, filter=where)
+
+
+def tag(db: lancedb.DBConnection, name: str, label: str, version: int | None = None) -> str:
+    """Tag a version (default: the latest) so it is kept by cleanup and reachable by name."""
+    tbl = open_table(db, name)
+    label = re.sub(r"[^A-Za-z0-9._-]", "-", label)
+    existing = tbl.tags.list()
+    if label not in existing:
+        tbl.tags.create(label, version or tbl.version)
+    return label

@@ -1,0 +1,129 @@
+"""Find, open, measure and hash images, with a reason for every one that cannot be used.
+
+Pure functions (no Prefect). ``check_images`` fans the work out over worker processes because
+decoding and hashing 82k JPEGs is CPU-bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from schemas.quarantine import Reason
+
+_ID_IN_NAME = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
+
+
+def index_image_folder(root: str | Path) -> dict[int, str]:
+    """Image id -> file name, from COCO-style names (``..._000000123456.jpg``) in ``root``."""
+    found: dict[int, str] = {}
+    with os.scandir(root) as it:
+        for entry in it:
+            m = _ID_IN_NAME.search(entry.name)
+            if m:
+                found.setdefault(int(m.group(1)), entry.name)
+    return found
+
+
+def coco_file_names(coco_path: str | Path) -> dict[int, str]:
+    """Image id -> ``file_name`` from a COCO annotation file, read through pycocotools."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco = COCO(str(coco_path))
+    return {int(i): img["file_name"] for i, img in coco.imgs.items()}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    image_id: int
+    path: str
+    width: int
+    height: int
+    mode: str
+    num_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ImageProblem:
+    image_id: int
+    path: str
+    reason: Reason
+    detail: str
+
+
+def resolve_inside(root: str | Path, rel: str) -> Path | None:
+    """``root/rel`` with symlinks resolved, or None if it leaves ``root``."""
+    root_real = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root_real, rel))
+    if os.path.commonpath([root_real, full]) != root_real:
+        return None
+    return Path(full)
+
+
+def check_image(root: str, image_id: int, rel: str, max_pixels: int) -> ImageInfo | ImageProblem:
+    """Open, fully decode (at reduced scale where the codec allows), measure and hash one image."""
+    full = resolve_inside(root, rel)
+    if full is None:
+        return ImageProblem(image_id, rel, Reason.IMAGE_OUTSIDE_ROOT, "path resolves outside the image root")
+    try:
+        data = full.read_bytes()
+    except FileNotFoundError:
+        return ImageProblem(image_id, rel, Reason.IMAGE_MISSING, "no such file")
+    except OSError as exc:
+        return ImageProblem(image_id, rel, Reason.IMAGE_UNREADABLE, f"cannot read: {exc.strerror}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                return ImageProblem(image_id, rel, Reason.IMAGE_TOO_LARGE, f"{width}x{height} > {max_pixels} pixels")
+            mode = img.mode
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))  # decodes every block, 64x fewer pixels
+            img.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return ImageProblem(image_id, rel, Reason.IMAGE_UNREADABLE, f"{type(exc).__name__}: {exc}")
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
+        return ImageProblem(image_id, rel, Reason.IMAGE_UNREADABLE, f"{type(exc).__name__}: {exc}")
+    return ImageInfo(image_id, rel, width, height, mode, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _check_many(args: tuple[str, list[tuple[int, str]], int]) -> list[ImageInfo | ImageProblem]:
+    root, items, max_pixels = args
+    return [check_image(root, i, rel, max_pixels) for i, rel in items]
+
+
+def check_images(
+    root: str | Path, items: Iterable[tuple[int, str]], *, workers: int = 1, max_pixels: int = 50_000_000,
+    chunk: int = 512, progress=None,
+) -> list[ImageInfo | ImageProblem]:
+    """Check ``(image_id, relative path)`` pairs, in ``workers`` processes; order is kept."""
+    items = list(items)
+    jobs = [(str(root), items[i : i + chunk], max_pixels) for i in range(0, len(items), chunk)]
+    out: list[ImageInfo | ImageProblem] = []
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(_check_many, jobs):
+                out.extend(part)
+                if progress:
+                    progress(len(part))
+    else:
+        for job in jobs:
+            part = _check_many(job)
+            out.extend(part)
+            if progress:
+                progress(len(part))
+    return out

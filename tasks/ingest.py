@@ -1,0 +1,134 @@
+"""Ingest steps: VisDial + images -> ``images``, ``dialogs``, ``turns`` and ``quarantine`` rows.
+
+The pure functions do the work and return Arrow tables; the ``@task`` wrappers at the bottom
+only add orchestration (retries, names). The flow is the single writer of the tables.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.expectations import dialogs_suite, images_suite, turns_suite
+from schemas.ingest import IMAGES, IngestConfig
+from schemas.quarantine import Reason, Rejection
+from storage.lance import connect, merge, tag
+from storage.quarantine import quarantine
+from tasks.images import ImageInfo, check_images, coco_file_names, index_image_folder
+from tasks.runtime import Progress, logger
+from tasks.validate import ValidationReport, validate
+from tasks.visdial import ParsedVisdial, dialog_columns, parse_visdial
+
+
+@dataclass
+class IngestOutput:
+    tables: dict[str, pa.Table]
+    rejections: list[Rejection]
+    dialogs_in: int
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(str(r.reason) for r in self.rejections)
+        return {"dialogs_in": self.dialogs_in, "dialogs_kept": len(self.tables["dialogs"]),
+                "turns_kept": len(self.tables["turns"]), "images_kept": len(self.tables["images"]), **c}
+
+
+def image_locations(parsed: ParsedVisdial, images_root: Path, coco: Path | None) -> dict[int, str]:
+    """Image id -> path relative to the image root (COCO ``file_name`` first, then the folder)."""
+    where = index_image_folder(images_root) if images_root.is_dir() else {}
+    if coco is not None:
+        where.update(coco_file_names(coco))
+    return where
+
+
+def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
+    """Parse, locate and check everything; return the rows to write and the rejections."""
+    log = logger()
+    parsed = parse_visdial(config.visdial)
+    dialogs_in = parsed.num_dialogs + len(parsed.rejections)
+    log.info("parsed %s: %d dialogs, %d rejected by the parser", config.visdial, dialogs_in, len(parsed.rejections))
+    rejections = list(parsed.rejections)
+    if not config.images.is_dir():
+        raise FileNotFoundError(f"image folder {config.images} does not exist")
+    where = image_locations(parsed, config.images, config.coco)
+
+    items, missing = [], []
+    for i, image_id in enumerate(parsed.image_ids.tolist()):
+        rel = where.get(image_id)
+        if rel is None:
+            missing.append(i)
+        else:
+            items.append((image_id, rel))
+    with Progress(len(items), "check images", enabled=progress) as bar:
+        checked = check_images(config.images, items, workers=config.workers, max_pixels=config.max_image_pixels,
+                               progress=bar)
+    infos = [c for c in checked if isinstance(c, ImageInfo)]
+    ok_ids = np.array([c.image_id for c in infos], dtype=np.int64)
+    problems = {c.image_id: c for c in checked if not isinstance(c, ImageInfo)}
+    for i in missing:
+        image_id = int(parsed.image_ids[i])
+        rejections.append(Rejection(str(image_id), Reason.IMAGE_MISSING, _dialog_json(parsed, i),
+                                    f"no image with id {image_id} under {config.images}"))
+    for i, image_id in enumerate(parsed.image_ids.tolist()):
+        p = problems.get(image_id)
+        if p is not None:
+            rejections.append(Rejection(str(image_id), p.reason, {"path": p.path, "dialog": _dialog_json(parsed, i)},
+                                        p.detail))
+    tables = dialog_columns(parsed, ok_ids)
+    tables["images"] = pa.Table.from_pylist(
+        [{"split": parsed.split, **info.__dict__} for info in infos], schema=IMAGES.schema
+    )
+    return IngestOutput(tables, rejections, dialogs_in)
+
+
+def _dialog_json(parsed: ParsedVisdial, i: int) -> dict:
+    return {
+        "image_id": int(parsed.image_ids[i]),
+        "caption": parsed.captions[i],
+        "dialog": [
+            {"question": int(q), "answer": int(a), "gt_index": int(g)}
+            for q, a, g in zip(parsed.q_idx[i], parsed.a_idx[i], parsed.gt_index[i], strict=True)
+        ],
+    }
+
+
+def write(lance_uri: str, out: IngestOutput, run_label: str) -> dict[str, int]:
+    """Merge every table (writes only what changed) and tag the resulting versions."""
+    db = connect(lance_uri)
+    versions = {}
+    for name in ("images", "dialogs", "turns"):
+        res = merge(db, name, out.tables[name])
+        logger().info("%s: +%d inserted, %d updated -> version %d", name, res.inserted, res.updated, res.version)
+        if res.inserted or res.updated:
+            tag(db, name, run_label)
+        versions[name] = res.version
+    versions["quarantine"] = quarantine(db, "ingest", out.rejections, run_label).version
+    return versions
+
+
+def validate_tables(out: IngestOutput) -> list[ValidationReport]:
+    t = out.tables
+    return [
+        validate(t["images"], images_suite(), table_name="images"),
+        validate(t["dialogs"], dialogs_suite(), table_name="dialogs"),
+        validate(t["turns"], turns_suite(len(t["dialogs"])), table_name="turns"),
+    ]
+
+
+def counts_markdown(counts: dict[str, int]) -> str:
+    lines = ["| count | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in counts.items()]
+    return "\n".join(lines)
+
+
+# --- Prefect task wrappers -------------------------------------------------------------------
+
+# Inputs are large Arrow tables: hashing them for a cache key would cost more than the work;
+# re-runs are cheap anyway because ``write`` only writes what changed.
+clean_task = task(clean, name="clean-visdial", cache_policy=NO_CACHE)
+write_task = task(write, name="write-ingest-tables", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+validate_task = task(validate_tables, name="validate-ingest", cache_policy=NO_CACHE)
