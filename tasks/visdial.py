@@ -107,7 +107,7 @@ def _decode(path: Path, raw: bytes) -> tuple[str, list[str], list[str], list[_Di
         return f.split, f.data.questions, f.data.answers, list(f.data.dialogs), []
     except msgspec.ValidationError:
         pass
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _position_error(path, raw) from exc
     try:
         rf = msgspec.json.decode(raw, type=_RawFile)

@@ -63,3 +63,23 @@ def data_root(tmp_path, ingested_root) -> Path:
     dst = tmp_path / "root"
     shutil.copytree(ingested_root, dst, symlinks=True)
     return dst
+
+
+@pytest.fixture
+def flow_run_artifacts():
+    """``f(flow_run_id) -> {key: artifact}`` read back through the Prefect server's REST API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def _read(flow_run_id):
+        async with get_client() as client:
+            resp = await client._client.post(
+                "/artifacts/filter",
+                json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 200, "sort": "CREATED_DESC",
+                      "offset": 0},
+            )
+            resp.raise_for_status()
+            return {a["key"]: a for a in resp.json()}
+
+    return lambda flow_run_id: asyncio.run(_read(flow_run_id))

@@ -1,0 +1,74 @@
+"""The demo dataset: deterministic, VisDial v1.0-shaped, COCO-readable, and true about its images."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import numpy as np
+from PIL import Image
+
+from tasks.demo_data import COLORS, make_scene, write_split
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = write_split(tmp_path / "a", "train", 5, seed=3)
+    b = write_split(tmp_path / "b", "train", 5, seed=3)
+    c = write_split(tmp_path / "c", "train", 5, seed=4)
+    assert a["visdial"].read_bytes() == b["visdial"].read_bytes()
+    assert a["visdial"].read_bytes() != c["visdial"].read_bytes()
+    names = sorted(p.name for p in a["images"].iterdir())
+    assert names == sorted(p.name for p in b["images"].iterdir())
+    assert all(re.fullmatch(r"COCO_train2014_\d{12}\.jpg", n) for n in names)
+    assert (a["images"] / names[0]).read_bytes() == (b["images"] / names[0]).read_bytes()
+
+
+def test_visdial_format(demo_dir):
+    doc = json.loads((demo_dir / "visdial_1.0_train.json").read_text())
+    assert doc["version"] == "1.0" and doc["split"] == "train"
+    data = doc["data"]
+    assert all(isinstance(q, str) and q == q.lower() and not q.endswith("?") for q in data["questions"])
+    for d in data["dialogs"]:
+        assert len(d["dialog"]) == 10
+        for r in d["dialog"]:
+            assert len(r["answer_options"]) == 100
+            assert r["answer_options"][r["gt_index"]] == r["answer"]
+            assert r["answer_options"].count(r["answer"]) == 1
+
+
+def test_coco_file_readable_by_pycocotools(demo_dir):
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(demo_dir / "captions_train2014.json"))
+    assert len(coco.imgs) == 20
+    img = next(iter(coco.imgs.values()))
+    assert (demo_dir / "images" / "train2014" / img["file_name"]).is_file()
+    assert coco.imgToAnns[img["id"]][0]["caption"].startswith("a drawing of")
+
+
+def test_answers_are_true_about_the_image(demo_dir):
+    """Counting answers match the scene, and the named colours are really in the pixels."""
+    doc = json.loads((demo_dir / "visdial_1.0_train.json").read_text())
+    q, a = doc["data"]["questions"], doc["data"]["answers"]
+    numbers = ["zero", "one", "two", "three", "four", "five", "six"]
+    checked = 0
+    for i, d in enumerate(doc["data"]["dialogs"]):
+        scene = make_scene(0, "train", i)
+        assert scene.image_id == d["image_id"]
+        img = np.asarray(Image.open(demo_dir / "images" / "train2014" / f"COCO_train2014_{d['image_id']:012d}.jpg"))
+        assert img.shape[:2] == (scene.height, scene.width)
+        for r in d["dialog"]:
+            question, answer = q[r["question"]], a[r["answer"]]
+            if question == "how many shapes are there" and answer in numbers:
+                assert numbers.index(answer) == len(scene.shapes)
+                checked += 1
+            m = re.fullmatch(r"is there anything (\w+)", question)
+            if m:
+                color = np.array(COLORS[m.group(1)])
+                present = (np.abs(img.astype(int) - color).sum(-1) < 40).mean() > 0.002
+                assert present == answer.startswith("yes"), (question, answer)
+                checked += 1
+    assert checked >= 5

@@ -1,0 +1,60 @@
+"""Image checks: every unusable image gets a reason; odd-but-valid images are kept."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from schemas.quarantine import Reason
+from tasks.images import ImageInfo, check_image, check_images, index_image_folder
+
+
+def _jpeg(path, size=(64, 48), mode="RGB"):
+    arr = (np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(arr).convert(mode)
+    img.save(path, "JPEG" if mode in ("RGB", "L", "CMYK") else "PNG")
+    return path
+
+
+def test_reasons_for_each_kind_of_bad_image(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    _jpeg(root / "COCO_x_000000000001.jpg")
+    full = (root / "COCO_x_000000000002.jpg")
+    _jpeg(full, size=(300, 200))
+    data = full.read_bytes()
+    full.write_bytes(data[: len(data) // 2])  # truncated
+    (root / "COCO_x_000000000003.jpg").write_bytes(b"")  # zero bytes
+    outside = _jpeg(tmp_path / "outside.jpg")
+    (root / "COCO_x_000000000004.jpg").symlink_to(outside)  # symlink leaving the root
+    _jpeg(root / "COCO_x_000000000005.jpg", size=(400, 400))  # too many pixels for the limit below
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "COCO_x_000000000006.jpg", "PNG")  # PNG named .jpg
+    _jpeg(root / "COCO_x_000000000007.jpg", mode="CMYK")
+    _jpeg(root / "COCO_x_000000000008.jpg", mode="L")
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "COCO_x_000000000009.png")  # 16-bit
+
+    where = index_image_folder(root)
+    assert sorted(where) == list(range(1, 10))
+    items = sorted(where.items()) + [(10, "../outside.jpg"), (11, "COCO_x_000000000011.jpg")]
+    results = {r.image_id: r for r in check_images(root, items, max_pixels=100_000)}
+    reasons = {i: (None if isinstance(r, ImageInfo) else r.reason) for i, r in results.items()}
+    assert reasons == {
+        1: None, 2: Reason.IMAGE_UNREADABLE, 3: Reason.IMAGE_UNREADABLE, 4: Reason.IMAGE_OUTSIDE_ROOT,
+        5: Reason.IMAGE_TOO_LARGE, 6: None, 7: None, 8: None, 9: None, 10: Reason.IMAGE_OUTSIDE_ROOT,
+        11: Reason.IMAGE_MISSING,
+    }
+    assert results[7].mode == "CMYK" and results[8].mode == "L"
+    assert (results[1].width, results[1].height) == (64, 48)
+
+
+def test_hash_is_of_content_and_process_pool_matches_serial(tmp_path):
+    for i in range(6):
+        _jpeg(tmp_path / f"COCO_x_{i:012d}.jpg", size=(32 + i, 32))
+    items = sorted(index_image_folder(tmp_path).items())
+    serial = check_images(tmp_path, items, workers=1)
+    pooled = check_images(tmp_path, items, workers=2, chunk=2)
+    assert serial == pooled
+    one = check_image(str(tmp_path), 0, items[0][1], 10**8)
+    import hashlib
+
+    assert one.sha256 == hashlib.sha256((tmp_path / items[0][1]).read_bytes()).hexdigest()

@@ -1,0 +1,104 @@
+"""The ingest flow end to end on the demo data: tables, quarantine, idempotence, versions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from flows.ingest import ingest_flow
+from schemas.ingest import IngestConfig
+from storage.lance import connect, read
+from tasks.validate import ValidationFailed
+
+
+def _config(root, demo, **kw):
+    return IngestConfig(data_root=root, visdial=demo / "visdial_1.0_train.json", images=demo / "images" / "train2014",
+                        coco=demo / "captions_train2014.json", workers=1, **kw)
+
+
+def test_ingested_tables(ingested_root):
+    db = connect(ingested_root / "lance")
+    turns = read(db, "turns")
+    dialogs = read(db, "dialogs")
+    images = read(db, "images")
+    assert len(dialogs) == 26 and len(images) == 26 and len(turns) == 260
+    assert set(read(db, "dialogs").column("split").to_pylist()) == {"train", "val"}
+    t = turns.filter(turns.column("turn").to_numpy() == 1).slice(0, 1).to_pylist()[0]
+    assert t["answer_options"][t["gt_index"]] == t["answer"] and len(t["answer_options"]) == 100
+    assert len(read(db, "quarantine")) == 0
+
+
+def test_rerun_writes_nothing_and_changed_input_writes_a_new_version(tmp_path, demo_dir):
+    root = tmp_path / "root"
+    first = ingest_flow(_config(root, demo_dir))
+    again = ingest_flow(_config(root, demo_dir))
+    assert again["versions"] == first["versions"]
+
+    demo = tmp_path / "demo"
+    shutil.copytree(demo_dir, demo)
+    doc = json.loads((demo / "visdial_1.0_train.json").read_text())
+    doc["data"]["dialogs"][0]["caption"] = "a changed caption"
+    (demo / "visdial_1.0_train.json").write_text(json.dumps(doc))
+    changed = ingest_flow(_config(root, demo))
+    assert changed["versions"]["dialogs"] == first["versions"]["dialogs"] + 1
+    assert changed["versions"]["images"] == first["versions"]["images"]
+    db = connect(root / "lance")
+    assert read(db, "dialogs", where=f"image_id = {doc['data']['dialogs'][0]['image_id']}").column("caption")[0].as_py() == "a changed caption"
+    assert len(read(db, "dialogs")) == 20  # updated in place, not appended
+    old = read(db, "dialogs", version=first["versions"]["dialogs"])
+    assert "a changed caption" not in old.column("caption").to_pylist()
+
+
+def test_bad_records_are_quarantined_with_reasons(tmp_path, demo_dir):
+    demo = tmp_path / "demo"
+    shutil.copytree(demo_dir, demo)
+    doc = json.loads((demo / "visdial_1.0_train.json").read_text())
+    dialogs = doc["data"]["dialogs"]
+    dialogs[1]["dialog"] = dialogs[1]["dialog"][:7]
+    dialogs[2]["dialog"][0]["question"] = 10**6
+    dialogs.append(dict(dialogs[3]))  # duplicate id
+    (demo / "visdial_1.0_train.json").write_text(json.dumps(doc))
+    img_dir = demo / "images" / "train2014"
+    (img_dir / f"COCO_train2014_{dialogs[4]['image_id']:012d}.jpg").unlink()
+    trunc = img_dir / f"COCO_train2014_{dialogs[5]['image_id']:012d}.jpg"
+    trunc.write_bytes(trunc.read_bytes()[:500])
+    coco = json.loads((demo / "captions_train2014.json").read_text())
+    coco["images"] = [im for im in coco["images"] if im["id"] != dialogs[4]["image_id"]]
+    (demo / "captions_train2014.json").write_text(json.dumps(coco))
+
+    result = ingest_flow(_config(tmp_path / "root", demo))
+    counts = result["counts"]
+    assert counts["dialogs_in"] == 21 and counts["dialogs_kept"] == 16 and counts["turns_kept"] == 160
+    q = read(connect(tmp_path / "root" / "lance"), "quarantine").to_pylist()
+    by_key = {(r["key"], r["reason"]) for r in q}
+    ids = [str(d["image_id"]) for d in dialogs]
+    assert by_key == {
+        (ids[1], "wrong_turn_count"), (ids[2], "index_out_of_range"), (ids[3], "duplicate_id"),
+        (ids[4], "image_missing"), (ids[5], "image_unreadable"),
+    }
+    assert all(r["stage"] == "ingest" and r["record"] for r in q)
+    again = ingest_flow(_config(tmp_path / "root", demo))
+    assert again["versions"] == result["versions"]  # quarantine rows are not written twice
+
+
+def test_counts_artifact_published(tmp_path, demo_dir, flow_run_artifacts):
+    state = ingest_flow(_config(tmp_path / "root", demo_dir), return_state=True)
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert {"ingest-counts", "ingest-validation"} <= set(artifacts)
+    assert "dialogs_kept | 20" in artifacts["ingest-counts"]["data"]
+
+
+def test_missing_image_folder_is_a_clear_error(tmp_path, demo_dir):
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        ingest_flow(_config(tmp_path / "root", demo_dir).model_copy(update={"images": tmp_path / "nope"}))
+
+
+def test_validation_gate_fails_with_report():
+    from schemas.expectations import dialogs_suite
+    from tasks.validate import validate
+    import pyarrow as pa
+
+    report = validate(pa.table({"image_id": [1, 1], "caption": ["a", "b"]}), dialogs_suite(), table_name="dialogs")
+    with pytest.raises(ValidationFailed, match="expect_column_values_to_be_unique"):
+        report.raise_if_failed()
