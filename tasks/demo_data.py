@@ -8,6 +8,7 @@ writes a 20-dialog test fixture and a VisDial-train-sized benchmark set (82,783 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -244,7 +245,7 @@ def write_split(out: Path, split: str, n: int, seed: int, workers: int = 1, prog
     )
     jobs = _chunks(seed, split, n, str(folder))
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             it = pool.map(_draw_and_save, jobs, chunksize=256)
             _consume(it, n, progress, f"images {split}")
     else:

@@ -7,6 +7,7 @@ decoding and hashing 82k JPEGs is CPU-bound.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import hashlib
 import io
 import os
@@ -83,6 +84,7 @@ def check_image(root: str, image_id: int, rel: str, max_pixels: int) -> ImageInf
         return ImageProblem(image_id, rel, Reason.IMAGE_MISSING, "no such file")
     except OSError as exc:
         return ImageProblem(image_id, rel, Reason.IMAGE_UNREADABLE, f"cannot read: {exc.strerror}")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb guard, at our limit (a process-wide setting)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -94,7 +96,9 @@ def check_image(root: str, image_id: int, rel: str, max_pixels: int) -> ImageInf
             if img.format == "JPEG":
                 img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))  # decodes every block, 64x fewer pixels
             img.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return ImageProblem(image_id, rel, Reason.IMAGE_TOO_LARGE, f"{type(exc).__name__}: {exc}")
+    except UnidentifiedImageError as exc:
         return ImageProblem(image_id, rel, Reason.IMAGE_UNREADABLE, f"{type(exc).__name__}: {exc}")
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
         return ImageProblem(image_id, rel, Reason.IMAGE_UNREADABLE, f"{type(exc).__name__}: {exc}")
@@ -115,7 +119,8 @@ def check_images(
     jobs = [(str(root), items[i : i + chunk], max_pixels) for i in range(0, len(items), chunk)]
     out: list[ImageInfo | ImageProblem] = []
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # forkserver, not fork: lancedb's runtime threads may be live in this process
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             for part in pool.map(_check_many, jobs):
                 out.extend(part)
                 if progress:
