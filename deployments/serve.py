@@ -1,0 +1,67 @@
+"""Deployments: one per flow plus the whole pipeline, served by one long-lived process.
+
+``mmem serve [--profile FILE]`` registers them with the Prefect server the environment points
+at (``PREFECT_API_URL``; ``mmem server start`` runs a local one) and executes their runs, so a
+researcher can start, schedule and re-run any stage from the UI with the form that the flow's
+config renders. Parameters default to the profile's values. The pipeline carries a weekly cron
+schedule as an example, paused until someone switches it on in the UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import serve
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import RunnerDeployment
+
+from flows.embed import embed_flow
+from flows.evaluate import evaluate_flow
+from flows.ingest import ingest_flow
+from flows.pipeline import pipeline_flow
+from flows.reminders import reminders_flow
+from flows.train import train_memory_flow, train_sft_flow
+from schemas.pipeline import PipelineConfig
+
+EXAMPLE_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
+
+
+def build_deployments(profile: Path | None = None, data_root: Path | None = None) -> list[RunnerDeployment]:
+    cfg = PipelineConfig.load(profile, data_root=data_root)
+    params = lambda c: {"config": c.model_dump(mode="json")}  # noqa: E731
+    deployments = [
+        pipeline_flow.to_deployment(
+            name="pipeline", parameters=params(cfg), tags=["mmem"],
+            schedules=[CronSchedule(cron=EXAMPLE_CRON, timezone="UTC")], paused=True,
+            description="The whole DAG: ingest -> embed -> reminders -> train -> evaluate.",
+        ),
+        embed_flow.to_deployment(name="embed", parameters=params(cfg.stage("embed")), tags=["mmem"]),
+        reminders_flow.to_deployment(name="reminders", parameters=params(cfg.stage("reminders")), tags=["mmem"]),
+        train_sft_flow.to_deployment(name="train-sft", parameters=params(cfg.stage("train_sft")), tags=["mmem"],
+                                     triggers=_triggers("train_sft")),
+        train_memory_flow.to_deployment(name="train-memory", parameters=params(cfg.stage("train_memory")),
+                                        tags=["mmem"]),
+        evaluate_flow.to_deployment(name="evaluate", parameters=params(cfg.stage("evaluate")), tags=["mmem"],
+                                    triggers=_triggers("evaluate")),
+    ]
+    if cfg.inputs:
+        first = cfg.inputs[0]
+        from schemas.ingest import IngestConfig
+
+        ingest_cfg = IngestConfig(data_root=cfg.data_root, visdial=first.visdial, images=first.images, coco=first.coco)
+        deployments.insert(1, ingest_flow.to_deployment(name="ingest", parameters=params(ingest_cfg), tags=["mmem"]))
+    return deployments
+
+
+def _triggers(stage: str) -> list:
+    """Event triggers from deployments/triggers.py (new validated reminders -> SFT; new model -> evaluate)."""
+    try:
+        from deployments import triggers
+    except ImportError:
+        return []
+    fn = getattr(triggers, f"{stage}_triggers", None)
+    return fn() if fn else []
+
+
+def serve_all(profile: Path | None = None, data_root: Path | None = None) -> None:
+    serve(*build_deployments(profile, data_root))
