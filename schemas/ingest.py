@@ -27,6 +27,7 @@ IMAGES = register(
             pa.field("mode", pa.string()),
             pa.field("num_bytes", pa.int64()),
             pa.field("sha256", pa.string(), nullable=False),
+            pa.field("root", pa.string()),  # the image root ``path`` is relative to (absolute, as ingested)
         ]
     ),
     key=("image_id",),

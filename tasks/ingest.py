@@ -6,8 +6,10 @@ only add orchestration (retries, names). The flow is the single writer of the ta
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.expectations import dialogs_suite, images_suite, turns_suite
-from schemas.ingest import IMAGES, IngestConfig
+from schemas.ingest import IMAGES, NUM_TURNS, IngestConfig
 from schemas.quarantine import Reason, Rejection
-from storage.lance import connect, merge, tag
+from storage.lance import connect, merge, open_table, tag
 from storage.quarantine import quarantine
 from tasks.images import ImageInfo, check_images, coco_file_names, index_image_folder
 from tasks.runtime import Progress, logger
@@ -28,14 +30,29 @@ from tasks.visdial import ParsedVisdial, dialog_columns, parse_visdial
 
 @dataclass
 class IngestOutput:
-    tables: dict[str, pa.Table]
+    """What ``clean`` kept and dropped. ``dialogs``/``turns`` rows are built chunk by chunk at
+    write time (``row_chunks``): the 100 option strings of 827k turns would not fit the memory
+    budget all at once."""
+
+    parsed: ParsedVisdial
+    keep: np.ndarray  # positions in ``parsed`` of dialogs whose image is usable
+    images: pa.Table
     rejections: list[Rejection]
     dialogs_in: int
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         c = Counter(str(r.reason) for r in self.rejections)
-        return {"dialogs_in": self.dialogs_in, "dialogs_kept": len(self.tables["dialogs"]),
-                "turns_kept": len(self.tables["turns"]), "images_kept": len(self.tables["images"]), **c}
+        return {"dialogs_in": self.dialogs_in, "dialogs_kept": len(self.keep),
+                "turns_kept": len(self.keep) * NUM_TURNS, "images_kept": len(self.images), **c}
+
+    def row_chunks(self, dialogs_per_chunk: int = 8192) -> Iterator[dict[str, pa.Table]]:
+        for lo in range(0, len(self.keep), dialogs_per_chunk):
+            yield dialog_columns(self.parsed, self.keep[lo : lo + dialogs_per_chunk])
+
+    def validation_tables(self) -> dict[str, pa.Table]:
+        """Every kept row without the option strings: what the suites check."""
+        return {"images": self.images, **dialog_columns(self.parsed, self.keep, options=False)}
 
 
 def image_locations(parsed: ParsedVisdial, images_root: Path, coco: Path | None) -> dict[int, str]:
@@ -49,7 +66,9 @@ def image_locations(parsed: ParsedVisdial, images_root: Path, coco: Path | None)
 def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
     """Parse, locate and check everything; return the rows to write and the rejections."""
     log = logger()
+    t0 = time.perf_counter()
     parsed = parse_visdial(config.visdial)
+    t1 = time.perf_counter()
     dialogs_in = parsed.num_dialogs + len(parsed.rejections)
     log.info("parsed %s: %d dialogs, %d rejected by the parser", config.visdial, dialogs_in, len(parsed.rejections))
     rejections = list(parsed.rejections)
@@ -69,6 +88,7 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
                                progress=bar)
     infos = [c for c in checked if isinstance(c, ImageInfo)]
     ok_ids = np.array([c.image_id for c in infos], dtype=np.int64)
+    t2 = time.perf_counter()
     problems = {c.image_id: c for c in checked if not isinstance(c, ImageInfo)}
     for i in missing:
         image_id = int(parsed.image_ids[i])
@@ -79,11 +99,12 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
         if p is not None:
             rejections.append(Rejection(str(image_id), p.reason, {"path": p.path, "dialog": _dialog_json(parsed, i)},
                                         p.detail))
-    tables = dialog_columns(parsed, ok_ids)
-    tables["images"] = pa.Table.from_pylist(
-        [{"split": parsed.split, **info.__dict__} for info in infos], schema=IMAGES.schema
+    images = pa.Table.from_pylist(
+        [{"split": parsed.split, "root": str(config.images.resolve()), **info.__dict__} for info in infos],
+        schema=IMAGES.schema,
     )
-    return IngestOutput(tables, rejections, dialogs_in)
+    keep = np.flatnonzero(np.isin(parsed.image_ids, ok_ids))
+    return IngestOutput(parsed, keep, images, rejections, dialogs_in, {"parse": t1 - t0, "images": t2 - t1})
 
 
 def _dialog_json(parsed: ParsedVisdial, i: int) -> dict:
@@ -100,19 +121,26 @@ def _dialog_json(parsed: ParsedVisdial, i: int) -> dict:
 def write(lance_uri: str, out: IngestOutput, run_label: str) -> dict[str, int]:
     """Merge every table (writes only what changed) and tag the resulting versions."""
     db = connect(lance_uri)
+    t0 = time.perf_counter()
+    results = {"images": [merge(db, "images", out.images)], "dialogs": [], "turns": []}
+    for chunk in out.row_chunks():
+        for name in ("dialogs", "turns"):
+            results[name].append(merge(db, name, chunk[name]))
     versions = {}
-    for name in ("images", "dialogs", "turns"):
-        res = merge(db, name, out.tables[name])
-        logger().info("%s: +%d inserted, %d updated -> version %d", name, res.inserted, res.updated, res.version)
-        if res.inserted or res.updated:
+    for name, res in results.items():
+        inserted, updated = sum(r.inserted for r in res), sum(r.updated for r in res)
+        version = res[-1].version if res else open_table(db, name).version
+        logger().info("%s: +%d inserted, %d updated -> version %d", name, inserted, updated, version)
+        if inserted or updated:
             tag(db, name, run_label)
-        versions[name] = res.version
+        versions[name] = version
     versions["quarantine"] = quarantine(db, "ingest", out.rejections, run_label).version
+    out.seconds["write"] = time.perf_counter() - t0
     return versions
 
 
 def validate_tables(out: IngestOutput) -> list[ValidationReport]:
-    t = out.tables
+    t = out.validation_tables()
     return [
         validate(t["images"], images_suite(), table_name="images"),
         validate(t["dialogs"], dialogs_suite(), table_name="dialogs"),

@@ -40,7 +40,7 @@ class ParsedVisdial:
     q_idx: np.ndarray  # (D, 10) int64
     a_idx: np.ndarray  # (D, 10)
     gt_index: np.ndarray  # (D, 10)
-    options: np.ndarray  # (D, 10, 100)
+    options: np.ndarray  # (D, 10, 100) int32; an index past int32 is clipped (still out of range)
     rejections: list[Rejection] = field(default_factory=list)
 
     @property
@@ -134,8 +134,11 @@ def _image_id_of(raw: msgspec.Raw) -> str | None:
     return str(value) if value is not None else None
 
 
+_INT32_MAX = np.iinfo(np.int32).max
+
+
 def _parse_options(raws: list[msgspec.Raw], chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """(rounds, 100) int64 options and a per-round 'malformed' mask.
+    """(rounds, 100) int32 options and a per-round 'malformed' mask.
 
     Fast path, per chunk of rounds: the option lists joined into one flat JSON array, parsed by
     simdjson into one int64 buffer (one parser reused, so its buffers stay small and warm), each
@@ -143,7 +146,7 @@ def _parse_options(raws: list[msgspec.Raw], chunk: int = 8192) -> tuple[np.ndarr
     nested list, a wrong count) sends that chunk to the slow path, list by list.
     """
     n = len(raws)
-    out = np.empty((n, NUM_OPTIONS), np.int64)
+    out = np.empty((n, NUM_OPTIONS), np.int32)
     bad = np.zeros(n, bool)
     parser = simdjson.Parser()
     for lo in range(0, n, chunk):
@@ -169,7 +172,7 @@ def _parse_chunk_fast(parser: simdjson.Parser, raws: list[msgspec.Raw], out: np.
         return False
     if len(values) != out.size:
         return False
-    out.reshape(-1)[:] = values
+    out.reshape(-1)[:] = np.clip(values, -1, _INT32_MAX)
     del values, doc  # the parser may be reused only once nothing refers to its document
     return True
 
@@ -182,7 +185,7 @@ def _parse_chunk_slow(raws: list[msgspec.Raw], out: np.ndarray) -> np.ndarray:
             v = dec.decode(r)
             if len(v) != NUM_OPTIONS:
                 raise ValueError
-            out[i] = v
+            out[i] = [min(max(x, -1), _INT32_MAX) for x in v]
         except (msgspec.MsgspecError, ValueError, OverflowError):
             bad[i] = True
             out[i] = 0
@@ -280,9 +283,13 @@ def _is_blank(strings: pa.Array) -> np.ndarray:
     return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(strings)), 0).to_numpy(zero_copy_only=False)
 
 
-def dialog_columns(parsed: ParsedVisdial, image_ids: np.ndarray | None = None) -> dict[str, pa.Table]:
-    """``dialogs`` and ``turns`` rows for the kept dialogs (optionally only ``image_ids``)."""
-    sel = np.arange(parsed.num_dialogs) if image_ids is None else np.flatnonzero(np.isin(parsed.image_ids, image_ids))
+def dialog_columns(parsed: ParsedVisdial, sel: np.ndarray | None = None, *, options: bool = True) -> dict[str, pa.Table]:
+    """``dialogs`` and ``turns`` rows for the kept dialogs at positions ``sel`` (default all).
+
+    ``options=False`` leaves out the 100 option strings per turn (most of the bytes), for
+    validation; the writer builds the full rows a chunk of dialogs at a time.
+    """
+    sel = np.arange(parsed.num_dialogs) if sel is None else sel
     ids = parsed.image_ids[sel]
     captions = [parsed.captions[i] for i in sel]
     d = len(sel)
@@ -296,19 +303,18 @@ def dialog_columns(parsed: ParsedVisdial, image_ids: np.ndarray | None = None) -
     )
     q = parsed.questions.take(pa.array(parsed.q_idx[sel].ravel()))
     a = parsed.answers.take(pa.array(parsed.a_idx[sel].ravel()))
-    opts = parsed.answers.take(pa.array(parsed.options[sel].ravel()))
-    offsets = pa.array(np.arange(0, d * NUM_TURNS * NUM_OPTIONS + 1, NUM_OPTIONS, dtype=np.int32))
     qs, as_ = q.to_pylist(), a.to_pylist()
-    turns = pa.table(
-        {
+    columns = {
             "image_id": pa.array(np.repeat(ids, NUM_TURNS), pa.int64()),
             "turn": pa.array(np.tile(np.arange(1, NUM_TURNS + 1, dtype=np.int8), d), pa.int8()),
             "split": pa.array([parsed.split] * (d * NUM_TURNS), pa.string()),
             "question": q,
             "answer": a,
             "gt_index": pa.array(parsed.gt_index[sel].ravel().astype(np.int16), pa.int16()),
-            "answer_options": pa.ListArray.from_arrays(offsets, opts),
             "text_hash": pa.array([text_hash(turn_text(x, y)) for x, y in zip(qs, as_, strict=True)], pa.string()),
-        }
-    )
-    return {"dialogs": dialogs, "turns": turns}
+    }
+    if options:
+        opts = parsed.answers.take(pa.array(parsed.options[sel].ravel()))
+        offsets = pa.array(np.arange(0, d * NUM_TURNS * NUM_OPTIONS + 1, NUM_OPTIONS, dtype=np.int32))
+        columns["answer_options"] = pa.ListArray.from_arrays(offsets, opts)
+    return {"dialogs": dialogs, "turns": pa.table(columns)}

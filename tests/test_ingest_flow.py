@@ -35,12 +35,11 @@ def test_rerun_writes_nothing_and_changed_input_writes_a_new_version(tmp_path, d
     again = ingest_flow(_config(root, demo_dir))
     assert again["versions"] == first["versions"]
 
-    demo = tmp_path / "demo"
-    shutil.copytree(demo_dir, demo)
-    doc = json.loads((demo / "visdial_1.0_train.json").read_text())
+    doc = json.loads((demo_dir / "visdial_1.0_train.json").read_text())
     doc["data"]["dialogs"][0]["caption"] = "a changed caption"
-    (demo / "visdial_1.0_train.json").write_text(json.dumps(doc))
-    changed = ingest_flow(_config(root, demo))
+    changed_file = tmp_path / "visdial_1.0_train.json"
+    changed_file.write_text(json.dumps(doc))
+    changed = ingest_flow(_config(root, demo_dir).model_copy(update={"visdial": changed_file}))
     assert changed["versions"]["dialogs"] == first["versions"]["dialogs"] + 1
     assert changed["versions"]["images"] == first["versions"]["images"]
     db = connect(root / "lance")
