@@ -72,36 +72,49 @@ class MergeResult:
     version: int
 
 
-def changed_rows(tbl: lancedb.table.Table, rows: pa.Table, table_spec: TableSpec, update: bool) -> pa.Table:
-    """Rows whose key is new, plus (if ``update``) rows whose scalar columns differ from the table's."""
+def split_new_changed(
+    tbl: lancedb.table.Table, rows: pa.Table, table_spec: TableSpec, update: bool
+) -> tuple[pa.Table, pa.Table]:
+    """(rows whose key is new, rows whose scalar columns differ from the table's [if ``update``])."""
     key = list(table_spec.key)
     compare = _comparable(table_spec.schema, table_spec.key) if update else []
-    existing = tbl.to_arrow().select(key + compare) if tbl.count_rows() else None
-    if existing is None or len(existing) == 0:
-        return rows
+    if tbl.count_rows() == 0:
+        return rows, rows.slice(0, 0)
+    existing = tbl.to_lance().to_table(columns=key + compare)  # only these columns leave the disk
     probe = rows.select(key + compare).append_column("__i", pa.array(range(len(rows)), pa.int64()))
     renamed = existing.rename_columns(key + [f"__old_{c}" for c in compare]).append_column(
         "__hit", pa.array([True] * len(existing))
     )
     joined = probe.join(renamed, keys=key, join_type="left outer")
-    differs = pc.is_null(joined.column("__hit"))
+    is_new = pc.is_null(joined.column("__hit"))
+    differs = pa.array([False] * len(joined))
     for c in compare:
         new, old = joined.column(c), joined.column(f"__old_{c}")
         ne = pc.fill_null(pc.not_equal(new, old), True)
         both_null = pc.and_(pc.is_null(new), pc.is_null(old))
         differs = pc.or_(differs, pc.and_(ne, pc.invert(both_null)))
-    take = pc.sort_indices(pc.filter(joined.column("__i"), differs))
-    return rows.take(pc.take(pc.filter(joined.column("__i"), differs), take))
+    differs = pc.and_(differs, pc.invert(is_new))
+
+    def pick(mask: pa.ChunkedArray) -> pa.Table:
+        idx = pc.filter(joined.column("__i"), mask)
+        return rows.take(pc.take(idx, pc.sort_indices(idx)))
+
+    return pick(is_new), pick(differs)
 
 
 def merge(db: lancedb.DBConnection, name: str, rows: pa.Table, *, update: bool = True) -> MergeResult:
-    """Upsert ``rows`` on the table's key; writes (and versions) only when something changed."""
+    """Upsert ``rows`` on the table's key; writes (and versions) only when something changed.
+
+    Both go through ``merge_insert`` (never a plain append), so a concurrent writer that
+    inserted the same keys meanwhile cannot cause duplicates: Lance retries the commit.
+    """
     table_spec = spec(name)
     rows = dedupe(conform(rows, table_spec), table_spec.key)
     tbl = open_table(db, name)
-    todo = changed_rows(tbl, rows, table_spec, update)
-    if len(todo) == 0:
+    new, changed = split_new_changed(tbl, rows, table_spec, update)
+    if len(new) == 0 and len(changed) == 0:
         return MergeResult(name, 0, 0, tbl.version)
+    todo = pa.concat_tables([new, changed]) if len(changed) else new
     builder = tbl.merge_insert(list(table_spec.key)).when_not_matched_insert_all()
     if update:
         builder = builder.when_matched_update_all()
