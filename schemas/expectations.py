@@ -11,6 +11,7 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 
 from schemas.ingest import NUM_OPTIONS, NUM_TURNS
+from schemas.reminders import ANSWER_CHARS, REMINDER_CHARS
 
 
 def images_suite() -> gx.ExpectationSuite:
@@ -46,5 +47,26 @@ def turns_suite(num_dialogs: int) -> gx.ExpectationSuite:
             gxe.ExpectColumnValuesToBeBetween(column="gt_index", min_value=0, max_value=NUM_OPTIONS - 1),
             gxe.ExpectColumnValueLengthsToBeBetween(column="question", min_value=1),
             gxe.ExpectColumnValueLengthsToBeBetween(column="answer", min_value=1),
+        ],
+    )
+
+
+def reminders_suite() -> gx.ExpectationSuite:
+    """A reminder answer: exactly one non-empty <reminder> block, then a final answer; both within
+    length bounds; no copied ``Q:``/``A:`` dialog lines."""
+    one_block = r"(?is)^(?:(?!<reminder>).)*<reminder>(?:(?!</?reminder>).)+</reminder>(?:(?!</?reminder>).)+$"
+    return gx.ExpectationSuite(
+        name="reminders",
+        expectations=[
+            gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+            gxe.ExpectColumnValuesToMatchRegex(column="response", regex=one_block),
+            gxe.ExpectColumnValueLengthsToBeBetween(column="reminder", min_value=REMINDER_CHARS[0],
+                                                    max_value=REMINDER_CHARS[1]),
+            gxe.ExpectColumnValueLengthsToBeBetween(column="final_answer", min_value=ANSWER_CHARS[0],
+                                                    max_value=ANSWER_CHARS[1]),
+            gxe.ExpectColumnValuesToNotMatchRegex(column="reminder", regex=r"(?i)</?reminder>"),
+            gxe.ExpectColumnValuesToNotMatchRegex(column="reminder", regex=r"(?m)^\s*[QA]:"),
+            gxe.ExpectColumnValuesToNotMatchRegex(column="final_answer", regex=r"(?m)^\s*[QA]:"),
+            gxe.ExpectColumnValuesToNotBeNull(column="request_hash"),
         ],
     )

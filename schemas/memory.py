@@ -1,15 +1,25 @@
-"""Memory: the ``memories`` table and the memory config."""
+"""Memory: the ``memories`` table and the memory config (scoring weights, policy, index).
+
+The default weights and half-life are the ones ``benchmarks/memory_bench.py --quality`` picked
+on its tuning dialogs (see that script's output for the figures and the exact command); change
+them there first, then here.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import pyarrow as pa
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig
 from schemas.embed import EMBED_DIM
 from schemas.tables import register
+
+TRANSIENT, DURABLE = "transient", "durable"
+KINDS = (TRANSIENT, DURABLE)
 
 MEMORIES = register(
     "memories",
@@ -18,9 +28,10 @@ MEMORIES = register(
             pa.field("memory_id", pa.string(), nullable=False),
             pa.field("owner", pa.string(), nullable=False),
             pa.field("modality", pa.string(), nullable=False),  # text | image
-            pa.field("text", pa.string()),
+            pa.field("text", pa.string()),  # the fact, or an image's caption
             pa.field("image_ref", pa.string()),
             pa.field("vector", pa.list_(pa.float32(), EMBED_DIM), nullable=False),
+            pa.field("model", pa.string()),  # embedder fingerprint: vectors of other models are not comparable
             pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
             pa.field("last_accessed_at", pa.timestamp("us", tz="UTC"), nullable=False),
             pa.field("access_count", pa.int64(), nullable=False),
@@ -29,6 +40,7 @@ MEMORIES = register(
             pa.field("subject_key", pa.string()),
             pa.field("superseded_by", pa.string()),
             pa.field("session_id", pa.string()),
+            pa.field("source", pa.string()),  # e.g. visdial:<image_id>:<turn> for seeded memories
         ]
     ),
     key=("memory_id",),
@@ -41,3 +53,43 @@ class MemoryConfig(StageConfig):
 
     model_config = SettingsConfigDict(env_prefix="MMEM_MEMORY_")
     section: ClassVar[str] = "memory"
+
+    # the embedder (the embed stage's model, through training.imagebind.load_embedder)
+    checkpoint: Path | None = Field(default=None, description="Local imagebind_huge.pth (never downloaded).")
+    tiny: bool = Field(default=False, description="Tiny random-weight ImageBind (tests, demo).")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    # score = sum(w_i * term_i) / sum(w_i), every term in [0, 1]
+    w_similarity: float = Field(default=3.0, ge=0, description="Weight of cosine similarity (negatives clipped to 0).")
+    w_recency: float = Field(default=1.0, ge=0, description="Weight of 0.5 ** (hours since last access / half-life).")
+    w_frequency: float = Field(default=0.0, ge=0, description="Weight of log1p(access_count) / log1p(saturation).")
+    w_saliency: float = Field(default=0.5, ge=0, description="Weight of the saliency given when remembered.")
+    half_life_hours: float = Field(default=24.0, gt=0, description="Recency halves every this many hours.")
+    frequency_saturation: int = Field(default=32, ge=1, description="Access count at which frequency reaches 1.")
+    candidates: int = Field(default=64, ge=1, description="Nearest memories re-ranked by the full score.")
+
+    # hybrid search: vector candidates plus LanceDB full-text candidates, BM25 blended into similarity
+    hybrid: bool = Field(default=False, description="Also search the text with LanceDB full-text search.")
+    keyword_weight: float = Field(default=0.3, ge=0, le=1,
+                                  description="Share of the similarity term given to BM25 (scaled by the best hit).")
+
+    # policy
+    default_saliency: float = Field(default=0.5, ge=0, le=1)
+    transient_ttl_hours: float = Field(default=24.0, gt=0,
+                                       description="Transient memories whose session never ended expire after this.")
+
+    # the vector index (below index_min_rows the search is exact: cheap, and an index needs rows to train)
+    index_min_rows: int = Field(default=50_000, ge=1)
+    index_type: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = "IVF_HNSW_SQ"
+    index_partitions: int | None = Field(default=None, ge=1, description="IVF partitions (default rows // 8192).")
+    index_m: int = Field(default=20, ge=4, description="HNSW edges per node.")
+    index_ef_construction: int = Field(default=150, ge=10)
+    nprobes: int = Field(default=8, ge=1, description="IVF partitions searched per query.")
+    ef: int = Field(default=100, ge=1, description="HNSW search breadth.")
+    refine_factor: int | None = Field(default=None, ge=1, description="Re-read this many x candidates exactly (IVF_PQ).")
+
+    # seeding from VisDial
+    seed_turn_spacing_s: float = Field(default=60.0, gt=0, description="Seconds between seeded turns of a dialog.")
+    seed_dialog_gap_hours: float = Field(default=24.0, gt=0, description="Hours between dialogs of one owner.")
+    seed_image_saliency: float = Field(default=0.7, ge=0, le=1)
+    seed_turn_saliency: float = Field(default=0.5, ge=0, le=1)

@@ -35,8 +35,13 @@ class Reason(StrEnum):
     EMPTY_REMINDER = "empty_reminder"
     EMPTY_ANSWER = "empty_answer"
     TOO_LONG = "too_long"
+    TOO_SHORT = "too_short"
     ECHOED_DIALOG = "echoed_dialog"
     LLM_ERROR = "llm_error"
+    # evaluate
+    SEEN_IN_TRAINING = "seen_in_training"  # an evaluation dialog the models were trained on
+    # train
+    EMBEDDING_MISSING = "embedding_missing"  # a dialog whose image or turn vector is not stored
 
 
 @dataclass(frozen=True)

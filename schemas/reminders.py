@@ -1,7 +1,15 @@
-"""Reminders: the ``llm_responses`` cache, the ``reminders`` table, and the reminders config."""
+"""Reminders: the ``llm_responses`` cache, the ``reminders`` table, the reminders config, and the
+format contract of a reminder answer (tag, length bounds) that the parser and the Great
+Expectations suite share, so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
 from typing import ClassVar
 
 import pyarrow as pa
@@ -49,6 +57,7 @@ REMINDERS = register(
             pa.field("target_answer", pa.string()),  # the dropped last answer of the dialog
             pa.field("request_hash", pa.string(), nullable=False),
             pa.field("model", pa.string()),
+            pa.field("backend", pa.string()),  # what wrote it: ollama, hf:<checkpoint>, teacher
         ]
     ),
     key=("image_id",),
@@ -72,4 +81,54 @@ class RemindersConfig(StageConfig):
     shard_size: int = Field(default=256, ge=1)
     concurrency: int = Field(default=8, ge=1, description="Requests in flight per Ollama host.")
     timeout_s: float = Field(default=300.0, gt=0)
-    max_attempts: int = Field(default=4, ge=1)
+    max_attempts: int = Field(default=4, ge=1, description="Tries per request (5xx, timeouts, dropped connections).")
+    backoff_s: float = Field(default=1.0, gt=0, description="First retry delay; doubles per try, with jitter.")
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    shard_retries: int = Field(default=1, ge=0, description="Prefect retries of a failed shard (cached calls are not re-made).")
+    shard_retry_delay_s: float = Field(default=30.0, ge=0)
+    repair: bool = Field(default=False, description="Re-ask once, with the format reminder, when an answer is invalid.")
+    splits: list[str] | None = Field(default=None, description="Dialog splits to use; default all.")
+    image_roots: dict[str, Path] = Field(
+        default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
+    )
+    examples: Path | None = Field(default=None, description="Few-shot TOML; default the packaged examples.")
+
+    @property
+    def host(self) -> str:
+        """The Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
+        return self.ollama_host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
+
+    @property
+    def options(self) -> dict:
+        """Ollama generation options; part of every request's cache key."""
+        return {"temperature": self.temperature, "seed": self.seed, "num_predict": self.num_predict,
+                "num_ctx": self.num_ctx}
+
+
+# --- the answer format --------------------------------------------------------------------
+
+REMINDER_OPEN, REMINDER_CLOSE = "<reminder>", "</reminder>"
+REMINDER_RE = re.compile(r"<reminder>(.*?)</reminder>", re.DOTALL | re.IGNORECASE)
+ANY_TAG_RE = re.compile(r"</?reminder>", re.IGNORECASE)
+ECHO_RE = re.compile(r"^\s*[QA]:", re.MULTILINE)  # a copied "Q: ..."/"A: ..." dialog line
+REMINDER_CHARS = (20, 2000)
+ANSWER_CHARS = (2, 400)
+
+
+def load_prompt_data(path: Path | None = None) -> tuple[str, list[dict[str, str]]]:
+    """The system instructions and the few-shot examples (``[[example]]`` with ``conversation``
+    and ``response``), kept as data so they can change without touching code."""
+    if path is None:
+        text = resources.files("schemas").joinpath("reminder_examples.toml").read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    doc = tomllib.loads(text)
+    examples = doc.get("example", [])
+    for i, ex in enumerate(examples):
+        if not {"conversation", "response"} <= set(ex):
+            raise ValueError(f"few-shot example {i} needs 'conversation' and 'response'")
+    if "instructions" not in doc:
+        raise ValueError("the prompt data needs an 'instructions' string")
+    return doc["instructions"].strip(), [
+        {"conversation": ex["conversation"].strip(), "response": ex["response"].strip()} for ex in examples
+    ]

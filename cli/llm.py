@@ -1,0 +1,46 @@
+"""``mmem llm serve``: the local Ollama-protocol server (a checkpoint, or the teacher stand-in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import fail
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(no_args_is_help=True, help="Local LLM serving over the Ollama HTTP API.")
+    group.command("serve")(serve)
+    app.add_typer(group, name="llm")
+
+
+def serve(
+    model: Annotated[Path | None, typer.Option(help="A Hugging Face checkpoint or PEFT adapter folder.")] = None,
+    teacher: Annotated[bool, typer.Option(help="Serve the deterministic <reminder> teacher (not an LLM).")] = False,
+    name: Annotated[str | None, typer.Option(help="Served model name (default: folder name, or mmem-teacher).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (Ollama's default 11434).")] = 11434,
+    device: Annotated[str, typer.Option(help="torch device for a checkpoint.")] = "cpu",
+    latency_ms: Annotated[float, typer.Option(help="Minimum latency per generation (benchmarks).")] = 0.0,
+    parallel: Annotated[int, typer.Option(help="Generations served at once.")] = 1,
+    fault_error: Annotated[float, typer.Option(help="Fault mode: rate of HTTP 500s.")] = 0.0,
+    fault_stall: Annotated[float, typer.Option(help="Fault mode: rate of stalls (--stall-s).")] = 0.0,
+    fault_drop: Annotated[float, typer.Option(help="Fault mode: rate of dropped connections.")] = 0.0,
+    fault_untagged: Annotated[float, typer.Option(help="Fault mode: rate of answers without the tag.")] = 0.0,
+    stall_s: Annotated[float, typer.Option(help="How long a stall lasts.")] = 30.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
+) -> None:
+    """Serve /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version until Ctrl-C."""
+    from training.llm_server import Faults, make_state
+    from training.llm_server import serve as run
+
+    faults = Faults(error_rate=fault_error, stall_rate=fault_stall, drop_rate=fault_drop,
+                    untagged_rate=fault_untagged, stall_s=stall_s, seed=seed)
+    try:
+        state = make_state(model, teacher=teacher, name=name, device=device, latency_s=latency_ms / 1000,
+                           parallel=parallel, faults=faults)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    run(state, host=host, port=port)

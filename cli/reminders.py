@@ -1,0 +1,73 @@
+"""``mmem reminders`` (generate) and ``mmem reminders export``."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import DataRootOpt, fail, load
+
+
+class ExportFormat(StrEnum):
+    report_json = "report-json"
+    hf = "hf"
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(no_args_is_help=False, help="<reminder> self-reflection samples through Ollama.")
+    group.callback(invoke_without_command=True)(reminders)
+    group.command("export")(export)
+    app.add_typer(group, name="reminders")
+
+
+def _config():
+    from schemas.reminders import RemindersConfig
+
+    return RemindersConfig
+
+
+def reminders(
+    ctx: typer.Context,
+    ollama_host: Annotated[str | None, typer.Option(help="Ollama server (default $OLLAMA_HOST or 127.0.0.1:11434).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name on that server (default gemma3:27b).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N dialogs.")] = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Generate <reminder> samples for every dialog: cached, retried, validated, resumable."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from flows.reminders import reminders_flow
+    from tasks.llm_client import LLMUnavailable
+    from tasks.reminders import ShardFailed
+    from tasks.validate import ValidationFailed
+
+    config = load(_config(), data_root, ollama_host=ollama_host, model=model, limit=limit)
+    try:
+        result = reminders_flow(config)
+    except (LLMUnavailable, FileNotFoundError, ValidationFailed, ShardFailed) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def export(
+    format: Annotated[ExportFormat, typer.Option("--format", help="report-json (the report's sample list) or hf.")],
+    out: Annotated[Path, typer.Option(help="A .json file (report-json) or a folder (hf).")],
+    version: Annotated[str | None, typer.Option(help="Table version number or tag (default latest).")] = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Export the reminders table at a version: the report's JSON, or a datasets.load_from_disk folder."""
+    from tasks.reminders import export_hf, export_report_json, read_reminders
+
+    config = load(_config(), data_root)
+    try:
+        table = read_reminders(config.lance_uri, version)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if format == ExportFormat.report_json:
+        typer.echo(json.dumps({"out": str(out), "samples": export_report_json(table, out)}))
+    else:
+        typer.echo(json.dumps({"out": str(out), "splits": export_hf(table, out)}))

@@ -1,0 +1,120 @@
+"""``mmem train sft``, ``mmem train memory`` and ``mmem artifacts list``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import DataRootOpt, fail, load
+
+train_app = typer.Typer(no_args_is_help=True, help="Train models into versioned artifacts.")
+artifacts_app = typer.Typer(no_args_is_help=True, help="The model artifact store.")
+
+TinyOpt = Annotated[bool, typer.Option("--tiny", help="Tiny random-weight model of the same architecture (demo, tests).")]
+MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after N optimiser steps.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Only the first N train dialogs.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Train again even if this exact run has a version.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cuda or cpu.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train")
+    app.add_typer(artifacts_app, name="artifacts")
+
+
+def _exclusive(path: Path | None, tiny: bool, name: str) -> None:
+    if path is not None and tiny:
+        fail(f"give either {name} or --tiny, not both")
+
+
+@train_app.command("sft")
+def sft(
+    base: Annotated[Path | None, typer.Option(help="Local gemma-3-4b-it folder (HF layout).")] = None,
+    tiny: TinyOpt = False,
+    backend: Annotated[str | None, typer.Option(help="auto (unsloth on CUDA), unsloth or peft.")] = None,
+    reminders_version: Annotated[str | None, typer.Option(help="Pinned reminders version (number or tag).")] = None,
+    max_steps: MaxStepsOpt = None,
+    limit: LimitOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+    data_root: DataRootOpt = None,
+) -> None:
+    """LoRA-tune Gemma3 (vision + language) on the validated reminders; prints the artifact version."""
+    from flows.train import train_sft_flow
+    from schemas.train import SftConfig
+    from tasks.validate import ValidationFailed
+
+    _exclusive(base, tiny, "--base")
+    config = load(SftConfig, data_root, base=base, tiny=tiny or None, backend=backend, max_steps=max_steps,
+                  limit=limit, device=device, force=force or None,
+                  reminders_version=int(reminders_version) if reminders_version and reminders_version.isdigit()
+                  else reminders_version)
+    try:
+        result = train_sft_flow(config)
+    except (FileNotFoundError, ValidationFailed, ValueError, ImportError, RuntimeError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@train_app.command("memory")
+def memory(
+    llm: Annotated[Path | None, typer.Option(help="Local LLaMA-3.2-1B folder (HF layout).")] = None,
+    tiny: TinyOpt = False,
+    load_in_4bit: Annotated[bool | None, typer.Option("--4bit/--no-4bit", help="Frozen LM in 4-bit (CUDA).")] = None,
+    train_qformer: Annotated[bool | None, typer.Option("--train-qformer/--freeze-qformer")] = None,
+    infonce_weight: Annotated[float | None, typer.Option(help="Weight of the multi-positive InfoNCE loss.")] = None,
+    max_steps: MaxStepsOpt = None,
+    limit: LimitOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Train the ImageBind memory model on the stored embeddings; prints the artifact version."""
+    from flows.train import train_memory_flow
+    from schemas.train import MemoryTrainConfig
+
+    _exclusive(llm, tiny, "--llm")
+    config = load(MemoryTrainConfig, data_root, llm=llm, tiny=tiny or None, load_in_4bit=load_in_4bit,
+                  train_qformer=train_qformer, infonce_weight=infonce_weight, max_steps=max_steps, limit=limit,
+                  device=device, force=force or None)
+    try:
+        result = train_memory_flow(config)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@artifacts_app.command("list")
+def list_artifacts(
+    name: Annotated[str | None, typer.Argument(help="Only this artifact.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Manifest summaries as JSON.")] = False,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Every artifact version with its manifest summary (inputs, code, metrics, size)."""
+    from schemas.config import StageConfig
+    from storage.artifacts import ArtifactError, ArtifactStore
+
+    store = ArtifactStore(load(StageConfig, data_root).artifacts_dir)
+    try:
+        versions = store.list(name)
+    except ArtifactError as exc:
+        fail(str(exc))
+    if name and not versions:
+        fail(f"no artifact named {name!r}")
+    rows = []
+    for art in versions:
+        latest = store.get(art.name).version == art.version
+        rows.append({**art.summary(), "latest": latest, "path": str(art.path)})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no artifacts under {store.root}")
+    for r in rows:
+        typer.echo(f"{r['artifact']}{' (latest)' if r['latest'] else ''}  {r['kind']}  {r['created_at']}  "
+                   f"code={r['code']}  {r['files']} files, {r['bytes']} bytes")
+        typer.echo(f"    inputs: {r['inputs'] or '-'}")
+        typer.echo(f"    metrics: {r['metrics'] or '-'}")

@@ -1,0 +1,54 @@
+"""The embed flow: ImageBind embeddings of every image and every distinct turn text and caption.
+
+``embed`` (the parent) picks where the shards run from the config: the local thread pool, or an
+existing Dask cluster (``dask_address``: one worker per GPU, each loading the model once), then
+runs ``embed-shards`` on that task runner, indexes the tables and publishes the counts.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from schemas.embed import EmbedConfig
+from storage.lance import connect, tag
+from storage.quarantine import quarantine
+from tasks.embed import Writer, collect, embed_shard_task, index_task, plan, results_storage, summary
+from tasks.runtime import logger, publish_table, run_id
+
+
+def task_runner(config: EmbedConfig):
+    if config.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=config.dask_address)
+    return ThreadPoolTaskRunner(max_workers=config.concurrent_shards)
+
+
+@flow(name="embed-shards", log_prints=True)
+def embed_shards_flow(config: EmbedConfig) -> dict:
+    """Plan the shards, run those not in the tables yet (cached ones are not recomputed), merge."""
+    db = connect(config.lance_uri)
+    p = plan(db, config)
+    logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",
+                  p.fingerprint, p.images, p.texts, p.shards, len(p.todo))
+    shard_task = embed_shard_task.with_options(result_storage=results_storage(config))
+    futures = [shard_task.submit(s, p.model, config.decode_workers) for s in p.todo]
+    done = collect(futures, Writer(db, config.merge_rows), sum(len(s.rows) for s in p.todo))
+    label = f"embed-{run_id()}"
+    for name in done.writer.merged:
+        if done.writer.inserted[name] or done.writer.updated[name]:
+            tag(db, name, label)
+    quarantine(db, "embed", done.rejections, label)
+    return summary(p, done)
+
+
+@flow(name="embed", log_prints=True)
+def embed_flow(config: EmbedConfig) -> dict:
+    """Embed every ingested image and distinct text with ImageBind into Lance; returns the counts."""
+    counts = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
+    counts["index"] = index_task(config.lance_uri, config.index_min_rows)
+    publish_table("embed-counts", [{"count": k, "value": str(v)} for k, v in counts.items()],
+                  "Embed: rows, shards (up to date / cached / computed), merges and quarantine")
+    logger().info("embed done: %s", counts)
+    return counts

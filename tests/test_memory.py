@@ -1,0 +1,284 @@
+"""The memory store on a real Lance table with the tiny random-weight ImageBind.
+
+Random weights make similarity meaningless between different texts, but identical inputs embed
+identically, and vectors can be given directly: the tests use those two facts to know the
+right answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memory import scoring
+from memory.store import MemoryStore
+from schemas.embed import EMBED_DIM
+from schemas.memory import MemoryConfig
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from training.imagebind import cached_embedder
+
+    return cached_embedder(None, tiny=True, device="cpu")
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    return MemoryStore(MemoryConfig(data_root=tmp_path), embedder)
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(EMBED_DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def stored_vector(store, memory_id: str) -> bytes:
+    """The vector's bytes as the table holds them (the store re-normalises what it is given)."""
+    t = store.table.to_lance().to_table(columns=["vector"], filter=f"memory_id = '{memory_id}'")
+    return np.asarray(t.column("vector")[0].values, np.float32).tobytes()
+
+
+def files_containing(root, needles: dict[str, bytes]) -> dict[str, list[str]]:
+    """Which files under ``root`` hold each needle's bytes (data, deletion, index, manifest: all)."""
+    found: dict[str, list[str]] = {name: [] for name in needles}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            for name, needle in needles.items():
+                if needle in data:
+                    found[name].append(os.path.relpath(path, root))
+    return found
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+def test_recency_decays_by_time_newest_first():
+    last = np.array(["2026-03-01T12:00", "2026-03-01T00:00", "2026-02-01T12:00"], dtype="datetime64[us]")
+    r = scoring.recency(last, T0, half_life_hours=12)
+    assert r[0] == pytest.approx(1.0) and r[1] == pytest.approx(0.5)
+    assert r[0] > r[1] > r[2] > 0  # the newest memory scores highest (not Generative Agents' oldest-first)
+    assert scoring.recency(np.array(["2026-03-02T00:00"], "datetime64[us]"), T0, 12)[0] == 1.0  # future = now
+
+
+def test_frequency_is_log_scaled_and_capped():
+    f = scoring.frequency(np.array([0, 1, 2, 31, 500]), saturation=31)
+    assert f[0] == 0 and f[3] == pytest.approx(1.0) and f[4] == 1.0
+    assert f[1] - f[0] > f[2] - f[1] > 0  # the first recall counts most
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=4, max_size=4), st.lists(st.floats(0, 5), min_size=4, max_size=4))
+def test_score_is_a_weighted_mean_in_unit_interval(terms, w):
+    if sum(w) == 0:
+        with pytest.raises(ValueError):
+            scoring.Weights(*w)
+        return
+    weights = scoring.Weights(*w)
+    t = {name: np.array([v]) for name, v in zip(scoring.TERMS, terms, strict=True)}
+    s = scoring.combine(t, weights)[0]
+    assert -1e-12 <= s <= 1 + 1e-12
+    assert s == pytest.approx(sum(a * b for a, b in zip(terms, w, strict=True)) / sum(w))
+
+
+# --- remember / recall -------------------------------------------------------------------------
+
+
+def test_recall_ranks_explains_and_updates_access_stats(store):
+    a = store.remember("ann", "my sister lives in Lisbon", now=T0)
+    store.remember("ann", "the dentist appointment is on friday", now=T0)
+    store.remember("bob", "my sister lives in Lisbon", now=T0)  # another owner's identical fact
+    later = T0 + timedelta(hours=30)
+    hits = store.recall("ann", "my sister lives in Lisbon", k=5, now=later)
+    assert [h.memory["owner"] for h in hits] == ["ann", "ann"]
+    top = hits[0]
+    assert top.memory["memory_id"] == a["memory_id"] and "vector" not in top.memory
+    b = top.breakdown
+    assert b["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert b["recency"] == pytest.approx(0.5 ** (30 / store.config.half_life_hours), rel=1e-4)
+    assert b["frequency"] == 0.0 and b["saliency"] == pytest.approx(0.5)
+    w = store.weights
+    expected = (w.similarity * b["similarity"] + w.recency * b["recency"] + w.frequency * b["frequency"]
+                + w.saliency * b["saliency"]) / (w.similarity + w.recency + w.frequency + w.saliency)
+    assert top.score == pytest.approx(expected, abs=1e-5) and b["score"] == pytest.approx(top.score, abs=1e-5)
+
+    got = store.get("ann", a["memory_id"])
+    assert got["access_count"] == 1 and got["last_accessed_at"] == later
+    again = store.recall("ann", "my sister lives in Lisbon", k=1, now=later)[0]
+    assert again.breakdown["frequency"] > 0 and again.breakdown["recency"] == pytest.approx(1.0)
+    assert store.get("bob", a["memory_id"]) is None  # owners are isolated
+
+
+def test_recency_and_saliency_break_similarity_ties(store):
+    v = unit(1)
+    old = store.remember("ann", "parked on level 2", vector=v, now=T0)
+    new = store.remember("ann", "parked on level 5", vector=v, now=T0 + timedelta(days=3))
+    hits = store.recall("ann", vector=v, k=2, now=T0 + timedelta(days=3), touch=False)
+    assert [h.memory["memory_id"] for h in hits] == [new["memory_id"], old["memory_id"]]
+    store.update("ann", old["memory_id"], saliency=1.0)
+    no_recency = scoring.Weights(3, 0, 0, 1)
+    hits = store.recall("ann", vector=v, k=2, now=T0 + timedelta(days=3), weights=no_recency, touch=False)
+    assert hits[0].memory["memory_id"] == old["memory_id"]
+
+
+def test_a_new_fact_on_a_key_supersedes_the_old_one(store):
+    berlin = store.remember("ann", "I live in Berlin", key="home", now=T0)
+    paris = store.remember("ann", "I live in Paris", key="home", now=T0 + timedelta(days=1))
+    store.remember("ann", "maybe I live in Rome this week", key="home", kind="transient", session="s1",
+                   now=T0 + timedelta(days=2))  # transient: does not replace the durable fact
+    hits = store.recall("ann", "I live in Berlin", k=10, now=T0 + timedelta(days=2))
+    ids = [h.memory["memory_id"] for h in hits]
+    assert berlin["memory_id"] not in ids and paris["memory_id"] in ids
+    history = store.history("ann", "home")
+    assert [m["text"] for m in history] == ["I live in Berlin", "I live in Paris", "maybe I live in Rome this week"]
+    assert history[0]["superseded_by"] == paris["memory_id"] and history[1]["superseded_by"] is None
+    assert [m["text"] for m in store.list("ann")] == ["I live in Paris", "maybe I live in Rome this week"]
+
+
+def test_transient_memories_are_not_kept_past_their_session(store):
+    v = unit(7)
+    milk = store.remember("ann", "remind me to buy milk", kind="transient", session="s1", vector=v, now=T0)
+    keep = store.remember("ann", "I am allergic to peanuts", vector=unit(8), now=T0)
+    milk_bytes = stored_vector(store, milk["memory_id"])
+    assert files_containing(store.config.lance_uri, {"milk": milk_bytes})["milk"]
+    assert [h.memory["memory_id"] for h in store.recall("ann", vector=v, k=1, session="s1", now=T0)] == [milk["memory_id"]]
+    assert milk["memory_id"] not in [h.memory["memory_id"] for h in store.recall("ann", vector=v, k=5, now=T0)]
+    assert milk["memory_id"] not in [h.memory["memory_id"] for h in store.recall("ann", vector=v, k=5, session="s2",
+                                                                                 now=T0)]
+    report = store.end_session("ann", "s1")
+    assert report.memory_ids == [milk["memory_id"]]
+    assert [m["memory_id"] for m in store.list("ann")] == [keep["memory_id"]]
+    assert files_containing(store.config.lance_uri, {"milk": milk_bytes})["milk"] == []
+    with pytest.raises(ValueError, match="session"):
+        store.remember("ann", "no session", kind="transient")
+
+    # a session nobody ended: gone once older than the TTL (checked on the owner's next write)
+    store.remember("ann", "call back in an hour", kind="transient", session="s3", now=T0)
+    late = T0 + timedelta(hours=store.config.transient_ttl_hours + 1)
+    store.remember("ann", "new durable fact", now=late)
+    assert "call back in an hour" not in [m["text"] for m in store.list("ann")]
+
+
+def test_forget_removes_text_and_vector_from_every_file(store):
+    secret_v, control_v = unit(11), unit(12)
+    secret_text, control_text = "zq-secret-8d1f my bank pin is 4711", "zq-control-51c2 I like tea"
+    tbl = store.table
+    control = store.remember("ann", control_text, vector=control_v, now=T0)
+    tbl.tags.create("before-secret", tbl.version)
+    secret = store.remember("ann", secret_text, vector=secret_v, now=T0)
+    store.recall("ann", vector=secret_v, k=2, now=T0 + timedelta(hours=1))  # access update: more copies
+    store.update("ann", secret["memory_id"], saliency=0.9)
+    tbl.tags.create("after-secret", tbl.version)  # a tag pins a version that holds the secret
+    store.recall("ann", "zq-secret-8d1f bank pin", k=2, hybrid=True, now=T0)  # builds the full-text index
+    needles = {"secret_text": secret_text.encode(), "secret_vector": stored_vector(store, secret["memory_id"]),
+               "control_text": control_text.encode(), "control_vector": stored_vector(store, control["memory_id"])}
+    before = files_containing(store.config.lance_uri, needles)
+    assert all(before.values()), before  # the scan does see the data where it is
+
+    report = store.forget("ann", secret["memory_id"])
+    assert report.deleted == 1 and report.tags_dropped == ["after-secret"]
+    after = files_containing(store.config.lance_uri, needles)
+    assert after["secret_text"] == [] and after["secret_vector"] == []
+    assert after["control_text"] and after["control_vector"]  # same files, same encoding: still found
+    assert sorted(store.table.tags.list()) == ["before-secret"]
+    assert store.get("ann", secret["memory_id"]) is None
+    assert [h.memory["text"] for h in store.recall("ann", "zq-secret-8d1f bank pin", k=5, hybrid=True, now=T0)] == [
+        control_text]
+
+    everything = store.forget("ann", everything=True)
+    assert everything.deleted == 1 and store.list("ann") == []
+    assert files_containing(store.config.lance_uri, needles)["control_vector"] == []
+
+
+def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
+    config = MemoryConfig(data_root=tmp_path, index_min_rows=256, index_partitions=2, candidates=16)
+    store = MemoryStore(config, embedder)
+    import pyarrow as pa
+
+    rows = 300
+    vecs = np.stack([unit(100 + i) for i in range(rows)])
+    store.add_rows(pa.table({
+        "memory_id": [f"m{i}" for i in range(rows)], "owner": ["ann"] * rows, "modality": ["text"] * rows,
+        "text": [f"fact {i}" for i in range(rows)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
+        "model": [store.fingerprint] * rows, "created_at": [T0] * rows, "last_accessed_at": [T0] * rows,
+        "access_count": [0] * rows, "saliency": [0.5] * rows, "kind": ["durable"] * rows,
+    }))
+    m42 = stored_vector(store, "m42")
+    assert files_containing(config.lance_uri, {"v": m42})["v"]
+    built = store.maintain()
+    assert built["vector_index"] == config.index_type and store.has_vector_index()
+    assert store.recall("ann", vector=vecs[42], k=1, now=T0, touch=False)[0].memory["memory_id"] == "m42"
+    store.forget("ann", "m42")
+    stats = store.table.index_stats("vector_idx")
+    assert stats.num_indexed_rows + stats.num_unindexed_rows == rows - 1
+    assert "m42" not in [h.memory["memory_id"] for h in store.recall("ann", vector=vecs[42], k=5, now=T0)]
+    assert files_containing(config.lance_uri, {"v": m42})["v"] == []
+
+
+def test_hybrid_search_blends_keyword_matches(store):
+    store.remember("ann", "the wifi password is xylophone77", vector=unit(21), now=T0)
+    store.remember("ann", "lunch with Sam on tuesday", vector=unit(22), now=T0)
+    hits = store.recall("ann", "what was the xylophone77 thing", k=2, hybrid=True, now=T0, touch=False)
+    assert hits[0].memory["text"] == "the wifi password is xylophone77"
+    assert hits[0].breakdown["keyword"] == 1.0 and hits[1].breakdown["keyword"] == 0.0
+    assert {"cosine", "similarity"} <= set(hits[0].breakdown)
+
+
+# --- seeding and the command line ----------------------------------------------------------------
+
+
+def test_seed_from_ingested_visdial(data_root, demo_dir, embedder):
+    from memory.seed import seed_visdial
+
+    store = MemoryStore(MemoryConfig(data_root=data_root), embedder)
+    images = demo_dir / "images" / "train2014"
+    counts = seed_visdial(store, split="train", owner="agent", limit=2, images_root=images, now=T0)
+    assert counts == {"dialogs": 2, "inserted": 22, "embedded": 22}
+    mem = store.list("agent")
+    assert len(mem) == 22 and [m["modality"] for m in mem[:2]] == ["image", "text"]
+    first, second = mem[:11], mem[11:]
+    assert all(b["created_at"] - a["created_at"] == timedelta(seconds=60) for a, b in itertools.pairwise(first))
+    assert second[-1]["created_at"] == T0 and second[0]["created_at"] - first[0]["created_at"] == timedelta(hours=24)
+    assert first[1]["text"].startswith("Q: ") and " A: " in first[1]["text"]
+    again = seed_visdial(store, split="train", owner="agent", limit=2, images_root=images, now=T0)
+    assert again["inserted"] == 0  # resumable: nothing twice
+    with pytest.raises(ValueError, match="image_embeddings"):
+        seed_visdial(store, split="train", limit=3, now=T0)  # per-dialog owners; images not embedded
+
+
+def test_cli_add_recall_list_forget(tmp_path, embedder):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    run = CliRunner()
+    base = ["--data-root", str(tmp_path), "memory"]
+    out = run.invoke(app, [*base, "add", "--owner", "u1", "--text", "my cat is called Tom", "--key", "cat",
+                           "--saliency", "0.9", "--tiny"])
+    assert out.exit_code == 0, out.output
+    out = run.invoke(app, [*base, "add", "--owner", "u1", "--text", "my cat is called Felix", "--key", "cat", "--tiny"])
+    assert out.exit_code == 0, out.output
+    out = run.invoke(app, [*base, "recall", "--owner", "u1", "--text", "my cat is called Felix", "-k", "3",
+                           "--explain", "--tiny"])
+    assert out.exit_code == 0 and "Felix" in out.output and "Tom" not in out.output and "similarity=" in out.output
+    out = run.invoke(app, [*base, "list", "--owner", "u1", "--superseded"])
+    assert "superseded" in out.output and "Tom" in out.output
+    felix = next(line.split()[0] for line in out.output.splitlines() if "Felix" in line)
+    out = run.invoke(app, [*base, "forget", "--owner", "u1", "--id", felix])
+    assert out.exit_code == 0 and '"deleted": 1' in out.output
+    assert run.invoke(app, [*base, "forget", "--owner", "u1"]).exit_code != 0
+    assert run.invoke(app, [*base, "add", "--owner", "u1", "--tiny"]).exit_code != 0
+    out = run.invoke(app, [*base, "forget", "--owner", "u1", "--all"])
+    assert '"deleted": 1' in out.output

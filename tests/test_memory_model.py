@@ -1,0 +1,331 @@
+"""The memory model: architecture facts, what it sees, the loop's resume after a kill, the flow."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from schemas.embed import EMBED_DIM, IMAGE_EMBEDDINGS, TEXT_EMBEDDINGS
+from schemas.train import MemoryTrainConfig
+from storage.lance import connect, merge, read
+from training.memory_loop import list_checkpoints, train_memory, trainable_state
+from training.memory_model import (
+    MemoryData,
+    build_memory_data,
+    build_memory_model,
+    load_memory_model,
+    multi_positive_infonce,
+    read_memory_inputs,
+    tokenize,
+)
+from training.tiny_llama import tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.standard_normal((n, EMBED_DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _embedding_rows(spec, key: str, keys: list, rng: np.random.Generator) -> pa.Table:
+    """Rows for an embedding table: the key, random unit vectors, a marker in other string columns."""
+    cols = {key: keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(_unit(rng, len(keys)).ravel()), EMBED_DIM)}
+    for f in spec.schema:
+        if f.name not in cols and pa.types.is_string(f.type):
+            cols[f.name] = ["random-test-vectors"] * len(keys)
+    return pa.table(cols)
+
+
+@pytest.fixture(scope="module")
+def embedded_root(tmp_path_factory, ingested_root) -> Path:
+    """The ingested demo root plus random ImageBind-shaped vectors; one train dialog lacks its image
+    vector (it must be quarantined, not silently dropped)."""
+    root = tmp_path_factory.mktemp("memory") / "root"
+    shutil.copytree(ingested_root, root, symlinks=True)
+    db = connect(root / "lance")
+    rng = np.random.default_rng(0)
+    images = read(db, "images", columns=["image_id", "split"]).to_pylist()
+    train_ids = sorted(r["image_id"] for r in images if r["split"] == "train")
+    ids = [r["image_id"] for r in images if r["image_id"] != train_ids[-1]]
+    merge(db, "image_embeddings", _embedding_rows(IMAGE_EMBEDDINGS, "image_id", ids, rng))
+    hashes = set(read(db, "turns", columns=["text_hash"]).column("text_hash").to_pylist())
+    hashes |= set(read(db, "dialogs", columns=["caption_hash"]).column("caption_hash").to_pylist())
+    merge(db, "text_embeddings", _embedding_rows(TEXT_EMBEDDINGS, "text_hash", sorted(hashes), rng))
+    return root
+
+
+def tiny_config(root: Path, **kw) -> MemoryTrainConfig:
+    return MemoryTrainConfig(data_root=root, tiny=True, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def model_and_data(embedded_root):
+    config = tiny_config(embedded_root)
+    model = build_memory_model(config, torch.device("cpu"))
+    loaded = read_memory_inputs(config.lance_uri, ["train", "val"], {})
+    data, rejections = build_memory_data(loaded, "train", model.tokenizer, model.arch)
+    return config, model, data, rejections
+
+
+def test_tiny_llama_is_deterministic_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
+
+    a, b, c = tiny_llama(tmp_path / "a", seed=0), tiny_llama(tmp_path / "b", seed=0), tiny_llama(tmp_path / "c", seed=1)
+    assert digest(a) == digest(b) != digest(c)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    tok = AutoTokenizer.from_pretrained(a, local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(a, local_files_only=True)
+    assert lm.config.architectures == ["LlamaForCausalLM"] and lm.config.tie_word_embeddings
+    text = "is there a dog in the picture? no, only 2 cats — café"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    assert len(tok("is there a person in the picture")["input_ids"]) < 12  # BPE merges, not characters
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_architecture_and_what_trains(model_and_data, embedded_root):
+    config, model, data, rejections = model_and_data
+    assert model.imagebind_fc.in_features == 2 * EMBED_DIM and model.imagebind_fc.out_features == EMBED_DIM
+    assert tuple(model.turn_pe.weight.shape) == (11, EMBED_DIM)
+    assert model.qformer.config.encoder_hidden_size == EMBED_DIM
+    assert model.llm_proj.in_features == config.qformer_hidden
+    assert model.llm_proj.out_features == model.llm.config.hidden_size
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"imagebind_fc", "turn_pe"}
+
+    both = build_memory_model(tiny_config(embedded_root, train_qformer=True, infonce_weight=0.5))
+    trainable = {n.split(".")[0] for n, p in both.named_parameters() if p.requires_grad}
+    assert trainable == {"imagebind_fc", "turn_pe", "qformer", "query_tokens", "retrieval_proj"}
+    assert not any(p.requires_grad for p in both.llm.parameters())
+
+    out = both(data.batch(torch.arange(6)), infonce_weight=0.5)
+    out.loss.backward()
+    assert out.infonce is not None and out.answer_tokens > 0
+    assert both.imagebind_fc.weight.grad.abs().sum() > 0 and both.query_tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in both.llm.parameters())
+
+
+def test_missing_vectors_are_rejected_with_a_reason(model_and_data, embedded_root):
+    _, _, data, rejections = model_and_data
+    db = connect(embedded_root / "lance")
+    train_ids = sorted(r["image_id"] for r in read(db, "dialogs", columns=["image_id", "split"]).to_pylist()
+                       if r["split"] == "train")
+    assert [r.key for r in rejections] == [str(train_ids[-1])]
+    assert rejections[0].reason == "embedding_missing" and "image" in rejections[0].record["missing"]
+    assert list(data.image_ids) == train_ids[:-1]
+    assert len(data) == 10 * (len(train_ids) - 1)
+
+
+def test_memory_is_the_history_before_the_turn(model_and_data):
+    """Sample (dialog, t) sees the image, the caption and turns < t, never turn t (it holds the answer)."""
+    _, model, data, _ = model_and_data
+    model.eval()
+    i = int(((data.dialog == 0) & (data.turn == 5)).nonzero()[0])
+    batch = data.batch(torch.tensor([i]))
+    assert batch.memory_mask.tolist() == [[True] * 5 + [False] * 6]
+    base = model(batch).ce
+    later = data.batch(torch.tensor([i]))
+    later.texts[0, 5:] = torch.randn(6, EMBED_DIM)  # turn t itself and every later turn
+    assert torch.allclose(model(later).ce, base, atol=1e-6)
+    earlier = data.batch(torch.tensor([i]))
+    earlier.texts[0, 4] = torch.randn(EMBED_DIM)
+    assert not torch.allclose(model(earlier).ce, base, atol=1e-6)
+    assert torch.equal(batch.target[0], data.texts[0, 5])  # the retrieval target is turn t
+
+
+def test_loss_does_not_depend_on_padding(model_and_data):
+    _, model, data, _ = model_and_data
+    model.eval()
+    lens = data.prompt_len + data.answer_len
+    i, j = int(lens.argmin()), int(lens.argmax())
+    assert lens[i] != lens[j]
+    pair = model(data.batch(torch.tensor([i, j])))
+    one, two = model(data.batch(torch.tensor([i]))), model(data.batch(torch.tensor([j])))
+    weighted = (one.ce * one.answer_tokens + two.ce * two.answer_tokens) / (one.answer_tokens + two.answer_tokens)
+    assert pair.answer_tokens == one.answer_tokens + two.answer_tokens
+    assert torch.allclose(pair.ce, weighted, atol=1e-5)
+
+
+def test_generate_batched_equals_one_by_one(model_and_data):
+    _, model, data, _ = model_and_data
+    model.eval()
+    idx = torch.tensor([0, 13, 27])
+    assert len(set(data.prompt_len[idx].tolist())) > 1  # rows of different lengths: left padding matters
+    with torch.no_grad():
+        model.llm_proj.weight.mul_(50)  # make the soft prompt matter, so wrong padding shows
+        try:
+            together = model.generate(data.batch(idx), max_new_tokens=4)
+            alone = [model.generate(data.batch(idx[k:k + 1]), max_new_tokens=4)[0] for k in range(3)]
+        finally:
+            model.llm_proj.weight.div_(50)
+    assert together == alone
+
+
+def test_multi_positive_infonce():
+    rng = torch.Generator().manual_seed(0)
+    targets = torch.nn.functional.normalize(torch.randn(4, 8, generator=rng), dim=-1)
+    group = torch.tensor([0, 0, 1, 2])
+    aligned = multi_positive_infonce(targets * 10, targets, group, 0.1)
+    shuffled = multi_positive_infonce(targets[[2, 3, 0, 1]] * 10, targets, group, 0.1)
+    assert aligned < shuffled
+    # rows 0 and 1 share a dialog: for anchor 0 both targets count, so pointing at 1 costs the same
+    z = targets.clone()
+    z[0] = targets[1]
+    alt = multi_positive_infonce(z, targets, group, 0.1)
+    swap = torch.tensor([1, 0, 2, 3])
+    assert torch.allclose(multi_positive_infonce(z[swap], targets[swap], group[swap], 0.1), alt)
+
+
+def test_tokenize_keeps_eos_under_truncation(model_and_data):
+    _, model, _, _ = model_and_data
+    tok = model.tokenizer
+    ids, lens = tokenize(tok, [" yes", " " + "very " * 40], 6, special=False, eos=tok.eos_token_id)
+    assert lens.tolist()[1] == 6 and ids[1, 5] == tok.eos_token_id
+    assert ids[0, lens[0] - 1] == tok.eos_token_id
+
+
+def _wait_for_event(client, ref: str, timeout: float = 30.0):
+    """The ``mmem.artifact.created`` event for ``ref``, as the Prefect server stored it."""
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + timeout
+    while True:
+        page = client.read_events(EventFilter(event=EventNameFilter(name=["mmem.artifact.created"])), limit=50)
+        found = [e for e in page.events if e.resource.get("mmem.artifact.ref") == ref]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no mmem.artifact.created event for {ref}"
+        time.sleep(0.5)
+
+
+def _covers(trigger, event) -> bool:
+    """Whether the Prefect server's trigger matcher would fire ``trigger`` on ``event``."""
+    from prefect.server.events.schemas.automations import EventTrigger
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    server = EventTrigger(**trigger.model_dump(include={"match", "match_related", "after", "expect", "for_each",
+                                                        "posture", "threshold", "within"}))
+    return server.covers(ReceivedEvent(**event.model_dump()))
+
+
+RUN_SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+from schemas.train import MemoryTrainConfig
+from training.memory_loop import train_memory
+from training.memory_model import build_memory_data, build_memory_model, read_memory_inputs
+root, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
+config = MemoryTrainConfig(data_root=root, tiny=True, device="cpu", max_steps=8, checkpoint_every=2, batch_size=2)
+model = build_memory_model(config, torch.device("cpu"))
+data, _ = build_memory_data(read_memory_inputs(config.lance_uri, ["train"], {}), "train", model.tokenizer, model.arch)
+print("ready", flush=True)
+train_memory(model, data, None, config, ckpt, device=torch.device("cpu"), on_step=lambda s, o: time.sleep(0.3))
+"""
+
+
+def test_loop_resumes_after_sigkill_with_the_same_data_order(embedded_root, tmp_path):
+    """Kill a training process after a checkpoint; resuming ends with exactly the weights of a run
+    that never stopped."""
+    config = tiny_config(embedded_root, max_steps=8, checkpoint_every=2, batch_size=2)
+    cpu = torch.device("cpu")
+
+    def fresh():
+        model = build_memory_model(config, cpu)
+        loaded = read_memory_inputs(config.lance_uri, ["train"], {})
+        return model, build_memory_data(loaded, "train", model.tokenizer, model.arch)[0]
+
+    model, data = fresh()
+    straight = train_memory(model, data, None, config, tmp_path / "straight", device=cpu)
+    assert straight.resumed_from == 0 and straight.steps == 8
+    reference = trainable_state(model)
+
+    ckpt = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(embedded_root), str(ckpt)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.endswith("0004") for p in list_checkpoints(ckpt)):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no checkpoint at step 4 in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    steps = [int(p.name.split("-")[1]) for p in list_checkpoints(ckpt)]
+    assert 4 <= max(steps) < 8  # killed after a checkpoint, before the end
+
+    model, data = fresh()
+    resumed = train_memory(model, data, None, config, ckpt, device=cpu)
+    assert resumed.resumed_from == max(steps)
+    state = trainable_state(model)
+    assert state.keys() == reference.keys()
+    for k in state:
+        assert torch.equal(state[k], reference[k]), k
+
+
+def test_train_memory_flow_publishes_and_skips_rerun(embedded_root):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+
+    from flows.train import train_memory_flow
+    from storage.artifacts import ArtifactStore
+
+    config = tiny_config(embedded_root, max_steps=3, eval_limit=8, artifact="memory-flow-test")
+    first = train_memory_flow(config)
+    assert first["created"] and first["artifact"] == "memory-flow-test:v1"
+    db = connect(embedded_root / "lance")
+    versions = {n: db.open_table(n).version for n in ("turns", "dialogs", "image_embeddings", "text_embeddings")}
+    art = ArtifactStore(config.artifacts_dir).get("memory-flow-test", verify=True)
+    m = art.manifest
+    assert {k: v["version"] for k, v in m["inputs"].items()} == versions
+    assert m["config"]["infonce_weight"] == 0.0 and m["kind"] == "memory-model"
+    assert m["trainable"] == ["imagebind_fc", "turn_pe"] and m["metrics"]["steps"] == 3
+    assert m["data"]["quarantined"] == 1 and m["metrics"]["eval_samples"] == 8
+    assert set(m["code"]) == {"commit", "dirty", "source_hash"}
+    q = read(db, "quarantine", where="stage = 'train_memory'")
+    assert q.column("reason").to_pylist() == ["embedding_missing"]
+
+    again = train_memory_flow(config)
+    assert not again["created"] and again["artifact"] == first["artifact"]
+    assert ArtifactStore(config.artifacts_dir).versions("memory-flow-test") == [1]
+
+    with get_client(sync_client=True) as client:
+        published = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-memory-flow-test",
+                                                                        "model-memory-flow-test-manifest"])),
+            flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), limit=10, offset=0, sort="CREATED_DESC")
+        kinds = {a.key: a for a in published}
+        link = kinds["model-memory-flow-test"].data  # Prefect stores a link artifact as markdown
+        assert link.startswith("[memory-flow-test:v1](file://") and link.endswith("/memory-flow-test/v1)")
+        assert "memory-flow-test:v1" in kinds["model-memory-flow-test-manifest"].data
+        event = _wait_for_event(client, "memory-flow-test:v1")
+    # the evaluation trigger fires on exactly this event; the SFT trigger does not
+    from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
+
+    assert _covers(evaluate_on_new_artifact(), event) and _covers(evaluate_on_new_artifact(artifacts="memory-flow-test"), event)
+    assert not _covers(evaluate_on_new_artifact(artifacts="gemma3-4b-reminders-lora"), event)
+    assert not _covers(sft_on_new_reminders(), event)
+
+    loaded = load_memory_model(art.path, device="cpu")
+    data, _ = build_memory_data(read_memory_inputs(config.lance_uri, ["val"], {}), "val", loaded.tokenizer,
+                                loaded.arch, limit_samples=3)
+    answers = loaded.generate(data.batch(torch.arange(3)), max_new_tokens=3)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert isinstance(data, MemoryData)

@@ -1,0 +1,197 @@
+"""LoRA SFT of a tiny random Gemma3 on reminders rows: format, split, LoRA targets, resume, the flow."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from schemas.reminders import REMINDERS
+from schemas.train import SftConfig
+from storage.lance import connect, merge, read
+from training.sft import (
+    base_path,
+    build_examples,
+    chat_messages,
+    choose_backend,
+    held_out,
+    load_peft_model,
+    train_sft,
+)
+
+MISSING_ID = 999_999
+
+
+def reminder_rows(db) -> pa.Table:
+    """One valid reminders row per ingested dialog (the teacher's shape), plus one whose image is gone."""
+    turns = read(db, "turns", columns=["image_id", "turn", "split", "question", "answer"]).to_pylist()
+    images = {r["image_id"]: Path(r["root"]) / r["path"] for r in read(db, "images").to_pylist()}
+    dialogs: dict[int, list[dict]] = {}
+    for t in turns:
+        dialogs.setdefault(t["image_id"], []).append(t)
+    rows = []
+    for image_id, ts in sorted(dialogs.items()):
+        ts.sort(key=lambda t: t["turn"])
+        conv = "\n".join(f"Q: {t['question']}" + (f"\nA: {t['answer']}" if i < 3 else "") for i, t in enumerate(ts[:4]))
+        reminder = f"Earlier the user asked {ts[0]['question']} and the answer was {ts[0]['answer']}."
+        final = ts[3]["answer"].capitalize() + "."
+        rows.append({"image_id": image_id, "split": ts[0]["split"], "image_url": images[image_id].as_uri(),
+                     "conversation": conv, "response": f"<reminder>{reminder}</reminder> {final}",
+                     "reminder": reminder, "final_answer": final, "target_answer": ts[3]["answer"],
+                     "request_hash": f"req-{image_id}", "model": "teacher"})
+    gone = dict(rows[0], image_id=MISSING_ID, image_url="file:///nowhere/missing.jpg", request_hash="req-gone")
+    return pa.Table.from_pylist(rows + [gone], schema=REMINDERS.schema)
+
+
+@pytest.fixture(scope="module")
+def sft_root(tmp_path_factory, ingested_root) -> Path:
+    root = tmp_path_factory.mktemp("sft") / "root"
+    shutil.copytree(ingested_root, root, symlinks=True)
+    merge(connect(root / "lance"), "reminders", reminder_rows(connect(root / "lance")))
+    return root
+
+
+def tiny(root: Path, **kw) -> SftConfig:
+    return SftConfig(data_root=root, tiny=True, device="cpu", **kw)
+
+
+def test_chat_format_and_split_by_dialog(sft_root):
+    config = tiny(sft_root, val_fraction=0.3)
+    rows = read(connect(config.lance_uri), "reminders")
+    data = build_examples(rows, config)
+    train_split = {r["image_id"] for r in rows.to_pylist() if r["split"] == "train"}
+    ids = [e.image_id for e in data.train + data.held_out]
+    assert set(ids) == train_split - {MISSING_ID} and len(ids) == len(set(ids))  # val dialogs never trained on
+    assert data.train and data.held_out
+    assert [(r.key, str(r.reason)) for r in data.rejections] == [(str(MISSING_ID), "image_missing")]
+
+    ex = data.train[0]
+    assert [m["role"] for m in ex.messages] == ["system", "user", "assistant"]
+    assert [p["type"] for p in ex.messages[1]["content"]] == ["text", "image"]  # the report: text, then image
+    assert ex.messages[0]["content"][0]["text"] == config.system_prompt
+    assert ex.messages[2]["content"][0]["text"].startswith("<reminder>") and ex.image.is_file()
+
+    # the held-out set is a function of the dialog id alone: shuffling or subsetting rows moves nothing
+    held = {e.image_id for e in data.held_out}
+    shuffled = build_examples(rows.take(list(reversed(range(len(rows))))).slice(0, len(rows) // 2), config)
+    assert {e.image_id for e in shuffled.held_out} == held & {e.image_id for e in shuffled.train + shuffled.held_out}
+    assert held == {i for i in ids if held_out(i, 0.3)}
+    frac = sum(held_out(i, 0.3) for i in range(20_000)) / 20_000
+    assert 0.28 < frac < 0.32
+
+
+def test_lora_on_attention_and_mlp_of_vision_and_language(sft_root):
+    def wrapped(config: SftConfig) -> set[tuple[str, str]]:
+        model, _ = load_peft_model(config, base_path(config), cuda=False)
+        names = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith("lora_A")}
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+        return {("vision" if "vision_tower" in n else "language", n.rsplit(".", 1)[1]) for n in names}
+
+    full = wrapped(tiny(sft_root))
+    assert full == {("vision", m) for m in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")} | \
+        {("language", m) for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    language_attention = wrapped(tiny(sft_root, finetune_vision_layers=False, finetune_mlp_modules=False))
+    assert language_attention == {("language", m) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    model, _ = load_peft_model(tiny(sft_root), base_path(tiny(sft_root)), cuda=False)
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 16, 0.0)
+
+
+def test_backend_choice():
+    assert choose_backend("auto", cuda=False)[0] == "peft"
+    assert choose_backend("peft", cuda=True) == ("peft", "asked for")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        choose_backend("unsloth", cuda=False)
+    backend, why = choose_backend("auto", cuda=True)
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        assert backend == "peft" and "unsloth is not installed" in why
+    else:
+        assert backend == "unsloth"
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(sft_root, tmp_path):
+    from transformers import TrainerCallback
+
+    config = tiny(sft_root, max_steps=4, save_steps=2, val_fraction=0.0)
+    data = build_examples(read(connect(config.lance_uri), "reminders"), config)
+
+    straight = train_sft(config, data, tmp_path / "straight")
+    assert straight.resumed_from == 0 and straight.backend == "peft"
+
+    class CrashAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise Crash("killed")
+
+    with pytest.raises(Crash):
+        train_sft(config, data, tmp_path / "crashed", callbacks=[CrashAtStep3()])
+    resumed = train_sft(config, data, tmp_path / "crashed")
+    assert resumed.resumed_from == 2
+
+    def lora(model) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    a, b = lora(straight.model), lora(resumed.model)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any((p != 0).any() for n, p in b.items() if "lora_B" in n)  # it trained
+
+
+def test_chat_messages_shape():
+    msgs = chat_messages("Q: a?\nA: b\nQ: c?", "<reminder>x</reminder> y.", "sys")
+    assert msgs[1]["content"] == [{"type": "text", "text": "Q: a?\nA: b\nQ: c?"}, {"type": "image"}]
+
+
+def test_train_sft_flow_versions_and_validated_input(sft_root):
+    from flows.train import train_sft_flow
+    from storage.artifacts import ArtifactStore
+    from tasks.train import plan_sft
+    from tasks.validate import ValidationFailed
+    from training.sft import SPLIT_FILE, load_sft_model
+
+    config = tiny(sft_root, max_steps=2, val_fraction=0.2, artifact="sft-flow-test")
+    db = connect(config.lance_uri)
+    good = db.open_table("reminders").version
+    first = train_sft_flow(config)
+    assert first["created"] and first["artifact"] == "sft-flow-test:v1"
+    art = ArtifactStore(config.artifacts_dir).get("sft-flow-test", verify=True)
+    m = art.manifest
+    assert m["inputs"]["reminders"]["version"] == good and m["backend"] == "peft"
+    assert m["config"]["lora_r"] == 16 and m["kind"] == "lora-adapter"
+    assert (art.path / "adapter_model.safetensors").is_file() and (art.path / "adapter_config.json").is_file()
+    split = __import__("json").loads((art.path / SPLIT_FILE).read_text())
+    assert not set(split["train"]) & set(split["held_out"]) and split["held_out"]
+    q = read(db, "quarantine", where="stage = 'train_sft'").column("reason").to_pylist()
+    assert "image_missing" in q
+
+    assert not train_sft_flow(config)["created"]  # same inputs, config and code: nothing to do
+
+    model, processor = load_sft_model(art.path)
+    ex = build_examples(read(db, "reminders"), config).train[0]
+    from PIL import Image
+
+    inputs = processor.apply_chat_template(
+        [{**msg, "content": [dict(p, image=Image.open(ex.image)) if p["type"] == "image" else p
+                             for p in msg["content"]]} for msg in ex.messages[:2]],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+    # a newer version that fails the reminders suite is skipped; pinning it is refused
+    bad = read(db, "reminders").slice(0, 1).to_pylist()[0]
+    merge(db, "reminders", pa.Table.from_pylist([dict(bad, response="no tag here")], schema=REMINDERS.schema))
+    newest = db.open_table("reminders").version
+    assert newest > good
+    assert plan_sft(config).inputs["reminders"]["version"] == good
+    with pytest.raises(ValidationFailed):
+        plan_sft(tiny(sft_root, reminders_version=newest))

@@ -1,0 +1,417 @@
+"""ImageBind behind one small interface: load a model, embed texts and images, name the weights.
+
+The model code is Meta's ``ImageBindModel`` from the ``imagebind-unofficial`` package; weights are
+never downloaded. A real run passes a local ``imagebind_huge.pth`` (loaded with
+``weights_only=True``, checked key by key against the architecture); tests and the demo use a tiny
+model of the same class with every modality's tower shrunk, random weights drawn from a seed (so
+two processes build identical weights) and the same 1024-d output.
+
+Preprocessing is ImageBind's own (``imagebind.data``): resize the short side to 224 (bicubic),
+centre-crop 224, scale to [0, 1], CLIP mean/std; texts through its BPE tokenizer, 77 tokens. It is
+split in two halves so that the expensive, CPU-bound half can run in worker processes:
+:func:`image_to_pixels` (decode, resize, crop -> 224x224x3 uint8) and the normalisation, done on
+the model's device in :meth:`Embedder.embed_pixels` with the same float operations as
+``ToTensor`` + ``Normalize``. ``tests/test_embed.py`` pins both halves against ``imagebind.data``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from schemas.embed import EMBED_DIM
+from training.compat import import_imagebind
+
+# Bump when anything below changes what a given input embeds to (it is part of every cache key).
+PREPROCESS_VERSION = "ib1-bicubic224-crop224-clipnorm-bpe77"
+
+IMAGE_SIZE = 224
+CONTEXT_LENGTH = 77
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ImageBind-Huge, as ``imagebind_model.imagebind_huge`` builds it.
+HUGE_ARCH: dict[str, Any] = {
+    "vision_embed_dim": 1280, "vision_num_blocks": 32, "vision_num_heads": 16,
+    "text_embed_dim": 1024, "text_num_blocks": 24, "text_num_heads": 16,
+    "out_embed_dim": EMBED_DIM, "audio_drop_path": 0.1, "imu_drop_path": 0.7,
+}
+# Every tower shrunk (not only vision and text: the others alone are ~217M parameters); same joint dim.
+TINY_ARCH: dict[str, Any] = {
+    "vision_embed_dim": 32, "vision_num_blocks": 2, "vision_num_heads": 2,
+    "text_embed_dim": 32, "text_num_blocks": 2, "text_num_heads": 2,
+    "audio_embed_dim": 16, "audio_num_blocks": 1, "audio_num_heads": 1,
+    "depth_embed_dim": 16, "depth_num_blocks": 1, "depth_num_heads": 1,
+    "thermal_embed_dim": 16, "thermal_num_blocks": 1, "thermal_num_heads": 1,
+    "imu_embed_dim": 16, "imu_num_blocks": 1, "imu_num_heads": 1,
+    "out_embed_dim": EMBED_DIM,
+}
+ARCHS = {"imagebind_huge": HUGE_ARCH, "imagebind_tiny": TINY_ARCH}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be read, or does not match the architecture."""
+
+
+# --- preprocessing ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _vision_resize_crop():
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(IMAGE_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(IMAGE_SIZE),
+    ])
+
+
+def image_to_pixels(image: Image.Image) -> np.ndarray:
+    """The CPU half of ImageBind's vision transform: RGB, resize 224 bicubic, centre crop -> HxWx3 uint8."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() of RGB is only a copy
+    return np.asarray(_vision_resize_crop()(rgb), dtype=np.uint8)
+
+
+def load_pixels(path: str | os.PathLike) -> np.ndarray:
+    """Decode one image file fully and preprocess it; raises on unreadable data (caller quarantines)."""
+    with open(path, "rb") as fh:
+        image = Image.open(fh)
+        image.load()
+        return image_to_pixels(image)
+
+
+def load_pixels_many(paths: Sequence[str | None]) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """Pixels of the files that decode, and ``(position, "missing" | "unreadable" | "outside", detail)``
+    of the rest (``None`` is a path that left its root). Runs in decoding worker processes."""
+    pixels, failed = [], []
+    for i, path in enumerate(paths):
+        if path is None:
+            failed.append((i, "outside", "path resolves outside the image root"))
+            continue
+        try:
+            pixels.append(load_pixels(path))
+        except FileNotFoundError:
+            failed.append((i, "missing", "no such file at embed time"))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is one failure
+            failed.append((i, "unreadable", f"{type(exc).__name__}: {exc}"))
+    arr = np.stack(pixels) if pixels else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    return arr, failed
+
+
+@lru_cache(maxsize=8)
+def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a fresh host->device copy per batch would wait for the queued batches
+    return (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))
+
+
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """The device half: (n, 224, 224, 3) uint8 -> (n, 3, 224, 224) float32, as ToTensor + Normalize do."""
+    x = pixels.permute(0, 3, 1, 2).float().div(255)
+    mean, std = _clip_stats(x.device)
+    return x.sub_(mean).div_(std)
+
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    """ImageBind's BPE tokenizer with its bundled vocabulary (one per process; it caches BPE merges)."""
+    ib = import_imagebind()
+    from imagebind.models.multimodal_preprocessors import SimpleTokenizer
+
+    return SimpleTokenizer(bpe_path=ib.data.return_bpe_path(), context_length=CONTEXT_LENGTH)
+
+
+def tokenize(texts: Sequence[str]) -> np.ndarray:
+    """(n, 77) int32 token ids, exactly as ``imagebind.data.load_and_transform_text`` makes them."""
+    out = np.zeros((len(texts), CONTEXT_LENGTH), dtype=np.int32)
+    if not texts:
+        return out
+    tok = tokenizer()
+    with _TOKENIZER_LOCK:  # its BPE cache is a plain dict shared by the threads of a worker
+        ids = tok(list(texts))
+    out[:] = ids.reshape(len(texts), CONTEXT_LENGTH).numpy()
+    return out
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def model_class():
+    import_imagebind()
+    from imagebind.models.imagebind_model import ImageBindModel
+
+    return ImageBindModel
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Build without drawing random weights that a checkpoint overwrites anyway (30 s -> 1 s for Huge).
+
+    Safe only because :func:`load_checkpoint` then loads with ``strict=True``: every parameter
+    and buffer is replaced, so no uninitialised memory survives.
+    """
+    init = torch.nn.init
+    names = ["uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
+             "kaiming_uniform_", "kaiming_normal_", "constant_", "zeros_", "ones_"]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
+def build_random(arch: str, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model of ``arch`` with random weights that depend only on ``seed`` (on CPU) and the code."""
+    cls = model_class()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return cls(**ARCHS[arch])
+
+
+def existing_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ImageBind checkpoint {path} does not exist. Weights are never downloaded at run time: "
+            "copy imagebind_huge.pth (https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth) to "
+            "this machine and pass --checkpoint PATH, or use --tiny for the random-weight test model."
+        )
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = existing_checkpoint(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read ImageBind checkpoint {path} as a weights-only state dict: {exc}") from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    return sd
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Raise :class:`CheckpointError` naming what differs, instead of torch's wall of text."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} with another shape (e.g. {k}: file {tuple(sd[k].shape)}, model {expected[k]})")
+        raise CheckpointError(f"checkpoint {path} does not match {arch}: " + "; ".join(parts))
+
+
+def load_checkpoint(path: str | Path, arch: str = "imagebind_huge") -> torch.nn.Module:
+    """``arch`` with the weights of a local checkpoint (weights_only, strict)."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    with _skip_weight_init():
+        model = model_class()(**ARCHS[arch])
+    check_state_dict(model, sd, path, arch)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) for the life of the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        with path.open("rb") as fh:
+            _FILE_DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (cheap for the tiny model only)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state_dict.items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def arch_digest(arch: str) -> str:
+    return hashlib.sha256(repr(sorted(ARCHS[arch].items())).encode()).hexdigest()[:8]
+
+
+def fingerprint_of(arch: str, weights: str) -> str:
+    """``<arch>-<architecture digest>:<weights digest>``: changes when either changes."""
+    return f"{arch}-{arch_digest(arch)}:{weights[:16]}"
+
+
+@lru_cache(maxsize=8)
+def _tiny_fingerprint(seed: int) -> str:
+    return fingerprint_of("imagebind_tiny", weights_digest(build_random("imagebind_tiny", seed).state_dict()))
+
+
+def model_fingerprint(checkpoint: str | Path | None = None, *, tiny: bool = False, seed: int = 0,
+                      random_weights: bool = False) -> str:
+    """The fingerprint :func:`load_embedder` gives the same arguments, without building Huge.
+
+    The flow needs it for cache keys before any worker loads a model.
+    """
+    arch = "imagebind_tiny" if tiny else "imagebind_huge"
+    if checkpoint is not None and tiny:  # same weights, same name, whether drawn or read from a file
+        return fingerprint_of(arch, weights_digest(read_state_dict(Path(checkpoint))))
+    if checkpoint is not None:  # hashing 4.8 GB of tensors would cost more than hashing the file
+        return fingerprint_of(arch, file_digest(existing_checkpoint(checkpoint)))
+    if tiny:
+        return _tiny_fingerprint(seed)
+    if random_weights:  # benchmark only: drawn on the target device, so named by its seed alone
+        return fingerprint_of(arch, f"random{seed:08d}")
+    raise ValueError("ImageBind-Huge needs a local checkpoint (--checkpoint PATH); use --tiny for tests and the demo")
+
+
+# --- the embedder ----------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Embedder:
+    """A loaded ImageBind model: texts and images in, (n, 1024) L2-normalised float32 out."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    batch_size: int = 64
+    pad_batches: bool = False  # a compiled model sees one batch shape: pad the last batch instead of recompiling
+    preprocess: str = PREPROCESS_VERSION
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embed_tokens(tokenize(texts))
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        pixels = np.stack([image_to_pixels(im) for im in images]) if images else np.zeros((0, 224, 224, 3), np.uint8)
+        return self.embed_pixels(pixels)
+
+    def embed_tokens(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.embed_stream("text", [tokens])
+
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.embed_stream("vision", [pixels])
+
+    @torch.inference_mode()
+    def embed_stream(self, modality: str, chunks: Iterable[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """Embed a stream of host chunks (token ids, or uint8 pixels), re-batched to ``batch_size``.
+
+        Results stay on the device until the stream ends: on CUDA the host keeps queueing copies
+        and kernels while the GPU works (the only sync is the final copy back), and a producer
+        (decoding processes) feeding ``chunks`` runs in parallel with both.
+        """
+        outs: list[torch.Tensor] = []
+        for batch in _rebatch(chunks, self.batch_size):
+            x = torch.as_tensor(batch)
+            n = len(x)
+            if self.pad_batches and n < self.batch_size:
+                x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            x = x.long() if modality == "text" else normalise_pixels(x).to(self.dtype)
+            with self._lock:  # Dask/Prefect worker threads share one model: one forward at a time
+                y = self.model({modality: x})[modality]
+            # the text head multiplies by a logit scale, and bf16 loses the unit norm: renormalise in fp32
+            outs.append(torch.nn.functional.normalize(y[:n].float(), dim=-1))
+        if not outs:
+            return np.zeros((0, EMBED_DIM), dtype=np.float32)
+        return torch.cat(outs).cpu().numpy()
+
+
+def _rebatch(chunks: Iterable[np.ndarray | torch.Tensor], size: int) -> Iterator[np.ndarray | torch.Tensor]:
+    """Concatenate/split chunks along the first axis into batches of ``size`` (the last may be short)."""
+    pending: list = []
+    have = 0
+    for chunk in chunks:
+        while len(chunk):
+            take = chunk[: size - have]
+            chunk = chunk[len(take):]
+            pending.append(take)
+            have += len(take)
+            if have == size:
+                yield pending[0] if len(pending) == 1 else np.concatenate([np.asarray(p) for p in pending])
+                pending, have = [], 0
+    if have:
+        yield pending[0] if len(pending) == 1 else np.concatenate([np.asarray(p) for p in pending])
+
+
+def load_embedder(
+    checkpoint: str | Path | None = None,
+    *,
+    tiny: bool = False,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    random_weights: bool = False,
+    batch_size: int | None = None,
+    compile: bool = False,
+) -> Embedder:
+    """ImageBind-Huge from ``checkpoint``; or the tiny model (``tiny=True``: random from ``seed``,
+    or from ``checkpoint`` if one is given); or random Huge (``random_weights=True``, benchmarks).
+
+    ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. ``compile`` wraps the model in
+    ``torch.compile`` (the first batch of each modality then takes a minute or two).
+    """
+    dev = resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    arch = "imagebind_tiny" if tiny else "imagebind_huge"
+    fingerprint = model_fingerprint(checkpoint, tiny=tiny, seed=seed, random_weights=random_weights)
+    if checkpoint is not None:
+        model = load_checkpoint(checkpoint, arch)
+    else:
+        # tiny: drawn on CPU so every process gets the same weights; random Huge: on the device, fast
+        model = build_random(arch, seed, "cpu" if tiny else dev)
+    model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    bs = batch_size or (256 if dev.type == "cuda" else 32)
+    if compile:
+        model = torch.compile(model, dynamic=False)
+    return Embedder(model=model, device=dev, dtype=dtype, fingerprint=fingerprint, batch_size=bs, pad_batches=compile)
+
+
+_CACHE: dict[tuple, Embedder] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_embedder(checkpoint: str | Path | None = None, **kwargs: Any) -> Embedder:
+    """:func:`load_embedder`, once per process and arguments (a Dask worker loads the model once)."""
+    key = (str(checkpoint) if checkpoint else None, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_embedder(checkpoint, **kwargs)
+        return _CACHE[key]
