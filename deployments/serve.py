@@ -20,6 +20,7 @@ from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.pipeline import pipeline_flow
 from flows.reminders import reminders_flow
+from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
 from flows.train import train_memory_flow, train_sft_flow
 from schemas.pipeline import PipelineConfig
 
@@ -38,11 +39,11 @@ def build_deployments(profile: Path | None = None, data_root: Path | None = None
         embed_flow.to_deployment(name="embed", parameters=params(cfg.stage("embed")), tags=["mmem"]),
         reminders_flow.to_deployment(name="reminders", parameters=params(cfg.stage("reminders")), tags=["mmem"]),
         train_sft_flow.to_deployment(name="train-sft", parameters=params(cfg.stage("train_sft")), tags=["mmem"],
-                                     triggers=_triggers("train_sft")),
+                                     triggers=[sft_on_new_reminders()]),
         train_memory_flow.to_deployment(name="train-memory", parameters=params(cfg.stage("train_memory")),
                                         tags=["mmem"]),
         evaluate_flow.to_deployment(name="evaluate", parameters=params(cfg.stage("evaluate")), tags=["mmem"],
-                                    triggers=_triggers("evaluate")),
+                                    triggers=[evaluate_on_new_artifact()]),
     ]
     if cfg.inputs:
         first = cfg.inputs[0]
@@ -51,16 +52,6 @@ def build_deployments(profile: Path | None = None, data_root: Path | None = None
         ingest_cfg = IngestConfig(data_root=cfg.data_root, visdial=first.visdial, images=first.images, coco=first.coco)
         deployments.insert(1, ingest_flow.to_deployment(name="ingest", parameters=params(ingest_cfg), tags=["mmem"]))
     return deployments
-
-
-def _triggers(stage: str) -> list:
-    """Event triggers from deployments/triggers.py (new validated reminders -> SFT; new model -> evaluate)."""
-    try:
-        from deployments import triggers
-    except ImportError:
-        return []
-    fn = getattr(triggers, f"{stage}_triggers", None)
-    return fn() if fn else []
 
 
 def serve_all(profile: Path | None = None, data_root: Path | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Vector indexes on Lance tables, and nearest-neighbour search over them.
+"""Vector indexes on Lance tables, nearest-neighbour search over them, and the dialog context
+of what a search found.
 
 Small tables are searched exactly (a flat scan of 100k x 1024 float32 is fast enough and exact);
 past ``min_rows`` a table gets an IVF_HNSW_SQ index (cosine: the vectors are L2-normalised),
@@ -95,3 +96,67 @@ def search(
         if refine_factor:
             q = q.refine_factor(refine_factor)
     return q.to_arrow()
+
+
+# --- what a hit means: its dialog context ----------------------------------------------------
+
+
+def _in(column: str, values: list) -> str:
+    quoted = ", ".join(str(v) if isinstance(v, int) else "'" + str(v).replace("'", "''") + "'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+def _rows(db: lancedb.DBConnection, name: str, columns: list[str], column: str, values: list) -> pa.Table:
+    if not values:
+        return pa.table({c: [] for c in columns})
+    return open_table(db, name).to_lance().to_table(columns=columns, filter=_in(column, values))
+
+
+def _captions(db: lancedb.DBConnection, image_ids: list[int]) -> dict[int, str]:
+    t = _rows(db, "dialogs", ["image_id", "caption"], "image_id", image_ids)
+    return dict(zip(t.column("image_id").to_pylist(), t.column("caption").to_pylist(), strict=True))
+
+
+def image_context(db: lancedb.DBConnection, hits: pa.Table) -> list[dict]:
+    """Per image hit (``image_id``, ``_distance``): where the image is, its caption, its ten turns."""
+    ids = hits.column("image_id").to_pylist()
+    info = {r["image_id"]: r for r in _rows(db, "images", ["image_id", "split", "path"], "image_id", ids).to_pylist()}
+    caps = _captions(db, ids)
+    turns: dict[int, list[dict]] = {}
+    rows = _rows(db, "turns", ["image_id", "turn", "question", "answer"], "image_id", ids)
+    for r in rows.sort_by([("image_id", "ascending"), ("turn", "ascending")]).to_pylist():
+        turns.setdefault(r.pop("image_id"), []).append(r)
+    return [
+        {"image_id": i, "distance": round(float(d), 6), "split": info.get(i, {}).get("split"),
+         "path": info.get(i, {}).get("path"), "caption": caps.get(i), "turns": turns.get(i, [])}
+        for i, d in zip(ids, hits.column("_distance").to_pylist(), strict=True)
+    ]
+
+
+def text_context(db: lancedb.DBConnection, hits: pa.Table, examples: int = 3) -> list[dict]:
+    """Per text hit (``text_hash``, ``text``, ``_distance``): how many turns and captions say it,
+    and the first ``examples`` of each with their dialog's caption. A short answer may be shared
+    by thousands of turns, so only keys are read for all of them."""
+    hashes = hits.column("text_hash").to_pylist()
+    keys = _rows(db, "turns", ["text_hash", "image_id", "turn"], "text_hash", hashes)
+    capt = _rows(db, "dialogs", ["caption_hash", "image_id"], "caption_hash", hashes)
+    by_hash: dict[str, list[tuple[int, int]]] = {}
+    for h, i, t in zip(*(keys.column(c).to_pylist() for c in ("text_hash", "image_id", "turn")), strict=True):
+        by_hash.setdefault(h, []).append((i, t))
+    cap_of: dict[str, list[int]] = {}
+    for h, i in zip(capt.column("caption_hash").to_pylist(), capt.column("image_id").to_pylist(), strict=True):
+        cap_of.setdefault(h, []).append(i)
+    shown = {h: sorted(v)[:examples] for h, v in by_hash.items()}
+    ids = sorted({i for v in shown.values() for i, _ in v})
+    qa = {(r["image_id"], r["turn"]): r for r in _rows(
+        db, "turns", ["image_id", "turn", "question", "answer"], "image_id", ids).to_pylist()}
+    captions = _captions(db, ids)
+    out = []
+    for h, text, d in zip(hashes, hits.column("text").to_pylist(), hits.column("_distance").to_pylist(), strict=True):
+        out.append({
+            "text_hash": h, "text": text, "distance": round(float(d), 6),
+            "turn_count": len(by_hash.get(h, [])), "caption_count": len(cap_of.get(h, [])),
+            "caption_of": sorted(cap_of.get(h, []))[:examples],
+            "turns": [{**qa[(i, t)], "caption": captions.get(i)} for i, t in shown.get(h, []) if (i, t) in qa],
+        })
+    return out

@@ -441,8 +441,9 @@ def shard_cache_key(context, parameters) -> str:
 
 
 def results_storage(config: EmbedConfig) -> LocalFileSystem:
-    """Shard results persist under the data root (so caches do not leak between data roots);
-    Prefect wants result storage saved server-side, under a name derived from the path."""
+    """Shard results persist under the data root, so caches do not leak between data roots (on a
+    multi-host Dask cluster the data root must be shared storage). Prefect wants result storage
+    saved server-side: it is saved under a name derived from the path."""
     path = config.results_dir.resolve()
     block = LocalFileSystem(basepath=str(path))
     block.save(f"mmem-embed-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}", overwrite=True)
@@ -479,7 +480,7 @@ def query(config: EmbedConfig, *, text: str | None = None, image: Path | None = 
     """
     from PIL import Image
 
-    from storage.index import search
+    from storage.index import image_context, search, text_context
 
     if (text is None) == (image is None):
         raise ValueError("give exactly one of a text or an image")
@@ -500,47 +501,6 @@ def query(config: EmbedConfig, *, text: str | None = None, image: Path | None = 
     return {
         "model": embedder.fingerprint,
         "query": {"text": text} if text is not None else {"image": str(image)},
-        "images": _image_context(db, images),
-        "texts": _text_context(db, texts, turns_per_hit),
+        "images": image_context(db, images),
+        "texts": text_context(db, texts, turns_per_hit),
     }
-
-
-def _rows_where(db, name: str, column: str, values: list, columns: list[str]) -> list[dict]:
-    if not values:
-        return []
-    quoted = ", ".join(str(v) if isinstance(v, int) else "'" + str(v).replace("'", "''") + "'" for v in values)
-    return read(db, name, columns=columns, where=f"{column} IN ({quoted})").to_pylist()
-
-
-def _image_context(db, hits: pa.Table) -> list[dict]:
-    ids = hits.column("image_id").to_pylist()
-    info = {r["image_id"]: r for r in _rows_where(db, "images", "image_id", ids, ["image_id", "split", "path"])}
-    captions = {r["image_id"]: r["caption"] for r in _rows_where(db, "dialogs", "image_id", ids, ["image_id", "caption"])}
-    turns: dict[int, list] = {}
-    for r in sorted(_rows_where(db, "turns", "image_id", ids, ["image_id", "turn", "question", "answer"]),
-                    key=lambda r: (r["image_id"], r["turn"])):
-        turns.setdefault(r["image_id"], []).append({"turn": r["turn"], "question": r["question"], "answer": r["answer"]})
-    return [
-        {"image_id": i, "distance": round(float(d), 6), **{k: info.get(i, {}).get(k) for k in ("split", "path")},
-         "caption": captions.get(i), "turns": turns.get(i, [])}
-        for i, d in zip(ids, hits.column("_distance").to_pylist(), strict=True)
-    ]
-
-
-def _text_context(db, hits: pa.Table, turns_per_hit: int) -> list[dict]:
-    hashes = hits.column("text_hash").to_pylist()
-    turns = _rows_where(db, "turns", "text_hash", hashes, ["image_id", "turn", "question", "answer", "text_hash"])
-    dialogs = _rows_where(db, "dialogs", "caption_hash", hashes, ["image_id", "caption", "caption_hash"])
-    captions = {r["image_id"]: r["caption"] for r in _rows_where(
-        db, "dialogs", "image_id", sorted({r["image_id"] for r in turns}), ["image_id", "caption"])}
-    out = []
-    for h, t, d in zip(hashes, hits.column("text").to_pylist(), hits.column("_distance").to_pylist(), strict=True):
-        mine = sorted((r for r in turns if r["text_hash"] == h), key=lambda r: (r["image_id"], r["turn"]))
-        caps = sorted(r["image_id"] for r in dialogs if r["caption_hash"] == h)
-        out.append({
-            "text_hash": h, "text": t, "distance": round(float(d), 6),
-            "turn_count": len(mine), "caption_of": caps[:turns_per_hit], "caption_count": len(caps),
-            "turns": [{"image_id": r["image_id"], "turn": r["turn"], "question": r["question"], "answer": r["answer"],
-                       "caption": captions.get(r["image_id"])} for r in mine[:turns_per_hit]],
-        })
-    return out

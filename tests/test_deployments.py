@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 
 from storage.lance import connect, read
+
+
+async def _automation_names() -> set[str]:
+    """The served deployments' triggers live on the server as automations."""
+    async with get_client() as client:
+        resp = await client._client.post("/automations/filter", json={"sort": "NAME_ASC", "limit": 200, "offset": 0})
+        resp.raise_for_status()
+        return {a["name"] for a in resp.json()}
 
 
 def _profile(tmp_path, demo_dir, root):
@@ -30,6 +40,9 @@ def test_every_flow_has_a_deployment_and_the_pipeline_a_paused_schedule(tmp_path
     assert set(deps) == {"pipeline", "ingest", "embed", "reminders", "train-sft", "train-memory", "evaluate"}
     assert deps["pipeline"].paused is True and deps["pipeline"].schedules
     assert deps["ingest"].parameters["config"]["visdial"].endswith("visdial_1.0_train.json")
+    # Chained through events, so the chain works from the UI too.
+    assert [t.name for t in deps["train-sft"].triggers] == ["sft-on-new-validated-reminders"]
+    assert [t.name for t in deps["evaluate"].triggers] == ["evaluate-on-new-model-artifact"]
     # The flow's config is the parameter schema, so the UI renders a form for it.
     assert "config" in deps["embed"]._parameter_openapi_schema.properties
 
@@ -51,6 +64,8 @@ def test_a_served_deployment_runs_through_the_server(tmp_path, demo_dir):
                     raise
                 time.sleep(3)
         assert flow_run.state.is_completed(), flow_run.state
+        automations = asyncio.run(_automation_names())
+        assert {"sft-on-new-validated-reminders", "evaluate-on-new-model-artifact"} <= automations
         assert len(read(connect(root / "lance"), "dialogs")) == 20
     finally:
         proc.terminate()

@@ -230,6 +230,7 @@ from schemas.train import MemoryTrainConfig
 from training.memory_loop import train_memory
 from training.memory_model import build_memory_data, build_memory_model, read_memory_inputs
 root, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))  # the parent's: a float sum's order depends on it
 config = MemoryTrainConfig(data_root=root, tiny=True, device="cpu", max_steps=8, checkpoint_every=2, batch_size=2)
 model = build_memory_model(config, torch.device("cpu"))
 data, _ = build_memory_data(read_memory_inputs(config.lance_uri, ["train"], {}), "train", model.tokenizer, model.arch)
@@ -256,7 +257,8 @@ def test_loop_resumes_after_sigkill_with_the_same_data_order(embedded_root, tmp_
 
     ckpt = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(embedded_root), str(ckpt)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(embedded_root), str(ckpt),
+                             str(torch.get_num_threads())], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

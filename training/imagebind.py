@@ -391,12 +391,13 @@ def load_embedder(
     dev = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     arch = "imagebind_tiny" if tiny else "imagebind_huge"
-    fingerprint = model_fingerprint(checkpoint, tiny=tiny, seed=seed, random_weights=random_weights)
-    if checkpoint is not None:
-        model = load_checkpoint(checkpoint, arch)
+    if checkpoint is None and tiny:  # drawn on CPU, so every process gets the same weights
+        model = build_random(arch, seed, "cpu")
+        fingerprint = fingerprint_of(arch, weights_digest(model.state_dict()))  # == model_fingerprint(tiny=True)
     else:
-        # tiny: drawn on CPU so every process gets the same weights; random Huge: on the device, fast
-        model = build_random(arch, seed, "cpu" if tiny else dev)
+        fingerprint = model_fingerprint(checkpoint, tiny=tiny, seed=seed, random_weights=random_weights)
+        # random Huge (benchmarks) is drawn on the device: seconds instead of half a minute on CPU
+        model = load_checkpoint(checkpoint, arch) if checkpoint is not None else build_random(arch, seed, dev)
     model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
     bs = batch_size or (256 if dev.type == "cuda" else 32)
     if compile:
