@@ -42,7 +42,7 @@ from schemas.embed import EmbedConfig, turn_text
 from schemas.ingest import IngestConfig
 from storage.lance import connect, read, table_exists
 from tasks.demo_data import write_split
-from tasks.embed import OUTPUT, ModelArgs
+from tasks.embed import OUTPUT, ModelArgs, resolve_workers
 from training.imagebind import load_embedder, normalise_pixels
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets.
@@ -89,7 +89,7 @@ def stage_config(args, root: Path) -> EmbedConfig:
     images = Path((root / ".ingested").read_text())
     return EmbedConfig(
         data_root=root, tiny=args.tiny, random_weights=not args.tiny, device=args.device, batch_size=args.batch_size,
-        shard_rows=args.shard_rows, decode_workers=args.decode_workers, concurrent_shards=args.concurrent_shards,
+        shard_rows=args.shard_rows, decode_workers=args.decode_workers, decode_pool=args.decode_pool, concurrent_shards=args.concurrent_shards,
         compile=args.compile, image_roots={"train": images}, index_min_rows=args.index_min_rows,
     )
 
@@ -117,6 +117,25 @@ def run_stage(cfg: EmbedConfig) -> dict:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
+    """Images/s of decode + resize + crop alone, in worker processes and in threads (the stage's
+    own pools): what the stage can feed the GPU whatever the model's speed."""
+    from tasks.embed import DECODE_CHUNK, load_pixels_many, map_ordered, resolve_workers
+
+    rows = read(connect(cfg.lance_uri), "images", columns=["path"]).slice(0, images)
+    folder = Path((root / ".ingested").read_text())
+    paths = [str(folder / p) for p in rows.column("path").to_pylist()]
+    jobs = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    out = {}
+    for kind in ("process", "thread"):
+        workers = resolve_workers(cfg.decode_workers, len(jobs))
+        list(map_ordered(load_pixels_many, jobs[:workers], workers, kind))  # start the pool
+        t = time.perf_counter()
+        n = sum(len(px) for px, _ in map_ordered(load_pixels_many, jobs, workers, kind))
+        out[kind] = round(n / (time.perf_counter() - t), 1)
+    return out
 
 
 @torch.inference_mode()
@@ -204,6 +223,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
     ap.add_argument("--shard-rows", type=int, default=4096)
     ap.add_argument("--decode-workers", type=int, default=0, help="0: all cores but one")
+    ap.add_argument("--decode-images", type=int, default=16384, help="images in the decode-only timing")
+    ap.add_argument("--decode-pool", choices=["process", "thread"], default="process")
     ap.add_argument("--concurrent-shards", type=int, default=3)
     ap.add_argument("--index-min-rows", type=int, default=100_000)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compiled before timing)")
@@ -220,6 +241,7 @@ def main() -> None:
 
     with prefect_test_harness(server_startup_timeout=180):  # a private Prefect server, not timed
         stage = run_stage(cfg)
+    decode = decode_only(cfg, root, args.decode_images)
     model = model_only(cfg, args.model_seconds)
     base = baseline(cfg, root, args.baseline_samples, args.data / "baseline-pt")
 
@@ -241,6 +263,7 @@ def main() -> None:
         "stage_wall_s": round(stage["wall_s"], 2), "stage_images_per_s": round(c["images"] / stage["wall_s"], 1),
         "stage_samples_per_s": round(ours_rate, 1), "lance_merge_s": c["merge_seconds"], "index": c["index"],
         "rerun_nothing_changed_s": round(stage["rerun_s"], 2), "rerun_shards_run": stage["rerun_computed"],
+        "decode_images_per_s": decode, "decode_workers": resolve_workers(cfg.decode_workers, 1 << 20),
         "model_images_per_s": round(model["vision"]["per_s"], 1), "model_texts_per_s": round(model["text"]["per_s"], 1),
         "gflop_per_image": sig(gflop["vision"]), "gflop_per_text": sig(gflop["text"]),
         "model_tflops_vision": sig(model["vision"]["tflops"]), "model_tflops_text": sig(model["text"]["tflops"]),

@@ -31,16 +31,26 @@ def serve(
     fault_untagged: Annotated[float, typer.Option(help="Fault mode: rate of answers without the tag.")] = 0.0,
     stall_s: Annotated[float, typer.Option(help="How long a stall lasts.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
+    require_auth: Annotated[bool, typer.Option(
+        help="Answer 401 unless a request carries the Authorization header held in $MMEM_OLLAMA_AUTH "
+        "(e.g. 'Bearer <token>'; read from the environment, never from the command line).")] = False,
 ) -> None:
     """Serve /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version until Ctrl-C."""
+    import os
+
+    from tasks.secrets import AUTH_ENV
     from training.llm_server import Faults, make_state
     from training.llm_server import serve as run
+
+    auth = os.environ.get(AUTH_ENV, "").strip() or None
+    if require_auth and auth is None:
+        fail(f"--require-auth: export {AUTH_ENV} with the header value clients must send (e.g. 'Bearer <token>')")
 
     faults = Faults(error_rate=fault_error, stall_rate=fault_stall, drop_rate=fault_drop,
                     untagged_rate=fault_untagged, stall_s=stall_s, seed=seed)
     try:
         state = make_state(model, teacher=teacher, name=name, device=device, latency_s=latency_ms / 1000,
-                           parallel=parallel, faults=faults)
+                           parallel=parallel, faults=faults, auth=auth if require_auth else None)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     run(state, host=host, port=port)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import STATE, DataRootOpt, fail
+from cli.common import STATE, DataRootOpt, ProfileOpt, fail
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="The whole DAG.")
 server_app = typer.Typer(no_args_is_help=True, help="A local Prefect server.")
@@ -24,12 +24,13 @@ def register(app: typer.Typer) -> None:
 
 
 @pipeline_app.command("run")
-def run(data_root: DataRootOpt = None) -> None:
-    """Run the parent flow with the profile given by `mmem --profile FILE pipeline run`."""
+def run(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
+    """Run the parent flow: ingest -> embed -> reminders -> train -> evaluate, as the profile says
+    (`[pipeline] inputs`, `stages`, and each stage's section)."""
     from flows.pipeline import pipeline_flow
     from schemas.pipeline import PipelineConfig
 
-    cfg = PipelineConfig.load(STATE.profile, data_root=data_root or STATE.data_root)
+    cfg = PipelineConfig.load(profile or STATE.profile, data_root=data_root or STATE.data_root)
     state = pipeline_flow(cfg, return_state=True)
     typer.echo(json.dumps(state.result(raise_on_failure=False) if state.is_completed() else state.message,
                           indent=2, default=str))
@@ -68,10 +69,10 @@ def server_start(
     os.execve(str(prefect), [str(prefect), "server", "start", "--host", host, "--port", str(port)], env)
 
 
-def serve(data_root: DataRootOpt = None) -> None:
+def serve(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
     """Register a deployment per flow and for the pipeline with the server, and run what it schedules."""
     from deployments.serve import serve_all
 
     if not os.environ.get("PREFECT_API_URL"):
         fail("PREFECT_API_URL is not set: start a server (`mmem server start`) and export the URL it prints")
-    serve_all(STATE.profile, data_root or STATE.data_root)
+    serve_all(profile or STATE.profile, data_root or STATE.data_root)

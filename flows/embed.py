@@ -18,9 +18,14 @@ from tasks.runtime import logger, publish_table, run_id
 
 
 def task_runner(config: EmbedConfig):
+    """Threads by default; Dask when asked: an existing cluster, or a loopback-only LocalCluster
+    (distributed binds its dashboard to every interface unless told otherwise: it is off here)."""
     if config.dask_address:
         from prefect_dask import DaskTaskRunner
 
+        if config.dask_address == "local":
+            return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1,
+                                                  "processes": True, "host": "127.0.0.1", "dashboard_address": None})
         return DaskTaskRunner(address=config.dask_address)
     return ThreadPoolTaskRunner(max_workers=config.concurrent_shards)
 
@@ -33,7 +38,7 @@ def embed_shards_flow(config: EmbedConfig) -> dict:
     logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",
                   p.fingerprint, p.images, p.texts, p.shards, len(p.todo))
     shard_task = embed_shard_task.with_options(result_storage=results_storage(config))
-    futures = [shard_task.submit(s, p.model, config.decode_workers) for s in p.todo]
+    futures = [shard_task.submit(s, p.model, config.decode_workers, config.decode_pool) for s in p.todo]
     done = collect(futures, Writer(db, config.merge_rows), sum(len(s.rows) for s in p.todo))
     label = f"embed-{run_id()}"
     for name in done.writer.merged:

@@ -81,6 +81,9 @@ class EmbedConfig(StageConfig):
     shard_rows: int = Field(default=4096, ge=1, description="Rows per shard (one Prefect task each).")
     batch_size: int = Field(default=256, ge=1, description="Images or texts per forward pass.")
     decode_workers: int = Field(default=0, ge=0, description="Processes decoding images per worker; 0 = one per core.")
+    decode_pool: Literal["process", "thread"] = Field(
+        default="process", description="Decode images in worker processes, or in threads of the process that feeds "
+        "the GPU (PIL releases the GIL while decoding and resizing; no pixels cross a pipe).")
     concurrent_shards: int = Field(default=2, ge=1, description="Shards in flight per flow (local runner).")
     merge_rows: int = Field(default=65536, ge=1, description="Rows buffered before each merge into Lance.")
     index_min_rows: int = Field(default=100_000, ge=1, description="Build a vector index once a table has this many rows.")
@@ -88,7 +91,10 @@ class EmbedConfig(StageConfig):
     image_roots: dict[str, Path] = Field(
         default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
     )
-    dask_address: str | None = Field(default=None, description="Run shards on this Dask cluster (one worker per GPU).")
+    dask_address: str | None = Field(
+        default=None, description="Run shards on the Dask cluster at this address (one worker per GPU), or `local` "
+        "for a LocalCluster of `dask_workers` processes on this machine (bound to 127.0.0.1).")
+    dask_workers: int = Field(default=1, ge=1, description="Worker processes of a `local` Dask cluster.")
 
     @property
     def results_dir(self) -> Path:

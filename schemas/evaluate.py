@@ -147,6 +147,9 @@ class EvaluateConfig(StageConfig):
 
     # generation
     ollama_host: str | None = Field(default=None, description="Default Ollama host; $OLLAMA_HOST otherwise.")
+    auth_secret_block: str | None = Field(
+        default=None, description="Prefect Secret block holding the Ollama Authorization header value; "
+        "$MMEM_OLLAMA_AUTH otherwise. Only the block's name is kept here.")
     timeout_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, description="Tries per request (5xx, timeouts, dropped connections).")
     shard_size: int = Field(default=256, ge=1, description="Requests per journal shard (the unit of resumption).")

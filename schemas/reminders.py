@@ -72,6 +72,11 @@ class RemindersConfig(StageConfig):
     section: ClassVar[str] = "reminders"
 
     ollama_host: str | None = Field(default=None, description="Ollama server; default: $OLLAMA_HOST or 127.0.0.1:11434.")
+    auth_secret_block: str | None = Field(
+        default=None,
+        description="Name of a Prefect Secret block holding the Ollama Authorization header value, e.g. "
+        "'Bearer <token>' (the name only, never the value); without it, $MMEM_OLLAMA_AUTH; without that, none.",
+    )
     model: str = "gemma3:27b"
     temperature: float = 0.0
     seed: int = 0

@@ -228,14 +228,14 @@ class ShardResult:
 
 
 @lru_cache(maxsize=4)
-def worker_pool(workers: int) -> Executor:
+def worker_pool(workers: int, kind: str = "process") -> Executor:
     """Decoding/tokenizing workers, one pool per process and size, reused by every shard.
 
     Processes (forkserver: no fork of a threaded, CUDA-holding parent) where allowed; threads
     inside a daemonic process such as a Dask worker, where PIL still decodes in parallel
     because it releases the GIL.
     """
-    if mp.current_process().daemon:
+    if kind == "thread" or mp.current_process().daemon:
         return ThreadPoolExecutor(workers, thread_name_prefix="embed-decode")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["training.imagebind"])  # workers fork with torch/PIL already imported
@@ -247,18 +247,18 @@ def resolve_workers(requested: int, jobs: int) -> int:
     return max(1, min(requested or (os.cpu_count() or 2) - 1, jobs))
 
 
-def map_ordered(fn: Callable, jobs: list, workers: int) -> Iterator:
-    """``map(fn, jobs)`` in order, ahead of the consumer in ``workers`` processes (inline if 1)."""
+def map_ordered(fn: Callable, jobs: list, workers: int, kind: str = "process") -> Iterator:
+    """``map(fn, jobs)`` in order, ahead of the consumer in ``workers`` processes or threads (inline if 1)."""
     if workers <= 1 or len(jobs) <= 1:
         return map(fn, jobs)
-    return worker_pool(workers).map(fn, jobs)
+    return worker_pool(workers, kind).map(fn, jobs)
 
 
 FAILURE_REASONS = {"missing": Reason.IMAGE_MISSING, "unreadable": Reason.IMAGE_UNREADABLE,
                    "outside": Reason.IMAGE_OUTSIDE_ROOT}
 
 
-def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> ShardResult:
+def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process") -> ShardResult:
     """Decode, preprocess and embed one shard of images; undecodable ones become rejections."""
     t0 = time.perf_counter()
     rows = shard.rows
@@ -269,7 +269,7 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> Shard
     rejections: list[Rejection] = []
 
     def chunks() -> Iterator[np.ndarray]:
-        for j, (pixels, failed) in enumerate(map_ordered(load_pixels_many, jobs, resolve_workers(workers, len(jobs)))):
+        for j, (pixels, failed) in enumerate(map_ordered(load_pixels_many, jobs, resolve_workers(workers, len(jobs)), pool)):
             for pos, kind, detail in failed:
                 i = j * DECODE_CHUNK + pos
                 ok[i] = False
@@ -318,9 +318,9 @@ def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
 
 
-def embed_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> ShardResult:
+def embed_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process") -> ShardResult:
     if shard.kind == "image":
-        return embed_image_shard(shard, model, workers)
+        return embed_image_shard(shard, model, workers, pool)
     return embed_text_shard(shard, model, workers)
 
 

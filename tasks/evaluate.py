@@ -286,7 +286,7 @@ def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list
     if todo:
         client = RemindersConfig(data_root=config.data_root, ollama_host=model.host, model=model.request_model,
                                  timeout_s=config.timeout_s, max_attempts=config.max_attempts,
-                                 concurrency=config.concurrency)
+                                 concurrency=config.concurrency, auth_secret_block=config.auth_secret_block)
         backend = check_server(client)
         # A shared server's slots are a Prefect global concurrency limit, shared with the reminders
         # stage and other runs; a server this flow started for itself (`serve`) needs none.

@@ -3,7 +3,11 @@
 - ``LLMRequest.request_hash``: the cache key, a hash of model, options and the full messages with
   every image replaced by the SHA-256 of its bytes (so a cached re-run never reads an image).
 - ``LLMClient.check``: before fanning out, the server must answer and have the model; otherwise
-  fail at once with what to run (``ollama pull gemma3:27b`` or where the server is expected).
+  fail at once with what to run (``ollama pull gemma3:27b`` or where the server is expected, or
+  which header it wants: a 401/403 says so).
+- Auth: an ``Authorization`` header resolved when the client is created (``tasks.secrets``: a
+  Prefect Secret block named by the config, else ``$MMEM_OLLAMA_AUTH``); it lives only in the
+  underlying HTTP client, never in a row, a log line or a message.
 - ``LLMClient.chat``: a timeout per try, retries with exponential backoff and jitter (tenacity)
   on 5xx, timeouts and dropped connections; none on a 4xx or a missing model. It never raises for
   a request that merely failed: it returns an ``LLMResult`` whose status says what happened.
@@ -35,6 +39,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from schemas.reminders import LLM_RESPONSES
 from storage.lance import conform, connect, dedupe, open_table, table_exists
+from tasks.secrets import AUTH_ENV, ollama_auth
 
 OK, ERROR, REJECTED = "ok", "error", "rejected"  # llm_responses.status: done / retry later / do not retry
 
@@ -125,11 +130,18 @@ class LLMClient:
     """One host, one model, one retry policy. Use as ``async with LLMClient(...) as c``."""
 
     def __init__(self, host: str, *, timeout_s: float = 300.0, max_attempts: int = 4, backoff_s: float = 1.0,
-                 backoff_max_s: float = 60.0, backend: str | None = None) -> None:
+                 backoff_max_s: float = 60.0, backend: str | None = None, auth_block: str | None = None) -> None:
+        """``auth_block``: the name of a Prefect Secret block holding the ``Authorization`` header
+        value; without one, ``$MMEM_OLLAMA_AUTH``; without that, no header (see ``tasks.secrets``)."""
         self.host, self.timeout_s, self.backend = host, timeout_s, backend
         self.max_attempts, self.backoff_s, self.backoff_max_s = max_attempts, backoff_s, backoff_max_s
+        self.auth_source = f"Prefect Secret block {auth_block!r}" if auth_block else f"${AUTH_ENV}"
+        auth = ollama_auth(auth_block)
+        self.authenticated = auth is not None
+        # the header goes straight into the HTTP client; this object keeps no copy of it
+        headers = {"Authorization": auth.get_secret_value()} if auth is not None else None
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        self._client = ollama.AsyncClient(host=host, timeout=timeout_s, limits=limits)
+        self._client = ollama.AsyncClient(host=host, timeout=timeout_s, limits=limits, headers=headers)
 
     async def __aenter__(self) -> Self:
         return self
@@ -143,6 +155,8 @@ class LLMClient:
         try:
             listed = await asyncio.wait_for(self._client.list(), timeout=min(30.0, self.timeout_s))
         except (ConnectionError, httpx.TransportError, TimeoutError, ollama.ResponseError) as exc:
+            if isinstance(exc, ollama.ResponseError) and exc.status_code in (401, 403):
+                self._refused(exc.status_code)
             raise LLMUnavailable(
                 f"no Ollama server answers at {self.host} ({type(exc).__name__}: {exc}). Start one there "
                 f"(`ollama serve`, then `ollama pull {model}`), or the local stand-in (`mmem llm serve --teacher`),"
@@ -157,6 +171,16 @@ class LLMClient:
         info = await self._client.show(model)
         self.backend = str((info.modelinfo or {}).get("mmem.backend") or "ollama")
         return self.backend
+
+    def _refused(self, status: int) -> None:
+        """401/403: say which header is wanted and where it comes from (never its value)."""
+        sent = (f"the Authorization header from {self.auth_source} was refused" if self.authenticated
+                else "none was sent")
+        raise LLMUnavailable(
+            f"the Ollama server at {self.host} wants an Authorization header (HTTP {status}) and {sent}. Put the "
+            f"header value (e.g. 'Bearer <token>') in a Prefect Secret block and name it in [reminders] "
+            f"auth_secret_block, or export {AUTH_ENV}."
+        ) from None
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -186,6 +210,8 @@ class LLMClient:
         except ollama.ResponseError as exc:
             if exc.status_code == 404:
                 raise LLMUnavailable(f"{exc.error} at {self.host}: run `ollama pull {req.model}` there") from None
+            if exc.status_code in (401, 403):  # a revoked token: stop, rather than quarantine every prompt
+                self._refused(exc.status_code)
             status = ERROR if is_retryable(exc) else REJECTED
             return LLMResult(rh, status, error=f"HTTP {exc.status_code}: {exc.error}", attempts=attempts,
                              latency_s=time.perf_counter() - t0, backend=self.backend)

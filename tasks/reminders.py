@@ -238,7 +238,7 @@ async def run_shard(shard: int, requests: list[LLMRequest], config: RemindersCon
 
         async with LLMClient(config.host, timeout_s=config.timeout_s, max_attempts=config.max_attempts,
                              backoff_s=config.backoff_s, backoff_max_s=config.backoff_max_s,
-                             backend=backend) as client:
+                             backend=backend, auth_block=config.auth_secret_block) as client:
 
             async def worker() -> None:
                 while not queue.empty():
@@ -375,7 +375,8 @@ def export_hf(table: pa.Table, out: Path) -> dict[str, int]:
 
 def check_server(config: RemindersConfig) -> str:
     async def _check() -> str:
-        async with LLMClient(config.host, timeout_s=config.timeout_s) as client:
+        async with LLMClient(config.host, timeout_s=config.timeout_s,
+                             auth_block=config.auth_secret_block) as client:
             return await client.check(config.model)
 
     return asyncio.run(_check())

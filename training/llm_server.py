@@ -16,6 +16,8 @@ query local checkpoints through the same client. So this serves ``/api/chat``, `
 Around any backend: ``latency_s`` and ``parallel`` model a server that serves N generations at
 once with a fixed latency (the client benchmark), and ``Faults`` injects 500s, stalls, dropped
 connections and answers without the tag at seeded rates (the retry tests, the reliability suite).
+``auth`` makes every route require one exact ``Authorization`` header (what an Ollama behind an
+auth proxy wants), answering 401 otherwise without echoing what was sent.
 Binds 127.0.0.1 unless told otherwise. No Prefect here.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -41,7 +44,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
+from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -278,6 +283,8 @@ class ServerState:
     faults: Faults = field(default_factory=Faults)
     seen: Counter = field(default_factory=Counter)
     requests: Counter = field(default_factory=Counter)
+    refused: Counter = field(default_factory=Counter)  # 401s: "missing" / "wrong" header
+    auth: SecretStr | None = field(default=None, repr=False)  # the Authorization header every request needs
     _slots: asyncio.Semaphore | None = None
 
     def slots(self) -> asyncio.Semaphore:
@@ -307,6 +314,27 @@ def _now() -> str:
 def _details(state: ServerState) -> dict:
     return {"parent_model": "", "format": "safetensors", "family": state.backend.family,
             "families": [state.backend.family], "parameter_size": "", "quantization_level": ""}
+
+
+class RequireAuth:
+    """ASGI middleware: a request without exactly the expected ``Authorization`` header gets a 401
+    (compared in constant time; the answer never repeats what was sent)."""
+
+    def __init__(self, app, expected: SecretStr, refused: Counter) -> None:
+        self.app, self._expected, self.refused = app, expected.get_secret_value().encode(), refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(sent, self._expected):
+                self.refused["missing" if not sent else "wrong"] += 1
+                body = orjson.dumps({"error": "unauthorized: this server requires an Authorization header"})
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 def build_app(state: ServerState) -> Starlette:
@@ -386,7 +414,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/api/chat", chat, methods=["POST"]),
         Route("/api/generate", generate, methods=["POST"]),
         Route("/", lambda request: Response("Ollama is running"), methods=["GET", "HEAD"]),
-    ])
+    ], middleware=[Middleware(RequireAuth, expected=state.auth, refused=state.refused)] if state.auth else [])
 
 
 async def _stream(model: str, text: str, stats: dict, chat: bool) -> AsyncIterator[bytes]:
@@ -410,8 +438,10 @@ def make_state(
     latency_s: float = 0.0,
     parallel: int = 1,
     faults: Faults | None = None,
+    auth: str | SecretStr | None = None,
 ) -> ServerState:
-    """A server over a checkpoint (``model``) or the teacher; ``name`` is the served model name."""
+    """A server over a checkpoint (``model``) or the teacher; ``name`` is the served model name;
+    ``auth``: the ``Authorization`` header value (e.g. ``"Bearer <token>"``) every request must carry."""
     if teacher:
         backend: Backend = TeacherBackend()
         served = name or TEACHER_FAMILY
@@ -421,7 +451,7 @@ def make_state(
         backend = HFBackend(model, device=device)
         served = name or Path(model).name
     return ServerState(backend, full_name(served), latency_s=latency_s, parallel=max(1, parallel),
-                       faults=faults or Faults())
+                       faults=faults or Faults(), auth=SecretStr(auth) if isinstance(auth, str) else auth)
 
 
 def banner(state: ServerState, url: str) -> str:
@@ -429,7 +459,8 @@ def banner(state: ServerState, url: str) -> str:
             "it is not a language model" if state.backend.kind == "teacher" else f"checkpoint {state.backend.kind}")
     extra = f"; latency {state.latency_s * 1000:.0f} ms x {state.parallel} at once" if state.latency_s else ""
     faults = f"; FAULTS {state.faults}" if state.faults.active else ""
-    return f"serving '{state.name}' at {url} ({what}{extra}{faults})"
+    auth = "; requires an Authorization header" if state.auth else ""
+    return f"serving '{state.name}' at {url} ({what}{extra}{faults}{auth})"
 
 
 def _uvicorn(state: ServerState, log_level: str):
@@ -438,6 +469,12 @@ def _uvicorn(state: ServerState, log_level: str):
     config = uvicorn.Config(build_app(state), log_level=log_level, lifespan="off", access_log=False,
                             timeout_graceful_shutdown=1, timeout_keep_alive=30)
     return uvicorn.Server(config)
+
+
+def _url(sock: socket.socket) -> str:
+    """The base URL of what ``sock`` is really bound to (not what was asked for)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -451,7 +488,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(state: ServerState, host: str = "127.0.0.1", port: int = 11434, log_level: str = "info") -> None:
     """Serve until interrupted (the ``mmem llm serve`` command)."""
     sock = _bind(host, port)
-    print(banner(state, f"http://{host}:{sock.getsockname()[1]}"), flush=True)
+    print(banner(state, _url(sock)), flush=True)
     _uvicorn(state, log_level).run(sockets=[sock])
 
 
@@ -468,7 +505,7 @@ def running_server(state: ServerState, host: str = "127.0.0.1", port: int = 0,
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the LLM server did not start")
         time.sleep(0.01)
-    url = f"http://{host}:{sock.getsockname()[1]}"
+    url = _url(sock)
     log.info(banner(state, url))
     try:
         yield url
