@@ -57,7 +57,9 @@ def fan_out(config: RemindersConfig, cache: ResponseCache, requests: list[LLMReq
     stats, failed, errors = [], [], {}
     pending, running = deque(range(len(shards))), {}
     log = logger()
-    with concurrency(name, occupy=slots, strict=True):
+    # The shortest lease the server takes: Prefect renews it while this run lives, and a server
+    # revokes it a minute after a kill (a temporary server cannot: see the reliability tests).
+    with concurrency(name, occupy=slots, strict=True, lease_duration=60):
         t0 = time.perf_counter()
         while pending or running:
             while pending and len(running) < window:

@@ -150,7 +150,7 @@ def _image_bytes(kind: str, w: int, h: int, rng: np.random.Generator) -> bytes:
     elif kind == "gray":
         Image.fromarray(arr).convert("L").save(buf, "JPEG")
     elif kind == "png16":
-        Image.fromarray((arr[..., 0].astype(np.uint16) * 257)).save(buf, "PNG")
+        Image.fromarray(arr[..., 0].astype(np.uint16) * 257).save(buf, "PNG")
     elif kind == "png_as_jpg":
         Image.fromarray(arr).save(buf, "PNG")
     elif kind == "garbage":
