@@ -27,27 +27,26 @@ def _result(plan: TrainPlan, art, created: bool) -> dict:
             "metrics": art.manifest["metrics"]}
 
 
-@flow(name="train-sft", log_prints=True)
-def train_sft_flow(config: SftConfig) -> dict:
-    """LoRA-tune Gemma3 on the newest validated ``reminders`` (or the pinned version)."""
-    plan = plan_sft_task(config)
+def _train_unless_up_to_date(plan, train) -> dict:
+    """An artifact trained on the same inputs, config and code is reused, not trained again."""
     if plan.existing is not None:
         logger().info("up to date: %s was trained on the same inputs, config and code", plan.existing.ref)
         art, created = plan.existing, False
     else:
-        art, created = train_sft_task(config, plan), True
+        art, created = train(), True
     announce_task(art, created)
     return _result(plan, art, created)
+
+
+@flow(name="train-sft", log_prints=True)
+def train_sft_flow(config: SftConfig) -> dict:
+    """LoRA-tune Gemma3 on the newest validated ``reminders`` (or the pinned version)."""
+    plan = plan_sft_task(config)
+    return _train_unless_up_to_date(plan, lambda: train_sft_task(config, plan))
 
 
 @flow(name="train-memory-model", log_prints=True)
 def train_memory_flow(config: MemoryTrainConfig) -> dict:
     """Train the Extraction-Memorization model on the stored ImageBind embeddings."""
     plan = plan_memory_task(config)
-    if plan.existing is not None:
-        logger().info("up to date: %s was trained on the same inputs, config and code", plan.existing.ref)
-        art, created = plan.existing, False
-    else:
-        art, created = train_memory_task(config, plan), True
-    announce_task(art, created)
-    return _result(plan, art, created)
+    return _train_unless_up_to_date(plan, lambda: train_memory_task(config, plan))
