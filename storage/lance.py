@@ -8,7 +8,9 @@ that are new or changed, so a re-run on the same input leaves the table's versio
 
 from __future__ import annotations
 
+import fcntl
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +30,36 @@ def table_exists(db: lancedb.DBConnection, name: str) -> bool:
 
 
 def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
-    """Open a registered table, creating it empty with its declared schema the first time."""
-    return db.create_table(name, schema=spec(name).schema, exist_ok=True)
+    """Open a registered table, creating it empty with its declared schema the first time.
+
+    Creation is serialised by a file lock. Without it two processes that both find the table
+    missing both write version 1; Lance rebases the loser's create as an *Overwrite* on top of
+    the winner's commits, which fails the winner's next merge at best and drops its rows at
+    worst (found by ``test_readers_see_whole_commits_only`` on CI).
+    """
+    try:
+        return db.open_table(name)
+    except (ValueError, FileNotFoundError):
+        pass
+    with _creation_lock(db, name):
+        return db.create_table(name, schema=spec(name).schema, exist_ok=True)
+
+
+@contextmanager
+def _creation_lock(db: lancedb.DBConnection, name: str):
+    """An exclusive flock per table beside a local database; object stores go unlocked."""
+    root = Path(db.uri.removeprefix("file://"))
+    if "://" in db.uri and not db.uri.startswith("file://"):
+        yield
+        return
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def conform(rows: pa.Table, table_spec: TableSpec) -> pa.Table:

@@ -63,3 +63,37 @@ def test_readers_see_whole_commits_only(tmp_path):
     assert seen, "the reader never ran"
     assert set(seen) <= committed  # never a half-written batch
     assert len(read(db, "dialogs")) == 8 * batch
+
+
+def test_concurrent_first_opens_create_a_table_once(tmp_path):
+    """Eight threads open a table that does not exist yet, while one of them already writes.
+
+    Unserialised, LanceDB's ``create_table(exist_ok=True)`` lets the losers of the create race
+    commit an Overwrite on top of the winner (about 1 in 3 trials here), erasing what was merged
+    meanwhile or failing the merge; ``open_table`` takes a lock around the creation.
+    """
+    for trial in range(12):
+        uri = tmp_path / f"lance{trial}"
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def first_open(writer: bool):
+            try:
+                db = connect(uri)
+                start.wait()
+                open_table(db, "dialogs")
+                if writer:
+                    merge(db, "dialogs", pa.table({"image_id": [1, 2], "split": ["x"] * 2, "caption": ["c"] * 2,
+                                                   "caption_hash": ["h"] * 2}))
+            except BaseException as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=first_open, args=(i == 0,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        tbl = open_table(connect(uri), "dialogs")
+        assert tbl.version == 2, f"trial {trial}: {tbl.version - 2} extra commits (a create rebased as Overwrite)"
+        assert len(read(connect(uri), "dialogs")) == 2
