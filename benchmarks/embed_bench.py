@@ -130,7 +130,7 @@ def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
     jobs = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     out = {}
     for kind in ("process", "thread"):
-        workers = resolve_workers(cfg.decode_workers, len(jobs))
+        workers = resolve_workers(cfg.decode_workers)
         list(map_ordered(load_pixels_many, jobs[:workers], workers, kind))  # start the pool
         t = time.perf_counter()
         n = sum(len(px) for px, _ in map_ordered(load_pixels_many, jobs, workers, kind))
@@ -262,8 +262,11 @@ def main() -> None:
         "images": c["images"], "turns": n_turns, "distinct_texts": c["texts"],
         "stage_wall_s": round(stage["wall_s"], 2), "stage_images_per_s": round(c["images"] / stage["wall_s"], 1),
         "stage_samples_per_s": round(ours_rate, 1), "lance_merge_s": c["merge_seconds"], "index": c["index"],
+        # summed over the shards in flight at once (so it can exceed the wall time)
+        "stage_input_wait_s": {k: c.get(f"{k}_input_wait_s") for k in ("image", "text")},
+        "stage_forward_s": {k: c.get(f"{k}_forward_s") for k in ("image", "text")},
         "rerun_nothing_changed_s": round(stage["rerun_s"], 2), "rerun_shards_run": stage["rerun_computed"],
-        "decode_images_per_s": decode, "decode_workers": resolve_workers(cfg.decode_workers, 1 << 20),
+        "decode_images_per_s": decode, "decode_workers": resolve_workers(cfg.decode_workers),
         "model_images_per_s": round(model["vision"]["per_s"], 1), "model_texts_per_s": round(model["text"]["per_s"], 1),
         "gflop_per_image": sig(gflop["vision"]), "gflop_per_text": sig(gflop["text"]),
         "model_tflops_vision": sig(model["vision"]["tflops"]), "model_tflops_text": sig(model["text"]["tflops"]),

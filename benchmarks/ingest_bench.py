@@ -21,9 +21,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.ingest import IngestConfig  # noqa: E402
-from tasks.demo_data import write_split  # noqa: E402
-from tasks.ingest import clean, write  # noqa: E402
+from schemas.ingest import IngestConfig
+from tasks.demo_data import write_split
+from tasks.ingest import clean, write
 
 
 def peak_rss_gib() -> float:

@@ -38,4 +38,4 @@ if __name__ == "__main__":
     app()
 
 
-__all__ = ["app", "Path"]
+__all__ = ["Path", "app"]

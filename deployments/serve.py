@@ -15,12 +15,12 @@ from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 
+from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
 from flows.embed import embed_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.pipeline import pipeline_flow
 from flows.reminders import reminders_flow
-from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
 from flows.train import train_memory_flow, train_sft_flow
 from schemas.pipeline import PipelineConfig
 
@@ -29,7 +29,7 @@ EXAMPLE_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
 
 def build_deployments(profile: Path | None = None, data_root: Path | None = None) -> list[RunnerDeployment]:
     cfg = PipelineConfig.load(profile, data_root=data_root)
-    params = lambda c: {"config": c.model_dump(mode="json")}  # noqa: E731
+    params = lambda c: {"config": c.model_dump(mode="json")}
     deployments = [
         pipeline_flow.to_deployment(
             name="pipeline", parameters=params(cfg), tags=["mmem"],

@@ -13,7 +13,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from schemas.embed import EmbedConfig
 from storage.lance import connect, tag
 from storage.quarantine import quarantine
-from tasks.embed import Writer, collect, embed_shard_task, index_task, plan, results_storage, summary
+from tasks.embed import (
+    Writer,
+    collect,
+    embed_shard_task,
+    index_task,
+    plan,
+    prestart,
+    results_storage,
+    summary,
+)
 from tasks.runtime import logger, publish_table, run_id
 
 
@@ -33,6 +42,7 @@ def task_runner(config: EmbedConfig):
 @flow(name="embed-shards", log_prints=True)
 def embed_shards_flow(config: EmbedConfig) -> dict:
     """Plan the shards, run those not in the tables yet (cached ones are not recomputed), merge."""
+    prestart(config)
     db = connect(config.lance_uri)
     p = plan(db, config)
     logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",

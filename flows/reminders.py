@@ -6,7 +6,9 @@ flow runs together never exceed what the server serves. The flow holds them once
 shard or a request at a time because each acquisition is a round trip to the Prefect API (about
 0.15 s here, and a blocked acquirer sleeps for the limit's average occupancy before asking
 again). Inside, at most two shards run at once, splitting the slots between them, so one
-shard's tail overlaps the next one's start.
+shard's tail overlaps the next one's start. The slots are held through ``tasks.llm_slots``,
+which records the lease on disk so that the next run gives back the slots of a killed run
+(Prefect's own context manager would leave them taken).
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ from collections import deque
 from dataclasses import replace
 
 from prefect import flow
-from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 
 from schemas.reminders import RemindersConfig
 from tasks.llm_client import LLMRequest, ResponseCache
+from tasks.llm_slots import hold_slots
 from tasks.reminders import (
     Outcome,
     ShardFailed,
     ShardStats,
     check_server_task,
     ensure_limit_task,
+    free_dead_slots_task,
     generate_shard_task,
     lookup_task,
     merge_journal_task,
@@ -36,6 +39,7 @@ from tasks.reminders import (
     repair_request,
     run_summary,
     shard_errors,
+    slots_dir,
     sort_out,
     validate_task,
     write_task,
@@ -57,9 +61,9 @@ def fan_out(config: RemindersConfig, cache: ResponseCache, requests: list[LLMReq
     stats, failed, errors = [], [], {}
     pending, running = deque(range(len(shards))), {}
     log = logger()
-    # The shortest lease the server takes: Prefect renews it while this run lives, and a server
-    # revokes it a minute after a kill (a temporary server cannot: see the reliability tests).
-    with concurrency(name, occupy=slots, strict=True, lease_duration=60):
+    # A one-minute lease, renewed while this run lives; a killed run's slots are given back by
+    # the next run on this data root (tasks.llm_slots), whatever server granted them.
+    with hold_slots(slots_dir(config), name, slots):
         t0 = time.perf_counter()
         while pending or running:
             while pending and len(running) < window:
@@ -97,6 +101,7 @@ def reminders_flow(config: RemindersConfig) -> dict:
     run = run_id()
     cache = ResponseCache(config.lance_uri, config.cache_dir / "llm_journal")
     recovered = recover_task(cache)
+    free_dead_slots_task(config)
     prompts, plan_rejections = plan_task(config)
     hashes = [p.request.request_hash for p in prompts]
     answers = lookup_task(cache, quote(hashes))

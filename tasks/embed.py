@@ -14,10 +14,12 @@ thread queues bf16 forwards, one copy back per shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -39,20 +41,22 @@ from storage.index import ensure_vector_index
 from storage.lance import MergeResult, connect, merge, read, table_exists
 from storage.quarantine import reason_counts
 from tasks.images import resolve_inside
-from tasks.runtime import Progress
+from tasks.runtime import Progress, logger
 from training.imagebind import (
     PREPROCESS_VERSION,
     Embedder,
+    StreamStats,
     cached_embedder,
     load_pixels_many,
     model_fingerprint,
     tokenize,
+    warm_preprocessing,
 )
 
 Kind = Literal["image", "text"]
 OUTPUT = {"image": IMAGE_EMBEDDINGS.name, "text": TEXT_EMBEDDINGS.name}
 # Bump when ShardResult's layout changes: results persisted by older code must not be served from cache.
-RESULT_VERSION = 2
+RESULT_VERSION = 3
 DECODE_CHUNK = 32  # images per job sent to a decoding process
 TOKENIZE_CHUNK = 512
 
@@ -220,6 +224,7 @@ class ShardResult:
     rows: pa.Table  # conforming to the output table's schema
     rejections: list[Rejection]
     seconds: float
+    stream: StreamStats = field(default_factory=StreamStats)  # input wait vs forward time
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # who computed it
 
     @property
@@ -227,24 +232,60 @@ class ShardResult:
         return OUTPUT[self.kind]
 
 
-@lru_cache(maxsize=4)
+_POOL_LOCK = threading.Lock()
+
+
 def worker_pool(workers: int, kind: str = "process") -> Executor:
-    """Decoding/tokenizing workers, one pool per process and size, reused by every shard.
+    """The process's decoding pool of this size and kind (made once, also when shards ask at once)."""
+    with _POOL_LOCK:
+        return _new_pool(workers, kind)
+
+
+@lru_cache(maxsize=4)
+def _new_pool(workers: int, kind: str) -> Executor:
+    """Decoding/tokenizing workers, one pool per process, size and kind, reused by every shard
+    (its size never depends on a shard's length: each new size would start new processes).
 
     Processes (forkserver: no fork of a threaded, CUDA-holding parent) where allowed; threads
     inside a daemonic process such as a Dask worker, where PIL still decodes in parallel
-    because it releases the GIL.
+    because it releases the GIL. Process workers are warmed at once, all together: each loads
+    ImageBind's tokenizer (imports pytorchvideo, reads the BPE vocabulary) before any shard waits on it.
     """
     if kind == "thread" or mp.current_process().daemon:
         return ThreadPoolExecutor(workers, thread_name_prefix="embed-decode")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["training.imagebind"])  # workers fork with torch/PIL already imported
-    return ProcessPoolExecutor(workers, mp_context=ctx)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=warm_preprocessing)
+    for _ in range(workers):  # starts every process now, not one by one as shards queue jobs
+        pool.submit(int)
+    return pool
 
 
-def resolve_workers(requested: int, jobs: int) -> int:
-    """``requested`` processes (0: all cores but the one that feeds the GPU), no more than jobs."""
-    return max(1, min(requested or (os.cpu_count() or 2) - 1, jobs))
+def prestart(config: EmbedConfig) -> None:
+    """Start the decoding processes and load the model in the background while the flow plans.
+
+    Otherwise the first shards pay both, one after the other (on one H100: 19 s to start 15
+    forkserver workers, each re-importing the main module and the tokenizer, then 9 s to build
+    ImageBind-Huge). A failure here is ignored: the shard that needs the model raises it again.
+    Shards on Dask workers start their own.
+    """
+    if config.dask_address:
+        return
+    model = ModelArgs.from_config(config)
+
+    def start() -> None:
+        workers = resolve_workers(config.decode_workers)
+        if workers > 1:
+            worker_pool(workers, config.decode_pool)  # returns at once; the processes warm up meanwhile
+        with contextlib.suppress(Exception):
+            model.load()
+
+    threading.Thread(target=start, name="embed-prestart", daemon=True).start()
+
+
+def resolve_workers(requested: int) -> int:
+    """``requested`` processes (0: all cores but the one that feeds the GPU)."""
+    return max(1, requested or (os.cpu_count() or 2) - 1)
 
 
 def map_ordered(fn: Callable, jobs: list, workers: int, kind: str = "process") -> Iterator:
@@ -269,7 +310,7 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
     rejections: list[Rejection] = []
 
     def chunks() -> Iterator[np.ndarray]:
-        for j, (pixels, failed) in enumerate(map_ordered(load_pixels_many, jobs, resolve_workers(workers, len(jobs)), pool)):
+        for j, (pixels, failed) in enumerate(map_ordered(load_pixels_many, jobs, resolve_workers(workers), pool)):
             for pos, kind, detail in failed:
                 i = j * DECODE_CHUNK + pos
                 ok[i] = False
@@ -278,7 +319,8 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
             yield pixels
 
     embedder = model.load()
-    vectors = embedder.embed_stream("vision", chunks())
+    stream = StreamStats()
+    vectors = embedder.embed_stream("vision", chunks(), stream)
     kept = rows.filter(pa.array(ok))
     out = pa.table({
         "image_id": kept.column("image_id"),
@@ -287,7 +329,7 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
         "preprocess": pa.array([PREPROCESS_VERSION] * len(kept), pa.string()),
         "image_sha256": kept.column("image_sha256"),
     })
-    return ShardResult("image", shard.index, shard.key, out, rejections, time.perf_counter() - t0)
+    return ShardResult("image", shard.index, shard.key, out, rejections, time.perf_counter() - t0, stream)
 
 
 def _full_path(root: str, rel: str) -> str | None:
@@ -301,7 +343,8 @@ def embed_text_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> ShardR
     texts = shard.rows.column("text").to_pylist()
     jobs = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
     embedder = model.load()
-    vectors = embedder.embed_stream("text", map_ordered(tokenize, jobs, resolve_workers(workers, len(jobs))))
+    stream = StreamStats()
+    vectors = embedder.embed_stream("text", map_ordered(tokenize, jobs, resolve_workers(workers)), stream)
     out = pa.table({
         "text_hash": shard.rows.column("text_hash"),
         "text": shard.rows.column("text"),
@@ -309,7 +352,7 @@ def embed_text_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> ShardR
         "model": pa.array([embedder.fingerprint] * len(texts), pa.string()),
         "preprocess": pa.array([PREPROCESS_VERSION] * len(texts), pa.string()),
     })
-    return ShardResult("text", shard.index, shard.key, out, [], time.perf_counter() - t0)
+    return ShardResult("text", shard.index, shard.key, out, [], time.perf_counter() - t0, stream)
 
 
 def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -381,12 +424,24 @@ def plan(db, config: EmbedConfig) -> Plan:
     fingerprint = model.fingerprint
     items = {"image": image_items(db, config), "text": text_items(db, config)}
     check_roots(items["image"])
-    shards, todo = 0, []
+    shards, todo = 0, {}
     for kind, rows in items.items():
         planned = plan_shards(kind, rows, config.shard_rows, fingerprint)
         shards += len(planned)
-        todo += pending_shards(planned, current_mask(db, kind, rows, fingerprint))
-    return Plan(model, fingerprint, len(items["image"]), len(items["text"]), shards, todo)
+        todo[kind] = pending_shards(planned, current_mask(db, kind, rows, fingerprint))
+    return Plan(model, fingerprint, len(items["image"]), len(items["text"]), shards,
+                interleave(todo["image"], todo["text"]))
+
+
+def interleave(a: list[Shard], b: list[Shard]) -> list[Shard]:
+    """Both lists, each in order, ``b`` spread evenly through ``a``. Image shards wait on CPU
+    decoding and text shards mostly on the model, so running them side by side keeps the device
+    busy while images decode (instead of all images, then all texts)."""
+    if not a or not b:
+        return a + b
+    slots = sorted([((i + 0.5) / len(a), 0, s) for i, s in enumerate(a)] +
+                   [((j + 0.5) / len(b), 1, s) for j, s in enumerate(b)], key=lambda t: (t[0], t[1]))
+    return [s for *_, s in slots]
 
 
 @dataclass
@@ -396,6 +451,14 @@ class Collected:
     computed: int = 0
     cached: int = 0
     workers: set[str] = field(default_factory=set)
+    streams: dict[str, StreamStats] = field(default_factory=dict)  # per kind, computed shards only
+
+
+def log_shard(res: ShardResult) -> None:
+    """One line per computed shard: a shard that mostly waited on its input is decode-bound."""
+    st = res.stream
+    logger().info("%s shard %d: %d rows in %.1f s on %s (waited %.1f s for input, forwards %.1f s)",
+                  res.kind, res.index, st.samples, res.seconds, res.worker, st.input_wait_s, st.forward_s)
 
 
 def collect(futures: list, writer: Writer, total_rows: int) -> Collected:
@@ -411,6 +474,11 @@ def collect(futures: list, writer: Writer, total_rows: int) -> Collected:
             else:
                 out.computed += 1
                 out.workers.add(res.worker)
+                log_shard(res)
+                total = out.streams.setdefault(res.kind, StreamStats())
+                total.samples += res.stream.samples
+                total.input_wait_s += res.stream.input_wait_s
+                total.forward_s += res.stream.forward_s
             writer.add(res)
             out.rejections += res.rejections
             bar(len(res.rows) + len(res.rejections))
@@ -427,6 +495,8 @@ def summary(p: Plan, c: Collected) -> dict:
         **{f"{name}_inserted": w.inserted.get(name, 0) for name in OUTPUT.values()},
         **{f"{name}_updated": w.updated.get(name, 0) for name in OUTPUT.values()},
         "merge_seconds": round(w.seconds, 3),
+        **{f"{kind}_{k}": round(v, 2) for kind, st in c.streams.items()
+           for k, v in (("input_wait_s", st.input_wait_s), ("forward_s", st.forward_s))},
         "quarantined": len(c.rejections),
         **{f"quarantined_{k}": v for k, v in reason_counts(c.rejections).items()},
     }

@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
-from prefect.concurrency.sync import concurrency
 
 from evaluation import metrics as M
 from evaluation import ranking as R
@@ -40,12 +39,14 @@ from storage.artifacts import ArtifactError, ArtifactStore, file_hashes, fingerp
 from storage.lance import connect, merge, open_table, read, table_exists
 from storage.quarantine import quarantine
 from tasks.llm_client import OK, ImageRef, Journal, LLMRequest, LLMResult, ResponseCache
+from tasks.llm_slots import hold_slots
 from tasks.reminders import (
     check_server,
     conversation_text,
     ensure_limit,
     parse_response,
     run_shard,
+    slots_dir,
     system_prompt,
 )
 from tasks.runtime import Progress, logger
@@ -291,7 +292,7 @@ def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list
         # A shared server's slots are a Prefect global concurrency limit, shared with the reminders
         # stage and other runs; a server this flow started for itself (`serve`) needs none.
         name, slots = ensure_limit(client) if not model.private else (None, config.concurrency)
-        with concurrency(name, occupy=slots, strict=True) if name else contextlib.nullcontext(), \
+        with hold_slots(slots_dir(client), name, slots) if name else contextlib.nullcontext(), \
                 Progress(len(todo), f"{label}: generate") as bar:
             for i in range(0, len(todo), config.shard_size):
                 shard = todo[i : i + config.shard_size]

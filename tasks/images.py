@@ -7,9 +7,9 @@ decoding and hashing 82k JPEGs is CPU-bound.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import hashlib
 import io
+import multiprocessing
 import os
 import re
 import warnings

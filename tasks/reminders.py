@@ -50,6 +50,7 @@ from tasks.llm_client import (
     LLMRequest,
     ResponseCache,
 )
+from tasks.llm_slots import free_dead
 from tasks.runtime import Progress, logger
 from tasks.validate import ValidationReport, validate
 
@@ -439,12 +440,23 @@ def recover_journals(cache: ResponseCache) -> int:
     return cache.recover()
 
 
+def slots_dir(config: RemindersConfig) -> Path:
+    """Where runs on this data root record the LLM host's concurrency slots they hold."""
+    return config.cache_dir / "llm_slots"
+
+
+def free_dead_slots(config: RemindersConfig) -> int:
+    """Give back the concurrency slots that killed runs still hold (see ``tasks.llm_slots``)."""
+    return free_dead(slots_dir(config))
+
+
 plan_task = task(plan, name="plan-reminder-prompts", cache_policy=NO_CACHE)
 check_server_task = task(check_server, name="check-ollama-server", cache_policy=NO_CACHE)
 generate_shard_task = task(generate_shard, name="generate-shard", cache_policy=NO_CACHE)
 merge_journal_task = task(merge_journal, name="cache-llm-responses", cache_policy=NO_CACHE, retries=2,
                           retry_delay_seconds=1)
 recover_task = task(recover_journals, name="recover-llm-journals", cache_policy=NO_CACHE)
+free_dead_slots_task = task(free_dead_slots, name="free-dead-runs-llm-slots", cache_policy=NO_CACHE)
 ensure_limit_task = task(ensure_limit, name="ensure-ollama-concurrency-limit", cache_policy=NO_CACHE)
 lookup_task = task(lookup, name="lookup-llm-cache", cache_policy=NO_CACHE)
 validate_task = task(validate_rows, name="validate-reminders", cache_policy=NO_CACHE)

@@ -167,8 +167,13 @@ def plan_memory(config: MemoryTrainConfig) -> TrainPlan:
 def run_memory(config: MemoryTrainConfig, plan: TrainPlan) -> ArtifactVersion:
     """Train the memory model (resuming from the plan's checkpoints) and publish it as a version."""
     from training.memory_loop import train_memory
-    from training.memory_model import build_memory_data, build_memory_model, read_memory_inputs, resolve_device, \
-        save_memory_model
+    from training.memory_model import (
+        build_memory_data,
+        build_memory_model,
+        read_memory_inputs,
+        resolve_device,
+        save_memory_model,
+    )
 
     log = logger()
     device = resolve_device(config.device)

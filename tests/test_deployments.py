@@ -59,7 +59,7 @@ def test_a_served_deployment_runs_through_the_server(tmp_path, demo_dir):
         while flow_run is None:
             try:
                 flow_run = run_deployment("ingest/ingest", timeout=240)
-            except Exception:  # noqa: BLE001 - not registered yet: the serve process is still importing
+            except Exception:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(3)

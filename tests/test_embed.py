@@ -95,6 +95,23 @@ def test_tiny_model_is_imagebind_shrunk_deterministic_and_normalised(demo_dir, t
     assert a.embed_texts([]).shape == (0, 1024)
 
 
+@torch.inference_mode()
+def test_batch_first_attention_computes_what_imagebinds_own_does(demo_dir, tmp_path):
+    from training.attention import BatchFirstAttention, make_batch_first
+
+    original, patched = build_random("imagebind_tiny", seed=3), make_batch_first(build_random("imagebind_tiny", seed=3))
+    for modality in ("vision", "text"):
+        assert all(isinstance(b.attn, BatchFirstAttention) for b in patched.modality_trunks[modality].blocks)
+    assert not isinstance(patched.modality_trunks["audio"].blocks[0].attn, BatchFirstAttention)  # has k/v biases
+    pixels = np.stack([load_pixels(p) for p in some_images(demo_dir, tmp_path)])
+    inputs = {"vision": normalise_pixels(torch.from_numpy(pixels)),
+              "text": torch.from_numpy(tokenize(["Q: is it red? A: yes", "Q: how many? A: three dogs"])).long()}
+    for modality, x in inputs.items():
+        want, got = original.eval()({modality: x})[modality], patched.eval()({modality: x})[modality]
+        assert not torch.allclose(want[0], want[1])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_missing_or_mismatching_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_embedder(tmp_path / "imagebind_huge.pth")

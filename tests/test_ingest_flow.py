@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+
 from flows.ingest import ingest_flow
 from schemas.ingest import IngestConfig
 from storage.lance import connect, read
@@ -94,9 +95,10 @@ def test_missing_image_folder_is_a_clear_error(tmp_path, demo_dir):
 
 
 def test_validation_gate_fails_with_report():
+    import pyarrow as pa
+
     from schemas.expectations import dialogs_suite
     from tasks.validate import validate
-    import pyarrow as pa
 
     report = validate(pa.table({"image_id": [1, 1], "caption": ["a", "b"]}), dialogs_suite(), table_name="dialogs")
     with pytest.raises(ValidationFailed, match="expect_column_values_to_be_unique"):

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,6 +32,7 @@ import torch
 from PIL import Image
 
 from schemas.embed import EMBED_DIM
+from training.attention import make_batch_first
 from training.compat import import_imagebind
 
 # Bump when anything below changes what a given input embeds to (it is part of every cache key).
@@ -123,6 +125,13 @@ def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
+def warm_preprocessing() -> None:
+    """Load what the CPU half of preprocessing needs (transforms; the tokenizer, which imports
+    ImageBind and reads its BPE vocabulary: seconds), e.g. when a worker process starts."""
+    _vision_resize_crop()
+    tokenizer()
+
+
 _TOKENIZER_LOCK = threading.Lock()
 
 
@@ -157,6 +166,12 @@ def model_class():
     return ImageBindModel
 
 
+# Building a model draws from torch's global RNG, and skipping initialisation patches torch.nn.init
+# globally: two threads building at once (the flow's pre-start beside a fingerprint) would draw
+# each other's numbers. Builds take turns.
+_BUILD_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _skip_weight_init() -> Iterator[None]:
     """Build without drawing random weights that a checkpoint overwrites anyway (30 s -> 1 s for Huge).
@@ -167,6 +182,7 @@ def _skip_weight_init() -> Iterator[None]:
     init = torch.nn.init
     names = ["uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
              "kaiming_uniform_", "kaiming_normal_", "constant_", "zeros_", "ones_"]
+    _BUILD_LOCK.acquire()  # before reading the functions: another thread may have them patched
     saved = {n: getattr(init, n) for n in names}
     try:
         for n in names:
@@ -175,12 +191,13 @@ def _skip_weight_init() -> Iterator[None]:
     finally:
         for n, f in saved.items():
             setattr(init, n, f)
+        _BUILD_LOCK.release()
 
 
 def build_random(arch: str, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A model of ``arch`` with random weights that depend only on ``seed`` (on CPU) and the code."""
     cls = model_class()
-    with torch.random.fork_rng(devices=[]):
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
             return cls(**ARCHS[arch])
@@ -328,30 +345,62 @@ class Embedder:
         return self.embed_stream("vision", [pixels])
 
     @torch.inference_mode()
-    def embed_stream(self, modality: str, chunks: Iterable[np.ndarray | torch.Tensor]) -> np.ndarray:
+    def embed_stream(self, modality: str, chunks: Iterable[np.ndarray | torch.Tensor],
+                     stats: StreamStats | None = None) -> np.ndarray:
         """Embed a stream of host chunks (token ids, or uint8 pixels), re-batched to ``batch_size``.
 
         Results stay on the device until the stream ends: on CUDA the host keeps queueing copies
         and kernels while the GPU works (the only sync is the final copy back), and a producer
-        (decoding processes) feeding ``chunks`` runs in parallel with both.
+        (decoding processes) feeding ``chunks`` runs in parallel with both. ``stats`` receives
+        where the time went: waiting for the producer, or forwards on the device.
         """
+        stats = stats if stats is not None else StreamStats()
+        cuda = self.device.type == "cuda"
         outs: list[torch.Tensor] = []
-        for batch in _rebatch(chunks, self.batch_size):
+        events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        batches = _rebatch(chunks, self.batch_size)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            stats.input_wait_s += time.perf_counter() - t0
+            if batch is None:
+                break
             x = torch.as_tensor(batch)
             n = len(x)
             if self.pad_batches and n < self.batch_size:
                 x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
-            if self.device.type == "cuda":
+            if cuda:
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
             x = x.long() if modality == "text" else normalise_pixels(x).to(self.dtype)
+            t0 = time.perf_counter()
             with self._lock:  # Dask/Prefect worker threads share one model: one forward at a time
+                if cuda:  # recorded under the lock: only this forward's kernels lie between the two
+                    events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                    events[-1][0].record()
                 y = self.model({modality: x})[modality]
+                if cuda:
+                    events[-1][1].record()
+            stats.forward_s += time.perf_counter() - t0
+            stats.samples += n
             # the text head multiplies by a logit scale, and bf16 loses the unit norm: renormalise in fp32
             outs.append(torch.nn.functional.normalize(y[:n].float(), dim=-1))
         if not outs:
             return np.zeros((0, EMBED_DIM), dtype=np.float32)
-        return torch.cat(outs).cpu().numpy()
+        out = torch.cat(outs).cpu().numpy()
+        if cuda:
+            stats.forward_s = sum(a.elapsed_time(b) for a, b in events) / 1e3  # device time, now that it is known
+        return out
+
+
+@dataclass
+class StreamStats:
+    """Where a stream's time went (seconds): blocked on its input, and running forwards
+    (device time on CUDA, host time elsewhere). A stream that mostly waits is input-bound."""
+
+    samples: int = 0
+    input_wait_s: float = 0.0
+    forward_s: float = 0.0
 
 
 def _rebatch(chunks: Iterable[np.ndarray | torch.Tensor], size: int) -> Iterator[np.ndarray | torch.Tensor]:
@@ -398,7 +447,8 @@ def load_embedder(
         fingerprint = model_fingerprint(checkpoint, tiny=tiny, seed=seed, random_weights=random_weights)
         # random Huge (benchmarks) is drawn on the device: seconds instead of half a minute on CPU
         model = load_checkpoint(checkpoint, arch) if checkpoint is not None else build_random(arch, seed, dev)
-    model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    # after the fingerprint and any checkpoint load: the rewrite renames the attention parameters
+    model = make_batch_first(model.to(device=dev, dtype=dtype).eval().requires_grad_(False))
     bs = batch_size or (256 if dev.type == "cuda" else 32)
     if compile:
         model = torch.compile(model, dynamic=False)

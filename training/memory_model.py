@@ -263,8 +263,8 @@ def load_llm(path: Path, device: torch.device, *, load_in_4bit: bool = False, dt
         if device.type != "cuda":
             raise ValueError("load_in_4bit needs CUDA (bitsandbytes); set load_in_4bit=false on this machine")
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError as exc:
             raise ImportError("load_in_4bit needs bitsandbytes: pip install -e '.[gpu]'") from exc
         kwargs["quantization_config"] = BitsAndBytesConfig(

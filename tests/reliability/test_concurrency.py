@@ -77,7 +77,7 @@ def test_concurrent_first_opens_create_a_table_once(tmp_path):
         start = threading.Barrier(8)
         errors: list[BaseException] = []
 
-        def first_open(writer: bool):
+        def first_open(writer: bool, uri=uri, start=start, errors=errors):
             try:
                 db = connect(uri)
                 start.wait()

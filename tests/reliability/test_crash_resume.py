@@ -14,6 +14,7 @@ survives the kills.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -210,15 +211,20 @@ def test_embed_killed_at_a_random_point_resumes_to_the_uninterrupted_tables(seed
 
 @pytest.fixture(scope="module")
 def llm():
-    """The teacher server, recording the conversation of every request it receives (in order)."""
+    """The teacher server, recording the conversation of every request it receives (in order).
+    Clearing ``gate`` holds every request after it is recorded, so a run stays in its fan-out."""
     from training.llm_server import TeacherBackend, make_state, running_server
 
     class Recording(TeacherBackend):
         def __init__(self) -> None:
             self.asked: list[str] = []
+            self.gate = threading.Event()
+            self.gate.set()
 
         async def generate(self, messages, options):
             self.asked.append(messages[-1]["content"])
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
             return await super().generate(messages, options)
 
     state = make_state(teacher=True, latency_s=0.05, parallel=CONCURRENCY)
@@ -242,17 +248,20 @@ def asked_since(backend, start: int, settle: float = 0.3) -> list[str]:
     return backend.asked[start:]
 
 
-def free_slots_of_killed_run(url: str) -> None:
-    """WORKAROUND, see test_a_killed_run_does_not_block_its_resume_on_llm_slots: the killed run
-    still holds the host's Prefect concurrency slots (a 300 s lease that this ephemeral test
-    server never revokes), so its resume would wait for them. Free them as an operator would."""
+def active_slots(url: str) -> int:
+    """Slots of the host's Prefect concurrency limit taken now."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
     from tasks.reminders import limit_name
 
     with get_client(sync_client=True) as client:
-        client.update_global_concurrency_limit(limit_name(url), GlobalConcurrencyLimitUpdate(active_slots=0))
+        return client.read_global_concurrency_limit_by_name(limit_name(url)).active_slots
+
+
+def slot_records(cfg) -> list[Path]:
+    from tasks.reminders import slots_dir
+
+    return sorted(slots_dir(cfg).glob("*.slots"))
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +324,7 @@ def test_reminders_killed_at_a_random_point_resumes_without_asking_again(seed, r
                                                      rng.randint(1, ref["prompts"] // 2), rng.uniform(0, 0.05))]
     stored = stored_answers(cfg)
     assert stored <= set(hash_of.values()) and len(stored) < ref["prompts"], "nothing left to resume"
-    free_slots_of_killed_run(url)
+    assert active_slots(url) == CONCURRENCY and len(slot_records(cfg)) == 1  # the killed run's
 
     start = len(backend.asked)
     out = reminders_flow(cfg)
@@ -337,28 +346,122 @@ def test_reminders_killed_at_a_random_point_resumes_without_asking_again(seed, r
         assert responses.column(col).to_pylist() == ref_responses.column(col).to_pylist(), col
     assert read(db, "quarantine", where="stage = 'reminders'").num_rows == 0
     assert not list((cfg.cache_dir / "llm_journal").glob("*.jsonl"))  # every journal merged
+    assert active_slots(url) == 0 and not slot_records(cfg)  # the killed run's slots given back, and its own
 
 
-@pytest.mark.xfail(strict=True, reason="BUG flows/reminders.py: a SIGKILLed run keeps the host's Prefect "
-                   "concurrency slots (300 s lease, never revoked by an ephemeral server): the resume waits")
 def test_a_killed_run_does_not_block_its_resume_on_llm_slots(runner, llm, reminders_reference, ingested_root,
                                                              tmp_path):
     """A run killed while it holds the Ollama host's slots (a Prefect global concurrency limit taken
-    for the whole fan-out) must not stall the run that resumes it. Today the slots stay taken until
-    their 300 s lease expires, which an ephemeral Prefect server (tests, `mmem` without a server)
-    never notices, so the resume waits forever. Fails (xfail) until flows/reminders.py frees them."""
+    for the whole fan-out) must not stall the run that resumes it: nothing on this temporary test
+    server ever revokes the killed run's lease, so only the resume can give its slots back."""
+    from schemas.reminders import RemindersConfig
+
     url, _ = llm
     root = copy_root(ingested_root, tmp_path / "root")
+    cfg = RemindersConfig(**reminders_config(root, url))
+    kill_reminders_run(runner, llm, root, tmp_path / "killed.log", after=2, delay=0.0)
+    assert active_slots(url) == CONCURRENCY and len(slot_records(cfg)) == 1
+    log = tmp_path / "resume.log"
+    pid = runner.start("reminders", reminders_config(root, url), log)
     try:
-        kill_reminders_run(runner, llm, root, tmp_path / "killed.log", after=2, delay=0.0)
-        log = tmp_path / "resume.log"
+        end = runner.lines.get(timeout=20)  # an uninterrupted run here takes ~6 s
+    except queue.Empty:
+        os.kill(pid, signal.SIGKILL)
+        runner.expect_killed(pid, log)
+        pytest.fail("the resumed run still waits for the killed run's concurrency slots after 20 s")
+    assert end == {"pid": pid, "exit": 0, "signal": None}, tail(log)
+    assert active_slots(url) == 0 and not slot_records(cfg)
+
+
+def test_a_live_runs_slots_are_never_freed_by_another_run(runner, llm, reminders_reference, ingested_root,
+                                                          tmp_path):
+    """Two runs on one data root at once: what a second run does first (give back the slots of
+    dead runs) leaves the slots of the first, alive and mid-fan-out, alone; the first gives them
+    back itself when it ends."""
+    from schemas.reminders import RemindersConfig
+    from tasks.reminders import free_dead_slots
+
+    url, backend = llm
+    root = copy_root(ingested_root, tmp_path / "root")
+    cfg = RemindersConfig(**reminders_config(root, url))
+    log = tmp_path / "live.log"
+    start = len(backend.asked)
+    backend.gate.clear()  # the live run's requests wait, so it holds its slots until the gate opens
+    try:
         pid = runner.start("reminders", reminders_config(root, url), log)
-        try:
-            end = runner.lines.get(timeout=20)  # an uninterrupted run here takes ~6 s
-        except queue.Empty:
-            os.kill(pid, signal.SIGKILL)
-            runner.expect_killed(pid, log)
-            pytest.fail("the resumed run still waits for the killed run's concurrency slots after 20 s")
-        assert end == {"pid": pid, "exit": 0, "signal": None}, tail(log)
+        deadline = time.monotonic() + 60
+        while len(backend.asked) == start:
+            assert runner.lines.empty(), f"the run ended before its first request:\n{tail(log)}"
+            assert time.monotonic() < deadline, tail(log)
+            time.sleep(0.01)
+        assert active_slots(url) == CONCURRENCY and len(slot_records(cfg)) == 1
+        assert free_dead_slots(cfg) == 0  # from this process, as a second run would
+        assert active_slots(url) == CONCURRENCY and len(slot_records(cfg)) == 1
     finally:
-        free_slots_of_killed_run(url)
+        backend.gate.set()
+    assert runner._next(60) == {"pid": pid, "exit": 0, "signal": None}, tail(log)
+    assert active_slots(url) == 0 and not slot_records(cfg)
+
+
+HOLD_SLOTS = """
+import sys, time
+from pathlib import Path
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from tasks.llm_slots import hold_slots
+with get_client(sync_client=True) as client:
+    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="ollama-x", limit=3))
+with hold_slots(Path(sys.argv[1]), "ollama-x", 2):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+FREE_SLOTS = """
+import json, sys
+from pathlib import Path
+from prefect.client.orchestration import get_client
+from tasks.llm_slots import free_dead
+with get_client(sync_client=True) as client:
+    before = client.read_global_concurrency_limit_by_name("ollama-x").active_slots
+    freed = free_dead(Path(sys.argv[1]), client)
+    after = client.read_global_concurrency_limit_by_name("ollama-x").active_slots
+print(json.dumps({"before": before, "freed": freed, "after": after}))
+"""
+
+
+def test_slots_taken_through_a_temporary_server_are_given_back_after_a_kill(tmp_path):
+    """`mmem reminders` without a Prefect server: each process starts its own temporary server on
+    one database. A killed run's lease dies with its server, which revokes nothing, while the
+    database still counts the slots; the next process (another temporary server, which has never
+    heard of that lease) must give them back. About 30 s: two temporary servers start."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    folder, out = tmp_path / "slots", tmp_path / "holder.log"
+    with out.open("w") as log:
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_SLOTS, str(folder)], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    server = []
+    try:
+        deadline = time.monotonic() + 120
+        while "held" not in out.read_text():
+            assert holder.poll() is None and time.monotonic() < deadline, tail(out)
+            time.sleep(0.1)
+        server = psutil.Process(holder.pid).children(recursive=True)  # its temporary server
+        assert server, "the holder started no temporary server"
+    finally:
+        holder.kill()
+        holder.wait()
+        for proc in server:  # a SIGKILLed parent leaves its server running: stop it as its kill would
+            with suppress(psutil.NoSuchProcess):
+                proc.terminate()
+                proc.wait(10)
+    assert len(list(folder.glob("*.slots"))) == 1
+
+    done = subprocess.run([sys.executable, "-c", FREE_SLOTS, str(folder)], check=False, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"before": 2, "freed": 1, "after": 0}
+    assert not list(folder.iterdir())

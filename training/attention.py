@@ -1,0 +1,55 @@
+"""Batch-first attention for ImageBind's vision and text trunks: the same weights and the same
+math, without the layout copies.
+
+ImageBind runs its trunks sequence-first (``b l d -> l b d`` before the blocks, back after) through
+``nn.MultiheadAttention``, whose non-batch-first path reshapes q/k/v and the output between
+layouts. On one H100 those copies were 16% of the vision tower's device time (``aten::copy_`` in
+``benchmarks/embed_profile.py``), more than attention itself. Here the two rearranges become
+identities and each attention module computes q/k/v with its own ``in_proj`` weights straight in
+``(batch, heads, tokens, head_dim)`` for ``scaled_dot_product_attention``. Trunks with learned
+key/value biases (audio, depth, thermal, IMU) are left as they are; the embed stage uses neither.
+``tests/test_embed.py`` checks the outputs equal the original module's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PATCHED_MODALITIES = ("vision", "text")
+
+
+class BatchFirstAttention(nn.Module):
+    """``nn.MultiheadAttention(x, x, x, need_weights=False)`` on ``(batch, tokens, dim)`` inputs,
+    sharing the wrapped module's parameters (a checkpoint loads into either)."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        if mha.bias_k is not None or not mha._qkv_same_embed_dim:
+            raise ValueError("only self-attention without key/value biases can be made batch-first")
+        self.mha = mha
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.mha.num_heads
+        qkv = F.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias).view(b, n, 3, h, d // h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def make_batch_first(model: nn.Module) -> nn.Module:
+    """Rewrite the vision and text trunks of an ``ImageBindModel`` in place; returns it."""
+    for modality in PATCHED_MODALITIES:
+        trunk = model.modality_trunks[modality]
+        pre = trunk.pre_transformer_layer
+        if isinstance(pre, nn.Sequential) and type(pre[-1]).__name__ == "EinOpsRearrange":
+            pre[-1] = nn.Identity()
+        if type(trunk.post_transformer_layer).__name__ == "EinOpsRearrange":
+            trunk.post_transformer_layer = nn.Identity()
+        for block in trunk.blocks:
+            if isinstance(block.attn, nn.MultiheadAttention):
+                block.attn = BatchFirstAttention(block.attn)
+    return model
