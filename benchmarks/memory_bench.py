@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.embed import EMBED_DIM
 from schemas.memory import MemoryConfig
+from storage.index import partitions_for
 
 
 def command_line() -> str:
@@ -55,15 +56,29 @@ class FixedEmbedder:
     embed_images = embed_texts
 
 
-def synthetic_vectors(n: int, rank: int, noise: float, seed: int, chunk: int = 65536):
+def synthetic_vectors(n: int, rank: int, noise: float, seed: int, episode: int = 1, spread: float = 0.0,
+                      chunk: int = 65536):
     """Unit vectors of low intrinsic dimension (rank-``rank`` Gaussian plus isotropic noise), the
-    way real embeddings are; yields chunks so 827,830 x 1024 is never built twice in memory."""
+    way real embeddings are; yields chunks so 827,830 x 1024 is never built twice in memory.
+
+    With ``episode`` > 1, memories come in episodes the way VisDial's do (an image and its ten
+    turns about it): each row is its episode's centre plus ``spread`` of isotropic noise, so two
+    memories of one episode have a cosine of about 1 / (1 + spread^2). With ``episode`` 1 every row
+    is independent: a near-isotropic cloud where the 2nd..10th neighbours of a query are barely
+    closer than its 100th (the hardest case for any approximate index).
+    """
     rng = np.random.default_rng(seed)
     basis = rng.standard_normal((rank, EMBED_DIM)).astype(np.float32) / np.sqrt(rank)
+    chunk -= chunk % max(1, episode)  # episodes never straddle two chunks
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        z = rng.standard_normal((m, rank)).astype(np.float32)
-        x = z @ basis + noise * rng.standard_normal((m, EMBED_DIM)).astype(np.float32) / np.sqrt(EMBED_DIM)
+        centres = -(-m // episode)
+        z = rng.standard_normal((centres, rank)).astype(np.float32)
+        x = z @ basis + noise * rng.standard_normal((centres, EMBED_DIM)).astype(np.float32) / np.sqrt(EMBED_DIM)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        if episode > 1:
+            x = np.repeat(x, episode, axis=0)[:m]
+            x += spread * rng.standard_normal((m, EMBED_DIM)).astype(np.float32) / np.sqrt(EMBED_DIM)
         yield x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -79,7 +94,8 @@ def load_speed_table(store, args) -> np.ndarray:
     source = (np.load(args.vectors, mmap_mode="r") if args.vectors else None)
     now = np.datetime64("2026-01-01T00:00:00", "us")
     rng = np.random.default_rng(args.seed + 1)
-    gen = synthetic_vectors(args.rows, args.rank, args.noise, args.seed) if source is None else None
+    gen = (synthetic_vectors(args.rows, args.rank, args.noise, args.seed, args.episode, args.spread)
+           if source is None else None)
     done = 0
     with Progress(args.rows, "write memories") as bar:
         while done < args.rows:
@@ -172,7 +188,7 @@ def speed(args) -> dict:
     for i in range(args.queries):
         where = store.visible_filter(owners[i], None, now)
         t0 = time.perf_counter()
-        cands = store._vector_candidates(q[i], where, args.k)
+        cands = store._vector_candidates(q[i], where, args.k, owners[i])
         search_ms.append((time.perf_counter() - t0) * 1e3)
         hits.append(len(set(cands.column("memory_id").to_pylist()) & truth[i]) / args.k)
         t0 = time.perf_counter()
@@ -187,8 +203,10 @@ def speed(args) -> dict:
     out = {
         "rows": args.rows, "owners": args.owners, "queries": args.queries, "k": args.k,
         "data": f"vectors from {args.vectors}" if args.vectors else
-                f"synthetic rank-{args.rank} Gaussian + noise {args.noise} (unit), queries = a memory + noise {args.query_noise}",
-        "index": {"type": args.index_type, "partitions": args.partitions or max(1, args.rows // 8192), "m": args.m,
+                (f"synthetic rank-{args.rank} Gaussian + noise {args.noise} (unit)"
+                 + (f", episodes of {args.episode} (spread {args.spread})" if args.episode > 1 else ", no episodes")
+                 + f", queries = a memory + noise {args.query_noise}"),
+        "index": {"type": args.index_type, "partitions": args.partitions or partitions_for(args.rows), "m": args.m,
                   "ef_construction": args.ef_construction, "nprobes": args.nprobes, "ef": args.ef,
                   "refine_factor": args.refine_factor, "build_s": round(index_s, 1)},
         "candidates_reranked": args.candidates,
@@ -510,11 +528,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--partitions", type=int, default=None)
     s.add_argument("--nprobes", type=int, default=MemoryConfig().nprobes)
     s.add_argument("--ef", type=int, default=MemoryConfig().ef)
-    s.add_argument("--refine-factor", type=int, default=None)
+    s.add_argument("--refine-factor", type=int, default=MemoryConfig().refine_factor)
     s.add_argument("--m", type=int, default=MemoryConfig().index_m)
     s.add_argument("--ef-construction", type=int, default=MemoryConfig().index_ef_construction)
     s.add_argument("--rank", type=int, default=64, help="intrinsic dimension of the synthetic vectors")
     s.add_argument("--noise", type=float, default=0.5)
+    s.add_argument("--episode", type=int, default=10, help="memories per episode (VisDial: a dialog's turns); 1: none")
+    s.add_argument("--spread", type=float, default=0.65, help="within an episode: cosine ~ 1/(1+spread^2), 0.7 here")
     s.add_argument("--query-noise", type=float, default=0.5)
     s.add_argument("--vectors", type=Path, default=None, help="an (n, 1024) .npy of real embeddings")
     s.add_argument("--seed", type=int, default=0)

@@ -34,9 +34,11 @@ from lancedb.index import FTS, Bitmap, BTree, IvfFlat, IvfHnswSq, IvfPq
 from memory import scoring
 from schemas.embed import EMBED_DIM, normalise_text
 from schemas.memory import DURABLE, KINDS, MEMORIES, TRANSIENT, MemoryConfig
+from storage.index import partitions_for
 from storage.lance import conform, connect, dedupe, open_table
 
 TABLE = MEMORIES.name
+OVERFETCH = 1.5  # nearest rows searched per wanted candidate when the filter comes after the search
 PUBLIC_COLUMNS = [c for c in MEMORIES.columns if c != "vector"]
 # the columns recall's filter reads (bitmaps for the few-valued ones)
 SCALAR_INDICES = {"owner": "BTREE", "memory_id": "BTREE", "superseded_by": "BTREE", "session_id": "BTREE",
@@ -96,6 +98,7 @@ class MemoryStore:
         self._embedder = embedder
         self.db = connect(config.lance_uri)
         self._tbl = None
+        self._prefilter_owners: set[str] = set()  # owners too sparse in the table to post-filter
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -298,7 +301,7 @@ class MemoryStore:
             raise ValueError("recall needs a text, an image or a vector")
         where = self.visible_filter(owner, session, now)
         n = max(self.config.candidates, k)
-        cands = self._vector_candidates(q, where, n)
+        cands = self._vector_candidates(q, where, n, owner)
         cos = 1.0 - cands.column("_distance").to_numpy().astype(np.float64)
         keyword = None
         if hybrid and text and text.strip():
@@ -324,15 +327,33 @@ class MemoryStore:
             self._touch([r["memory_id"] for r in rows], now)
         return [Recalled(r, float(scores[i]), b) for r, i, b in zip(rows, order, why, strict=True)]
 
-    def _vector_candidates(self, q: np.ndarray, where: str, n: int) -> pa.Table:
-        query = (self.table.search(q, vector_column_name="vector").distance_type("cosine")
-                 .where(where, prefilter=True).select(PUBLIC_COLUMNS).limit(n))
-        if self.has_vector_index():
-            c = self.config
-            query = query.nprobes(c.nprobes).ef(c.ef)
-            if c.refine_factor:
-                query = query.refine_factor(c.refine_factor)
-        return query.to_arrow()
+    def _vector_candidates(self, q: np.ndarray, where: str, n: int, owner: str | None = None) -> pa.Table:
+        """The ``n`` nearest visible memories.
+
+        With a vector index, the filter is first applied *after* the search, to ``OVERFETCH``
+        times ``n`` nearest rows: when the owner's visible memories are most of the table (one
+        agent's memory), that is the same top ``n`` without evaluating the filter over every row,
+        which cost ~20 ms of a ~40 ms recall at 827,830 memories on 2 cores. When too few survive
+        (an owner with a small share), it searches again with the filter first, and does so
+        directly for that owner from then on.
+        """
+        def search(prefilter: bool, limit: int) -> pa.Table:
+            query = (self.table.search(q, vector_column_name="vector").distance_type("cosine")
+                     .where(where, prefilter=prefilter).select(PUBLIC_COLUMNS).limit(limit))
+            if indexed:
+                c = self.config
+                query = query.nprobes(c.nprobes).ef(c.ef)
+                if c.refine_factor:
+                    query = query.refine_factor(c.refine_factor)
+            return query.to_arrow()
+
+        indexed = self.has_vector_index()
+        if indexed and owner not in self._prefilter_owners:
+            got = search(prefilter=False, limit=int(n * OVERFETCH))
+            if len(got) >= n:
+                return got.slice(0, n)
+            self._prefilter_owners.add(owner)
+        return search(prefilter=True, limit=n)
 
     def _add_text_candidates(self, cands: pa.Table, cos: np.ndarray, q: np.ndarray, text: str, where: str, n: int):
         """Union with LanceDB full-text hits; BM25 scaled by the best hit becomes the keyword term."""
@@ -456,7 +477,7 @@ class MemoryStore:
 
     def _vector_index_config(self, rows: int):
         c = self.config
-        parts = c.index_partitions or max(1, rows // 8192)
+        parts = c.index_partitions or partitions_for(rows)
         if c.index_type == "IVF_PQ":
             return IvfPq(distance_type="cosine", num_partitions=parts, num_sub_vectors=EMBED_DIM // 16)
         if c.index_type == "IVF_FLAT":

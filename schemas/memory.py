@@ -80,13 +80,15 @@ class MemoryConfig(StageConfig):
 
     # the vector index (below index_min_rows the search is exact: cheap, and an index needs rows to train)
     index_min_rows: int = Field(default=50_000, ge=1)
-    index_type: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = "IVF_HNSW_SQ"
-    index_partitions: int | None = Field(default=None, ge=1, description="IVF partitions (default rows // 8192).")
+    # IVF_PQ + refine_factor 1: PQ codes pick the candidates, then every candidate's distance is
+    # recomputed from its stored vector, so the similarity term is exact (benchmarks/memory_bench.py)
+    index_type: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = "IVF_PQ"
+    index_partitions: int | None = Field(default=None, ge=1, description="IVF partitions (default sqrt(rows)).")
     index_m: int = Field(default=20, ge=4, description="HNSW edges per node.")
     index_ef_construction: int = Field(default=150, ge=10)
     nprobes: int = Field(default=8, ge=1, description="IVF partitions searched per query.")
     ef: int = Field(default=100, ge=1, description="HNSW search breadth.")
-    refine_factor: int | None = Field(default=None, ge=1, description="Re-read this many x candidates exactly (IVF_PQ).")
+    refine_factor: int | None = Field(default=1, ge=1, description="Re-read this many x candidates exactly (IVF_PQ).")
 
     # seeding from VisDial
     seed_turn_spacing_s: float = Field(default=60.0, gt=0, description="Seconds between seeded turns of a dialog.")

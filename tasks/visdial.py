@@ -1,16 +1,30 @@
 """Parse and check a VisDial v1.0 file into columnar form (no Prefect, no Lance).
 
-The structure is decoded by msgspec into typed structs, with each round's 100 answer options
-kept as raw JSON text; those are then parsed all at once by simdjson into one int64 buffer (no
-Python int per option: VisDial train has 82.8M of them), and range-checked in bulk with numpy. A syntax error, a wrong encoding or a wrong top-level shape fails the whole
-file with the file name and the position; a bad dialog becomes a :class:`Rejection` and the
-others survive.
+Fast path, for any file whose records have the right types (however many the checks reject):
+numpy finds every ``"answer_options": [...]`` list in the raw bytes; in place, each list becomes a
+JSON string and its key gets a private name, so that msgspec decodes the rest of the file into
+small structs while skipping the lists as strings. The lists themselves (~75% of the bytes) are
+parsed in bulk by :mod:`tasks.visdial_options`, on a helper process too for a large file. Every
+round must carry the private key and there must be as many lists as rounds, which proves that the
+lists found are exactly the rounds' ``answer_options``, in order. Then every check is vectorised.
+
+Slow path, the fallback wherever the fast one meets something it does not expect (a record of the
+wrong type, a malformed file, a nested or unusual layout): msgspec decodes the original bytes, one
+dialog at a time where one is malformed, and the option lists one by one where a chunk fails.
+
+Both paths feed the same checks, so their results are the same (tests compare them). A syntax
+error, a wrong encoding or a wrong top-level shape fails the whole file with the file name and the
+position; a bad dialog becomes a :class:`Rejection` and the others survive.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 
 import msgspec
@@ -22,6 +36,9 @@ import simdjson
 from schemas.embed import text_hash, turn_text
 from schemas.ingest import NUM_OPTIONS, NUM_TURNS
 from schemas.quarantine import Reason, Rejection
+from tasks.visdial_options import CHUNK_ROUNDS, OptionsHelper, OptionsJob, parse_joined, read_private
+
+HELPER_MIN_BYTES = 32 * 2**20  # below this a helper process costs more than it saves
 
 
 class VisdialFormatError(ValueError):
@@ -48,8 +65,338 @@ class ParsedVisdial:
         return len(self.image_ids)
 
 
+def parse_visdial(path: str | Path, *, helper_min_bytes: int = HELPER_MIN_BYTES) -> ParsedVisdial:
+    """Parse ``visdial_1.0_<split>.json``; reject bad dialogs with a reason, keep the rest.
+
+    A file of ``helper_min_bytes`` or more shares the option lists with a helper process.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        helper = OptionsHelper.spawn() if size >= helper_min_bytes else None
+    except OSError as exc:
+        raise VisdialFormatError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        try:
+            buf = helper.load(path) if helper else read_private(path)
+        except OSError as exc:
+            raise VisdialFormatError(f"{path}: cannot read: {exc.strerror}") from exc
+        try:
+            return _parse_fast(buf, helper)
+        except _NotFast:
+            if helper:
+                helper.close()  # it may still be parsing lists: free the core
+            return _parse_slow(path, bytes(buf))
+    finally:
+        if helper:
+            helper.close()
+
+
+# --- the checks, shared by both paths ---------------------------------------------------------
+
+
+@dataclass
+class _Decoded:
+    """The dialogs that decoded with the right types, in file order, and access to their rounds.
+
+    Round rows are indices into all these dialogs' rounds, in file order.
+    """
+
+    split: str
+    questions: list[str]
+    answers: list[str]
+    image_ids: list[int]
+    captions: list[str]
+    turns: list[int]
+    rounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # rows -> question, answer, gt
+    options: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    """rows -> (.., 100) int32 options, each round's malformed flag, smallest and largest option"""
+    record: Callable[[int], str]  # dialog i as JSON text, for its quarantine row
+    rejections: list[Rejection]  # the dialogs that did not decode
+
+
+def _check(dec: _Decoded) -> ParsedVisdial:
+    """The checks in the order the reference parser made them; what needs no option comes first,
+    while a helper process may still be parsing options."""
+    rejections = list(dec.rejections)
+    kept = _dialog_checks(dec, rejections)
+    n, n_q, n_a = len(kept), len(dec.questions), len(dec.answers)
+    turns = np.asarray(dec.turns, np.int64)
+    rows = (np.cumsum(turns) - turns)[kept][:, None] + np.arange(NUM_TURNS)
+    q_idx, a_idx, gt = dec.rounds(rows)
+    questions = pa.array(dec.questions, pa.string())
+    answers = pa.array(dec.answers, pa.string())
+    q_blank = _is_blank(questions)
+    a_blank = _is_blank(answers)
+    index_out = (q_idx < 0).any(1) | (q_idx >= n_q).any(1) | (a_idx < 0).any(1) | (a_idx >= n_a).any(1)
+    safe_q = np.clip(q_idx, 0, max(n_q - 1, 0))
+    safe_a = np.clip(a_idx, 0, max(n_a - 1, 0))
+    any_blank = ((q_blank[safe_q] if n_q else True) | (a_blank[safe_a] if n_a else True)).any(1)
+
+    options, bad_options, lowest, highest = dec.options(rows)
+    bad_options = bad_options.any(1)
+    bad_index = ~bad_options & (index_out | (lowest.min(1) < 0) | (highest.max(1) >= n_a))
+    ok = ~bad_options & ~bad_index
+    bad_gt = ok & ((gt < 0) | (gt >= NUM_OPTIONS)).any(1)
+    ok &= ~bad_gt
+    blank = ok & any_blank
+    ok &= ~blank
+    safe_gt = np.clip(gt, 0, NUM_OPTIONS - 1)
+    gt_mismatch = ok & (np.take_along_axis(options, safe_gt[..., None], 2)[..., 0] != a_idx).any(1)
+    ok &= ~gt_mismatch
+
+    checks = [
+        (bad_options, Reason.BAD_RECORD, f"answer_options must be {NUM_OPTIONS} integers"),
+        (bad_index, Reason.INDEX_OUT_OF_RANGE, f"an index is outside 0..{n_q - 1} (questions) or 0..{n_a - 1} (answers)"),
+        (bad_gt, Reason.GT_INDEX_OUT_OF_RANGE, f"gt_index outside 0..{NUM_OPTIONS - 1}"),
+        (blank, Reason.EMPTY_TEXT, "a question or answer is empty"),
+        (gt_mismatch, Reason.GT_INDEX_OUT_OF_RANGE, "answer_options[gt_index] is not the answer"),
+    ]
+    for mask, reason, detail in checks:
+        for i in np.flatnonzero(mask):
+            rejections.append(Rejection(str(dec.image_ids[kept[i]]), reason, dec.record(kept[i]), detail))
+    keep_idx = np.flatnonzero(ok)
+    if len(keep_idx) == n:  # the common case: no copies
+        keep_idx = slice(None)
+    return ParsedVisdial(
+        split=dec.split,
+        questions=questions,
+        answers=answers,
+        image_ids=np.fromiter((dec.image_ids[i] for i in kept.tolist()), np.int64, n)[keep_idx],
+        captions=[dec.captions[i] for i, k in zip(kept.tolist(), ok, strict=True) if k],
+        q_idx=q_idx[keep_idx],
+        a_idx=a_idx[keep_idx],
+        gt_index=gt[keep_idx],
+        options=options[keep_idx],
+        rejections=rejections,
+    )
+
+
+def _dialog_checks(dec: _Decoded, rejections: list[Rejection]) -> np.ndarray:
+    """Turn count, then duplicate id, then blank caption, in file order: the dialogs that pass."""
+    ids, turns, captions = dec.image_ids, dec.turns, dec.captions
+    if all(t == NUM_TURNS for t in turns) and len(set(ids)) == len(ids) and all(c.strip() for c in captions):
+        return np.arange(len(ids))  # the common case, without a Python step per dialog
+    kept, seen = [], set()
+    for i, (image_id, n_turns, caption) in enumerate(zip(ids, turns, captions, strict=True)):
+        if n_turns != NUM_TURNS:
+            rejections.append(Rejection(str(image_id), Reason.WRONG_TURN_COUNT, dec.record(i), f"{n_turns} turns"))
+        elif image_id in seen:
+            rejections.append(Rejection(str(image_id), Reason.DUPLICATE_ID, dec.record(i), "image_id seen earlier in the file"))
+        elif not caption.strip():
+            rejections.append(Rejection(str(image_id), Reason.EMPTY_TEXT, dec.record(i), "empty caption"))
+        else:
+            seen.add(image_id)
+            kept.append(i)
+    return np.array(kept, np.int64)
+
+
+def _is_blank(strings: pa.Array) -> np.ndarray:
+    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(strings)), 0).to_numpy(zero_copy_only=False)
+
+
+class _Round(msgspec.Struct):
+    question: int
+    answer: int
+    gt_index: int
+    answer_options: msgspec.Raw  # parsed in bulk, never as Python ints
+
+
+class _Dialog(msgspec.Struct):
+    image_id: int
+    caption: str
+    dialog: list[_Round]
+
+
+def _record(d: _Dialog) -> str:
+    """The dialog as JSON text, for its quarantine row."""
+    return msgspec.json.encode(d).decode("utf-8")
+
+
+# --- fast path ----------------------------------------------------------------------------------
+
+
+class _NotFast(Exception):
+    """The fast path met something it does not handle; the slow path decides."""
+
+
+_PRIVATE = "\ue000"  # a private-use character: no VisDial text has it
+_PRIVATE_KEY = f"answer_{_PRIVATE}ions"  # "answer_options" with "opt" (3 bytes) overwritten in place
+
+
+class _FastRound(msgspec.Struct, gc=False):
+    question: int
+    answer: int
+    gt_index: int
+    options: msgspec.Raw = msgspec.field(name=_PRIVATE_KEY)  # the list, turned into a string
+
+
+class _FastDialog(msgspec.Struct, gc=False):
+    image_id: int
+    caption: str
+    dialog: list[_FastRound]
+
+
+class _FastData(msgspec.Struct):
+    questions: list[str]
+    answers: list[str]
+    dialogs: list[_FastDialog]
+
+
+class _FastFile(msgspec.Struct):
+    split: str
+    data: _FastData
+    version: str | None = None
+
+
+_FAST_DECODER = msgspec.json.Decoder(_FastFile)
+_ROUNDS = attrgetter("dialog")
+_SCAN = 1 << 20
+_WORDS = np.frombuffer(b'"answer_options"tions": ', "<u8")  # '"answer_options": [' as 8-byte words
+
+
+def _parse_fast(buf, helper: OptionsHelper | None) -> ParsedVisdial:
+    """Raises :class:`_NotFast` where the slow path must decide."""
+    data = np.frombuffer(buf, np.uint8)
+    found = _find_option_lists(data)
+    if found is None or _spells_private_key(buf):
+        raise _NotFast  # no lists, or the private key could be spelled some other way in the file
+    opens, closes, key_at = found
+    job = OptionsJob(buf, opens + 1, closes, NUM_OPTIONS, helper)  # the helper starts on them now
+    key_at = key_at[:, None] + np.arange(3)
+    data[opens] = data[closes] = ord('"')
+    data[key_at] = np.frombuffer(_PRIVATE.encode(), np.uint8)
+    try:
+        return _check(_decode_fast(buf, job, opens, closes))
+    except _NotFast:  # the slow path reads the bytes as they were
+        data[opens], data[closes], data[key_at] = ord("["), ord("]"), np.frombuffer(b"opt", np.uint8)
+        raise
+
+
+def _decode_fast(buf, job: OptionsJob, opens: np.ndarray, closes: np.ndarray) -> _Decoded:
+    """Decode ``buf`` whose lists are strings now, and whose list keys are private."""
+    try:
+        f = _FAST_DECODER.decode(buf)
+    except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
+        raise _NotFast from exc
+    dialogs = f.data.dialogs
+    turns = list(map(len, map(_ROUNDS, dialogs)))
+    if sum(turns) != len(opens):  # a list outside a round, or two in one round
+        raise _NotFast
+    all_rounds = list(chain.from_iterable(map(_ROUNDS, dialogs)))
+    try:
+        q, a, g = (np.fromiter(map(attrgetter(name), all_rounds), np.int64, len(all_rounds))
+                   for name in ("question", "answer", "gt_index"))
+    except OverflowError as exc:  # an index past int64: the slow path says what becomes of it
+        raise _NotFast from exc
+    image_ids, captions = [d.image_id for d in dialogs], [d.caption for d in dialogs]
+    split, questions, answers = f.split, f.data.questions, f.data.answers
+    del f, dialogs, all_rounds  # their Raw values are views of buf
+    first = np.cumsum(turns) - np.asarray(turns, np.int64)
+
+    def rounds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return q[rows], a[rows], g[rows]
+
+    def options(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        parsed = job.finish()
+        if parsed is None:  # a list that is not 100 integers: the slow path names the record
+            raise _NotFast
+        values, lowest, highest = parsed
+        if rows.size == len(values):  # every round kept: a view, no copy
+            return values.reshape(*rows.shape, NUM_OPTIONS), np.zeros(rows.shape, bool), \
+                lowest.reshape(rows.shape), highest.reshape(rows.shape)
+        return values[rows], np.zeros(rows.shape, bool), lowest[rows], highest[rows]
+
+    def record(i: int) -> str:  # from the lists' contents: their brackets are quotes now
+        lo, hi = first[i], first[i] + turns[i]
+        return _record(_Dialog(image_ids[i], captions[i], [
+            _Round(int(q[r]), int(a[r]), int(g[r]), msgspec.Raw(b"[" + bytes(buf[o + 1 : c]) + b"]"))
+            for r, o, c in zip(range(lo, hi), opens[lo:hi].tolist(), closes[lo:hi].tolist(), strict=True)
+        ]))
+
+    return _Decoded(split, questions, answers, image_ids, captions, turns, rounds, options, record, [])
+
+
+def _find_option_lists(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Where each ``"answer_options": [...]`` list opens and closes, and where its key's ``opt`` is.
+
+    None if there are none, or if a list holds a bracket (the slow path handles those). Whether
+    they are really the rounds' lists is proven later, by the decoder.
+    """
+    if len(data) < 32:
+        return None
+    opens, closes = [], []
+    for lo in range(0, len(data), _SCAN):
+        part = data[lo : lo + _SCAN]
+        opens.append(np.flatnonzero(part == ord("[")) + lo)
+        closes.append(np.flatnonzero(part == ord("]")) + lo)
+    opens, closes = np.concatenate(opens), np.concatenate(closes)
+    words = np.ndarray((len(data) - 7,), "<u8", data, 0, (1,))  # the 8 bytes at every offset
+    # The usual layout, '"answer_options": [', in one gather; any other spacing in a second step.
+    is_list = np.zeros(len(opens), bool)
+    far = opens >= 18
+    is_list[far] = (words[opens[far, None] - (18, 10, 8)] == _WORDS).all(1)
+    key_at = opens - 10
+    other = np.flatnonzero(~is_list)
+    colon = _skip_space_back(data, opens[other] - 1)
+    other, colon = other[colon >= 0], colon[colon >= 0]
+    other, colon = other[data[colon] == ord(":")], colon[data[colon] == ord(":")]
+    quote = _skip_space_back(data, colon - 1)  # the key's closing quote
+    other, quote = other[quote >= 15], quote[quote >= 15]
+    match = (words[quote - 15] == _WORDS[0]) & (words[quote - 7] == _WORDS[1])
+    is_list[other[match]] = True
+    key_at[other[match]] = quote[match] - 7
+    opens, key_at = opens[is_list], key_at[is_list]
+    if not len(opens):
+        return None
+    at = np.searchsorted(closes, opens)
+    if at[-1] == len(closes):
+        return None
+    closes = closes[at]
+    if (opens[1:] < closes[:-1]).any():  # a bracket inside a list
+        return None
+    return opens, closes, key_at
+
+
+def _skip_space_back(data: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Each position moved left past JSON whitespace (-1 if it runs off the start)."""
+    pos = pos.copy()
+    todo = np.arange(len(pos))
+    while len(todo):
+        c = data[np.maximum(pos[todo], 0)]
+        todo = todo[(pos[todo] >= 0) & ((c == 32) | (c == 10) | (c == 13) | (c == 9))]
+        pos[todo] -= 1
+    return pos
+
+
+def _spells_private_key(buf) -> bool:
+    r"""Whether a key in the file could be the private one other than where it is put: the
+    private character itself, or a ``\u`` escape of one of the key's characters. Both are rare in
+    VisDial (its text is ASCII, non-ASCII mostly as \u escapes), so this walks them one by one."""
+    private = _PRIVATE.encode()
+    at = buf.find(private[:1])
+    while at >= 0:
+        if buf[at : at + len(private)] == private:
+            return True
+        at = buf.find(private[:1], at + 1)
+    at = buf.find(b"\\")
+    while at >= 0:
+        if buf[at + 1 : at + 2] == b"u":
+            try:
+                code = int(bytes(buf[at + 2 : at + 6]), 16)
+            except ValueError:
+                return True  # not valid JSON: the slow path reports it
+            if chr(code) in _PRIVATE_KEY:
+                return True
+        at = buf.find(b"\\", at + 2)
+    return False
+
+
+# --- slow path (the fallback) -------------------------------------------------------------------
+
+
 def _position_error(path: Path, raw: bytes) -> VisdialFormatError:
-    """Slow path, only on failure: find where the file stops being UTF-8 JSON."""
+    """Only on failure: find where the file stops being UTF-8 JSON."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -61,19 +408,6 @@ def _position_error(path: Path, raw: bytes) -> VisdialFormatError:
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} (char {exc.pos}): {exc.msg}"
         )
     return VisdialFormatError(f"{path}: not VisDial v1.0 JSON")
-
-
-class _Round(msgspec.Struct):
-    question: int
-    answer: int
-    gt_index: int
-    answer_options: msgspec.Raw  # parsed in bulk below, never as Python ints
-
-
-class _Dialog(msgspec.Struct):
-    image_id: int
-    caption: str
-    dialog: list[_Round]
 
 
 class _Data(msgspec.Struct):
@@ -100,8 +434,27 @@ class _RawFile(msgspec.Struct):
     version: str | None = None
 
 
+def _parse_slow(path: Path, raw: bytes) -> ParsedVisdial:
+    split, questions, answers, decoded, rejections = _decode(path, raw)
+    dialogs = [d for d in decoded if d is not None]
+    all_rounds = [r for d in dialogs for r in d.dialog]
+
+    def rounds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sel = [all_rounds[i] for i in rows.ravel().tolist()]
+        return tuple(np.fromiter((getattr(r, name) for r in sel), np.int64, len(sel)).reshape(rows.shape)
+                     for name in ("question", "answer", "gt_index"))
+
+    def options(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        parsed, bad = _parse_options([all_rounds[i].answer_options for i in rows.ravel().tolist()])
+        parsed = parsed.reshape(*rows.shape, NUM_OPTIONS)
+        return parsed, bad.reshape(rows.shape), parsed.min(2), parsed.max(2)
+
+    return _check(_Decoded(split, questions, answers, [d.image_id for d in dialogs], [d.caption for d in dialogs],
+                           [len(d.dialog) for d in dialogs], rounds, options, lambda i: _record(dialogs[i]), rejections))
+
+
 def _decode(path: Path, raw: bytes) -> tuple[str, list[str], list[str], list[_Dialog | None], list[Rejection]]:
-    """Fast path: the whole file typed at once. If one dialog is malformed, decode dialog by dialog."""
+    """The whole file typed at once; if one dialog is malformed, dialog by dialog."""
     try:
         f = msgspec.json.decode(raw, type=_File)
         return f.split, f.data.questions, f.data.answers, list(f.data.dialogs), []
@@ -137,47 +490,25 @@ def _image_id_of(raw: msgspec.Raw) -> str | None:
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-def _parse_options(raws: list[msgspec.Raw], chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+def _parse_options(raws: list[msgspec.Raw]) -> tuple[np.ndarray, np.ndarray]:
     """(rounds, 100) int32 options and a per-round 'malformed' mask.
 
-    Fast path, per chunk of rounds: the option lists joined into one flat JSON array, parsed by
-    simdjson into one int64 buffer (one parser reused, so its buffers stay small and warm), each
-    list's length checked from the bracket and comma positions. Any surprise (a non-integer, a
-    nested list, a wrong count) sends that chunk to the slow path, list by list.
+    A chunk of lists at once where each is one flat bracketed list (one ``[`` per list: no
+    nesting), else that chunk list by list.
     """
-    n = len(raws)
-    out = np.empty((n, NUM_OPTIONS), np.int32)
-    bad = np.zeros(n, bool)
-    parser = simdjson.Parser()
-    for lo in range(0, n, chunk):
-        part = raws[lo : lo + chunk]
-        if not _parse_chunk_fast(parser, part, out[lo : lo + len(part)]):
-            bad[lo : lo + len(part)] = _parse_chunk_slow(part, out[lo : lo + len(part)])
+    out = np.empty((len(raws), NUM_OPTIONS), np.int32)
+    bad = np.zeros(len(raws), bool)
+    parser, lowest, highest = simdjson.Parser(), np.empty(CHUNK_ROUNDS, np.int32), np.empty(CHUNK_ROUNDS, np.int32)
+    for lo in range(0, len(raws), CHUNK_ROUNDS):
+        part = raws[lo : lo + CHUNK_ROUNDS]
+        doc = b"[" + b",-1,".join(part) + b",-1]"
+        flat = doc.count(b"[") == doc.count(b"]") == len(part) + 1
+        if not (flat and parse_joined(parser, doc, out[lo : lo + len(part)], lowest[: len(part)], highest[: len(part)])):
+            bad[lo : lo + len(part)] = _parse_lists_one_by_one(part, out[lo : lo + len(part)])
     return out, bad
 
 
-def _parse_chunk_fast(parser: simdjson.Parser, raws: list[msgspec.Raw], out: np.ndarray) -> bool:
-    joined = b",".join(raws)
-    chars = np.frombuffer(joined, np.uint8)
-    opens, closes = np.flatnonzero(chars == 91), np.flatnonzero(chars == 93)
-    if len(opens) != len(raws) or len(closes) != len(raws):
-        return False
-    commas = np.flatnonzero(chars == 44)
-    if not (np.searchsorted(commas, closes) - np.searchsorted(commas, opens) + 1 == NUM_OPTIONS).all():
-        return False
-    try:
-        doc = parser.parse(b"[" + joined.translate(None, b"[]") + b"]")
-        values = np.frombuffer(doc.as_buffer(of_type="i"), np.int64)
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    if len(values) != out.size:
-        return False
-    out.reshape(-1)[:] = np.clip(values, -1, _INT32_MAX)
-    del values, doc  # the parser may be reused only once nothing refers to its document
-    return True
-
-
-def _parse_chunk_slow(raws: list[msgspec.Raw], out: np.ndarray) -> np.ndarray:
+def _parse_lists_one_by_one(raws: list[msgspec.Raw], out: np.ndarray) -> np.ndarray:
     bad = np.zeros(len(raws), bool)
     dec = msgspec.json.Decoder(list[int])
     for i, r in enumerate(raws):
@@ -192,95 +523,7 @@ def _parse_chunk_slow(raws: list[msgspec.Raw], out: np.ndarray) -> np.ndarray:
     return bad
 
 
-def parse_visdial(path: str | Path) -> ParsedVisdial:
-    """Parse ``visdial_1.0_<split>.json``; reject bad dialogs with a reason, keep the rest."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise VisdialFormatError(f"{path}: cannot read: {exc.strerror}") from exc
-    split, questions_l, answers_l, decoded, rejections = _decode(path, raw)
-    n_q, n_a = len(questions_l), len(answers_l)
-
-    kept: list[_Dialog] = []
-    seen: set[int] = set()
-    for d in decoded:
-        if d is None:
-            continue
-        if len(d.dialog) != NUM_TURNS:
-            rejections.append(Rejection(str(d.image_id), Reason.WRONG_TURN_COUNT, _record(d), f"{len(d.dialog)} turns"))
-        elif d.image_id in seen:
-            rejections.append(Rejection(str(d.image_id), Reason.DUPLICATE_ID, _record(d), "image_id seen earlier in the file"))
-        elif not d.caption.strip():
-            rejections.append(Rejection(str(d.image_id), Reason.EMPTY_TEXT, _record(d), "empty caption"))
-        else:
-            seen.add(d.image_id)
-            kept.append(d)
-
-    n = len(kept)
-    rounds = [r for d in kept for r in d.dialog]
-    q_idx = np.fromiter((r.question for r in rounds), np.int64, len(rounds)).reshape(n, NUM_TURNS)
-    a_idx = np.fromiter((r.answer for r in rounds), np.int64, len(rounds)).reshape(n, NUM_TURNS)
-    gt = np.fromiter((r.gt_index for r in rounds), np.int64, len(rounds)).reshape(n, NUM_TURNS)
-    options, bad_options = _parse_options([r.answer_options for r in rounds])
-    options = options.reshape(n, NUM_TURNS, NUM_OPTIONS)
-    bad_options = bad_options.reshape(n, NUM_TURNS).any(1)
-    del rounds
-
-    questions = pa.array(questions_l, pa.string())
-    answers = pa.array(answers_l, pa.string())
-    q_blank = _is_blank(questions)
-    a_blank = _is_blank(answers)
-
-    bad_index = ~bad_options & (
-        (q_idx < 0).any(1) | (q_idx >= n_q).any(1) | (a_idx < 0).any(1) | (a_idx >= n_a).any(1)
-        | (options.min((1, 2)) < 0) | (options.max((1, 2)) >= n_a)
-    )
-    ok = ~bad_options & ~bad_index
-    bad_gt = ok & ((gt < 0) | (gt >= NUM_OPTIONS)).any(1)
-    ok &= ~bad_gt
-    safe_q = np.clip(q_idx, 0, max(n_q - 1, 0))
-    safe_a = np.clip(a_idx, 0, max(n_a - 1, 0))
-    blank = ok & ((q_blank[safe_q] if n_q else True) | (a_blank[safe_a] if n_a else True)).any(1)
-    ok &= ~blank
-    safe_gt = np.clip(gt, 0, NUM_OPTIONS - 1)
-    gt_mismatch = ok & (np.take_along_axis(options, safe_gt[..., None], 2)[..., 0] != a_idx).any(1)
-    ok &= ~gt_mismatch
-
-    checks = [
-        (bad_options, Reason.BAD_RECORD, f"answer_options must be {NUM_OPTIONS} integers"),
-        (bad_index, Reason.INDEX_OUT_OF_RANGE, f"an index is outside 0..{n_q - 1} (questions) or 0..{n_a - 1} (answers)"),
-        (bad_gt, Reason.GT_INDEX_OUT_OF_RANGE, f"gt_index outside 0..{NUM_OPTIONS - 1}"),
-        (blank, Reason.EMPTY_TEXT, "a question or answer is empty"),
-        (gt_mismatch, Reason.GT_INDEX_OUT_OF_RANGE, "answer_options[gt_index] is not the answer"),
-    ]
-    for mask, reason, detail in checks:
-        for i in np.flatnonzero(mask):
-            rejections.append(Rejection(str(kept[i].image_id), reason, _record(kept[i]), detail))
-    keep_idx = np.flatnonzero(ok)
-    if len(keep_idx) == n:  # the common case: no copies
-        keep_idx = slice(None)
-    return ParsedVisdial(
-        split=split,
-        questions=questions,
-        answers=answers,
-        image_ids=np.fromiter((d.image_id for d in kept), np.int64, n)[keep_idx],
-        captions=[d.caption for d, k in zip(kept, ok, strict=True) if k],
-        q_idx=q_idx[keep_idx],
-        a_idx=a_idx[keep_idx],
-        gt_index=gt[keep_idx],
-        options=options[keep_idx],
-        rejections=rejections,
-    )
-
-
-def _record(d: _Dialog) -> str:
-    """The dialog as JSON text, for its quarantine row."""
-    return msgspec.json.encode(d).decode("utf-8")
-
-
-def _is_blank(strings: pa.Array) -> np.ndarray:
-    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(strings)), 0).to_numpy(zero_copy_only=False)
+# --- rows for the tables ------------------------------------------------------------------------
 
 
 def dialog_columns(parsed: ParsedVisdial, sel: np.ndarray | None = None, *, options: bool = True) -> dict[str, pa.Table]:

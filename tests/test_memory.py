@@ -227,6 +227,36 @@ def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
     assert files_containing(config.lance_uri, {"v": m42})["v"] == []
 
 
+def test_indexed_recall_filters_after_the_search_only_when_that_is_exact(tmp_path, embedder):
+    """ann owns almost every row (post-filtering is exact and skips the filter scan); bob owns
+    ten (post-filtering would come back short: the store falls back to filtering first). Both get
+    exactly the nearest visible memories, and a superseded memory of ann's never comes back."""
+    import pyarrow as pa
+
+    config = MemoryConfig(data_root=tmp_path, index_min_rows=256, index_partitions=2, nprobes=2, candidates=8,
+                          refine_factor=100)  # every probed row re-ranked exactly: the test is about filtering
+    store = MemoryStore(config, embedder)
+    rows = 400
+    vecs = np.stack([unit(500 + i) for i in range(rows)])
+    owners = ["bob" if i % 40 == 0 else "ann" for i in range(rows)]
+    store.add_rows(pa.table({
+        "memory_id": [f"m{i}" for i in range(rows)], "owner": owners, "modality": ["text"] * rows,
+        "text": [f"fact {i}" for i in range(rows)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
+        "model": [store.fingerprint] * rows, "created_at": [T0] * rows, "last_accessed_at": [T0] * rows,
+        "access_count": [0] * rows, "saliency": [0.5] * rows, "kind": ["durable"] * rows,
+        "superseded_by": ["m2" if i == 1 else None for i in range(rows)],
+    }))
+    store.maintain()
+    assert store.has_vector_index()
+    for owner, probe in (("ann", 1), ("ann", 77), ("bob", 40), ("bob", 200)):
+        visible = [i for i in range(rows) if owners[i] == owner and i != 1]
+        exact = sorted(visible, key=lambda i: -float(vecs[i] @ vecs[probe]))[:8]
+        got = store._vector_candidates(vecs[probe], store.visible_filter(owner, None, T0), 8, owner)
+        assert [int(m[1:]) for m in got.column("memory_id").to_pylist()] == exact
+    assert store._prefilter_owners == {"bob"}
+
+
 def test_hybrid_search_blends_keyword_matches(store):
     store.remember("ann", "the wifi password is xylophone77", vector=unit(21), now=T0)
     store.remember("ann", "lunch with Sam on tuesday", vector=unit(22), now=T0)

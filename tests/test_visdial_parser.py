@@ -1,13 +1,20 @@
-"""VisDial parsing: every bad dialog is rejected with its reason, every good one survives."""
+"""VisDial parsing: every bad dialog is rejected with its reason, every good one survives, and the
+fast path gives exactly what the reference (slow) path gives."""
 
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from schemas.quarantine import Reason
-from tasks.visdial import VisdialFormatError, parse_visdial
+from tasks import visdial, visdial_options
+from tasks.visdial import VisdialFormatError, dialog_columns, parse_visdial
+from tasks.visdial_options import OptionsHelper, OptionsJob
 
 
 def _round(q=0, a=0, gt=0, n_answers=3):
@@ -83,3 +90,156 @@ def test_malformed_file_names_file_and_position(tmp_path, content, fragment):
     with pytest.raises(VisdialFormatError) as err:
         parse_visdial(p)
     assert str(p) in str(err.value) and fragment in str(err.value)
+
+
+# --- the fast path against the reference (slow) path ----------------------------------------------
+
+QS = ["is it red", "any dogs", "how many", " "]  # index 3 is blank
+ANS = ["yes", "no", "two", "maybe"]
+SEMANTIC = ["ok", "short", "empty", "blank_caption", "blank_question", "question_oob", "answer_neg",
+            "option_oob", "gt_oob", "gt_mismatch", "dup"]
+TYPED = ["string_index", "float_option", "nested_options", "null_options", "count_99", "minus_one_option",
+         "escaped_key", "private_char"]  # the fast path hands these files to the slow path
+
+
+def _dialog(image_id, rng, kind, shuffle):
+    rounds = []
+    for _ in range(10):
+        a, gt = int(rng.integers(4)), int(rng.integers(100))
+        opts = [int(x) for x in rng.integers(4, size=100)]
+        opts[gt] = a
+        rounds.append({"question": int(rng.integers(3)), "answer": a, "gt_index": gt, "answer_options": opts})
+    d = {"image_id": image_id, "caption": f'picture {image_id}: "answer_options": [1, 2]', "dialog": rounds}
+    r = rounds[int(rng.integers(10))]
+    if kind == "short":
+        d["dialog"] = rounds[: int(rng.integers(1, 10))]
+    elif kind == "empty":
+        d["dialog"] = []
+    elif kind == "blank_caption":
+        d["caption"] = " \t"
+    elif kind == "blank_question":
+        r["question"] = 3
+    elif kind == "question_oob":
+        r["question"] = 4 + int(rng.integers(10**9))
+    elif kind == "answer_neg":
+        r["answer"] = -int(rng.integers(1, 10**6))
+    elif kind == "option_oob":
+        r["answer_options"][int(rng.integers(100))] = 2**40
+    elif kind == "gt_oob":
+        r["gt_index"] = int(rng.choice([-1, 100]))
+    elif kind == "gt_mismatch":
+        r["answer_options"][r["gt_index"]] = (r["answer"] + 1) % 4
+    elif kind == "string_index":
+        r["answer"] = str(r["answer"])
+    elif kind == "float_option":
+        r["answer_options"][0] = 1.5
+    elif kind == "nested_options":
+        r["answer_options"] = [r["answer_options"]]
+    elif kind == "null_options":
+        r["answer_options"] = None
+    elif kind == "count_99":
+        r["answer_options"] = r["answer_options"][:99]
+    elif kind == "minus_one_option":
+        r["answer_options"][int(rng.integers(100))] = -1
+    elif kind == "escaped_key":
+        d["caption"] = "tab\u0061"  # written as a \u escape below
+    elif kind == "private_char":
+        d["caption"] = "odd \ue000 text"
+    if shuffle:
+        d["dialog"] = [dict(sorted(x.items(), key=lambda kv: rng.random())) for x in d["dialog"]]
+    return d
+
+
+def _same(a, b):
+    assert a.split == b.split and a.questions.equals(b.questions) and a.answers.equals(b.answers)
+    for name in ("image_ids", "q_idx", "a_idx", "gt_index", "options"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
+    assert a.captions == b.captions
+    assert [(r.key, r.reason, r.record_json(), r.detail) for r in a.rejections] == \
+        [(r.key, r.reason, r.record_json(), r.detail) for r in b.rejections]
+    ta, tb = dialog_columns(a), dialog_columns(b)
+    assert all(ta[k].equals(tb[k]) for k in ta)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(SEMANTIC + TYPED), min_size=1, max_size=8), seed=st.integers(0, 2**32 - 1),
+       indent=st.sampled_from([None, None, 1]), compact=st.booleans(), shuffle=st.booleans(), extra_list=st.booleans())
+def test_fast_path_gives_what_the_reference_path_gives(tmp_path, kinds, seed, indent, compact, shuffle, extra_list):
+    rng = np.random.default_rng(seed)
+    dialogs = []
+    for i, kind in enumerate(kinds):
+        dialogs.append(_dialog(dialogs[-1]["image_id"] if kind == "dup" and dialogs else 100 + i, rng, kind, shuffle))
+    if extra_list:  # an answer_options list outside any round
+        dialogs[0]["answer_options"] = [1, 2, 3]
+    doc = {"version": "1.0", "split": "val", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}}
+    text = json.dumps(doc, indent=indent, ensure_ascii=False, separators=(",", ":") if compact else None)
+    raw = text.replace("tab" + "a", "tab\\u0061").encode()
+    p = tmp_path / "visdial_1.0_val.json"
+    p.write_bytes(raw)
+
+    parsed = parse_visdial(p)
+    _same(parsed, visdial._parse_slow(p, raw))
+    try:
+        visdial._parse_fast(bytearray(raw), None)
+        took_fast = True
+    except visdial._NotFast:
+        took_fast = False
+    has_lists = any(d.get("dialog") for d in dialogs)  # a file without any falls back too
+    assert took_fast == (indent is None and not extra_list and has_lists and not set(kinds) & set(TYPED))
+
+
+def test_helper_process_gives_the_same_tables(tmp_path):
+    rng = np.random.default_rng(7)
+    kinds = ["ok"] * 1500 + ["gt_mismatch", "short", "dup", "option_oob"]
+    dialogs = [_dialog(10_000 + i if k != "dup" else 10_000, rng, k, False) for i, k in enumerate(kinds)]
+    raw = json.dumps({"split": "train", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}}).encode()
+    p = tmp_path / "visdial_1.0_train.json"
+    p.write_bytes(raw)
+    parsed = parse_visdial(p, helper_min_bytes=0)
+    _same(parsed, visdial._parse_slow(p, raw))
+    assert len(parsed.rejections) == 4
+
+
+def _lists_file(tmp_path, rows):
+    texts = [b"[" + b", ".join(str(x).encode() for x in r) + b"]" for r in rows]
+    p = tmp_path / "lists.json"
+    p.write_bytes(b" ".join(texts))
+    ends = np.cumsum([len(t) + 1 for t in texts]) - 2  # the "]" of each list
+    starts = ends - np.array([len(t) for t in texts]) + 2
+    return p, starts, ends
+
+
+@pytest.mark.parametrize("kill", [False, True])
+def test_helper_takes_chunks_from_the_front_and_a_dead_one_costs_nothing(tmp_path, kill):
+    rows = np.random.default_rng(1).integers(0, 300_000, size=(640, 100))
+    p, starts, ends = _lists_file(tmp_path, rows)
+    helper = OptionsHelper.spawn()
+    assert helper is not None, "needs two cores and memfd"
+    try:
+        job = OptionsJob(helper.load(p), starts, ends, 100, helper, chunk=16)
+        if kill:
+            helper.proc.kill()
+        deadline = time.monotonic() + 30
+        while not kill and job.states[0] == 0 and time.monotonic() < deadline:  # the helper has begun
+            time.sleep(0.01)
+        values, lowest, highest = job.finish()
+        assert np.array_equal(values, rows)
+        assert np.array_equal(lowest, rows.min(1)) and np.array_equal(highest, rows.max(1))
+        if not kill:
+            assert job.states[0] == visdial_options._HELPER_DONE
+    finally:
+        helper.close()
+
+
+def test_a_malformed_list_fails_the_job_wherever_it_is(tmp_path):
+    rows = [list(range(100))] * 300
+    rows[5] = list(range(99))
+    p, starts, ends = _lists_file(tmp_path, rows)
+    helper = OptionsHelper.spawn()
+    try:
+        assert OptionsJob(helper.load(p), starts, ends, 100, helper, chunk=16).finish() is None
+    finally:
+        helper.close()
+    data = bytearray(p.read_bytes())
+    assert OptionsJob(data, starts, ends, 100, None, chunk=16).finish() is None
