@@ -41,13 +41,14 @@ def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
         return db.open_table(name)
     except (ValueError, FileNotFoundError):
         pass
-    with _creation_lock(db, name):
+    with table_lock(db, name):
         return db.create_table(name, schema=spec(name).schema, exist_ok=True)
 
 
 @contextmanager
-def _creation_lock(db: lancedb.DBConnection, name: str):
-    """An exclusive flock per table beside a local database; object stores go unlocked."""
+def table_lock(db: lancedb.DBConnection, name: str):
+    """An exclusive flock per table beside a local database; object stores go unlocked.
+    Not re-entrant: a second acquisition in the same process waits for the first."""
     root = Path(db.uri.removeprefix("file://"))
     if "://" in db.uri and not db.uri.startswith("file://"):
         yield
@@ -135,21 +136,25 @@ def split_new_changed(
 def merge(db: lancedb.DBConnection, name: str, rows: pa.Table, *, update: bool = True) -> MergeResult:
     """Upsert ``rows`` on the table's key; writes (and versions) only when something changed.
 
-    Both go through ``merge_insert`` (never a plain append), so a concurrent writer that
-    inserted the same keys meanwhile cannot cause duplicates: Lance retries the commit.
+    Writers of one table take turns (``table_lock``): Lance's ``merge_insert`` does not stop two
+    concurrent writers from both inserting the same new key (found by
+    ``test_concurrent_ingest_runs_lose_and_duplicate_nothing`` once table creation stopped
+    overwriting one of them). Readers never wait.
     """
     table_spec = spec(name)
     rows = dedupe(conform(rows, table_spec), table_spec.key)
     tbl = open_table(db, name)
-    new, changed = split_new_changed(tbl, rows, table_spec, update)
-    if len(new) == 0 and len(changed) == 0:
-        return MergeResult(name, 0, 0, tbl.version)
-    todo = pa.concat_tables([new, changed]) if len(changed) else new
-    builder = tbl.merge_insert(list(table_spec.key)).when_not_matched_insert_all()
-    if update:
-        builder = builder.when_matched_update_all()
-    res = builder.execute(todo)
-    return MergeResult(name, res.num_inserted_rows, res.num_updated_rows, tbl.version)
+    with table_lock(db, name):  # compare and write as one step for every process on this machine
+        tbl.checkout_latest()
+        new, changed = split_new_changed(tbl, rows, table_spec, update)
+        if len(new) == 0 and len(changed) == 0:
+            return MergeResult(name, 0, 0, tbl.version)
+        todo = pa.concat_tables([new, changed]) if len(changed) else new
+        builder = tbl.merge_insert(list(table_spec.key)).when_not_matched_insert_all()
+        if update:
+            builder = builder.when_matched_update_all()
+        res = builder.execute(todo)
+        return MergeResult(name, res.num_inserted_rows, res.num_updated_rows, tbl.version)
 
 
 def read(

@@ -1,12 +1,13 @@
 """Parse and check a VisDial v1.0 file into columnar form (no Prefect, no Lance).
 
 Fast path, for any file whose records have the right types (however many the checks reject):
-numpy finds every ``"answer_options": [...]`` list in the raw bytes; in place, each list becomes a
-JSON string and its key gets a private name, so that msgspec decodes the rest of the file into
-small structs while skipping the lists as strings. The lists themselves (~75% of the bytes) are
-parsed in bulk by :mod:`tasks.visdial_options`, on a helper process too for a large file. Every
-round must carry the private key and there must be as many lists as rounds, which proves that the
-lists found are exactly the rounds' ``answer_options``, in order. Then every check is vectorised.
+numpy finds every ``"answer_options": [...]`` list in the raw bytes; in place, its key becomes a
+private member ``"[":0`` followed by an ignored key, and the list a JSON string, so that msgspec
+decodes the rest of the file into small structs while skipping the lists as strings. The lists
+themselves (~75% of the bytes) are parsed in bulk by :mod:`tasks.visdial_options`, on a helper
+process too for a large file. Every round must carry the private member and there must be as many
+lists as rounds, which proves that the lists found are exactly the rounds' ``answer_options``, in
+order. Then every check is vectorised.
 
 Slow path, the fallback wherever the fast one meets something it does not expect (a record of the
 wrong type, a malformed file, a nested or unusual layout): msgspec decodes the original bytes, one
@@ -19,9 +20,10 @@ position; a bad dialog becomes a :class:`Rejection` and the others survive.
 
 from __future__ import annotations
 
+import gc
 import json
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
@@ -36,7 +38,7 @@ import simdjson
 from schemas.embed import text_hash, turn_text
 from schemas.ingest import NUM_OPTIONS, NUM_TURNS
 from schemas.quarantine import Reason, Rejection
-from tasks.visdial_options import CHUNK_ROUNDS, OptionsHelper, OptionsJob, parse_joined, read_private
+from tasks.visdial_options import CHUNK_ROUNDS, FileBytes, OptionsHelper, OptionsJob, parse_joined
 
 HELPER_MIN_BYTES = 32 * 2**20  # below this a helper process costs more than it saves
 
@@ -71,25 +73,41 @@ def parse_visdial(path: str | Path, *, helper_min_bytes: int = HELPER_MIN_BYTES)
     A file of ``helper_min_bytes`` or more shares the option lists with a helper process.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        helper = OptionsHelper.spawn() if size >= helper_min_bytes else None
-    except OSError as exc:
-        raise VisdialFormatError(f"{path}: cannot read: {exc.strerror}") from exc
-    try:
+    helper = source = None
+    with _gc_paused():
         try:
-            buf = helper.load(path) if helper else read_private(path)
-        except OSError as exc:
-            raise VisdialFormatError(f"{path}: cannot read: {exc.strerror}") from exc
-        try:
-            return _parse_fast(buf, helper)
-        except _NotFast:
+            try:
+                helper = OptionsHelper.spawn() if path.stat().st_size >= helper_min_bytes else None
+                source = FileBytes(path, helper.data_fd if helper else None)
+                try:
+                    return _parse_fast(source, helper)
+                except _NotFast:
+                    if helper:
+                        helper.close()  # it may still be parsing lists: free the core
+                    for _ in source.pieces():  # whatever the fast path did not read
+                        pass
+                raw = bytes(source.buf[: source.got])
+            except OSError as exc:
+                raise VisdialFormatError(f"{path}: cannot read: {exc.strerror}") from exc
+            return _parse_slow(path, raw)
+        finally:
+            if source:
+                source.close()
             if helper:
-                helper.close()  # it may still be parsing lists: free the core
-            return _parse_slow(path, bytes(buf))
+                helper.close()
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """A parse makes about two million objects, none in a cycle; meanwhile the collector would
+    walk the whole heap (Prefect, lancedb, ...) several times, for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
-        if helper:
-            helper.close()
+        if enabled:
+            gc.enable()
 
 
 # --- the checks, shared by both paths ---------------------------------------------------------
@@ -109,8 +127,9 @@ class _Decoded:
     captions: list[str]
     turns: list[int]
     rounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # rows -> question, answer, gt
-    options: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-    """rows -> (.., 100) int32 options, each round's malformed flag, smallest and largest option"""
+    options: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, int, int]]
+    """rows -> (.., 100) int32 options, each round's malformed flag; a bound below and above every
+    well-formed option of these rows (of all rounds, say)"""
     record: Callable[[int], str]  # dialog i as JSON text, for its quarantine row
     rejections: list[Rejection]  # the dialogs that did not decode
 
@@ -122,7 +141,10 @@ def _check(dec: _Decoded) -> ParsedVisdial:
     kept = _dialog_checks(dec, rejections)
     n, n_q, n_a = len(kept), len(dec.questions), len(dec.answers)
     turns = np.asarray(dec.turns, np.int64)
-    rows = (np.cumsum(turns) - turns)[kept][:, None] + np.arange(NUM_TURNS)
+    if n == len(turns) and n * NUM_TURNS == turns.sum():  # every dialog kept so far
+        rows = np.arange(n * NUM_TURNS).reshape(n, NUM_TURNS)
+    else:
+        rows = (np.cumsum(turns) - turns)[kept][:, None] + np.arange(NUM_TURNS)
     q_idx, a_idx, gt = dec.rounds(rows)
     questions = pa.array(dec.questions, pa.string())
     answers = pa.array(dec.answers, pa.string())
@@ -135,7 +157,9 @@ def _check(dec: _Decoded) -> ParsedVisdial:
 
     options, bad_options, lowest, highest = dec.options(rows)
     bad_options = bad_options.any(1)
-    bad_index = ~bad_options & (index_out | (lowest.min(1) < 0) | (highest.max(1) >= n_a))
+    if lowest < 0 or highest >= n_a:  # else no option is out of range, no need to look
+        index_out |= (options.min((1, 2)) < 0) | (options.max((1, 2)) >= n_a)
+    bad_index = ~bad_options & index_out
     ok = ~bad_options & ~bad_index
     bad_gt = ok & ((gt < 0) | (gt >= NUM_OPTIONS)).any(1)
     ok &= ~bad_gt
@@ -162,8 +186,8 @@ def _check(dec: _Decoded) -> ParsedVisdial:
         split=dec.split,
         questions=questions,
         answers=answers,
-        image_ids=np.fromiter((dec.image_ids[i] for i in kept.tolist()), np.int64, n)[keep_idx],
-        captions=[dec.captions[i] for i, k in zip(kept.tolist(), ok, strict=True) if k],
+        image_ids=np.fromiter(map(dec.image_ids.__getitem__, kept.tolist()), np.int64, n)[keep_idx],
+        captions=list(map(dec.captions.__getitem__, kept[ok].tolist())),
         q_idx=q_idx[keep_idx],
         a_idx=a_idx[keep_idx],
         gt_index=gt[keep_idx],
@@ -175,7 +199,7 @@ def _check(dec: _Decoded) -> ParsedVisdial:
 def _dialog_checks(dec: _Decoded, rejections: list[Rejection]) -> np.ndarray:
     """Turn count, then duplicate id, then blank caption, in file order: the dialogs that pass."""
     ids, turns, captions = dec.image_ids, dec.turns, dec.captions
-    if all(t == NUM_TURNS for t in turns) and len(set(ids)) == len(ids) and all(c.strip() for c in captions):
+    if turns.count(NUM_TURNS) == len(turns) and len(set(ids)) == len(ids) and all(map(str.strip, captions)):
         return np.arange(len(ids))  # the common case, without a Python step per dialog
     kept, seen = [], set()
     for i, (image_id, n_turns, caption) in enumerate(zip(ids, turns, captions, strict=True)):
@@ -220,15 +244,17 @@ class _NotFast(Exception):
     """The fast path met something it does not handle; the slow path decides."""
 
 
-_PRIVATE = "\ue000"  # a private-use character: no VisDial text has it
-_PRIVATE_KEY = f"answer_{_PRIVATE}ions"  # "answer_options" with "opt" (3 bytes) overwritten in place
+# '"answer_options": ' (17 bytes or more) becomes a private member, then the key '""' that the list,
+# now a string, hangs on (unknown to the structs: skipped, never copied), then spaces.
+_PRIVATE_KEY = "["
+_MARK = b'"[":0,"":'
 
 
 class _FastRound(msgspec.Struct, gc=False):
     question: int
     answer: int
     gt_index: int
-    options: msgspec.Raw = msgspec.field(name=_PRIVATE_KEY)  # the list, turned into a string
+    marker: int = msgspec.field(name=_PRIVATE_KEY)  # required: where answer_options was
 
 
 class _FastDialog(msgspec.Struct, gc=False):
@@ -253,28 +279,49 @@ _FAST_DECODER = msgspec.json.Decoder(_FastFile)
 _ROUNDS = attrgetter("dialog")
 _SCAN = 1 << 20
 _WORDS = np.frombuffer(b'"answer_options"tions": ', "<u8")  # '"answer_options": [' as 8-byte words
+_UNSIGNED = {8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}
 
 
-def _parse_fast(buf, helper: OptionsHelper | None) -> ParsedVisdial:
+def _parse_fast(source: FileBytes, helper: OptionsHelper | None) -> ParsedVisdial:
     """Raises :class:`_NotFast` where the slow path must decide."""
+    buf = source.buf
     data = np.frombuffer(buf, np.uint8)
-    found = _find_option_lists(data)
-    if found is None or _spells_private_key(buf):
-        raise _NotFast  # no lists, or the private key could be spelled some other way in the file
-    opens, closes, key_at = found
-    job = OptionsJob(buf, opens + 1, closes, NUM_OPTIONS, helper)  # the helper starts on them now
-    key_at = key_at[:, None] + np.arange(3)
+    job = OptionsJob(buf, source.size // (2 * NUM_OPTIONS + 1) + 1, NUM_OPTIONS, helper)  # room for the most lists
+    finder = _ListFinder(data)
+    for lo, hi in source.pieces():  # the helper parses lists while the rest is still being read
+        opens, closes = finder.feed(lo, hi)
+        if not job.add(opens + 1, closes):
+            raise _NotFast
+    opens, closes, keys = finder.result()
+    if source.got < source.size or not len(opens) or finder.private_key_elsewhere() or _escapes_key_char(buf):
+        raise _NotFast  # no lists, or the private key could already be in the file
+    saved = []
+    for length in np.unique(opens - keys):  # one length (the file's spacing), or a few
+        saved += _overwrite(data, keys[opens - keys == length], _MARK.ljust(length))
     data[opens] = data[closes] = ord('"')
-    data[key_at] = np.frombuffer(_PRIVATE.encode(), np.uint8)
     try:
         return _check(_decode_fast(buf, job, opens, closes))
     except _NotFast:  # the slow path reads the bytes as they were
-        data[opens], data[closes], data[key_at] = ord("["), ord("]"), np.frombuffer(b"opt", np.uint8)
+        data[opens], data[closes] = ord("["), ord("]")
+        for view, at, old in reversed(saved):
+            view[at] = old
         raise
 
 
+def _overwrite(data: np.ndarray, at: np.ndarray, pattern: bytes) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Write ``pattern`` at every position ``at``, a word at a time; return what it replaced."""
+    saved, k = [], 0
+    while k < len(pattern):
+        w = next(w for w in (8, 4, 2, 1) if w <= len(pattern) - k)
+        view = np.ndarray((len(data) - w + 1,), _UNSIGNED[w], data, 0, (1,))  # w bytes at every offset
+        saved.append((view, at + k, view[at + k]))
+        view[at + k] = np.frombuffer(pattern[k : k + w], _UNSIGNED[w])[0]
+        k += w
+    return saved
+
+
 def _decode_fast(buf, job: OptionsJob, opens: np.ndarray, closes: np.ndarray) -> _Decoded:
-    """Decode ``buf`` whose lists are strings now, and whose list keys are private."""
+    """Decode ``buf``, whose lists are strings now, each after a private member."""
     try:
         f = _FAST_DECODER.decode(buf)
     except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
@@ -291,21 +338,22 @@ def _decode_fast(buf, job: OptionsJob, opens: np.ndarray, closes: np.ndarray) ->
         raise _NotFast from exc
     image_ids, captions = [d.image_id for d in dialogs], [d.caption for d in dialogs]
     split, questions, answers = f.split, f.data.questions, f.data.answers
-    del f, dialogs, all_rounds  # their Raw values are views of buf
+    del f, dialogs, all_rounds
     first = np.cumsum(turns) - np.asarray(turns, np.int64)
 
     def rounds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if rows.size == len(q):  # every round: no copies
+            return q.reshape(rows.shape), a.reshape(rows.shape), g.reshape(rows.shape)
         return q[rows], a[rows], g[rows]
 
-    def options(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def options(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         parsed = job.finish()
         if parsed is None:  # a list that is not 100 integers: the slow path names the record
             raise _NotFast
         values, lowest, highest = parsed
         if rows.size == len(values):  # every round kept: a view, no copy
-            return values.reshape(*rows.shape, NUM_OPTIONS), np.zeros(rows.shape, bool), \
-                lowest.reshape(rows.shape), highest.reshape(rows.shape)
-        return values[rows], np.zeros(rows.shape, bool), lowest[rows], highest[rows]
+            return values.reshape(*rows.shape, NUM_OPTIONS), np.zeros(rows.shape, bool), lowest, highest
+        return values[rows], np.zeros(rows.shape, bool), lowest, highest
 
     def record(i: int) -> str:  # from the lists' contents: their brackets are quotes now
         lo, hi = first[i], first[i] + turns[i]
@@ -317,45 +365,70 @@ def _decode_fast(buf, job: OptionsJob, opens: np.ndarray, closes: np.ndarray) ->
     return _Decoded(split, questions, answers, image_ids, captions, turns, rounds, options, record, [])
 
 
-def _find_option_lists(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Where each ``"answer_options": [...]`` list opens and closes, and where its key's ``opt`` is.
+class _ListFinder:
+    """Finds every ``"answer_options": [...]`` list (where it opens and closes, and where its key
+    starts) as the file arrives piece by piece. Whether they are really the rounds' lists is
+    proven later, by the decoder; a list holding a bracket fails the fast path."""
 
-    None if there are none, or if a list holds a bracket (the slow path handles those). Whether
-    they are really the rounds' lists is proven later, by the decoder.
-    """
-    if len(data) < 32:
-        return None
-    opens, closes = [], []
-    for lo in range(0, len(data), _SCAN):
-        part = data[lo : lo + _SCAN]
-        opens.append(np.flatnonzero(part == ord("[")) + lo)
-        closes.append(np.flatnonzero(part == ord("]")) + lo)
-    opens, closes = np.concatenate(opens), np.concatenate(closes)
-    words = np.ndarray((len(data) - 7,), "<u8", data, 0, (1,))  # the 8 bytes at every offset
-    # The usual layout, '"answer_options": [', in one gather; any other spacing in a second step.
-    is_list = np.zeros(len(opens), bool)
-    far = opens >= 18
-    is_list[far] = (words[opens[far, None] - (18, 10, 8)] == _WORDS).all(1)
-    key_at = opens - 10
-    other = np.flatnonzero(~is_list)
-    colon = _skip_space_back(data, opens[other] - 1)
-    other, colon = other[colon >= 0], colon[colon >= 0]
-    other, colon = other[data[colon] == ord(":")], colon[data[colon] == ord(":")]
-    quote = _skip_space_back(data, colon - 1)  # the key's closing quote
-    other, quote = other[quote >= 15], quote[quote >= 15]
-    match = (words[quote - 15] == _WORDS[0]) & (words[quote - 7] == _WORDS[1])
-    is_list[other[match]] = True
-    key_at[other[match]] = quote[match] - 7
-    opens, key_at = opens[is_list], key_at[is_list]
-    if not len(opens):
-        return None
-    at = np.searchsorted(closes, opens)
-    if at[-1] == len(closes):
-        return None
-    closes = closes[at]
-    if (opens[1:] < closes[:-1]).any():  # a bracket inside a list
-        return None
-    return opens, closes, key_at
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+        self.words = np.ndarray((max(len(data) - 7, 0),), "<u8", data, 0, (1,))  # the 8 bytes at every offset
+        self.pending = (np.empty(0, np.int64), np.empty(0, np.int64))  # opened, not closed yet
+        self.found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.others: list[np.ndarray] = []  # every other "[": one could be the private key
+        self.last_close = -1
+
+    def feed(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scan ``data[lo:hi]``; the lists completed by it: where each opens and closes."""
+        found = [np.flatnonzero((self.data[at : min(hi, at + _SCAN)] | 6) == 0x5F) + at  # [ ] _ Y
+                 for at in range(lo, hi, _SCAN)]
+        found = np.concatenate(found)
+        opens, closes = found[self.data[found] == ord("[")], found[self.data[found] == ord("]")]
+        is_list, key_at = self._keys(opens)
+        self.others.append(opens[~is_list])
+        opens = np.concatenate((self.pending[0], opens[is_list]))
+        key_at = np.concatenate((self.pending[1], key_at[is_list]))
+        at = np.searchsorted(closes, opens)
+        done = int(np.count_nonzero(at < len(closes)))  # a prefix: both are sorted
+        self.pending = (opens[done:], key_at[done:])
+        opens, closes, key_at = opens[:done], closes[at[:done]], key_at[:done]
+        if len(opens) and (opens[0] < self.last_close or (opens[1:] < closes[:-1]).any()):
+            raise _NotFast  # a bracket inside a list
+        if len(opens):
+            self.last_close = closes[-1]
+        self.found.append((opens, closes, key_at))
+        return opens, closes
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(self.pending[0]):
+            raise _NotFast  # a list that never closes: the slow path reports where
+        return tuple(np.concatenate(x) for x in zip(*self.found, strict=True)) if self.found else (np.empty(0, np.int64),) * 3
+
+    def private_key_elsewhere(self) -> bool:
+        """Whether the file has a string '"["' already, which could be the private key."""
+        others = np.concatenate(self.others) if self.others else np.empty(0, np.int64)
+        others = others[(others >= 1) & (others + 1 < len(self.data))]
+        return bool(((self.data[others - 1] == ord('"')) & (self.data[others + 1] == ord('"'))).any())
+
+    def _keys(self, opens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which ``[`` follow an ``"answer_options":`` key, and where that key starts."""
+        data, words = self.data, self.words
+        is_list = np.zeros(len(opens), bool)
+        far = opens >= 18
+        # The usual layout, '"answer_options": [', at once; any other spacing in a second step.
+        at = opens[far]
+        is_list[far] = (words[at - 18] == _WORDS[0]) & (words[at - 10] == _WORDS[1]) & (words[at - 8] == _WORDS[2])
+        key_at = opens - 18
+        other = np.flatnonzero(~is_list)
+        colon = _skip_space_back(data, opens[other] - 1)
+        other, colon = other[colon >= 0], colon[colon >= 0]
+        other, colon = other[data[colon] == ord(":")], colon[data[colon] == ord(":")]
+        quote = _skip_space_back(data, colon - 1)  # the key's closing quote
+        other, quote = other[quote >= 15], quote[quote >= 15]
+        match = (words[quote - 15] == _WORDS[0]) & (words[quote - 7] == _WORDS[1])
+        is_list[other[match]] = True
+        key_at[other[match]] = quote[match] - 15
+        return is_list, key_at
 
 
 def _skip_space_back(data: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -369,16 +442,9 @@ def _skip_space_back(data: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return pos
 
 
-def _spells_private_key(buf) -> bool:
-    r"""Whether a key in the file could be the private one other than where it is put: the
-    private character itself, or a ``\u`` escape of one of the key's characters. Both are rare in
-    VisDial (its text is ASCII, non-ASCII mostly as \u escapes), so this walks them one by one."""
-    private = _PRIVATE.encode()
-    at = buf.find(private[:1])
-    while at >= 0:
-        if buf[at : at + len(private)] == private:
-            return True
-        at = buf.find(private[:1], at + 1)
+def _escapes_key_char(buf) -> bool:
+    r"""Whether a ``\u`` escape in the file spells a character of the private key (a key could then
+    be the private one without its bytes). Escapes are rare in VisDial: walk them one by one."""
     at = buf.find(b"\\")
     while at >= 0:
         if buf[at + 1 : at + 2] == b"u":
@@ -444,10 +510,9 @@ def _parse_slow(path: Path, raw: bytes) -> ParsedVisdial:
         return tuple(np.fromiter((getattr(r, name) for r in sel), np.int64, len(sel)).reshape(rows.shape)
                      for name in ("question", "answer", "gt_index"))
 
-    def options(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def options(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         parsed, bad = _parse_options([all_rounds[i].answer_options for i in rows.ravel().tolist()])
-        parsed = parsed.reshape(*rows.shape, NUM_OPTIONS)
-        return parsed, bad.reshape(rows.shape), parsed.min(2), parsed.max(2)
+        return parsed.reshape(*rows.shape, NUM_OPTIONS), bad.reshape(rows.shape), -1, _INT32_MAX  # look at all
 
     return _check(_Decoded(split, questions, answers, [d.image_id for d in dialogs], [d.caption for d in dialogs],
                            [len(d.dialog) for d in dialogs], rounds, options, lambda i: _record(dialogs[i]), rejections))
@@ -498,12 +563,12 @@ def _parse_options(raws: list[msgspec.Raw]) -> tuple[np.ndarray, np.ndarray]:
     """
     out = np.empty((len(raws), NUM_OPTIONS), np.int32)
     bad = np.zeros(len(raws), bool)
-    parser, lowest, highest = simdjson.Parser(), np.empty(CHUNK_ROUNDS, np.int32), np.empty(CHUNK_ROUNDS, np.int32)
+    parser, span = simdjson.Parser(), np.empty(2, np.int32)
     for lo in range(0, len(raws), CHUNK_ROUNDS):
         part = raws[lo : lo + CHUNK_ROUNDS]
         doc = b"[" + b",-1,".join(part) + b",-1]"
         flat = doc.count(b"[") == doc.count(b"]") == len(part) + 1
-        if not (flat and parse_joined(parser, doc, out[lo : lo + len(part)], lowest[: len(part)], highest[: len(part)])):
+        if not (flat and parse_joined(parser, doc, out[lo : lo + len(part)], span)):
             bad[lo : lo + len(part)] = _parse_lists_one_by_one(part, out[lo : lo + len(part)])
     return out, bad
 

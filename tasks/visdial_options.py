@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,12 +43,12 @@ PIECE_BYTES = 16 * 2**20  # the file is read and scanned this much at a time
 _FREE, _MAIN_BUSY, _HELPER_BUSY, _DONE, _HELPER_DONE, _FAILED = range(6)
 
 
-def parse_joined(parser: simdjson.Parser, doc: bytes, out: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:
+def parse_joined(parser: simdjson.Parser, doc: bytes, out: np.ndarray, span: np.ndarray) -> bool:
     """Parse ``[list,-1,list,-1,...,list,-1]`` (lists bare or bracketed) into ``out`` (k, width) int32.
 
-    Values are clipped to -1..int32 max (anything clipped is out of range anyway); ``lo``/``hi``
-    get each list's smallest and largest value. False if the document is not exactly k lists of
-    ``width`` integers.
+    Values are clipped to -1..int32 max (anything clipped is out of range anyway); ``span`` gets
+    the smallest and largest value. False if the document is not exactly k lists of ``width``
+    integers.
     """
     k, width = out.shape
     try:
@@ -59,50 +61,54 @@ def parse_joined(parser: simdjson.Parser, doc: bytes, out: np.ndarray, lo: np.nd
     if not (rows[:, width] == -1).all():
         return False
     lists = rows[:, :width]
-    low, high = lists.min(1), lists.max(1)
-    if low.min() < -1 or high.max() > _INT32_MAX:
+    low, high = lists.min(), lists.max()
+    if low < -1 or high > _INT32_MAX:
         np.clip(lists, -1, _INT32_MAX, out=out, casting="unsafe")
     else:
         out[...] = lists
-    np.clip(low, -1, _INT32_MAX, out=lo, casting="unsafe")
-    np.clip(high, -1, _INT32_MAX, out=hi, casting="unsafe")
+    span[:] = min(max(low, -1), _INT32_MAX), min(max(high, -1), _INT32_MAX)
     # A -1 in the data could stand in for a missing separator: then the count gives it away.
-    return low.min() >= 0 or np.count_nonzero(values == -1) == k
+    return low >= 0 or np.count_nonzero(values == -1) == k
 
 
 def parse_spans(parser: simdjson.Parser, data, starts: np.ndarray, ends: np.ndarray, out: np.ndarray,
-                lo: np.ndarray, hi: np.ndarray) -> bool:
+                span: np.ndarray) -> bool:
     """Parse the lists whose contents (inside the brackets) are ``data[starts[i]:ends[i]]``."""
     pieces = list(map(data.__getitem__, map(slice, starts.tolist(), ends.tolist())))
     pieces[0] = b"[" + pieces[0]
     pieces[-1] = pieces[-1] + _END
-    return parse_joined(parser, _SEP.join(pieces), out, lo, hi)
+    return parse_joined(parser, _SEP.join(pieces), out, span)
 
 
 class _Work:
-    """Chunk states, the lists' spans, and the results: values (n, width) int32 and each list's
-    smallest and largest value, in one buffer (shared with the helper, or private)."""
+    """Chunk states, the lists' spans, the values (n, width) int32 and each chunk's smallest and
+    largest value, in one buffer (shared with the helper, or private)."""
 
     def __init__(self, buffer, capacity: int, chunk: int, width: int) -> None:
-        n_chunks = -(-capacity // chunk)
-        head = -(-n_chunks // 64) * 64
+        n_chunks = _ceil_div(capacity, chunk)
+        head = _ceil_div(n_chunks, 64) * 64
         self.states = np.frombuffer(buffer, np.uint8, n_chunks)
+        self.spans = np.frombuffer(buffer, np.int32, 2 * n_chunks, head).reshape(n_chunks, 2)
+        head += 8 * n_chunks
         self.starts = np.frombuffer(buffer, np.int64, capacity, head)
         self.ends = np.frombuffer(buffer, np.int64, capacity, head + 8 * capacity)
         self.out = np.frombuffer(buffer, np.int32, capacity * width, head + 16 * capacity).reshape(capacity, width)
-        self.lo = np.frombuffer(buffer, np.int32, capacity, head + (16 + 4 * width) * capacity)
-        self.hi = np.frombuffer(buffer, np.int32, capacity, head + (20 + 4 * width) * capacity)
         self.chunk = chunk
 
     @staticmethod
     def size(capacity: int, chunk: int, width: int) -> int:
-        return -(-(-(-capacity // chunk)) // 64) * 64 + capacity * (24 + 4 * width)
+        n_chunks = _ceil_div(capacity, chunk)
+        return _ceil_div(n_chunks, 64) * 64 + 8 * n_chunks + capacity * (16 + 4 * width)
 
     def run(self, parser: simdjson.Parser, data, c: int, n: int, done: int) -> bool:
         s = slice(c * self.chunk, min(n, (c + 1) * self.chunk))
-        ok = parse_spans(parser, data, self.starts[s], self.ends[s], self.out[s], self.lo[s], self.hi[s])
+        ok = parse_spans(parser, data, self.starts[s], self.ends[s], self.out[s], self.spans[c])
         self.states[c] = done if ok else _FAILED
         return ok
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _anonymous(size: int) -> mmap.mmap:
@@ -117,8 +123,13 @@ class FileBytes:
     bytearray where there is no memfd."""
 
     def __init__(self, path: Path, fd: int | None = None) -> None:
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed once read
-        self.size = os.fstat(self.file.fileno()).st_size
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - see close()
+        st = os.fstat(self.file.fileno())
+        if not stat.S_ISREG(st.st_mode):  # a pipe, say: no size to plan with, read it all at once
+            self.buf, self.fd, self._own_fd = bytearray(self.file.readall()), None, None
+            self.size = self.got = len(self.buf)
+            return
+        self.size = st.st_size
         if fd is None and hasattr(os, "memfd_create"):
             fd = os.memfd_create("visdial-json", os.MFD_CLOEXEC)
             self._own_fd = fd
@@ -132,22 +143,20 @@ class FileBytes:
             self.buf = bytearray(self.size)
 
     def pieces(self, piece: int = PIECE_BYTES) -> Iterator[tuple[int, int]]:
-        """Read the file piece by piece; yield each piece's range once it is in the buffer."""
-        try:
-            while self.got < self.size:
-                want = min(piece, self.size - self.got)
-                if self.fd is not None:
-                    n = os.sendfile(self.fd, self.file.fileno(), self.got, want)
-                else:
-                    n = self.file.readinto(memoryview(self.buf)[self.got : self.got + want])
-                if not n:  # the file shrank while it was read
-                    break
-                self.got += n
-                yield self.got - n, self.got
-        finally:
-            self.close()
+        """Read on, piece by piece; yield each piece's range once it is in the buffer."""
+        while self.got < self.size:
+            want = min(piece, self.size - self.got)
+            if self.fd is not None:
+                n = os.sendfile(self.fd, self.file.fileno(), self.got, want)
+            else:
+                n = self.file.readinto(memoryview(self.buf)[self.got : self.got + want])
+            if not n:  # the file shrank while it was read
+                break
+            self.got += n
+            yield self.got - n, self.got
 
     def close(self) -> None:
+        """Close the file (the buffer stays)."""
         self.file.close()
         if self._own_fd is not None:
             os.close(self._own_fd)
@@ -160,12 +169,13 @@ class OptionsHelper:
     def __init__(self) -> None:
         self.data_fd = os.memfd_create("visdial-json", os.MFD_CLOEXEC)
         self.work_fd = os.memfd_create("visdial-options", os.MFD_CLOEXEC)
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115 - a pipe could fill up and block it
         root = str(Path(__file__).resolve().parents[1])
         code = (f"import sys; sys.path.insert(0, {root!r}); from tasks.visdial_options import helper_main; "
                 "helper_main(int(sys.argv[1]), int(sys.argv[2])); import os; os._exit(0)")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, str(self.data_fd), str(self.work_fd)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.errors,
             pass_fds=(self.data_fd, self.work_fd),
         )
 
@@ -199,11 +209,12 @@ class OptionsHelper:
         self.proc.wait()
         if self.proc.stdin and not self.proc.stdin.closed:
             self.proc.stdin.close()
-        if self.proc.stderr and not self.proc.stderr.closed:
-            err = self.proc.stderr.read()
-            self.proc.stderr.close()
-            if self.proc.returncode not in (0, -9) and err:
-                log.warning("options helper exited with %s: %s", self.proc.returncode, err.decode(errors="replace")[-2000:])
+        if not self.errors.closed:
+            if self.proc.returncode not in (0, -9):
+                self.errors.seek(0)
+                err = self.errors.read()[-2000:].decode(errors="replace")
+                log.warning("options helper exited with %s: %s", self.proc.returncode, err)
+            self.errors.close()
         for fd in (self.data_fd, self.work_fd):
             if fd >= 0:
                 os.close(fd)
@@ -236,10 +247,10 @@ class OptionsJob:
             self.helper.say(str(n))
         return True
 
-    def finish(self, helper_timeout: float = 300.0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(n, width) values, each list's smallest and largest; None if a list is malformed."""
+    def finish(self, helper_timeout: float = 300.0) -> tuple[np.ndarray, int, int] | None:
+        """(n, width) values, the smallest and the largest; None if a list is malformed."""
         work, n, parser = self.work, self.n, simdjson.Parser()
-        states = work.states[: -(-n // self.chunk)]
+        states = work.states[: _ceil_div(n, self.chunk)]
         if self.helper:
             self.helper.say(f"end {n}")
         for c in reversed(range(len(states))):  # from the back, until the helper's chunks
@@ -256,7 +267,10 @@ class OptionsJob:
         for c in np.flatnonzero((states != _DONE) & (states != _HELPER_DONE)):  # what a dead helper left
             if not work.run(parser, self.data, int(c), n, _DONE):
                 return None
-        return work.out[:n], work.lo[:n], work.hi[:n]
+        spans = work.spans[: len(states)]
+        if not len(spans):
+            return work.out[:0], 0, 0
+        return work.out[:n], int(spans[:, 0].min()), int(spans[:, 1].max())
 
 
 def helper_main(data_fd: int, work_fd: int) -> None:
@@ -271,7 +285,7 @@ def helper_main(data_fd: int, work_fd: int) -> None:
     work = _Work(mmap.mmap(work_fd, _Work.size(capacity, chunk, width)), capacity, chunk, width)
     parser, c, n, final = simdjson.Parser(), 0, 0, False
     while True:
-        ready = -(-n // chunk) if final else n // chunk
+        ready = _ceil_div(n, chunk) if final else n // chunk
         while c < ready:
             if work.states[c] != _FREE:
                 return

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from schemas.quarantine import Reason
 from tasks import visdial, visdial_options
 from tasks.visdial import VisdialFormatError, dialog_columns, parse_visdial
-from tasks.visdial_options import OptionsHelper, OptionsJob
+from tasks.visdial_options import FileBytes, OptionsHelper, OptionsJob
 
 
 def _round(q=0, a=0, gt=0, n_answers=3):
@@ -99,7 +99,7 @@ ANS = ["yes", "no", "two", "maybe"]
 SEMANTIC = ["ok", "short", "empty", "blank_caption", "blank_question", "question_oob", "answer_neg",
             "option_oob", "gt_oob", "gt_mismatch", "dup"]
 TYPED = ["string_index", "float_option", "nested_options", "null_options", "count_99", "minus_one_option",
-         "escaped_key", "private_char"]  # the fast path hands these files to the slow path
+         "escaped_key", "private_key_text"]  # the fast path hands these files to the slow path
 
 
 def _dialog(image_id, rng, kind, shuffle):
@@ -142,9 +142,9 @@ def _dialog(image_id, rng, kind, shuffle):
     elif kind == "minus_one_option":
         r["answer_options"][int(rng.integers(100))] = -1
     elif kind == "escaped_key":
-        d["caption"] = "tab\u0061"  # written as a \u escape below
-    elif kind == "private_char":
-        d["caption"] = "odd \ue000 text"
+        d["caption"] = "tab["  # the bracket written as a \u escape below: it could spell the private key
+    elif kind == "private_key_text":
+        d["caption"] = "["  # the string the fast path uses as its private key
     if shuffle:
         d["dialog"] = [dict(sorted(x.items(), key=lambda kv: rng.random())) for x in d["dialog"]]
     return d
@@ -174,22 +174,47 @@ def test_fast_path_gives_what_the_reference_path_gives(tmp_path, kinds, seed, in
         dialogs[0]["answer_options"] = [1, 2, 3]
     doc = {"version": "1.0", "split": "val", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}}
     text = json.dumps(doc, indent=indent, ensure_ascii=False, separators=(",", ":") if compact else None)
-    raw = text.replace("tab" + "a", "tab\\u0061").encode()
+    raw = text.replace("tab[", "tab\\u005b").encode()
     p = tmp_path / "visdial_1.0_val.json"
     p.write_bytes(raw)
 
     parsed = parse_visdial(p)
     _same(parsed, visdial._parse_slow(p, raw))
+    source = FileBytes(p)
     try:
-        visdial._parse_fast(bytearray(raw), None)
+        visdial._parse_fast(source, None)
         took_fast = True
     except visdial._NotFast:
         took_fast = False
+    finally:
+        source.close()
     has_lists = any(d.get("dialog") for d in dialogs)  # a file without any falls back too
     assert took_fast == (indent is None and not extra_list and has_lists and not set(kinds) & set(TYPED))
 
 
-def test_helper_process_gives_the_same_tables(tmp_path):
+@pytest.mark.parametrize("tamper", ["moved_list", "duplicate_key"])
+def test_lists_that_are_not_exactly_the_rounds_lists_go_to_the_slow_path(tmp_path, tamper):
+    # As many "answer_options" lists as rounds, but one round has none: counting alone would pass.
+    rng = np.random.default_rng(5)
+    dialogs = [_dialog(1, rng, "ok", False), _dialog(2, rng, "ok", False)]
+    lost = dialogs[1]["dialog"][3].pop("answer_options")
+    if tamper == "moved_list":
+        dialogs[1]["answer_options"] = lost
+    else:
+        dialogs[1]["dialog"][5]["DUP"] = lost
+    text = json.dumps({"split": "val", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}})
+    p = tmp_path / "visdial_1.0_val.json"
+    p.write_text(text.replace('"DUP"', '"answer_options"'))
+    source = FileBytes(p)
+    with pytest.raises(visdial._NotFast):
+        visdial._parse_fast(source, None)
+    source.close()
+    parsed = parse_visdial(p)
+    _same(parsed, visdial._parse_slow(p, p.read_bytes()))
+    assert parsed.image_ids.tolist() == [1] and [r.reason for r in parsed.rejections] == [Reason.BAD_RECORD]
+
+
+def test_helper_process_gives_the_same_tables(tmp_path):  # the helper starts; here the caller may outrun it
     rng = np.random.default_rng(7)
     kinds = ["ok"] * 1500 + ["gt_mismatch", "short", "dup", "option_oob"]
     dialogs = [_dialog(10_000 + i if k != "dup" else 10_000, rng, k, False) for i, k in enumerate(kinds)]
@@ -210,6 +235,16 @@ def _lists_file(tmp_path, rows):
     return p, starts, ends
 
 
+def _job(path, starts, ends, helper, chunk=16):
+    source = FileBytes(path, helper.data_fd if helper else None)
+    job = OptionsJob(source.buf, len(starts), 100, helper, chunk=chunk)
+    for lo, hi in source.pieces(4096):  # hand the spans over as their bytes arrive
+        whole = (ends < hi) & (ends >= lo)
+        job.add(starts[whole], ends[whole])
+    source.close()
+    return job
+
+
 @pytest.mark.parametrize("kill", [False, True])
 def test_helper_takes_chunks_from_the_front_and_a_dead_one_costs_nothing(tmp_path, kill):
     rows = np.random.default_rng(1).integers(0, 300_000, size=(640, 100))
@@ -217,17 +252,16 @@ def test_helper_takes_chunks_from_the_front_and_a_dead_one_costs_nothing(tmp_pat
     helper = OptionsHelper.spawn()
     assert helper is not None, "needs two cores and memfd"
     try:
-        job = OptionsJob(helper.load(p), starts, ends, 100, helper, chunk=16)
+        job = _job(p, starts, ends, helper)
         if kill:
             helper.proc.kill()
         deadline = time.monotonic() + 30
-        while not kill and job.states[0] == 0 and time.monotonic() < deadline:  # the helper has begun
+        while not kill and job.work.states[0] == 0 and time.monotonic() < deadline:  # the helper has begun
             time.sleep(0.01)
         values, lowest, highest = job.finish()
-        assert np.array_equal(values, rows)
-        assert np.array_equal(lowest, rows.min(1)) and np.array_equal(highest, rows.max(1))
+        assert np.array_equal(values, rows) and (lowest, highest) == (rows.min(), rows.max())
         if not kill:
-            assert job.states[0] == visdial_options._HELPER_DONE
+            assert job.work.states[0] == visdial_options._HELPER_DONE
     finally:
         helper.close()
 
@@ -238,8 +272,7 @@ def test_a_malformed_list_fails_the_job_wherever_it_is(tmp_path):
     p, starts, ends = _lists_file(tmp_path, rows)
     helper = OptionsHelper.spawn()
     try:
-        assert OptionsJob(helper.load(p), starts, ends, 100, helper, chunk=16).finish() is None
+        assert _job(p, starts, ends, helper).finish() is None
     finally:
         helper.close()
-    data = bytearray(p.read_bytes())
-    assert OptionsJob(data, starts, ends, 100, None, chunk=16).finish() is None
+    assert _job(p, starts, ends, None).finish() is None
