@@ -103,6 +103,7 @@ def test_batch_first_attention_computes_what_imagebinds_own_does(demo_dir, tmp_p
     for modality in ("vision", "text"):
         assert all(isinstance(b.attn, BatchFirstAttention) for b in patched.modality_trunks[modality].blocks)
     assert not isinstance(patched.modality_trunks["audio"].blocks[0].attn, BatchFirstAttention)  # has k/v biases
+    assert [patched.modality_trunks[m].blocks[0].attn.causal for m in ("vision", "text")] == [False, True]
     pixels = np.stack([load_pixels(p) for p in some_images(demo_dir, tmp_path)])
     inputs = {"vision": normalise_pixels(torch.from_numpy(pixels)),
               "text": torch.from_numpy(tokenize(["Q: is it red? A: yes", "Q: how many? A: three dogs"])).long()}
