@@ -132,6 +132,19 @@ def test_recency_and_saliency_break_similarity_ties(store):
     assert hits[0].memory["memory_id"] == old["memory_id"]
 
 
+def test_recall_returns_full_rows_even_when_row_ids_moved(store):
+    """Recall reads only the scoring columns of its candidates and fetches the public columns of
+    the k it returns by row id; rows written since (row ids reused by a compaction) are caught."""
+    facts = [store.remember("ann", f"fact {i}", vector=unit(i), now=T0, saliency=i / 10) for i in range(6)]
+    hits = store.recall("ann", vector=unit(3), k=3, now=T0, touch=False)
+    assert hits[0].memory == store.get("ann", facts[3]["memory_id"])  # every public column, exact
+    cands = store._vector_candidates(unit(3), store.visible_filter("ann", None, T0), 4)
+    stale = cands.set_column(cands.column_names.index("_rowid"), "_rowid", cands.column("_rowid").take([3, 2, 1, 0]))
+    rows = store._public_rows(stale)
+    assert [r["memory_id"] for r in rows] == cands.column("memory_id").to_pylist()
+    assert rows == [store.get("ann", m) for m in cands.column("memory_id").to_pylist()]
+
+
 def test_a_new_fact_on_a_key_supersedes_the_old_one(store):
     berlin = store.remember("ann", "I live in Berlin", key="home", now=T0)
     paris = store.remember("ann", "I live in Paris", key="home", now=T0 + timedelta(days=1))
