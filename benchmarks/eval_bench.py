@@ -2,25 +2,32 @@
 
 The report evaluated its memory model (LLaMA-3.2-1B) on VisDial val, 20,640 samples, in
 39 min 42 s (1,290 batches of 16 at 1.85 s each). This script runs the same amount of work
-through the evaluation's own code on random weights (none can be downloaded; speed does not
+through the evaluate flow's own code on random weights (none can be downloaded; speed does not
 depend on their values), bf16 on CUDA:
 
 * ``--model memory`` (default): the memory model of ``training.memory_model`` (report-size
   Q-Former over an 11-position ImageBind memory, soft prompt into a LLaMA-3.2-1B-architecture LM),
-  generating through ``evaluation.memory_eval.memory_generate`` (batched ``generate`` over
-  ``inputs_embeds`` with the key/value cache), as the evaluate flow's ``memory`` variants do;
+  answered through ``tasks.evaluate.generate_memory`` itself, the function the flow's ``memory``
+  variants run: response-cache lookup, shards of whole batches through
+  ``evaluation.memory_eval.memory_generate`` (batched ``generate`` over ``inputs_embeds`` with the
+  key/value cache), each shard journaled and merged into a fresh ``llm_responses`` table. Its
+  batch and shard sizes are the flow's for ``schemas/variants/memory.toml`` on the device
+  (``--batch-size`` / ``--shard-size`` override them, as ``mmem evaluate run --batch-size`` does);
+  its answers go through the flow's ``hypothesis`` before scoring;
 * ``--model lm``: the plain LM on text prompts through ``evaluation.generation.generate``
-  (length-sorted, left-padded batches), as the flow's in-process ``hf`` variants do.
+  (length-sorted, left-padded batches), the function the flow's in-process ``hf`` variants call,
+  at the batch size the flow gives an ``hf`` variant.
 
 Then ``evaluation.metrics.corpus_bleu4`` over all answers. The baseline, in the same run: the same
-code at the report's batch size of 16, timed over ``--baseline-samples`` samples and extrapolated.
+code at the report's batch size of 16, timed over ``--baseline-samples`` samples and extrapolated
+(each timed run writes its own response cache under a fresh data root, so none hits another's).
 Every answer is exactly ``--new-tokens`` tokens long (``min_new_tokens``), so the work is fixed
 whatever the random model says.
 
 Full size, one H100 (target: <= 120 s for the whole evaluation):
     .venv/bin/python benchmarks/eval_bench.py --device cuda
 Tiny check on a CPU:
-    .venv/bin/python benchmarks/eval_bench.py --device cpu --preset tiny --samples 64 --baseline-samples 32
+    .venv/bin/python benchmarks/eval_bench.py --device cpu --preset tiny --samples 640 --baseline-samples 64
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import argparse
 import os
 import random
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,7 +124,50 @@ def memory_data(n: int, model, tokenizer, question_words: int, answer_words: int
     data = MemoryData(image_ids=np.arange(dialogs), image=image.to(dtype), texts=texts.to(dtype),
                       dialog=index // TURNS, turn=index % TURNS + 1, prompt_ids=p_ids, prompt_len=p_len,
                       answer_ids=a_ids, answer_len=a_len, answers=refs)
-    return data.to(next(model.parameters()).device), refs
+    return data.to(next(model.parameters()).device), refs, prompts
+
+
+def flow_config(root: Path, device: str, batch_size: int | None, shard_size: int | None):
+    """The evaluate flow's config over a fresh data root (its own response cache)."""
+    from schemas.evaluate import EvaluateConfig
+
+    extra = {"shard_size": shard_size} if shard_size else {}
+    return EvaluateConfig(data_root=root, device=device, batch_size=batch_size, **extra)
+
+
+def memory_run(model, data, prompts: list[str], new_tokens: int, device: str, batch_size: int | None, shard_size: int | None,
+               work: Path):
+    """``f(indices, batch, tag) -> answers`` through ``tasks.evaluate.generate_memory`` (each call a
+    fresh data root), and the batch and shard sizes the flow uses on ``device``."""
+    from schemas.evaluate import load_variants
+    from tasks.evaluate import (
+        MemoryRun,
+        ResolvedModel,
+        generate_memory,
+        generation_batch_size,
+        generation_options,
+        hypothesis,
+        memory_request,
+        shard_step,
+    )
+
+    variant = load_variants("memory")[0].model_copy(update={"max_new_tokens": new_tokens})
+    config = flow_config(work / "probe", device, batch_size, shard_size)
+    flow_batch = generation_batch_size(config, variant, device)
+    options = generation_options(config, variant)
+    resolved = ResolvedModel("memory:bench-random@0", artifact="bench-random:v1", label="random weights")
+    embeddings = "image_embeddings@v1,text_embeddings@v1"
+    requests = [memory_request(resolved.request_model, prompt, int(data.image_ids[d]), int(t), embeddings, options)
+                for prompt, d, t in zip(prompts, data.dialog.tolist(), data.turn.tolist(), strict=True)]
+
+    def run(indices, batch, tag):
+        cfg = flow_config(work / tag, device, batch, shard_size)
+        picked = [requests[i] for i in indices]
+        assert list(indices) == list(range(len(picked))), "runs take a prefix of the samples"
+        answers = generate_memory(cfg, resolved, MemoryRun(model, data, [], picked, [], batch), tag)
+        return [hypothesis(answers[r.request_hash])[0] for r in picked]
+
+    return run, flow_batch, shard_step(config, flow_batch)
 
 
 def lm_data(n: int, vocab: int, prompt_words: tuple[int, int], answer_words: int, seed: int):
@@ -140,7 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--preset", default="1b", choices=sorted(PRESETS))
     ap.add_argument("--samples", type=int, default=20640)
-    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the evaluate flow's for the variant "
+                    "on this device (memory.toml: 512)")
+    ap.add_argument("--shard-size", type=int, default=None, help="--model memory: default the flow's shard_size "
+                    "(rounded up to whole batches)")
+    ap.add_argument("--work-dir", type=Path, default=None, help="--model memory: where the timed runs' response "
+                    "caches go (default: a temporary folder, removed at the end)")
     ap.add_argument("--baseline-batch-size", type=int, default=16, help="the report's batch size")
     ap.add_argument("--baseline-samples", type=int, default=320, help="timed at the baseline batch size, extrapolated")
     ap.add_argument("--new-tokens", type=int, default=24, help="tokens generated per answer (memory model: its "
@@ -156,7 +213,6 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from evaluation.generation import generate
-    from evaluation.memory_eval import memory_generate
     from evaluation.metrics import corpus_bleu4
 
     cuda = args.device.startswith("cuda")
@@ -174,40 +230,53 @@ def main(argv: list[str] | None = None) -> None:
     tok = build_tokenizer(PRESETS[args.preset]["llm"]["vocab_size"])
     llm = build_llm(args.preset, args.device, dtype)
     llm.generation_config.min_new_tokens = args.new_tokens  # fixed work per answer
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="eval-bench-"))
     if args.model == "memory":
         model = build_memory_model(args.preset, llm, tok, args.device, dtype)
-        data, refs = memory_data(args.samples, model, tok, args.question_words, args.answer_words, args.seed, dtype)
-
-        def run(indices, batch_size):
-            return memory_generate(model, data, indices=indices, batch_size=batch_size,
-                                   max_new_tokens=args.new_tokens)
+        data, refs, prompts = memory_data(args.samples, model, tok, args.question_words, args.answer_words,
+                                          args.seed, dtype)
+        run, batch_size, shard = memory_run(model, data, prompts, args.new_tokens, args.device, args.batch_size,
+                                            args.shard_size, work)
         what = (f"memory model (Q-Former {model.arch.qformer_layers}x{model.arch.qformer_hidden}, "
                 f"{model.arch.num_query_tokens} query tokens) + ")
+        path = "tasks.evaluate.generate_memory (cache lookup, journal, merge into llm_responses)"
         params = sum(p.numel() for p in model.parameters())
     else:
-        prompts, refs = lm_data(args.samples, tok.vocab_size, tuple(args.prompt_words), args.answer_words, args.seed)
+        from schemas.evaluate import Variant
+        from tasks.evaluate import generation_batch_size
 
-        def run(indices, batch_size):
-            return generate(llm, tok, [prompts[i] for i in indices], batch_size=batch_size,
+        prompts, refs = lm_data(args.samples, tok.vocab_size, tuple(args.prompt_words), args.answer_words, args.seed)
+        hf = Variant(name="bench", backend="hf", model="bench")
+        batch_size = generation_batch_size(flow_config(work / "probe", args.device, args.batch_size, None), hf,
+                                           args.device)
+        shard = None
+
+        def run(indices, batch, tag):
+            return generate(llm, tok, [prompts[i] for i in indices], batch_size=batch,
                             max_new_tokens=args.new_tokens)
         what = ""
+        path = "evaluation.generation.generate"
         params = sum(p.numel() for p in llm.parameters())
     setup_s = time.perf_counter() - t0
 
-    everything = list(range(args.samples))
-    warm = everything[: args.warmup_batches * args.batch_size]
-    if warm:  # CUDA kernels, allocator: not timed
-        run(warm, args.batch_size)
-    base_n = min(args.baseline_samples, args.samples)
-    b_gen, b_hyps = timed(lambda: run(everything[:base_n], args.baseline_batch_size), sync)
-    b_score, _ = timed(lambda: corpus_bleu4(b_hyps, refs[:base_n]), sync)
-    base_total = (b_gen + b_score) * args.samples / base_n
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    gen_s, hyps = timed(lambda: run(everything, args.batch_size), sync)
-    score_s, bleu = timed(lambda: corpus_bleu4(hyps, refs), sync)
+    try:
+        everything = list(range(args.samples))
+        warm = everything[: args.warmup_batches * batch_size]
+        if warm:  # CUDA kernels, allocator, the first Lance table: not timed
+            run(warm, batch_size, "warmup")
+        base_n = min(args.baseline_samples, args.samples)
+        b_gen, b_hyps = timed(lambda: run(everything[:base_n], args.baseline_batch_size, "baseline"), sync)
+        b_score, _ = timed(lambda: corpus_bleu4(b_hyps, refs[:base_n]), sync)
+        base_total = (b_gen + b_score) * args.samples / base_n
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        gen_s, hyps = timed(lambda: run(everything, batch_size, "batched"), sync)
+        score_s, bleu = timed(lambda: corpus_bleu4(hyps, refs), sync)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
     total = gen_s + score_s
-    batches = -(-args.samples // args.batch_size)
+    batches = -(-args.samples // batch_size)
 
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "n/a"
@@ -216,9 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {device_name}; model: {what}LLaMA-3.2-1B architecture, preset={args.preset} "
           f"({params / 1e6:.0f}M params, random weights, {dtype_name}); setup {setup_s:.1f} s")
     print(f"work: {args.samples} samples, {args.new_tokens} new tokens each, greedy, KV cache; corpus BLEU-4")
+    print(f"timed code: {path}; batch {batch_size}" + (f", journal shards of {shard}" if shard else ""))
     print(f"baseline (batch {args.baseline_batch_size}, timed on {base_n} samples, extrapolated): {base_total:.1f} s "
           f"for {args.samples} ({(b_gen + b_score) / base_n * args.baseline_batch_size:.3f} s/batch)")
-    print(f"batched  (batch {args.batch_size}, {batches} batches): generation {gen_s:.1f} s + BLEU-4 {score_s:.2f} s "
+    print(f"batched  (batch {batch_size}, {batches} batches): generation {gen_s:.1f} s + BLEU-4 {score_s:.2f} s "
           f"= {total:.1f} s ({args.samples / total:.0f} samples/s, {gen_s / batches:.3f} s/batch); peak GPU memory {peak}")
     print(f"speed-up vs baseline: {base_total / total:.1f}x; vs the report's {REPORT_SECONDS} s "
           f"({REPORT_SECONDS_PER_BATCH} s/batch of 16): {REPORT_SECONDS / total:.1f}x")

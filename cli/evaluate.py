@@ -31,18 +31,22 @@ def run(
     bertscore_model: Annotated[Path | None, typer.Option(help="Local BERTScore backbone (e.g. roberta-large).")] = None,
     dense_annotations: Annotated[Path | None, typer.Option(help="VisDial dense annotations JSON (adds NDCG).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Samples per generate() call of in-process and memory variants, for every variant (default: "
+        "the variant's batch_size, else 512 for memory variants on CUDA and 64 otherwise).")] = None,
     data_root: DataRootOpt = None,
 ) -> None:
     """Generate with every variant over the held-out dialogs, score, and write the evaluations table."""
     from flows.evaluate import evaluate_flow
-    from schemas.evaluate import EvaluateConfig
+    from schemas.evaluate import EvaluateConfig, load_variants
     from tasks.evaluate import GenerationIncomplete, VariantUnavailable
     from tasks.llm_client import LLMUnavailable
 
     try:
         config = load(EvaluateConfig, data_root, variants=variants, only=only or None, split=split, limit=limit,
                       run_label=run_label, ollama_host=ollama_host, bertscore_model=bertscore_model,
-                      dense_annotations=dense_annotations, device=device)
+                      dense_annotations=dense_annotations, device=device, batch_size=batch_size)
+        load_variants(config.variants)  # a bad file fails here, before a flow run starts
         result = evaluate_flow(config)
     except (FileNotFoundError, ValueError, KeyError, VariantUnavailable, LLMUnavailable, GenerationIncomplete) as exc:
         fail(str(exc))

@@ -39,7 +39,7 @@ def sql(
     from storage.catalog import run_sql
 
     cfg = load(StageConfig, data_root)
-    pins = {}
+    pins: dict[str, int | str] = {}
     for v in version or []:
         name, _, ver = v.partition("=")
         if not ver:
@@ -47,6 +47,8 @@ def sql(
         pins[name] = int(ver) if ver.isdigit() else ver
     try:
         result = run_sql(cfg.lance_uri, query, pins)
-    except Exception as exc:  # noqa: BLE001 - DuckDB's message is the useful part
+    except Exception as exc:  # noqa: BLE001 - DuckDB's (or the catalog's) message is the useful part
         fail(str(exc))
-    typer.echo(result.to_pandas().head(limit).to_string(max_colwidth=60))
+    typer.echo(result.slice(0, limit).to_pandas().to_string(max_colwidth=60))
+    if result.num_rows > limit:
+        typer.echo(f"({result.num_rows} rows; the first {limit} shown, --limit N for more)")

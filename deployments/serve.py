@@ -4,7 +4,9 @@
 at (``PREFECT_API_URL``; ``mmem server start`` runs a local one) and executes their runs, so a
 researcher can start, schedule and re-run any stage from the UI with the form that the flow's
 config renders. Parameters default to the profile's values. The pipeline carries a weekly cron
-schedule as an example, paused until someone switches it on in the UI.
+schedule as an example, paused until someone switches it on in the UI. SFT runs on each new
+validated ``reminders`` version, evaluation on each new artifact its variants use
+(deployments/triggers.py).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 
-from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
+from deployments.triggers import evaluate_on_new_artifacts, sft_on_new_reminders
 from flows.embed import embed_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.pipeline import pipeline_flow
 from flows.reminders import reminders_flow
 from flows.train import train_memory_flow, train_sft_flow
+from schemas.evaluate import load_variants
 from schemas.pipeline import PipelineConfig
 
 EXAMPLE_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
@@ -30,6 +33,7 @@ EXAMPLE_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
 def build_deployments(profile: Path | None = None, data_root: Path | None = None) -> list[RunnerDeployment]:
     cfg = PipelineConfig.load(profile, data_root=data_root)
     params = lambda c: {"config": c.model_dump(mode="json")}
+    evaluate = cfg.stage("evaluate")
     deployments = [
         pipeline_flow.to_deployment(
             name="pipeline", parameters=params(cfg), tags=["mmem"],
@@ -42,8 +46,9 @@ def build_deployments(profile: Path | None = None, data_root: Path | None = None
                                      triggers=[sft_on_new_reminders()]),
         train_memory_flow.to_deployment(name="train-memory", parameters=params(cfg.stage("train_memory")),
                                         tags=["mmem"]),
-        evaluate_flow.to_deployment(name="evaluate", parameters=params(cfg.stage("evaluate")), tags=["mmem"],
-                                    triggers=[evaluate_on_new_artifact()]),
+        evaluate_flow.to_deployment(name="evaluate", parameters=params(evaluate), tags=["mmem"],
+                                    triggers=evaluate_on_new_artifacts(params(evaluate)["config"],
+                                                                       load_variants(evaluate.variants))),
     ]
     if cfg.inputs:
         first = cfg.inputs[0]

@@ -2,13 +2,18 @@
 
 It writes the demo dataset (once), starts the local Ollama-protocol server in teacher mode in
 a background thread (a deterministic stand-in, named as such in every row it produces), runs the
-parent flow with the demo profile, and says where to look at the results.
+parent flow with the demo profile, and says where to look at the results
+(``where_to_look``, which ``mmem pipeline run`` prints too).
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+
+from prefect.client.schemas.objects import State
+from prefect.settings import PREFECT_API_URL
+from prefect.utilities.urls import url_for
 
 from flows.pipeline import pipeline_flow
 from schemas.pipeline import PipelineConfig, SplitInput
@@ -38,17 +43,27 @@ def run_demo(root: Path, *, dialogs: int = 40, val_dialogs: int = 10, profile: P
         cfg = PipelineConfig.load(profile or DEMO_PROFILE, data_root=root, inputs=inputs,
                                   reminders={"ollama_host": url}, evaluate={"ollama_host": url})
         state = pipeline_flow(cfg, return_state=True)
+    text = where_to_look(cfg, state)
+    if not state.is_completed():
+        raise RuntimeError(text)
+    return text
+
+
+def where_to_look(cfg: PipelineConfig, state: State) -> str:
+    """How the run ended, every table with its rows and version, and the commands (and, on a
+    server, the UI page) that show the results: what `mmem demo` and `mmem pipeline run` print last."""
+    root = cfg.data_root
     lines = [f"pipeline: {'completed' if state.is_completed() else 'FAILED: ' + str(state.message)}", "", "tables:"]
     for t in describe_tables(cfg.lance_uri):
         lines.append(f"  {t['table']:<18} {t['rows']:>7} rows  version {t['version']}")
+    run_page = url_for("flow-run", obj_id=state.state_details.flow_run_id) if PREFECT_API_URL.value() else None
     lines += [
         "",
-        f"model artifacts:  mmem --data-root {root} artifacts list   ({root / 'artifacts'})",
+        f"model artifacts:  mmem --data-root {root} artifacts list   ({cfg.artifacts_dir})",
         f"evaluation:       mmem --data-root {root} evaluate report  (plots under {root / 'reports'})",
         f"query:            mmem --data-root {root} query --text \"a red circle\" -k 5",
         f"SQL:              mmem --data-root {root} sql \"SELECT reason, count(*) FROM quarantine GROUP BY 1\"",
-        "Prefect UI:       run `mmem server start`, export PREFECT_API_URL as it says, and run the demo again",
+        f"Prefect UI:       {run_page}" if run_page else
+        "Prefect UI:       run `mmem server start`, export PREFECT_API_URL as it says, and run this again",
     ]
-    if not state.is_completed():
-        raise RuntimeError("\n".join(lines))
     return "\n".join(lines)

@@ -11,13 +11,14 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from schemas.embed import EmbedConfig
-from storage.lance import connect, tag
+from storage.lance import connect, tag, versions_text
 from storage.quarantine import quarantine
 from tasks.embed import (
     Writer,
     collect,
     embed_shard_task,
     index_task,
+    output_versions,
     plan,
     prestart,
     results_storage,
@@ -45,6 +46,7 @@ def embed_shards_flow(config: EmbedConfig) -> dict:
     prestart(config)
     db = connect(config.lance_uri)
     p = plan(db, config)
+    logger().info("embed read %s", versions_text(p.read_versions))
     logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",
                   p.fingerprint, p.images, p.texts, p.shards, len(p.todo))
     shard_task = embed_shard_task.with_options(result_storage=results_storage(config))
@@ -54,8 +56,12 @@ def embed_shards_flow(config: EmbedConfig) -> dict:
     for name in done.writer.merged:
         if done.writer.inserted[name] or done.writer.updated[name]:
             tag(db, name, label)
-    quarantine(db, "embed", done.rejections, label)
-    return summary(p, done)
+    q = quarantine(db, "embed", done.rejections, label)
+    written = {**output_versions(db), "quarantine": q.version}
+    logger().info("embed read %s; wrote %s (%s)", versions_text(p.read_versions), versions_text(written),
+                  ", ".join(f"{n} +{done.writer.inserted.get(n, 0)} inserted, {done.writer.updated.get(n, 0)} updated"
+                            for n in written if n != "quarantine"))
+    return summary(p, done, written)
 
 
 @flow(name="embed", log_prints=True)
@@ -63,7 +69,11 @@ def embed_flow(config: EmbedConfig) -> dict:
     """Embed every ingested image and distinct text with ImageBind into Lance; returns the counts."""
     counts = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
     counts["index"] = index_task(config.lance_uri, config.index_min_rows)
-    publish_table("embed-counts", [{"count": k, "value": str(v)} for k, v in counts.items()],
-                  "Embed: rows, shards (up to date / cached / computed), merges and quarantine")
+    counts["versions"].update(output_versions(connect(config.lance_uri)))  # an index build is a new version
+    flat = {**{k: v for k, v in counts.items() if k not in ("versions", "read_versions")},
+            **{f"read_{k}": v for k, v in counts["read_versions"].items()},
+            **{f"version_{k}": v for k, v in counts["versions"].items()}}
+    publish_table("embed-counts", [{"count": k, "value": str(v)} for k, v in flat.items()],
+                  "Embed: rows, shards (up to date / cached / computed), merges, quarantine, table versions")
     logger().info("embed done: %s", counts)
     return counts

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from evaluation.generation import pick_device
 from evaluation.metrics import Backbone, resolve_backbone
 from schemas.evaluate import EvaluateConfig, Variant, load_variants
 from tasks.evaluate import (
@@ -16,6 +17,7 @@ from tasks.evaluate import (
     generate_in_process_task,
     generate_memory_task,
     generate_ollama_task,
+    generation_batch_size,
     hypothesis,
     load_task,
     metric_rows,
@@ -30,6 +32,7 @@ from tasks.evaluate import (
     score_task,
     scoring_code_version,
     served,
+    served_version,
     without_training_data,
     write_task,
 )
@@ -46,6 +49,7 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     log = logger()
     variants = _select(load_variants(config.variants), config.only)
     data = load_task(config)
+    log.info("held-out split %r read at %s (%d dialogs)", config.split, data.dataset_version, len(data.dialogs))
     backbone = resolve_backbone(config.bertscore_model, config.bertscore_layers) if config.bertscore else None
     code = scoring_code_version()
     rows, rejections, skipped, results = [], list(data.rejections), {}, {}
@@ -58,12 +62,13 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
             log.warning("skipping variant %s: %s", v.name, exc)
             skipped[v.name] = str(exc)
             continue
-        values, n, dropped = _evaluate_variant(config, v, model, data, backbone, code, f"{run}-{v.name}")
+        values, n, dropped, model, read_at = _evaluate_variant(config, v, model, data, backbone, code,
+                                                               f"{run}-{v.name}")
         rejections += dropped
-        rows += metric_rows(run, v, model, data.dataset_version, config.split, values, n,
-                            backbone.label if backbone else None)
+        rows += metric_rows(run, v, model, read_at, config.split, values, n, backbone.label if backbone else None)
         results[v.name] = values
-        log.info("%s: %s", v.name, {k: round(x, 4) for k, x in values.items()})
+        log.info("%s (model %s, data %s): %s", v.name, model.version or model.label, read_at,
+                 {k: round(x, 4) for k, x in values.items()})
     versions = write_task(config.lance_uri, rows, rejections, run)
     md, charts = report_task(rows, config.reports_dir / run, run)
     publish_markdown("evaluation", md, f"Evaluation run {run}: metrics per variant")
@@ -75,13 +80,17 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
 
 
 def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, data: EvalData,
-                      backbone: Backbone | None, code: str, label: str) -> tuple[dict, dict, list]:
-    """(metric values, samples behind each metric, rejections) of one variant."""
+                      backbone: Backbone | None, code: str, label: str) -> tuple[dict, dict, list, ResolvedModel, str]:
+    """(metric values, samples behind each metric, rejections, the model with its recorded version,
+    the dataset versions read) of one variant."""
     dense = str(config.dense_annotations) if config.dense_annotations else None
     data = without_training_data(data, model)
     ranked: dict[str, float] = {}
+    read_at = data.dataset_version
     if v.backend == "memory":
         prepared = prepare_memory_task(config, v, model, data)
+        read_at = f"{read_at},{prepared.dataset_version}"  # its answers come from the stored embeddings
+        logger().info("%s reads %s", v.name, read_at)
         answers = generate_memory_task(config, model, prepared, label)
         requests, samples, dropped = prepared.requests, prepared.samples, data.rejections + prepared.rejections
         if v.ranking:
@@ -90,8 +99,12 @@ def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, 
     else:
         with served(config, v, model) as model_at:
             prompts = requests_task(config, v, model_at, samples_for(data, v, config.limit), data.images)
-            generate = generate_in_process_task if v.backend == "hf" else generate_ollama_task
-            answers = generate(config, model_at, prompts.requests, label)
+            if v.backend == "hf":
+                batch = generation_batch_size(config, v, pick_device(config.device))
+                answers = generate_in_process_task(config, model_at, prompts.requests, label, batch)
+            else:
+                answers = generate_ollama_task(config, model_at, prompts.requests, label)
+                model = served_version(config, model_at)  # the digest of what answered
         requests, samples, dropped = prompts.requests, prompts.samples, data.rejections + prompts.rejections
         if v.ranking:  # VisDial ranks every round of a dialog, whatever turns the generation used
             every = samples_for(data, v.model_copy(update={"turns": "all"}), config.limit)
@@ -112,7 +125,7 @@ def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, 
         ndcg_rounds = int(ranked.pop("ndcg_rounds", 0))
         values |= ranked
         n |= dict.fromkeys(ranked, rounds) | ({"ndcg": ndcg_rounds} if "ndcg" in ranked else {})
-    return values, n, dropped
+    return values, n, dropped, model, read_at
 
 
 def _select(variants: list[Variant], only: list[str] | None) -> list[Variant]:

@@ -2,9 +2,12 @@
 
 Each stage is its own flow, run here as a subflow, so the Prefect UI shows the DAG as nested
 runs and any stage can also be run (or re-run) alone. Stages hand over table versions, not
-file paths: SFT trains on the exact `reminders` version the reminders stage wrote and
-validated. A failed stage (a validation gate included) skips exactly the stages that depend on
-it, says why in an artifact, and fails the pipeline run at the end.
+file paths, through their configs' pin fields (run alone, a stage reads the latest): embed and
+reminders read the `images`/`dialogs`/`turns` versions ingest wrote, the memory model trains on
+those `turns`/`dialogs` and the embeddings versions embed wrote, SFT on the exact `reminders`
+version the reminders stage wrote and validated. The log and the summary artifact name what each
+stage read and wrote. A failed stage (a validation gate included) skips exactly the stages that
+depend on it, says why in an artifact, and fails the pipeline run at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from flows.reminders import reminders_flow
 from flows.train import train_memory_flow, train_sft_flow
 from schemas.ingest import IngestConfig
 from schemas.pipeline import DEPENDS_ON, STAGES, PipelineConfig
+from storage.lance import versions_text
 from tasks.runtime import logger, publish_markdown
 
 
@@ -55,6 +59,8 @@ def pipeline_flow(config: PipelineConfig) -> dict:
             log.warning("%s %s", name, status[name])
             continue
         ok, out = _STAGE_RUNNERS[name](config, results)
+        if ok and name != "ingest":
+            log.info("stage %s read %s; wrote %s", name, versions_text(_read(out)), versions_text(_wrote(out)))
         status[name] = "ok" if ok else f"FAILED: {out}"
         results[name] = out
         log.info("stage %s: %s", name, "ok" if ok else status[name])
@@ -78,11 +84,12 @@ def _ingest(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
 
 
 def _embed(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
-    return _run("embed", embed_flow, config.stage("embed"))
+    return _run("embed", embed_flow, _pinned(config.stage("embed"), "table_versions", _ingested(results)))
 
 
 def _reminders(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
-    return _run("reminders", reminders_flow, config.stage("reminders"))
+    return _run("reminders", reminders_flow, _pinned(config.stage("reminders"), "table_versions",
+                                                     _ingested(results)))
 
 
 def _train_sft(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
@@ -94,11 +101,37 @@ def _train_sft(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
 
 
 def _train_memory(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
-    return _run("train_memory", train_memory_flow, config.stage("train_memory"))
+    """The memory model trains on the turns/dialogs ingest wrote and the embeddings embed wrote."""
+    ingested = {k: v for k, v in _ingested(results).items() if k in ("turns", "dialogs")}
+    embedded = {k: v for k, v in ((results.get("embed") or {}).get("versions") or {}).items()
+                if k in ("image_embeddings", "text_embeddings")}
+    return _run("train_memory", train_memory_flow,
+                _pinned(config.stage("train_memory"), "table_versions", {**ingested, **embedded}))
 
 
 def _evaluate(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
-    return _run("evaluate", evaluate_flow, config.stage("evaluate"))
+    """Evaluation loads the artifact versions this run's training produced (or found up to date)."""
+    trained = {r["name"]: r["version"] for r in (results.get("train_sft"), results.get("train_memory"))
+               if isinstance(r, dict) and r.get("name") and r.get("version")}
+    return _run("evaluate", evaluate_flow, _pinned(config.stage("evaluate"), "artifact_versions", trained))
+
+
+def _ingested(results: dict) -> dict[str, int]:
+    """The latest version ingest wrote of each of images/dialogs/turns (every split writes the
+    same tables, one after another: the last split's version holds them all)."""
+    out: dict[str, int] = {}
+    for split in (results.get("ingest") or {}).values():
+        for name, v in (split.get("versions") or {}).items():
+            if name in ("images", "dialogs", "turns") and isinstance(v, int):
+                out[name] = max(v, out.get(name, v))
+    return out
+
+
+def _pinned(stage, field: str, versions: dict[str, int]):
+    """The stage config with ``versions`` handed over; a version the profile pinned itself wins."""
+    if not versions:
+        return stage
+    return stage.model_copy(update={field: {**versions, **getattr(stage, field)}})
 
 
 _STAGE_RUNNERS = {"ingest": _ingest, "embed": _embed, "reminders": _reminders, "train_sft": _train_sft,
@@ -113,7 +146,34 @@ def _written_version(result: Any, table: str) -> int | None:
     return None
 
 
+def _read(result: Any) -> dict:
+    if not isinstance(result, dict):
+        return {}
+    if isinstance(result.get("inputs"), dict):  # a train stage: its manifest's inputs, {table: {"version": v}}
+        return {k: v.get("version") if isinstance(v, dict) else v for k, v in result["inputs"].items()}
+    return result.get("read_versions") or {}
+
+
+def _wrote(result: Any) -> dict:
+    if not isinstance(result, dict):
+        return {}
+    if isinstance(result.get("versions"), dict):
+        return result["versions"]
+    if "artifact" in result:  # a train stage: the model artifact it produced (or found up to date)
+        return {str(result.get("name") or result["artifact"]): result.get("version")}
+    return {}
+
+
 def _summary(status: dict[str, str], results: dict) -> str:
-    lines = ["| stage | status |", "| --- | --- |"]
-    lines += [f"| {k} | {v.replace('|', '/')[:300]} |" for k, v in status.items()]
+    """Each stage's status and the table versions it read and wrote (the hand-over between stages)."""
+    lines = ["| stage | status | read | wrote |", "| --- | --- | --- | --- |"]
+    for k, v in status.items():
+        out = results.get(k)
+        if k == "ingest" and isinstance(out, dict):
+            wrote = "; ".join(f"{s}: {versions_text(r.get('versions') or {})}" for s, r in out.items()
+                              if isinstance(r, dict))
+        else:
+            wrote = versions_text(_wrote(out)) if out is not None else ""
+        read = versions_text(_read(out)) if out is not None else ""
+        lines.append(f"| {k} | {v.replace('|', '/')[:300]} | {read} | {wrote} |")
     return "\n".join(lines)

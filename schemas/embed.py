@@ -95,6 +95,10 @@ class EmbedConfig(StageConfig):
         default=None, description="Run shards on the Dask cluster at this address (one worker per GPU), or `local` "
         "for a LocalCluster of `dask_workers` processes on this machine (bound to 127.0.0.1).")
     dask_workers: int = Field(default=1, ge=1, description="Worker processes of a `local` Dask cluster.")
+    table_versions: dict[str, int | str] = Field(
+        default_factory=dict, description="Pinned Lance versions (number or tag) of images/dialogs/turns to read; "
+        "default the latest. The pipeline pins the versions ingest wrote.",
+    )
 
     @property
     def results_dir(self) -> Path:

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig
 from schemas.tables import register
 
 VARIANTS_DIR = Path(__file__).parent / "variants"
+DEFAULT_BATCH = 64  # generate() batch of in-process variants without a setting
+MEMORY_CUDA_BATCH = 512  # ... and of memory variants on CUDA (benchmarks/eval_bench.py)
 
 EVALUATIONS = register(
     "evaluations",
@@ -81,6 +83,10 @@ class Variant(BaseModel):
     )
     required: bool = Field(default=True, description="false: skip (with a warning) when the model is missing.")
     max_new_tokens: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Samples per generate() call for this variant (hf, memory); "
+        "`[evaluate] batch_size` / `--batch-size` override it. Default: see EvaluateConfig.batch_size.",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra Ollama options.")
 
     @model_validator(mode="after")
@@ -110,8 +116,14 @@ def load_variants(path: Path | str | None = None) -> list[Variant]:
             raise FileNotFoundError(f"variants file {path} does not exist (packaged: report, demo)")
         path = named
     with path.open("rb") as fh:
-        doc = tomllib.load(fh)
-    variants = [Variant(**v) for v in doc.get("variant", [])]
+        try:
+            doc = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"variants file {path} is not valid TOML: {exc}") from None
+    try:
+        variants = [Variant(**v) for v in doc.get("variant", [])]
+    except (TypeError, ValidationError) as exc:
+        raise ValueError(f"variants file {path}: {exc}") from None
     if not variants:
         raise ValueError(f"{path}: no [[variant]] tables")
     names = [v.name for v in variants]
@@ -152,11 +164,20 @@ class EvaluateConfig(StageConfig):
         "$MMEM_OLLAMA_AUTH otherwise. Only the block's name is kept here.")
     timeout_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, description="Tries per request (5xx, timeouts, dropped connections).")
-    shard_size: int = Field(default=256, ge=1, description="Requests per journal shard (the unit of resumption).")
+    shard_size: int = Field(default=256, ge=1, description="Requests per journal shard (the unit of resumption); "
+                            "in-process and memory variants round it up to whole generate() batches.")
     reminder_examples: Path | None = Field(default=None, description="Few-shot TOML of the `prompt` style; "
                                            "default the reminders' packaged examples.")
-    batch_size: int = Field(
-        default=64, ge=1, description="Samples per generate() call (in-process and memory variants; the report: 16)."
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Samples per generate() call (in-process and memory variants; the "
+        "report: 16), for every variant. Default: the variant's own `batch_size`, else "
+        f"{MEMORY_CUDA_BATCH} for memory variants on CUDA (a 1B LM in bf16 is far from full there) and "
+        f"{DEFAULT_BATCH} otherwise.",
+    )
+    artifact_versions: dict[str, int | str] = Field(
+        default_factory=dict, description="Artifact name -> version (3, \"v3\", \"3\" or \"latest\") for every "
+        "variant using that artifact, over the variant's own `artifact_version`; the pipeline and the "
+        "new-artifact triggers fill it with the version just trained (a trigger's template renders text).",
     )
     max_new_tokens: int = Field(default=96, ge=1)
     num_ctx: int = Field(default=4096, ge=256)

@@ -65,9 +65,14 @@ class _TrainConfig(StageConfig):
         """Where tiny base models are written (and where real local weights may be kept)."""
         return self.data_root / "models"
 
+    # Fields that only choose input versions: the fingerprint holds the versions they resolve to, so
+    # a run pinned to the newest validated version and an unpinned one are the same run.
+    version_selectors: ClassVar[set[str]] = set()
+
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The fields that change what is trained (not where it is written, nor ``force``)."""
-        return self.model_dump(mode="json", exclude={"data_root", "force", "device"})
+        """The fields that change what is trained (not where it is written, nor ``force``, nor how
+        the input versions were chosen)."""
+        return self.model_dump(mode="json", exclude={"data_root", "force", "device", *self.version_selectors})
 
 
 class SftConfig(_TrainConfig):
@@ -76,6 +81,7 @@ class SftConfig(_TrainConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_TRAIN_SFT_")
     section: ClassVar[str] = "train_sft"
     tiny_defaults: ClassVar[dict[str, Any]] = TINY_SFT
+    version_selectors: ClassVar[set[str]] = {"reminders_version"}
 
     artifact: str = "gemma3-4b-reminders-lora"
     base: Path | None = Field(default=None, description="Local Gemma3-4B-it folder (HF layout); never downloaded.")
@@ -124,6 +130,7 @@ class MemoryTrainConfig(_TrainConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_TRAIN_MEMORY_")
     section: ClassVar[str] = "train_memory"
     tiny_defaults: ClassVar[dict[str, Any]] = TINY_MEMORY
+    version_selectors: ClassVar[set[str]] = {"table_versions"}
 
     artifact: str = "memory-model"
     llm: Path | None = Field(default=None, description="Local causal LM folder (LLaMA-3.2-1B); never downloaded.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def split_new_changed(
     )
     joined = probe.join(renamed, keys=key, join_type="left outer")
     is_new = pc.is_null(joined.column("__hit"))
-    differs = pa.array([False] * len(joined))
+    differs = pa.array([False] * len(joined), pa.bool_())
     for c in compare:
         new, old = joined.column(c), joined.column(f"__old_{c}")
         ne = pc.fill_null(pc.not_equal(new, old), True)
@@ -171,6 +172,25 @@ def read(
         tbl.checkout(version)
     ds = tbl.to_lance()
     return ds.to_table(columns=columns, filter=where)
+
+
+def resolve_versions(db: lancedb.DBConnection, names: Iterable[str],
+                     pins: dict[str, int | str] | None = None) -> dict[str, int]:
+    """The version of each table a run reads: its pin (a number, or a tag resolved to its number),
+    else the latest now, so that every read of one run sees the same commit of each input."""
+    out = {}
+    for name in names:
+        tbl = open_table(db, name)
+        pin = (pins or {}).get(name)
+        if pin is not None:
+            tbl.checkout(int(pin) if isinstance(pin, str) and pin.isdigit() else pin)
+        out[name] = tbl.version
+    return out
+
+
+def versions_text(versions: dict[str, int]) -> str:
+    """``name@vN, ...``: how logs and summaries name the table versions a stage read or wrote."""
+    return ", ".join(f"{k}@v{v}" for k, v in sorted(versions.items())) or "-"
 
 
 def tag(db: lancedb.DBConnection, name: str, label: str, version: int | None = None) -> str:

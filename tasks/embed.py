@@ -38,7 +38,7 @@ from prefect.filesystems import LocalFileSystem
 from schemas.embed import IMAGE_EMBEDDINGS, TEXT_EMBEDDINGS, EmbedConfig, normalise_text, turn_text
 from schemas.quarantine import Reason, Rejection
 from storage.index import ensure_vector_index
-from storage.lance import MergeResult, connect, merge, read, table_exists
+from storage.lance import MergeResult, connect, merge, read, resolve_versions, table_exists
 from storage.quarantine import reason_counts
 from tasks.images import resolve_inside
 from tasks.runtime import Progress, logger
@@ -103,17 +103,37 @@ def _split_filter(config: EmbedConfig) -> str | None:
     return "split IN (" + ", ".join("'" + s.replace("'", "''") + "'" for s in config.splits) + ")"
 
 
-def image_items(db, config: EmbedConfig) -> pa.Table:
+INPUTS = ("images", "dialogs", "turns")
+
+
+def input_versions(db, config: EmbedConfig) -> dict[str, int]:
+    """The version of each input table this run reads (``config.table_versions`` pins, else the latest)."""
+    missing = [n for n in INPUTS if not table_exists(db, n)]
+    if missing:
+        raise FileNotFoundError(f"tables {missing} are missing under {config.lance_uri}: run `mmem ingest` first")
+    return resolve_versions(db, INPUTS, config.table_versions)
+
+
+def output_versions(db) -> dict[str, int]:
+    """The current version of each embeddings table (what a run wrote, or found up to date)."""
+    return {name: db.open_table(name).version for name in OUTPUT.values() if table_exists(db, name)}
+
+
+def image_items(db, config: EmbedConfig, versions: dict[str, int] | None = None) -> pa.Table:
     """``image_id, split, path, root, image_sha256`` of every ingested image, by id.
 
     ``root`` is the folder ``path`` is relative to: the config's ``image_roots[split]`` if set,
-    else the one ingest stored with the row.
+    else the one ingest stored with the row. ``versions`` pins the ``images`` version read.
     """
     if not table_exists(db, "images"):
         raise FileNotFoundError(f"no images table under {config.lance_uri}: run `mmem ingest` first")
-    stored = "root" in db.open_table("images").schema.names
+    version = (versions or {}).get("images")
+    tbl = db.open_table("images")
+    if version is not None:
+        tbl.checkout(version)
+    stored = "root" in tbl.schema.names
     rows = read(db, "images", columns=["image_id", "split", "path", "sha256"] + (["root"] if stored else []),
-                where=_split_filter(config)).sort_by("image_id")
+                where=_split_filter(config), version=version).sort_by("image_id")
     stored_roots = rows.column("root").to_pylist() if stored else [None] * len(rows)
     given = {k: str(v) for k, v in config.image_roots.items()}
     roots = [given.get(s) or r for s, r in zip(rows.column("split").to_pylist(), stored_roots, strict=True)]
@@ -129,15 +149,16 @@ def check_roots(items: pa.Table) -> None:
                          "(MMEM_EMBED_IMAGE_ROOTS='{\"train\": \"/path/to/train2014\"}' or [embed] image_roots)")
 
 
-def text_items(db, config: EmbedConfig) -> pa.Table:
+def text_items(db, config: EmbedConfig, versions: dict[str, int] | None = None) -> pa.Table:
     """``text_hash, text`` of every distinct turn text ("Q: ... A: ...") and caption, by hash.
 
     Ingest already keyed turns and captions by the hash of the normalised text, so identical
     texts are collapsed before any string is built; the text kept is the normalised form.
+    ``versions`` pins the ``turns``/``dialogs`` versions read.
     """
-    where = _split_filter(config)
-    turns = read(db, "turns", columns=["text_hash", "question", "answer"], where=where)
-    dialogs = read(db, "dialogs", columns=["caption_hash", "caption"], where=where)
+    where, v = _split_filter(config), versions or {}
+    turns = read(db, "turns", columns=["text_hash", "question", "answer"], where=where, version=v.get("turns"))
+    dialogs = read(db, "dialogs", columns=["caption_hash", "caption"], where=where, version=v.get("dialogs"))
     turns, dialogs = _first_per_key(turns, "text_hash"), _first_per_key(dialogs, "caption_hash")
     texts = [normalise_text(turn_text(q, a)) for q, a in zip(turns.column("question").to_pylist(),
                                                              turns.column("answer").to_pylist(), strict=True)]
@@ -417,12 +438,14 @@ class Plan:
     texts: int
     shards: int
     todo: list[Shard]
+    read_versions: dict[str, int] = field(default_factory=dict)  # the input table versions read
 
 
 def plan(db, config: EmbedConfig) -> Plan:
     model = ModelArgs.from_config(config)
     fingerprint = model.fingerprint
-    items = {"image": image_items(db, config), "text": text_items(db, config)}
+    versions = input_versions(db, config)
+    items = {"image": image_items(db, config, versions), "text": text_items(db, config, versions)}
     check_roots(items["image"])
     shards, todo = 0, {}
     for kind, rows in items.items():
@@ -430,7 +453,7 @@ def plan(db, config: EmbedConfig) -> Plan:
         shards += len(planned)
         todo[kind] = pending_shards(planned, current_mask(db, kind, rows, fingerprint))
     return Plan(model, fingerprint, len(items["image"]), len(items["text"]), shards,
-                interleave(todo["image"], todo["text"]))
+                interleave(todo["image"], todo["text"]), versions)
 
 
 def interleave(a: list[Shard], b: list[Shard]) -> list[Shard]:
@@ -486,9 +509,12 @@ def collect(futures: list, writer: Writer, total_rows: int) -> Collected:
     return out
 
 
-def summary(p: Plan, c: Collected) -> dict:
+def summary(p: Plan, c: Collected, written: dict[str, int] | None = None) -> dict:
+    """The run's counts, with ``read_versions`` (inputs) and ``versions`` (the embeddings tables
+    after the run: what train_memory reads)."""
     w = c.writer
     return {
+        "read_versions": dict(p.read_versions), "versions": dict(written or {}),
         "model": p.fingerprint, "images": p.images, "texts": p.texts, "shards": p.shards,
         "shards_up_to_date": p.shards - len(p.todo), "shards_cached": c.cached, "shards_computed": c.computed,
         "workers": len(c.workers),

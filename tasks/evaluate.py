@@ -32,7 +32,7 @@ from evaluation import ranking as R
 from evaluation.generation import generate, load_causal_lm, pick_device, render
 from evaluation.report import bar_charts, markdown_table, reference_table
 from evaluation.samples import Sample, build_samples, held_out
-from schemas.evaluate import EVALUATIONS, EvaluateConfig, Variant
+from schemas.evaluate import DEFAULT_BATCH, EVALUATIONS, MEMORY_CUDA_BATCH, EvaluateConfig, Variant
 from schemas.quarantine import Reason, Rejection
 from schemas.reminders import ANY_TAG_RE, REMINDER_RE, RemindersConfig, load_prompt_data
 from storage.artifacts import ArtifactError, ArtifactStore, file_hashes, fingerprint
@@ -146,6 +146,8 @@ class ResolvedModel:
     host: str | None = None
     label: str = ""  # what the ``model`` column records
     private: bool = False  # served by this flow run alone (a loopback server it started)
+    version: str | None = None  # what ``model_artifact`` records: the artifact ref, else the checkpoint's
+    # content fingerprint (as in ``request_model``), else the served model's digest (:func:`served_version`)
 
 
 def resolve_model(config: EvaluateConfig, variant: Variant) -> ResolvedModel:
@@ -153,7 +155,8 @@ def resolve_model(config: EvaluateConfig, variant: Variant) -> ResolvedModel:
     artifact, path = None, None
     if variant.artifact:
         try:
-            art = ArtifactStore(config.artifacts_dir).get(variant.artifact, variant.artifact_version or "latest")
+            version = config.artifact_versions.get(variant.artifact) or variant.artifact_version or "latest"
+            art = ArtifactStore(config.artifacts_dir).get(variant.artifact, version)
         except ArtifactError as exc:
             raise VariantUnavailable(f"variant {variant.name}: {exc}") from None
         artifact, path = art.ref, art.path
@@ -166,9 +169,38 @@ def resolve_model(config: EvaluateConfig, variant: Variant) -> ResolvedModel:
     if variant.backend != "ollama":  # keyed on the checkpoint's content, not on its folder's name
         fp = fingerprint({k: v["sha256"] for k, v in file_hashes(path).items() if k != "manifest.json"})
         name = artifact or path.name
-        return ResolvedModel(f"{variant.backend}:{name}@{fp[:12]}", path, artifact, label=str(path))
+        return ResolvedModel(f"{variant.backend}:{name}@{fp[:12]}", path, artifact, label=str(path),
+                             version=artifact or f"{path.name}@{fp[:12]}")
     host = variant.host or config.host
-    return ResolvedModel(variant.model, path, artifact, host, label=f"{variant.model} @ {host}")
+    return ResolvedModel(variant.model, path, artifact, host, label=f"{variant.model} @ {host}", version=artifact)
+
+
+def served_version(config: EvaluateConfig, model: ResolvedModel) -> ResolvedModel:
+    """``model`` with ``version`` set to the served model's digest (``name@sha256:...``, from the
+    server's ``/api/tags`` through the official client) when no artifact names it already. A server
+    that does not answer leaves it unset, with a warning: the answers may all come from the cache."""
+    if model.version or not model.host:
+        return model
+    import httpx
+    import ollama
+
+    from tasks.llm_client import full_name
+    from tasks.secrets import ollama_auth
+
+    auth = ollama_auth(config.auth_secret_block)
+    headers = {"Authorization": auth.get_secret_value()} if auth is not None else None
+    try:
+        listed = ollama.Client(host=model.host, timeout=min(30.0, config.timeout_s), headers=headers).list()
+    except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
+        logger().warning("no digest for %s: the server at %s does not answer (%s)", model.request_model,
+                         model.host, exc)
+        return model
+    want = full_name(model.request_model)
+    digest = next((m.digest for m in listed.models if m.model and full_name(m.model) == want and m.digest), None)
+    if digest is None:
+        logger().warning("no digest for %s: the server at %s does not list it", want, model.host)
+        return model
+    return dataclasses.replace(model, version=f"{want}@sha256:{digest.removeprefix('sha256:')}")
 
 
 def tiny_checkpoint(config: EvaluateConfig, kind: str) -> Path:
@@ -200,7 +232,8 @@ def served(config: EvaluateConfig, variant: Variant, model: ResolvedModel) -> It
     with running_server(state) as url:
         # the label names what answered, not the port it happened to get (rows compare equal across runs)
         yield ResolvedModel(model.request_model, model.path, model.artifact, url,
-                            f"{variant.model} (served by the flow: {variant.serve})", private=True)
+                            f"{variant.model} (served by the flow: {variant.serve})", private=True,
+                            version=model.version)
 
 
 # --- prompts -----------------------------------------------------------------------------------
@@ -271,6 +304,23 @@ def generation_options(config: EvaluateConfig, variant: Variant) -> dict:
 # --- generation through the response cache -------------------------------------------------------
 
 
+def generation_batch_size(config: EvaluateConfig, variant: Variant, device: str) -> int:
+    """Samples per generate() call: the config's (``--batch-size``) when set, else the variant's, else
+    ``MEMORY_CUDA_BATCH`` for a memory variant on CUDA, else ``DEFAULT_BATCH``."""
+    if config.batch_size:
+        return config.batch_size
+    if variant.batch_size:
+        return variant.batch_size
+    return MEMORY_CUDA_BATCH if variant.backend == "memory" and device.startswith("cuda") else DEFAULT_BATCH
+
+
+def shard_step(config: EvaluateConfig, batch_size: int) -> int:
+    """Requests per journal shard of in-process generation: ``shard_size`` rounded up to whole
+    batches, so a shard never cuts a batch short (a shard smaller than the batch would cap it)."""
+    return -(-max(config.shard_size, batch_size) // batch_size) * batch_size
+
+
+
 def response_cache(config: EvaluateConfig) -> ResponseCache:
     return ResponseCache(config.lance_uri, config.cache_dir / "llm_journal")
 
@@ -307,7 +357,7 @@ def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list
 
 
 def generate_in_process(config: EvaluateConfig, model: ResolvedModel, requests: list[LLMRequest],
-                        label: str) -> dict[str, str]:
+                        label: str, batch_size: int = DEFAULT_BATCH) -> dict[str, str]:
     """Answers by request hash from a local checkpoint; every new answer is written to the cache
     (journal first, merged per shard), so an interrupted run resumes where it stopped."""
     cache = response_cache(config)
@@ -320,15 +370,16 @@ def generate_in_process(config: EvaluateConfig, model: ResolvedModel, requests: 
     if todo:
         lm, tok = load_causal_lm(model.path, config.device)
         backend = f"hf:{model.path.name}"
+        step = shard_step(config, batch_size)
         with Progress(len(todo), f"{label}: generate") as bar:
-            for i in range(0, len(todo), config.shard_size):
-                shard = todo[i : i + config.shard_size]
+            for i in range(0, len(todo), step):
+                shard = todo[i : i + step]
                 prompts = [render(tok, [_text_only(m) for m in r.messages]) for r in shard]
                 t0 = time.perf_counter()
-                texts = generate(lm, tok, prompts, batch_size=config.batch_size,
+                texts = generate(lm, tok, prompts, batch_size=batch_size,
                                  max_new_tokens=int(shard[0].options["num_predict"]), progress=bar)
                 per = (time.perf_counter() - t0) / len(shard)
-                path = cache.journal_path(label, i // config.shard_size)
+                path = cache.journal_path(label, i // step)
                 with Journal(path) as journal:
                     for req, text in zip(shard, texts, strict=True):
                         journal.append(LLMResult(req.request_hash, OK, response=text, attempts=1, latency_s=per,
@@ -371,6 +422,8 @@ class MemoryRun:
     samples: list[Sample]  # aligned with ``data``
     requests: list[LLMRequest]
     rejections: list[Rejection]
+    batch_size: int = DEFAULT_BATCH  # samples per generate() call (:func:`generation_batch_size`)
+    dataset_version: str = ""  # the embedding tables' Lance versions read, e.g. "image_embeddings@v2,..."
 
 
 def prepare_memory(config: EvaluateConfig, variant: Variant, model: ResolvedModel, data: EvalData) -> MemoryRun:
@@ -388,17 +441,24 @@ def prepare_memory(config: EvaluateConfig, variant: Variant, model: ResolvedMode
     samples = [by_key[k] for k in sample_keys(mdata)]
     embeddings = ",".join(f"{n}@v{loaded.versions[n]}" for n in ("image_embeddings", "text_embeddings"))
     options = generation_options(config, variant)
-    requests = [
-        LLMRequest(model.request_model, ({"role": "user", "content": mm.arch.prompt_template.format(question=s.question),
-                                          "memory": f"visdial:{s.image_id}:{s.turn}", "embeddings": embeddings},),
-                   options)
-        for s in samples
-    ]
-    return MemoryRun(mm, mdata, samples, requests, rejections)
+    requests = [memory_request(model.request_model, mm.arch.prompt_template.format(question=s.question), s.image_id,
+                               s.turn, embeddings, options) for s in samples]
+    device = str(next(mm.parameters()).device)
+    return MemoryRun(mm, mdata, samples, requests, rejections, generation_batch_size(config, variant, device),
+                     embeddings)
+
+
+def memory_request(request_model: str, prompt: str, image_id: int, turn: int, embeddings: str,
+                   options: dict) -> LLMRequest:
+    """The cache key of one memory-model answer: the model's content id, its question prompt, the
+    dialog turn whose memory it reads, and the embedding tables' versions that memory comes from."""
+    return LLMRequest(request_model, ({"role": "user", "content": prompt, "memory": f"visdial:{image_id}:{turn}",
+                                       "embeddings": embeddings},), options)
 
 
 def generate_memory(config: EvaluateConfig, model: ResolvedModel, run: MemoryRun, label: str) -> dict[str, str]:
-    """Answers by request hash: cached ones, plus the memory model's for the rest (journaled)."""
+    """Answers by request hash: cached ones, plus the memory model's for the rest (journaled per
+    shard of whole ``run.batch_size`` batches). benchmarks/eval_bench.py times this function."""
     from evaluation.memory_eval import memory_generate
 
     cache = response_cache(config)
@@ -406,15 +466,17 @@ def generate_memory(config: EvaluateConfig, model: ResolvedModel, run: MemoryRun
     hashes = [r.request_hash for r in run.requests]
     answers = cache.lookup(hashes)
     todo = [i for i, h in enumerate(hashes) if h not in answers]
-    logger().info("%s: %d samples, %d cached, %d to generate", label, len(hashes), len(answers), len(todo))
+    logger().info("%s: %d samples, %d cached, %d to generate (batch %d)", label, len(hashes), len(answers),
+                  len(todo), run.batch_size)
+    step = shard_step(config, run.batch_size)
     with Progress(len(todo), f"{label}: generate") as bar:
-        for lo in range(0, len(todo), config.shard_size):
-            idx = todo[lo : lo + config.shard_size]
+        for lo in range(0, len(todo), step):
+            idx = todo[lo : lo + step]
             t0 = time.perf_counter()
-            texts = memory_generate(run.model, run.data, indices=idx, batch_size=config.batch_size,
+            texts = memory_generate(run.model, run.data, indices=idx, batch_size=run.batch_size,
                                     max_new_tokens=int(run.requests[0].options["num_predict"]), progress=bar)
             per = (time.perf_counter() - t0) / len(idx)
-            path = cache.journal_path(label, lo // config.shard_size)
+            path = cache.journal_path(label, lo // step)
             with Journal(path) as journal:
                 for i, text in zip(idx, texts, strict=True):
                     req = run.requests[i]
@@ -505,7 +567,7 @@ def metric_rows(run: str, variant: Variant, model: ResolvedModel, dataset_versio
     now = datetime.now(UTC)
     return [
         {"run_id": run, "variant": variant.name, "metric": metric, "value": float(value), "n": n.get(metric, 0),
-         "model_artifact": model.artifact, "dataset_version": dataset_version,
+         "model_artifact": model.version or model.artifact, "dataset_version": dataset_version,
          "backbone": backbone if metric == "bertscore_f1" else None, "created_at": now, "split": split,
          "model": model.label, "prompt": variant.prompt}
         for metric, value in values.items()
@@ -515,9 +577,14 @@ def metric_rows(run: str, variant: Variant, model: ResolvedModel, dataset_versio
 def write(lance_uri: str, rows: list[dict], rejections: list[Rejection], run: str) -> dict[str, int]:
     db = connect(lance_uri)
     res = merge(db, "evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS.schema))
-    q = quarantine(db, STAGE, rejections, run)
+    # nothing to quarantine: no merge (storage.lance.merge of 0 rows into a non-empty table fails on
+    # an untyped empty mask, and there is nothing to write anyway)
+    if rejections:
+        q_version = quarantine(db, STAGE, rejections, run).version
+    else:
+        q_version = open_table(db, "quarantine").version if table_exists(db, "quarantine") else 0
     return {"evaluations_version": res.version, "inserted": res.inserted, "updated": res.updated,
-            "quarantine_version": q.version}
+            "quarantine_version": q_version}
 
 
 def render_report(rows: list[dict], out_dir: Path, run: str) -> tuple[str, list[Path]]:

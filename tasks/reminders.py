@@ -12,6 +12,7 @@ ends in exactly one of three states, and the counts reconcile:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.filesystems import LocalFileSystem
 
 from schemas.expectations import reminders_suite
 from schemas.quarantine import Reason, Rejection
@@ -38,7 +40,7 @@ from schemas.reminders import (
     RemindersConfig,
     load_prompt_data,
 )
-from storage.lance import connect, merge, open_table, read, table_exists
+from storage.lance import connect, merge, open_table, read, resolve_versions, table_exists
 from storage.quarantine import quarantine
 from tasks.llm_client import (
     ERROR,
@@ -55,6 +57,9 @@ from tasks.runtime import Progress, logger
 from tasks.validate import ValidationReport, validate
 
 STAGE = "reminders"
+INPUTS = ("dialogs", "turns", "images")
+# Bump when ShardStats' layout changes: stats persisted by older code must not be served from cache.
+SHARD_RESULT_VERSION = 1
 REPAIR_TEXT = (
     "Your answer did not follow the format. Answer again: one <reminder>...</reminder> tag that summarises "
     "the conversation, then exactly one sentence that answers the last question, and nothing else."
@@ -142,14 +147,21 @@ def repair_request(req: LLMRequest, bad_answer: str) -> LLMRequest:
                                                  {"role": "user", "content": REPAIR_TEXT}), req.options)
 
 
-def load_inputs(lance_uri: str) -> tuple[pa.Table, pa.Table, pa.Table]:
+def input_versions(db, pins: dict[str, int | str] | None = None) -> dict[str, int]:
+    """The version of each input table a run reads: the pinned one, else the latest now."""
+    return resolve_versions(db, INPUTS, pins)
+
+
+def load_inputs(lance_uri: str, versions: dict[str, int] | None = None) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """``dialogs``, ``turns``, ``images`` at ``versions`` (default: the latest)."""
     db = connect(lance_uri)
-    missing = [n for n in ("dialogs", "turns", "images") if not table_exists(db, n)]
+    missing = [n for n in INPUTS if not table_exists(db, n)]
     if missing:
         raise FileNotFoundError(f"tables {missing} are missing under {lance_uri}: run `mmem ingest` first")
-    return (read(db, "dialogs", columns=["image_id", "split"]),
-            read(db, "turns", columns=["image_id", "turn", "question", "answer"]),
-            read(db, "images"))
+    v = versions or {}
+    return (read(db, "dialogs", columns=["image_id", "split"], version=v.get("dialogs")),
+            read(db, "turns", columns=["image_id", "turn", "question", "answer"], version=v.get("turns")),
+            read(db, "images", version=v.get("images")))
 
 
 # --- parsing and checking an answer ----------------------------------------------------------
@@ -415,14 +427,46 @@ def lookup(cache: ResponseCache, hashes: list[str]) -> dict[str, dict]:
     return cache.lookup(hashes)
 
 
-def plan(config: RemindersConfig) -> tuple[list[Prompt], list[Rejection]]:
-    return build_prompts(config, *load_inputs(config.lance_uri))
+def plan(config: RemindersConfig) -> tuple[list[Prompt], list[Rejection], dict[str, int]]:
+    """The prompts, the dialogs rejected before asking, and the input table versions read."""
+    db = connect(config.lance_uri)
+    missing = [n for n in INPUTS if not table_exists(db, n)]
+    if missing:
+        raise FileNotFoundError(f"tables {missing} are missing under {config.lance_uri}: run `mmem ingest` first")
+    versions = input_versions(db, config.table_versions)
+    return (*build_prompts(config, *load_inputs(config.lance_uri, versions)), versions)
+
+
+def shard_cache_key(context, parameters) -> str:
+    """A shard's Prefect cache key: its requests' hashes (each covers the model, the messages with
+    the image's content hash, and the generation options). A shard whose every request was
+    answered is a cache hit on the next run (state ``Cached``); the run label, journal path and
+    worker count do not matter."""
+    h = hashlib.sha256(f"reminders-shard\0{SHARD_RESULT_VERSION}\0".encode())
+    h.update("\0".join(r.request_hash for r in parameters["requests"]).encode())
+    return f"reminders-shard-{h.hexdigest()[:40]}"
+
+
+def shard_results_storage(config: RemindersConfig) -> LocalFileSystem:
+    """Shard results (their stats) persist under the data root, so a cache hit on one data root never
+    answers for another. Saved as a block under a name derived from the path, as Prefect wants."""
+    path = (config.cache_dir / "reminders_shards").resolve()
+    block = LocalFileSystem(basepath=str(path))
+    block.save(f"mmem-reminders-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}", overwrite=True)
+    return block
 
 
 async def generate_shard(shard: int, requests: list[LLMRequest], config: RemindersConfig, journal_path: Path,
-                         workers: int, backend: str | None) -> ShardStats:
-    """A shard as a task: fails (after writing every finished call) if any request still failed."""
-    stats = await run_shard(shard, requests, config, journal_path, workers, backend)
+                         workers: int, backend: str | None, answered: frozenset[str] = frozenset()) -> ShardStats:
+    """A shard as a task: fails (after writing every finished call) if any request still failed.
+
+    ``requests`` is the whole shard (its cache key); those in ``answered`` (already in the response
+    cache) are not asked again, so a cache miss on a done shard makes no call and writes nothing.
+    """
+    todo = [r for r in requests if r.request_hash not in answered]
+    if not todo:
+        return ShardStats(shard)
+    stats = await run_shard(shard, todo, config, journal_path, workers, backend)
     logger().info("shard %d: %d ok, %d failed, %d rejected, %d retries, %d skipped, %.1f s", shard, stats.ok,
                   stats.failed, stats.rejected, stats.retries, stats.skipped, stats.wall_s)
     if stats.failed:
@@ -452,7 +496,7 @@ def free_dead_slots(config: RemindersConfig) -> int:
 
 plan_task = task(plan, name="plan-reminder-prompts", cache_policy=NO_CACHE)
 check_server_task = task(check_server, name="check-ollama-server", cache_policy=NO_CACHE)
-generate_shard_task = task(generate_shard, name="generate-shard", cache_policy=NO_CACHE)
+generate_shard_task = task(generate_shard, name="generate-shard", cache_key_fn=shard_cache_key, persist_result=True)
 merge_journal_task = task(merge_journal, name="cache-llm-responses", cache_policy=NO_CACHE, retries=2,
                           retry_delay_seconds=1)
 recover_task = task(recover_journals, name="recover-llm-journals", cache_policy=NO_CACHE)

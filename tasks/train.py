@@ -3,15 +3,21 @@
 A training run is identified by its fingerprint: the config fields that change what is trained,
 the Lance versions of its input tables and a hash of the training code. A run whose fingerprint
 already has an artifact version is not repeated (``force`` overrides), and a killed run resumes
-from the checkpoints kept under ``<data_root>/checkpoints/<artifact>/<fingerprint>/``. The big
+from the checkpoints kept under ``<data_root>/checkpoints/<artifact>/<fingerprint>/``. Only one run
+per fingerprint trains at a time (a pipeline's own SFT and the one its reminders subflow triggers
+share a fingerprint and a checkpoint folder): the others wait, then find its version. The big
 inputs are content-addressed by their Lance versions, so the tasks use ``NO_CACHE`` and rely on
 that fingerprint rather than on Prefect hashing Arrow tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ from prefect.events import emit_event
 
 from schemas.train import ARTIFACT_CREATED_EVENT, MemoryTrainConfig, SftConfig
 from storage.artifacts import ArtifactStore, ArtifactVersion, code_version, fingerprint
-from storage.lance import connect, open_table, read, table_exists
+from storage.lance import connect, open_table, read, resolve_versions, table_exists
 from storage.quarantine import quarantine, reason_counts
 from tasks.runtime import Progress, artifact_key, in_prefect_run, logger, publish_markdown, run_id
 from tasks.validate import ValidationFailed, ValidationReport, validate
@@ -54,6 +60,28 @@ def _plan(config: SftConfig | MemoryTrainConfig, inputs: dict[str, dict[str, Any
     fp = fingerprint(config.fingerprint_fields(), {k: v["version"] for k, v in inputs.items()}, code["source_hash"])
     existing = None if config.force else ArtifactStore(config.artifacts_dir).find(config.artifact, fp)
     return TrainPlan(config.artifact, fp, inputs, code, existing)
+
+
+@contextmanager
+def exclusive(config: SftConfig | MemoryTrainConfig, plan: TrainPlan) -> Iterator[TrainPlan]:
+    """Hold the fingerprint's training lock (an flock beside its checkpoint folder, which the run
+    removes when it publishes) and yield the plan with its artifact looked up again under the lock:
+    a run that waited usually finds the version the other one published, and trains nothing."""
+    lock = config.checkpoints_dir / f"{plan.fingerprint}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger().info("another run is training %s with fingerprint %s; waiting for it", plan.artifact,
+                          plan.fingerprint)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            existing = None if config.force else ArtifactStore(config.artifacts_dir).find(config.artifact,
+                                                                                          plan.fingerprint)
+            yield dataclasses.replace(plan, existing=existing)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- SFT ------------------------------------------------------------------------------------
@@ -88,6 +116,9 @@ def validated_reminders(lance_uri: str, pinned: int | str | None) -> tuple[int, 
 
 
 def plan_sft(config: SftConfig) -> TrainPlan:
+    from training.sft import base_path
+
+    base_path(config)  # a missing local base fails here, before the data is read and validated
     version, report = validated_reminders(config.lance_uri, config.reminders_version)
     logger().info("SFT input: reminders@v%d (%d rows, suite %s passed)", version, report.rows, report.suite)
     return _plan(config, {"reminders": {"version": version, "rows": report.rows, "validated": report.suite}},
@@ -154,13 +185,14 @@ def run_sft(config: SftConfig, plan: TrainPlan) -> ArtifactVersion:
 
 
 def plan_memory(config: MemoryTrainConfig) -> TrainPlan:
-    from training.memory_model import MEMORY_INPUTS, resolve_versions
+    from training.memory_model import MEMORY_INPUTS, preflight
 
+    preflight(config)  # a missing local LM, or 4-bit without CUDA, fails before any data is read
     db = connect(config.lance_uri)
     missing = [n for n in MEMORY_INPUTS if not table_exists(db, n)]
     if missing:
         raise FileNotFoundError(f"tables {missing} are missing under {config.lance_uri}: run ingest and embed first")
-    versions = resolve_versions(db, config.table_versions)
+    versions = resolve_versions(db, MEMORY_INPUTS, config.table_versions)
     return _plan(config, {n: {"version": v} for n, v in versions.items()}, MEMORY_SOURCES)
 
 

@@ -58,6 +58,8 @@ def test_merge_dedupes_upserts_and_skips_noop_versions(tmp_path):
     label = tag(db, "dialogs", "run:1/a")
     assert label == "run-1-a"
     assert len(read(db, "dialogs", version=label)) == 4
+    for update in (True, False):  # an empty batch is a no-op either way (no version, no error)
+        assert merge(db, "dialogs", _dialogs([]), update=update).version == r3.version
 
 
 def test_dedupe_keeps_last_and_conform_requires_key(tmp_path):

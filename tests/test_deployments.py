@@ -42,7 +42,17 @@ def test_every_flow_has_a_deployment_and_the_pipeline_a_paused_schedule(tmp_path
     assert deps["ingest"].parameters["config"]["visdial"].endswith("visdial_1.0_train.json")
     # Chained through events, so the chain works from the UI too.
     assert [t.name for t in deps["train-sft"].triggers] == ["sft-on-new-validated-reminders"]
-    assert [t.name for t in deps["evaluate"].triggers] == ["evaluate-on-new-model-artifact"]
+    # one evaluation trigger per artifact the variants use (the report's: the SFT adapter), which
+    # evaluates only the variants of that artifact, labelled with the version that fired
+    [evaluate] = deps["evaluate"].triggers
+    assert evaluate.name == "evaluate-on-new-gemma3-4b-reminders-lora"
+    assert evaluate.match["mmem.artifact.name"] == ["gemma3-4b-reminders-lora"]
+    config = evaluate.parameters["config"]
+    assert config["only"] == ["4b_finetuned"] and "mmem.artifact.version" in config["run_label"]
+    assert config["artifact_versions"] == {"gemma3-4b-reminders-lora": "{{ event.resource['mmem.artifact.version'] }}"}
+    handed = ("only", "run_label", "artifact_versions")
+    assert {k: v for k, v in config.items() if k not in handed} == \
+        {k: v for k, v in deps["evaluate"].parameters["config"].items() if k not in handed}
     # The flow's config is the parameter schema, so the UI renders a form for it.
     assert "config" in deps["embed"]._parameter_openapi_schema.properties
 
@@ -65,7 +75,7 @@ def test_a_served_deployment_runs_through_the_server(tmp_path, demo_dir):
                 time.sleep(3)
         assert flow_run.state.is_completed(), flow_run.state
         automations = asyncio.run(_automation_names())
-        assert {"sft-on-new-validated-reminders", "evaluate-on-new-model-artifact"} <= automations
+        assert {"sft-on-new-validated-reminders", "evaluate-on-new-gemma3-4b-reminders-lora"} <= automations
         assert len(read(connect(root / "lance"), "dialogs")) == 20
     finally:
         proc.terminate()

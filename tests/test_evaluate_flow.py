@@ -147,7 +147,28 @@ def test_rows_for_every_metric_with_provenance(evaluated):
     for metric in (*GENERATION_METRICS, *RANKING_METRICS):  # the memory model answers every turn
         assert by[("memory", metric)]["n"] == LIMIT * 10
         assert by[("memory", metric)]["model_artifact"] == "memory-model:v1"
+        # the memory model answers from the stored embeddings: their versions are part of what it read
+        version = by[("memory", metric)]["dataset_version"]
+        assert version.startswith(first["dataset_version"] + ",image_embeddings@v") and ",text_embeddings@v" in version
     assert list(first["skipped"]) == ["missing_sft"] and "no-such-artifact" in first["skipped"]["missing_sft"]
+
+
+def test_model_artifact_names_what_answered(evaluated):
+    """Served models: the digest the server lists for them; a checkpoint given as a path: the
+    content fingerprint its cache key uses; an artifact: name:vN."""
+    import hashlib
+
+    config, _, _, _, _ = evaluated
+    db = connect(config.lance_uri)
+    rows = read(db, "evaluations", where="run_id = 'first'").to_pylist()
+    artifact = {r["variant"]: r["model_artifact"] for r in rows}
+    assert len({(r["variant"], r["model_artifact"]) for r in rows}) == len(artifact)  # one per variant
+    # the loopback server's /api/tags digest of the teacher (what the official client lists)
+    digest = hashlib.sha256(b"mmem-teacher:latest:teacher").hexdigest()
+    assert artifact["teacher_prompt"] == artifact["teacher_base"] == f"mmem-teacher:latest@sha256:{digest}"
+    hf = next(r["model"] for r in read(db, "llm_responses").to_pylist() if r["backend"].startswith("hf:"))
+    assert artifact["tiny_base"] == hf.removeprefix("hf:") and len(hf.rsplit("@", 1)[1]) == 12
+    assert artifact["memory"] == "memory-model:v1"
 
 
 def test_scores_are_honest(evaluated):
@@ -263,3 +284,96 @@ def test_cli_report_compares_runs(evaluated):
     assert (config.data_root / "cmp" / "report-overlap.png").is_file()
     bad = CliRunner().invoke(app, ["--data-root", str(config.data_root), "evaluate", "report", "--runs", "nope"])
     assert bad.exit_code == 1 and "matches 0 runs" in bad.output
+
+
+def _dense_file(path: Path, image_ids: list[int], rounds: tuple[int, ...]) -> Path:
+    """Dense annotations in VisDial's format for ``rounds`` of each dialog: option 0 fully relevant,
+    options 1-3 half, the rest not (the official file annotates one round per dialog; any works)."""
+    rel = [1.0, 0.5, 0.5, 0.5] + [0.0] * 96
+    path.write_text(json.dumps([{"image_id": i, "round_id": r, "gt_relevance": rel} for i in image_ids
+                                for r in rounds]))
+    return path
+
+
+def test_dense_annotations_add_ndcg_over_the_annotated_rounds(evaluated):
+    from flows.evaluate import evaluate_flow
+
+    config, first, _, _, _ = evaluated
+    db = connect(config.lance_uri)
+    val_ids = sorted(read(db, "dialogs", where="split = 'val'").column("image_id").to_pylist())
+    rounds = (2, 5, 10)
+    dense = _dense_file(config.data_root / "dense.json", val_ids, rounds)
+    out = evaluate_flow(config.model_copy(update={"dense_annotations": dense, "run_label": "dense",
+                                                  "only": ["tiny_base", "memory"], "bertscore": False}))
+    rows = {(r["variant"], r["metric"]): r for r in read(db, "evaluations", where="run_id = 'dense'").to_pylist()}
+    for variant in ("tiny_base", "memory"):
+        ndcg = rows[(variant, "ndcg")]
+        assert ndcg["n"] == LIMIT * len(rounds)  # the annotated rounds among the LIMIT dialogs ranked
+        assert 0.0 <= ndcg["value"] <= 1.0 and ndcg["value"] == out["metrics"][variant]["ndcg"]
+        for metric in RANKING_METRICS:  # the same scores as the run without annotations
+            assert rows[(variant, metric)]["value"] == pytest.approx(first["metrics"][variant][metric])
+            assert rows[(variant, metric)]["n"] == LIMIT * 10
+    assert "ndcg_rounds" not in out["metrics"]["tiny_base"]
+    assert ("tiny_base", "ndcg") not in {(r["variant"], r["metric"]) for r in
+                                         read(db, "evaluations", where="run_id = 'first'").to_pylist()}
+
+
+def test_cli_run_variants_only_and_bad_files(evaluated):
+    from cli.main import app
+
+    config, first, _, _, _ = evaluated
+    root = ["--data-root", str(config.data_root)]
+    # a packaged file by name, one of its variants, a batch size
+    out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", "demo", "--only", "teacher_prompt",
+                                   "--limit", str(LIMIT), "--run-label", "cli-demo", "--batch-size", "3"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output[out.output.index("{"):])
+    assert result["run_id"] == "cli-demo" and list(result["metrics"]) == ["teacher_prompt"]
+    assert result["metrics"]["teacher_prompt"] == first["metrics"]["teacher_prompt"]  # the same prompts, cached
+    # a file of ours, two of its variants (repeatable --only)
+    out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", str(config.variants), "--only",
+                                   "teacher_base", "--only", "tiny_base", "--limit", str(LIMIT), "--run-label",
+                                   "cli-file"])
+    assert out.exit_code == 0, out.output
+    assert sorted(json.loads(out.output[out.output.index("{"):])["metrics"]) == ["teacher_base", "tiny_base"]
+    db = connect(config.lance_uri)
+    assert {r["variant"] for r in read(db, "evaluations", where="run_id = 'cli-file'").to_pylist()} == {
+        "teacher_base", "tiny_base"}
+
+    cases = {
+        str(config.data_root / "nope.toml"): "does not exist",
+        "not-a-packaged-name": "does not exist",
+    }
+    for text, needle in (("[[variant]]\nname = 'x'\nbackend = 'nope'\nmodel = 'm'\n", "backend"),
+                         ("[[variant]\nname = ", "is not valid TOML"),
+                         ("title = 'no variants'\n", "no [[variant]] tables")):
+        path = config.data_root / f"bad-{len(cases)}.toml"
+        path.write_text(text)
+        cases[str(path)] = needle
+    for variants, needle in cases.items():
+        out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", variants])
+        assert out.exit_code == 1, (variants, out.output)
+        assert "error:" in out.output and needle in out.output and Path(variants).name in out.output, out.output
+        assert "Traceback" not in out.output
+    out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", "demo", "--only", "no_such_variant"])
+    assert out.exit_code == 1 and "unknown variant(s) ['no_such_variant']" in out.output, out.output
+    out = CliRunner().invoke(app, [*root, "evaluate", "run", "--batch-size", "0"])
+    assert out.exit_code == 2  # refused by the option parser
+
+
+def test_artifact_versions_pin_what_a_variant_loads(tmp_path):
+    """The pipeline and the new-artifact triggers hand over the version just trained: a variant
+    loads that one even when a newer one exists, and its own pin otherwise."""
+    from storage.artifacts import ArtifactStore
+    from tasks.evaluate import resolve_model
+
+    store = ArtifactStore(EvaluateConfig(data_root=tmp_path).artifacts_dir)
+    for _ in range(3):
+        store.publish("memory-model", lambda folder: (folder / "w.bin").write_bytes(b"w"), kind="memory-model",
+                      inputs={}, config={}, code={}, metrics={})
+    variant = Variant(name="m", backend="memory", artifact="memory-model", artifact_version=2)
+    refs = [resolve_model(EvaluateConfig(data_root=tmp_path, artifact_versions=pins), v).artifact
+            for pins, v in [({}, variant), ({"memory-model": 1}, variant),
+                            ({}, variant.model_copy(update={"artifact_version": None})),
+                            ({"other": 1}, variant.model_copy(update={"artifact_version": None}))]]
+    assert refs == [store.get("memory-model", v).ref for v in (2, 1, 3, 3)]

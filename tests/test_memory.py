@@ -12,6 +12,7 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,11 +139,17 @@ def test_recall_returns_full_rows_even_when_row_ids_moved(store):
     facts = [store.remember("ann", f"fact {i}", vector=unit(i), now=T0, saliency=i / 10) for i in range(6)]
     hits = store.recall("ann", vector=unit(3), k=3, now=T0, touch=False)
     assert hits[0].memory == store.get("ann", facts[3]["memory_id"])  # every public column, exact
-    cands = store._vector_candidates(unit(3), store.visible_filter("ann", None, T0), 4)
-    stale = cands.set_column(cands.column_names.index("_rowid"), "_rowid", cands.column("_rowid").take([3, 2, 1, 0]))
-    rows = store._public_rows(stale)
-    assert [r["memory_id"] for r in rows] == cands.column("memory_id").to_pylist()
-    assert rows == [store.get("ann", m) for m in cands.column("memory_id").to_pylist()]
+    every = store._vector_candidates(unit(3), store.visible_filter("ann", None, T0), 6)
+    cands = every.slice(0, 4)
+    want = [store.get("ann", m) for m in cands.column("memory_id").to_pylist()]
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):  # the fast path keeps the candidates' order, whatever it is
+        picked = cands.take(order)
+        assert store._take_public(picked).to_pylist() == [want[i] for i in order]
+    rowid = cands.column_names.index("_rowid")
+    moved = pa.array([every.column("_rowid")[5].as_py()] + cands.column("_rowid").to_pylist()[1:], pa.uint64())
+    stale = cands.set_column(rowid, "_rowid", moved)
+    assert store._take_public(stale) is None  # a row id now holds another memory
+    assert store._public_rows(stale) == want  # found by memory_id instead
 
 
 def test_a_new_fact_on_a_key_supersedes_the_old_one(store):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from killing import sigkill_when
 
 from schemas.embed import EMBED_DIM, IMAGE_EMBEDDINGS, TEXT_EMBEDDINGS
 from schemas.train import MemoryTrainConfig
@@ -99,7 +99,7 @@ def test_tiny_llama_is_deterministic_and_loads(tmp_path):
 
 
 def test_architecture_and_what_trains(model_and_data, embedded_root):
-    config, model, data, rejections = model_and_data
+    config, model, data, _ = model_and_data
     assert model.imagebind_fc.in_features == 2 * EMBED_DIM and model.imagebind_fc.out_features == EMBED_DIM
     assert tuple(model.turn_pe.weight.shape) == (11, EMBED_DIM)
     assert model.qformer.config.encoder_hidden_size == EMBED_DIM
@@ -260,16 +260,7 @@ def test_loop_resumes_after_sigkill_with_the_same_data_order(embedded_root, tmp_
     proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(embedded_root), str(ckpt),
                              str(torch.get_num_threads())], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not any(p.name.endswith("0004") for p in list_checkpoints(ckpt)):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint at step 4 in time"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, lambda: any(p.name.endswith("0004") for p in list_checkpoints(ckpt)), "checkpoint at step 4")
     steps = [int(p.name.split("-")[1]) for p in list_checkpoints(ckpt)]
     assert 4 <= max(steps) < 8  # killed after a checkpoint, before the end
 
@@ -331,3 +322,66 @@ def test_train_memory_flow_publishes_and_skips_rerun(embedded_root):
     answers = loaded.generate(data.batch(torch.arange(3)), max_new_tokens=3)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     assert isinstance(data, MemoryData)
+
+
+def _lock_waiters(lock: Path) -> int:
+    """Processes or threads blocked on ``lock`` (Linux /proc/locks marks them with ``->``)."""
+    inode = f":{os.stat(lock).st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
+
+
+def test_concurrent_runs_of_one_fingerprint_train_once(embedded_root):
+    """Two runs with the same inputs at the same time (a pipeline's own training and the one a trigger
+    started): one trains and publishes, the other waits and reuses its version."""
+    import threading
+
+    from flows.train import train_memory_flow
+    from storage.artifacts import ArtifactStore
+    from tasks.train import exclusive, plan_memory
+
+    config = tiny_config(embedded_root, max_steps=2, eval_limit=0, artifact="memory-concurrent-test")
+    plan = plan_memory(config)
+    pinned = plan_memory(config.model_copy(update={"table_versions": {n: i["version"] for n, i in plan.inputs.items()}}))
+    assert pinned.fingerprint == plan.fingerprint  # pinning the versions it would pick anyway is the same run
+    results, errors = [], []
+
+    def run() -> None:
+        try:
+            results.append(train_memory_flow(config))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    lock = config.checkpoints_dir / f"{plan.fingerprint}.lock"
+    with exclusive(config, plan) as held:  # both runs plan, then queue on the lock behind this one
+        assert held.existing is None
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while _lock_waiters(lock) < 2:
+            assert time.monotonic() < deadline and all(t.is_alive() for t in threads), errors
+            time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 2
+    assert sorted(r["created"] for r in results) == [False, True]
+    assert {r["artifact"] for r in results} == {"memory-concurrent-test:v1"}
+    assert ArtifactStore(config.artifacts_dir).versions("memory-concurrent-test") == [1]
+
+
+def test_cli_train_memory_tiny(embedded_root):
+    """`mmem train memory --tiny` trains, prints the version, and `mmem artifacts list` shows it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    root = ["--data-root", str(embedded_root)]
+    res = CliRunner().invoke(app, [*root, "train", "memory", "--tiny", "--max-steps", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output[res.output.index("{\n"):])
+    assert result["created"] and result["artifact"] == "memory-model:v1" and result["metrics"]["steps"] == 2
+    listed = CliRunner().invoke(app, [*root, "artifacts", "list", "memory-model", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [r["artifact"] for r in json.loads(listed.output)] == ["memory-model:v1"]

@@ -63,6 +63,21 @@ def test_bleu_hand_checked():
     assert corpus_bleu4([hyp], [ref]) == pytest.approx(100 * math.exp(1 - 8 / 4), abs=0.01)
 
 
+def test_sentence_bleu_mean_hand_checked():
+    # per-sample sacrebleu sentence BLEU ("exp" smoothing, effective order), averaged, 0..1:
+    # (1) the pair above: precisions 5/6, 3/5, 1/4 and 0/3 -> 1/(2*3), brevity penalty 1;
+    # (2) "a dog" vs "a dog runs": 2/2 unigrams, 1/1 bigram, no trigram in a 2-word hypothesis, so the
+    #     effective order is 2: geometric mean 1, brevity penalty exp(1 - 3/2).
+    first = (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
+    second = math.exp(1 - 3 / 2)
+    hyps, refs = ["the cat is on the mat", "a dog"], ["the cat sat on the mat", "a dog runs"]
+    assert sentence_bleu_mean(hyps[:1], refs[:1]) == pytest.approx(first, abs=1e-4)
+    assert sentence_bleu_mean(hyps[1:], refs[1:]) == pytest.approx(second, abs=1e-4)
+    assert sentence_bleu_mean(hyps, refs) == pytest.approx((first + second) / 2, abs=1e-4)
+    assert bleu_scores(hyps, refs)["bleu_sentence_mean"] == pytest.approx((first + second) / 2, abs=1e-4)
+    assert sentence_bleu_mean([], []) == 0.0
+
+
 def test_corpus_bleu_differs_from_mean_of_sentence_bleu():
     hyps = ["the cat is on the mat", "yes"]
     refs = ["the cat sat on the mat", "no it is not"]

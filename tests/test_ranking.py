@@ -118,3 +118,52 @@ def test_lm_scorer_equals_full_sequence_loglik(tiny_lm):
                 logp = torch.log_softmax(model(torch.tensor([ctx_ids + opt_ids])).logits[0].float(), -1)
             expected = sum(logp[len(ctx_ids) - 1 + k, t].item() for k, t in enumerate(opt_ids))
             assert got[i, j] == pytest.approx(expected, abs=1e-4)
+
+
+def test_memory_option_scores_equal_full_sequence_loglik(tmp_path):
+    """The memory model's option scores (shared prefix, cached) equal each option's summed token
+    log-likelihood after [soft prompt][question prompt], computed by one full forward pass each."""
+    import torch
+
+    from evaluation.memory_eval import memory_option_scores
+    from schemas.embed import EMBED_DIM
+    from schemas.train import MemoryTrainConfig
+    from training.memory_model import NUM_POSITIONS, MemoryData, build_memory_model, tokenize
+
+    model = build_memory_model(MemoryTrainConfig(data_root=tmp_path, tiny=True, device="cpu")).eval()
+    tok, arch = model.tokenizer, model.arch
+    gen = torch.Generator().manual_seed(0)
+    questions = ["is there a person in the picture", "what color is the shirt", "how many dogs"]
+    answers = ["yes", "red", "two"]
+    p_ids, p_len = tokenize(tok, [arch.prompt_template.format(question=q) for q in questions],
+                            arch.max_prompt_tokens, special=True)
+    a_ids, a_len = tokenize(tok, [" " + a for a in answers], arch.max_answer_tokens, special=False,
+                            eos=tok.eos_token_id)
+    data = MemoryData(
+        image_ids=np.array([11, 12]),
+        image=torch.nn.functional.normalize(torch.randn(2, EMBED_DIM, generator=gen), dim=-1),
+        texts=torch.nn.functional.normalize(torch.randn(2, NUM_POSITIONS, EMBED_DIM, generator=gen), dim=-1),
+        dialog=torch.tensor([0, 0, 1]), turn=torch.tensor([1, 4, 2]), prompt_ids=p_ids, prompt_len=p_len,
+        answer_ids=a_ids, answer_len=a_len, answers=answers,
+    )
+    options = [["yes", "no", "i can not tell", "maybe one two"], ["red", "blue shirt", "white and black"],
+               ["two", "none at all", "three or four dogs", "i think 2", "lots"]]
+    got = memory_option_scores(model, data, options, option_batch=2)
+    assert got.shape == (3, 5) and got[0, 4] == -np.inf and got[1, 3] == -np.inf
+    embed = model.llm.get_input_embeddings()
+    for i, opts in enumerate(options):
+        with torch.no_grad():
+            batch = data.batch(torch.tensor([i]))
+            soft = model.soft_prompt(model.encode_memory(batch))[0]
+            prompt = batch.prompt_ids[0, : int(batch.prompt_len[0])].tolist()
+        for j, opt in enumerate(opts):
+            opt_ids = tok(" " + opt, add_special_tokens=False).input_ids
+            ids = torch.tensor(prompt + opt_ids)
+            with torch.no_grad():
+                logits = model.llm(inputs_embeds=torch.cat([soft, embed(ids)])[None]).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            start = soft.shape[0] + len(prompt) - 1  # the position that predicts the option's first token
+            expected = sum(logp[start + k, t].item() for k, t in enumerate(opt_ids))
+            assert got[i, j] == pytest.approx(expected, abs=1e-4), (i, opt)
+    # the memory matters: another sample's memory under the same question scores differently
+    assert not np.allclose(got[0, :4], memory_option_scores(model, data, [options[0]] * 3)[2, :4])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
+from killing import sigkill_when
 
 from schemas.reminders import REMINDERS
 from schemas.train import SftConfig
@@ -23,6 +27,7 @@ from training.sft import (
 )
 
 MISSING_ID = 999_999
+REPO = Path(__file__).resolve().parent.parent
 
 
 def reminder_rows(db) -> pa.Table:
@@ -118,7 +123,7 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(sft_root, tmp_path):
+def test_resume_after_a_crash_or_a_kill_matches_an_uninterrupted_run(sft_root, tmp_path):
     from transformers import TrainerCallback
 
     config = tiny(sft_root, max_steps=4, save_steps=2, val_fraction=0.0)
@@ -145,6 +150,46 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(sft_root, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     assert any((p != 0).any() for n, p in b.items() if "lora_B" in n)  # it trained
+
+    # The same after a SIGKILL of a training process, with a checkpoint it was still writing.
+    version = connect(config.lance_uri).open_table("reminders").version
+    ckpt = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SFT, str(sft_root), str(ckpt), str(version),
+                             str(torch.get_num_threads())], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the Trainer writes trainer_state.json last
+    sigkill_when(proc, (ckpt / "checkpoint-2" / "trainer_state.json").is_file, "complete checkpoint-2")
+    assert not (ckpt / "checkpoint-4").exists()  # killed before the end
+    (ckpt / "checkpoint-3").mkdir()  # what a kill in the middle of writing checkpoint 3 leaves
+    (ckpt / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"half")
+    killed = train_sft(config, data, ckpt)
+    assert killed.resumed_from == 2 and not (ckpt / "checkpoint-3").exists()
+    c = lora(killed.model)
+    for name in a:
+        torch.testing.assert_close(a[name], c[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert killed.metrics["train_loss"] == pytest.approx(resumed.metrics["train_loss"], rel=1e-5)
+
+
+KILLED_SFT = """
+import sys, time, torch
+from pathlib import Path
+from transformers import TrainerCallback
+from schemas.train import SftConfig
+from storage.lance import connect, read
+from training.sft import build_examples, train_sft
+root, ckpt, version = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: a float sum's order depends on it
+config = SftConfig(data_root=root, tiny=True, device="cpu", max_steps=4, save_steps=2, val_fraction=0.0)
+data = build_examples(read(connect(config.lance_uri), "reminders", version=version), config)
+
+class Slow(TrainerCallback):  # room to kill it after checkpoint 2, before the end
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= 2:
+            time.sleep(2)
+
+train_sft(config, data, ckpt, callbacks=[Slow()])
+"""
 
 
 def test_chat_messages_shape():
@@ -175,6 +220,9 @@ def test_train_sft_flow_versions_and_validated_input(sft_root):
     assert "image_missing" in q
 
     assert not train_sft_flow(config)["created"]  # same inputs, config and code: nothing to do
+    # the pipeline pins the version reminders wrote; a trigger picks the newest validated: one run
+    pinned = config.model_copy(update={"reminders_version": good})
+    assert plan_sft(pinned).fingerprint == first["fingerprint"]
 
     model, processor = load_sft_model(art.path)
     ex = build_examples(read(db, "reminders"), config).train[0]
@@ -195,3 +243,22 @@ def test_train_sft_flow_versions_and_validated_input(sft_root):
     assert plan_sft(config).inputs["reminders"]["version"] == good
     with pytest.raises(ValidationFailed):
         plan_sft(tiny(sft_root, reminders_version=newest))
+
+
+def test_cli_train_sft_tiny(sft_root):
+    """`mmem train sft --tiny` trains, prints the version, and a second call finds it up to date."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    args = ["--data-root", str(sft_root), "train", "sft", "--tiny", "--max-steps", "1", "--device", "cpu"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.output[first.output.index("{\n"):])
+    assert result["created"] and result["artifact"] == "gemma3-4b-reminders-lora:v1"
+    assert result["metrics"]["train_examples"] > 0 and Path(result["path"], "adapter_model.safetensors").is_file()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output[again.output.index("{\n"):])["created"] is False

@@ -252,16 +252,11 @@ def load_llm(path: Path, device: torch.device, *, load_in_4bit: bool = False, dt
     """The frozen causal LM and its tokenizer from a local folder (never the hub)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no causal LM at {path}: put a Hugging Face folder of LLaMA-3.2-1B (config.json, *.safetensors, "
-            "tokenizer files) there, or use --tiny")
+    path = _require_lm(Path(path))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if load_in_4bit:
-        if device.type != "cuda":
-            raise ValueError("load_in_4bit needs CUDA (bitsandbytes); set load_in_4bit=false on this machine")
+        _require_cuda_for_4bit(device)
         try:
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
@@ -277,10 +272,34 @@ def load_llm(path: Path, device: torch.device, *, load_in_4bit: bool = False, dt
     return llm.eval(), tokenizer
 
 
+def _require_lm(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no causal LM at {path}: put a Hugging Face folder of LLaMA-3.2-1B (config.json, *.safetensors, "
+            "tokenizer files) there, or use --tiny")
+    return path
+
+
+def _require_cuda_for_4bit(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError("load_in_4bit needs CUDA (bitsandbytes); set load_in_4bit=false on this machine")
+
+
+def preflight(config: Any) -> None:
+    """The checks a run would otherwise fail at after reading its data: the local LM folder exists,
+    and 4-bit has a CUDA device (the plan step runs them first)."""
+    if config.llm is not None:
+        _require_lm(Path(config.llm))
+    elif not config.tiny:
+        llm_path(config)  # raises: neither llm nor tiny
+    if config.load_in_4bit:
+        _require_cuda_for_4bit(resolve_device(config.device))
+
+
 def llm_path(config: Any) -> Path:
     """The configured LM folder, or (``tiny``) a tiny random LLaMA written under the data root."""
     if config.llm is not None:
-        return Path(config.llm)
+        return _require_lm(Path(config.llm))
     if not config.tiny:
         raise ValueError("train_memory needs llm (a local LLaMA-3.2-1B folder) or tiny=true")
     from training.tiny_llama import tiny_llama
@@ -414,26 +433,14 @@ class LoadedTurns:
 MEMORY_INPUTS = ("turns", "dialogs", "image_embeddings", "text_embeddings")
 
 
-def resolve_versions(db: Any, pins: dict[str, int | str]) -> dict[str, int]:
-    """The Lance version each input is read at: the pinned one (number or tag), else the latest."""
-    from storage.lance import open_table
-
-    out = {}
-    for name in MEMORY_INPUTS:
-        tbl = open_table(db, name)
-        pin = pins.get(name)
-        out[name] = tbl.tags.get_version(pin) if isinstance(pin, str) and not pin.isdigit() else int(pin or tbl.version)
-    return out
-
-
 def read_memory_inputs(lance_uri: str, splits: list[str], pins: dict[str, int | str]) -> LoadedTurns:
     """Turns of ``splits`` plus the embedding vectors they need, at pinned (or latest) versions."""
     import pyarrow.compute as pc
 
-    from storage.lance import connect, read
+    from storage.lance import connect, read, resolve_versions
 
     db = connect(lance_uri)
-    versions = resolve_versions(db, pins)
+    versions = resolve_versions(db, MEMORY_INPUTS, pins)
     quoted = ", ".join(f"'{s}'" for s in splits)
     turns = read(db, "turns", version=versions["turns"], where=f"split IN ({quoted})",
                  columns=["image_id", "turn", "split", "question", "answer", "text_hash"])

@@ -303,10 +303,25 @@ class SftRun:
     log_history: list[dict[str, Any]]
 
 
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` the Trainer finished writing (its ``trainer_state.json`` is
+    written last); newer ones a kill cut short are removed, so resume never loads half a save."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
+    for _, path in reversed(found):
+        if (path / TRAINER_STATE_NAME).is_file():
+            return str(path)
+        log.warning("removing %s: the run that wrote it stopped before it was complete", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def train_sft(config: Any, data: SftData, output_dir: Path, *, callbacks: Sequence[Any] = ()) -> SftRun:
     """Train (resuming from the newest checkpoint in ``output_dir``) and return the trained model."""
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
 
     if not data.train:
         raise ValueError("no training examples: is the reminders table empty for the train split?")
@@ -330,7 +345,7 @@ def train_sft(config: Any, data: SftData, output_dir: Path, *, callbacks: Sequen
         processing_class=processor, callbacks=list(callbacks), **kwargs,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    last = get_last_checkpoint(str(output_dir))
+    last = last_complete_checkpoint(output_dir)
     resumed = int(Path(last).name.split("-")[-1]) if last else 0
     if last:
         log.info("resuming SFT from %s", last)

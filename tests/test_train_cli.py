@@ -1,0 +1,74 @@
+"""``mmem train``: the choices it refuses, with messages that say what to do, before any data is read.
+
+(The successful ``mmem train sft --tiny`` / ``mmem train memory --tiny`` runs are in test_sft.py
+and test_memory_model.py, next to the data they train on.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from training.memory_model import load_llm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_logging():
+    """Prefect's console log handler keeps the stream it was made with: make it before CliRunner
+    swaps sys.stderr for a buffer it closes after each call (other modules run a flow first)."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
+
+def invoke(root, *args):
+    return CliRunner().invoke(app, ["--data-root", str(root), "train", *args])
+
+
+@pytest.mark.parametrize("command, option", [("sft", "--base"), ("memory", "--llm")])
+def test_a_local_model_and_tiny_exclude_each_other(tmp_path, command, option):
+    res = invoke(tmp_path, command, option, str(tmp_path), "--tiny")
+    assert res.exit_code == 1
+    assert f"give either {option} or --tiny, not both" in res.output
+
+
+@pytest.mark.parametrize("command, option, message", [
+    ("sft", "--base", "no Gemma3 model at {path}"),
+    ("memory", "--llm", "no causal LM at {path}"),
+])
+def test_a_missing_local_model_is_named(tmp_path, command, option, message):
+    """No table exists under this root: the model check comes first, so its message is the one seen."""
+    path = tmp_path / "weights"
+    path.mkdir()  # a folder without config.json is no model either
+    res = invoke(tmp_path, command, option, str(path))
+    assert res.exit_code == 1
+    assert message.format(path=path) in res.output and "--tiny" in res.output
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("command", ["sft", "memory"])
+def test_neither_a_local_model_nor_tiny(tmp_path, command):
+    res = invoke(tmp_path, command)
+    assert res.exit_code == 1 and "or tiny=true" in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_memory_model_refuses_4bit_without_cuda(tmp_path):
+    res = invoke(tmp_path, "memory", "--tiny", "--4bit", "--device", "cpu")
+    assert res.exit_code == 1 and "load_in_4bit needs CUDA" in res.output
+    res = invoke(tmp_path, "memory", "--tiny", "--4bit")  # auto resolves to the CPU here
+    assert res.exit_code == 1 and "load_in_4bit needs CUDA" in res.output
+
+
+def test_load_llm_errors(tmp_path):
+    from training.tiny_llama import tiny_llama
+
+    with pytest.raises(FileNotFoundError, match=f"no causal LM at {tmp_path / 'nowhere'}"):
+        load_llm(tmp_path / "nowhere", torch.device("cpu"))
+    lm = tiny_llama(tmp_path / "lm", seed=0)
+    with pytest.raises(ValueError, match="load_in_4bit needs CUDA"):
+        load_llm(lm, torch.device("cpu"), load_in_4bit=True)
+    model, tokenizer = load_llm(lm, torch.device("cpu"))  # the same folder loads without 4-bit
+    assert model.config.architectures == ["LlamaForCausalLM"] and tokenizer.eos_token_id is not None
