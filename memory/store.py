@@ -34,10 +34,11 @@ from lancedb.index import FTS, Bitmap, BTree, IvfFlat, IvfHnswSq, IvfPq
 from memory import scoring
 from schemas.embed import EMBED_DIM, normalise_text
 from schemas.memory import DURABLE, KINDS, MEMORIES, TRANSIENT, MemoryConfig
-from storage.index import partitions_for
+from storage.index import merge_index_deltas, partitions_for
 from storage.lance import conform, connect, dedupe, open_table
 
 TABLE = MEMORIES.name
+COMPACT_ROWS = 65_536  # maintain() merges fragments smaller than this, and leaves larger ones alone
 OVERFETCH = 1.5  # nearest rows searched per wanted candidate when the filter comes after the search
 PUBLIC_COLUMNS = [c for c in MEMORIES.columns if c != "vector"]
 # what the re-rank reads of each candidate; the public columns are fetched for the final k only
@@ -500,8 +501,15 @@ class MemoryStore:
         if c.hybrid:
             self._ensure_fts()
         if names:
-            tbl.optimize()
+            # Fold the small fragments recalls write (one per access-stat update) into each other,
+            # leaving fragments of COMPACT_ROWS+ alone: lancedb's optimize() would rewrite the whole
+            # 827k-row fragment (3.4 GB) every time, keeping the old copy until version cleanup.
+            ds = tbl.to_lance()
+            ds.optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
+            ds.optimize.optimize_indices()
+            tbl.checkout_latest()
             done["optimized"] = True
+            done["index_segments_merged"] = merge_index_deltas(tbl)
         return done
 
     def _vector_index_config(self, rows: int):

@@ -246,6 +246,15 @@ def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
     assert "m42" not in [h.memory["memory_id"] for h in store.recall("ann", vector=vecs[42], k=5, now=T0)]
     assert files_containing(config.lance_uri, {"v": m42})["v"] == []
 
+    # recalls rewrite the rows they touch (access stats): maintain folds them back into one index segment
+    for i in (7, 8, 9):
+        store.recall("ann", vector=vecs[i], k=3, now=T0)
+    assert store.table.index_stats("vector_idx").num_unindexed_rows > 0
+    assert store.maintain()["index_segments_merged"] > 1
+    stats = store.table.index_stats("vector_idx")
+    assert (stats.num_indices, stats.num_unindexed_rows, stats.num_indexed_rows) == (1, 0, rows - 1)
+    assert store.recall("ann", vector=vecs[8], k=1, now=T0, touch=False)[0].memory["memory_id"] == "m8"
+
 
 def test_indexed_recall_filters_after_the_search_only_when_that_is_exact(tmp_path, embedder):
     """ann owns almost every row (post-filtering is exact and skips the filter scan); bob owns
