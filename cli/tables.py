@@ -37,6 +37,7 @@ def sql(
     """Run DuckDB SQL over the Lance tables (joins included), e.g. mmem sql "SELECT count(*) FROM turns"."""
     from schemas.config import StageConfig
     from storage.catalog import run_sql
+    from storage.lance import version_ref
 
     cfg = load(StageConfig, data_root)
     pins: dict[str, int | str] = {}
@@ -44,7 +45,7 @@ def sql(
         name, _, ver = v.partition("=")
         if not ver:
             fail(f"--version wants TABLE=VERSION, got {v!r}")
-        pins[name] = int(ver) if ver.isdigit() else ver
+        pins[name] = version_ref(ver)
     try:
         result = run_sql(cfg.lance_uri, query, pins)
     except Exception as exc:  # noqa: BLE001 - DuckDB's (or the catalog's) message is the useful part

@@ -45,13 +45,13 @@ def sft(
     """LoRA-tune Gemma3 (vision + language) on the validated reminders; prints the artifact version."""
     from flows.train import train_sft_flow
     from schemas.train import SftConfig
+    from storage.lance import version_ref
     from tasks.validate import ValidationFailed
 
     _exclusive(base, tiny, "--base")
     config = load(SftConfig, data_root, base=base, tiny=tiny or None, backend=backend, max_steps=max_steps,
                   limit=limit, device=device, force=force or None,
-                  reminders_version=int(reminders_version) if reminders_version and reminders_version.isdigit()
-                  else reminders_version)
+                  reminders_version=version_ref(reminders_version))
     try:
         result = train_sft_flow(config)
     except (FileNotFoundError, ValidationFailed, ValueError, ImportError, RuntimeError) as exc:

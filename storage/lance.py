@@ -169,9 +169,14 @@ def read(
     """The table (or one of its versions, by number or tag) as Arrow."""
     tbl = open_table(db, name)
     if version is not None:
-        tbl.checkout(version)
+        tbl.checkout(version_ref(version))
     ds = tbl.to_lance()
     return ds.to_table(columns=columns, filter=where)
+
+
+def version_ref(version: int | str | None) -> int | str | None:
+    """A version as given (CLI, config, template): ``"3"`` -> 3; a tag name stays a tag."""
+    return int(version) if isinstance(version, str) and version.isdigit() else version
 
 
 def resolve_versions(db: lancedb.DBConnection, names: Iterable[str],
@@ -183,7 +188,7 @@ def resolve_versions(db: lancedb.DBConnection, names: Iterable[str],
         tbl = open_table(db, name)
         pin = (pins or {}).get(name)
         if pin is not None:
-            tbl.checkout(int(pin) if isinstance(pin, str) and pin.isdigit() else pin)
+            tbl.checkout(version_ref(pin))
         out[name] = tbl.version
     return out
 

@@ -358,8 +358,6 @@ def read_reminders(lance_uri: str, version: int | str | None = None) -> pa.Table
     db = connect(lance_uri)
     if not table_exists(db, "reminders"):
         raise FileNotFoundError(f"no reminders table under {lance_uri}: run `mmem reminders` first")
-    if isinstance(version, str) and version.isdigit():
-        version = int(version)
     return read(db, "reminders", version=version)
 
 

@@ -98,7 +98,7 @@ def validated_reminders(lance_uri: str, pinned: int | str | None) -> tuple[int, 
         raise FileNotFoundError(f"no reminders table under {lance_uri}: run `mmem reminders` first")
     tbl = open_table(db, "reminders")
     if pinned is not None:
-        version = tbl.tags.get_version(pinned) if isinstance(pinned, str) and not pinned.isdigit() else int(pinned)
+        version = resolve_versions(db, ["reminders"], {"reminders": pinned})["reminders"]
         candidates = [version]
     else:
         candidates = sorted((v["version"] for v in tbl.list_versions()), reverse=True)[:MAX_VERSIONS_CHECKED]
