@@ -83,7 +83,8 @@ def recall(
     _one_of(text, image)
     store = _store(data_root, tiny=tiny, checkpoint=checkpoint)
     try:
-        hits = store.recall(owner, text=text, image=image, k=k, session=session, hybrid=hybrid)
+        with store:  # writes the access stats before the command exits
+            hits = store.recall(owner, text=text, image=image, k=k, session=session, hybrid=hybrid)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if not hits:

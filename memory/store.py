@@ -19,7 +19,10 @@ delete/reset -> forget.
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,17 +35,23 @@ import pyarrow.compute as pc
 from lancedb.index import FTS, Bitmap, BTree, IvfFlat, IvfHnswSq, IvfPq
 
 from memory import scoring
+from memory.columns import RecallColumns, visible
 from schemas.embed import EMBED_DIM, normalise_text
 from schemas.memory import DURABLE, KINDS, MEMORIES, TRANSIENT, MemoryConfig
-from storage.index import merge_index_deltas, partitions_for
+from storage.index import index_new_rows, partitions_for
 from storage.lance import conform, connect, dedupe, open_table
 
 TABLE = MEMORIES.name
-COMPACT_ROWS = 65_536  # maintain() merges fragments smaller than this, and leaves larger ones alone
+log = logging.getLogger(__name__)
+# Fragments under COMPACT_ROWS are merged with each other (bulk writes make bigger ones, which are
+# left alone: rewriting an 827k-row fragment moves 3.4 GB); writes fold them once FOLD_AT pile up,
+# because every fragment costs each search ~0.7 ms (31 one-recall fragments: 32 -> 53 ms)
+COMPACT_ROWS = 16_384
+FOLD_AT = 16
 OVERFETCH = 1.5  # nearest rows searched per wanted candidate when the filter comes after the search
 PUBLIC_COLUMNS = [c for c in MEMORIES.columns if c != "vector"]
-# what the re-rank reads of each candidate; the public columns are fetched for the final k only
-# (reading every column of 64-96 candidates was ~8 of the ~30 ms of a recall at 827,830 memories)
+# what the re-rank reads of each candidate (from memory.columns); the public columns are fetched
+# for the final k only
 SCORE_COLUMNS = ["memory_id", "last_accessed_at", "access_count", "saliency"]
 # the columns recall's filter reads (bitmaps for the few-valued ones)
 SCALAR_INDICES = {"owner": "BTREE", "memory_id": "BTREE", "superseded_by": "BTREE", "session_id": "BTREE",
@@ -102,7 +111,25 @@ class MemoryStore:
         self._embedder = embedder
         self.db = connect(config.lance_uri)
         self._tbl = None
+        self._ds = None  # the table as a lance dataset, kept so the vector index stays cached
+        self._indexed: tuple[int, bool] | None = None  # (version, has a vector index)
+        self.columns = RecallColumns()
         self._prefilter_owners: set[str] = set()  # owners too sparse in the table to post-filter
+        # access stats of recalls not written yet: memory_id -> (accesses, last access); written by
+        # flush() in one commit (see _touch), and at exit if nobody called close()
+        self._pending: dict[str, tuple[int, datetime]] = {}
+        self._pending_since = 0.0
+        self._finalizer = None
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write the access stats recalls have gathered (the store stays usable)."""
+        self.flush()
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -130,16 +157,31 @@ class MemoryStore:
             self._tbl = open_table(self.db, TABLE)
         return self._tbl
 
+    def _dataset(self):
+        """The table as a ``lance.LanceDataset`` at the table's version, with :attr:`columns` synced.
+        One per store, moved along by ``checkout_version``, so the vector index stays in its cache
+        (``Table.to_lance()`` opens a new dataset with a cold cache on every call)."""
+        version = self.table.version
+        if self._ds is None:
+            self._ds = self.table.to_lance()
+        if self._ds.version != version:
+            self._ds = self._ds.checkout_version(version)
+        self.columns.sync(self._ds)
+        return self._ds
+
     def _scan(self, where: str, columns: list[str] | None = None) -> pa.Table:
+        self.flush()
         ds = self.table.to_lance()
         t = ds.to_table(columns=columns or PUBLIC_COLUMNS, filter=where)
         return t.sort_by([("created_at", "ascending")]) if "created_at" in t.column_names else t
 
     def _write(self, rows: pa.Table) -> None:
         """Upsert full rows on ``memory_id`` in one commit (a new fact and the ones it supersedes)."""
+        self.flush()
         rows = dedupe(conform(rows, MEMORIES), MEMORIES.key)
         (self.table.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all()
          .execute(rows))
+        self._fold_small_fragments()
 
     def _embed(self, text: str | None, image: Any | None) -> np.ndarray:
         if image is not None:
@@ -206,6 +248,7 @@ class MemoryStore:
         """Insert prepared rows (seeding); rows whose ``memory_id`` exists are left alone."""
         if len(rows) == 0:
             return 0
+        self.flush()
         rows = dedupe(conform(rows, MEMORIES), MEMORIES.key)
         res = self.table.merge_insert("memory_id").when_not_matched_insert_all().execute(rows)
         return res.num_inserted_rows
@@ -303,19 +346,20 @@ class MemoryStore:
             q = self._embed(text, image)
         else:
             raise ValueError("recall needs a text, an image or a vector")
-        where = self.visible_filter(owner, session, now)
         n = max(self.config.candidates, k)
-        cands = self._vector_candidates(q, where, n, owner)
+        cands = self._vector_candidates(q, owner, session, now, n)
         cos = 1.0 - cands.column("_distance").to_numpy().astype(np.float64)
         keyword = None
         if hybrid and text and text.strip():
+            where = self.visible_filter(owner, session, now)
             cands, cos, keyword = self._add_text_candidates(cands, cos, q, text, where, n)
         if len(cands) == 0:
             return []
+        last, count = self._access_stats(cands)
         terms = {
             "similarity": scoring.similarity(cos),
-            "recency": scoring.recency(cands.column("last_accessed_at").to_numpy(), now, self.config.half_life_hours),
-            "frequency": scoring.frequency(cands.column("access_count").to_numpy(), self.config.frequency_saturation),
+            "recency": scoring.recency(last, now, self.config.half_life_hours),
+            "frequency": scoring.frequency(count, self.config.frequency_saturation),
             "saliency": scoring.saliency(cands.column("saliency").to_numpy()),
         }
         if keyword is not None:
@@ -329,36 +373,44 @@ class MemoryStore:
         rows = self._public_rows(cands.take(pa.array(order)))
         if touch:
             self._touch([r["memory_id"] for r in rows], now)
+            for r in rows:  # what the caller sees is what was just written
+                r["access_count"], r["last_accessed_at"] = self._pending_stats(r)
         return [Recalled(r, float(scores[i]), b) for r, i, b in zip(rows, order, why, strict=True)]
 
-    def _vector_candidates(self, q: np.ndarray, where: str, n: int, owner: str | None = None) -> pa.Table:
-        """The ``n`` nearest visible memories.
+    def _vector_candidates(self, q: np.ndarray, owner: str, session: str | None, now: datetime,
+                           n: int) -> pa.Table:
+        """The ``n`` nearest visible memories: :data:`memory.columns.COLUMNS`, ``_distance``, ``_rowid``.
 
-        With a vector index, the filter is first applied *after* the search, to ``OVERFETCH``
-        times ``n`` nearest rows: when the owner's visible memories are most of the table (one
-        agent's memory), that is the same top ``n`` without evaluating the filter over every row,
-        which cost ~20 ms of a ~40 ms recall at 827,830 memories on 2 cores. When too few survive
-        (an owner with a small share), it searches again with the filter first, and does so
-        directly for that owner from then on.
+        The search returns row addresses and distances only; the columns come from
+        :attr:`columns` (in memory). With a vector index, the filter is first applied *after* the
+        search, to ``OVERFETCH`` times ``n`` nearest rows: when the owner's visible memories are
+        most of the table (one agent's memory), that is the same top ``n`` without evaluating the
+        filter over every row (~20 ms at 827,830 memories on 2 cores). When too few survive (an
+        owner with a small share), it searches again with the filter first, and does so directly
+        for that owner from then on.
         """
-        def search(prefilter: bool, limit: int) -> pa.Table:
-            query = (self.table.search(q, vector_column_name="vector").distance_type("cosine")
-                     .where(where, prefilter=prefilter).select([*SCORE_COLUMNS, "_distance"])
-                     .with_row_id(True).limit(limit))
+        ds = self._dataset()
+        c = self.config
+
+        def search(where: str | None, limit: int) -> pa.Table:
+            nearest: dict[str, Any] = {"column": "vector", "q": q, "k": limit, "metric": "cosine"}
             if indexed:
-                c = self.config
-                query = query.nprobes(c.nprobes).ef(c.ef)
+                nearest.update(nprobes=c.nprobes, ef=c.ef)
                 if c.refine_factor:
-                    query = query.refine_factor(c.refine_factor)
-            return query.to_arrow()
+                    nearest["refine_factor"] = c.refine_factor
+            hits = ds.to_table(columns=["_distance"], nearest=nearest, filter=where, prefilter=where is not None,
+                               with_row_id=True, with_row_address=True, disable_scoring_autoprojection=True)
+            rows = self.columns.take(hits.column("_rowaddr").to_numpy())
+            return rows.append_column("_distance", hits.column("_distance")).append_column("_rowid", hits.column("_rowid"))
 
         indexed = self.has_vector_index()
         if indexed and owner not in self._prefilter_owners:
-            got = search(prefilter=False, limit=int(n * OVERFETCH))
+            cutoff = now - timedelta(hours=c.transient_ttl_hours)
+            got = search(None, int(n * OVERFETCH)).filter(visible(owner, self.fingerprint, session, cutoff))
             if len(got) >= n:
                 return got.slice(0, n)
             self._prefilter_owners.add(owner)
-        return search(prefilter=True, limit=n)
+        return search(self.visible_filter(owner, session, now), n)
 
     def _add_text_candidates(self, cands: pa.Table, cos: np.ndarray, q: np.ndarray, text: str, where: str, n: int):
         """Union with LanceDB full-text hits; BM25 scaled by the best hit becomes the keyword term."""
@@ -403,12 +455,58 @@ class MemoryStore:
             return None
         return rows.take(pa.array([at[m] for m in ids], pa.int64()))
 
+    # --- access stats ----------------------------------------------------------------------------
+
     def _touch(self, memory_ids: list[str], now: datetime) -> None:
-        if not memory_ids:
-            return
-        ids = ", ".join(sql_str(m) for m in memory_ids)
-        self.table.update(where=f"memory_id IN ({ids})",
-                          values_sql={"access_count": "access_count + 1", "last_accessed_at": sql_ts(now)})
+        """Count an access of each memory. Written by :meth:`flush` once ``touch_flush_memories``
+        are pending or the oldest is ``touch_flush_seconds`` old (and before any other read or
+        write of this store): a write moves the rows to a new fragment and costs ~13 ms, so a
+        write per recall doubled a recall and left a fragment per recall for every search to
+        visit. Recalls of this store see pending accesses at once; other processes see them once
+        written."""
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        for m in memory_ids:
+            count, _ = self._pending.get(m, (0, now))
+            self._pending[m] = (count + 1, now)
+        if self._finalizer is None:  # written at exit if nobody closes the store
+            self._finalizer = weakref.finalize(self, _flush_at_exit, self.table, self._pending)
+        c = self.config
+        if len(self._pending) >= c.touch_flush_memories or time.monotonic() - self._pending_since >= c.touch_flush_seconds:
+            self.flush()
+
+    def _pending_stats(self, row: dict[str, Any]) -> tuple[int, datetime]:
+        count, last = self._pending.get(row["memory_id"], (0, None))
+        return row["access_count"] + count, last or row["last_accessed_at"]
+
+    def _access_stats(self, cands: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates' last access (datetime64[us]) and access count, pending accesses included."""
+        last = cands.column("last_accessed_at").to_numpy().astype("datetime64[us]")
+        count = cands.column("access_count").to_numpy().astype(np.int64)
+        if self._pending:
+            for i, m in enumerate(cands.column("memory_id").to_pylist()):
+                if m in self._pending:
+                    n, t = self._pending[m]
+                    count[i] += n
+                    last[i] = np.datetime64(utc(t).replace(tzinfo=None), "us")
+        return last, count
+
+    def flush(self) -> int:
+        """Write pending access stats in one commit; returns how many memories it updated."""
+        if not self._pending:
+            return 0
+        n = _write_access_stats(self.table, self._pending)
+        self._pending.clear()
+        self._fold_small_fragments()
+        return n
+
+    def _fold_small_fragments(self) -> None:
+        """Merge small fragments once ``FOLD_AT`` have piled up (remembers and access-stat writes
+        each add one); the vector index keeps covering what it covered."""
+        ds = self.table.to_lance()
+        if sum(f.metadata.physical_rows < COMPACT_ROWS for f in ds.get_fragments()) >= FOLD_AT:
+            ds.optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
+            self.table.checkout_latest()
 
     # --- forgetting ----------------------------------------------------------------------------
 
@@ -481,11 +579,15 @@ class MemoryStore:
     # --- upkeep --------------------------------------------------------------------------------
 
     def has_vector_index(self) -> bool:
-        return any(i.columns == ["vector"] for i in self.table.list_indices())
+        version = self.table.version
+        if self._indexed is None or self._indexed[0] != version:
+            self._indexed = (version, any(i.columns == ["vector"] for i in self.table.list_indices()))
+        return self._indexed[1]
 
     def maintain(self) -> dict[str, Any]:
         """Build the vector and scalar indices once the table is big enough, else fold new rows
         into them and compact small fragments (each recall writes one)."""
+        self.flush()
         tbl, c = self.table, self.config
         rows = tbl.count_rows()
         done: dict[str, Any] = {"rows": rows}
@@ -504,12 +606,10 @@ class MemoryStore:
             # Fold the small fragments recalls write (one per access-stat update) into each other,
             # leaving fragments of COMPACT_ROWS+ alone: lancedb's optimize() would rewrite the whole
             # 827k-row fragment (3.4 GB) every time, keeping the old copy until version cleanup.
-            ds = tbl.to_lance()
-            ds.optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
-            ds.optimize.optimize_indices()
+            tbl.to_lance().optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
             tbl.checkout_latest()
             done["optimized"] = True
-            done["index_segments_merged"] = merge_index_deltas(tbl)
+            done["index_segments_merged"] = index_new_rows(tbl)
         return done
 
     def _vector_index_config(self, rows: int):
@@ -542,6 +642,33 @@ def _unit(v: np.ndarray) -> np.ndarray:
     if not np.isfinite(norm) or norm == 0:
         raise ValueError("a memory vector must be finite and non-zero")
     return v / norm
+
+
+def _write_access_stats(table, pending: dict[str, tuple[int, datetime]]) -> int:
+    """One commit for every pending access: counts added to what the table holds now, last access
+    set. Lance's SQL has no ``CASE``, so per-memory values cannot go through ``update``: the rows
+    are read whole and upserted, which moves them into one new fragment."""
+    ids = ", ".join(sql_str(m) for m in pending)
+    rows = table.to_lance().to_table(columns=MEMORIES.columns, filter=f"memory_id IN ({ids})")
+    if len(rows) == 0:  # all forgotten meanwhile
+        return 0
+    got = rows.column("memory_id").to_pylist()
+    count = pc.add(rows.column("access_count"), pa.array([pending[m][0] for m in got], pa.int64()))
+    last = pa.array([utc(pending[m][1]) for m in got], pa.timestamp("us", tz="UTC"))
+    rows = rows.set_column(rows.column_names.index("access_count"), "access_count", count)
+    rows = rows.set_column(rows.column_names.index("last_accessed_at"), "last_accessed_at", last)
+    table.merge_insert("memory_id").when_matched_update_all().execute(conform(rows, MEMORIES))
+    return len(rows)
+
+
+def _flush_at_exit(table, pending: dict[str, tuple[int, datetime]]) -> None:
+    """A store nobody closed: write its pending access stats as it goes (or the interpreter exits)."""
+    if pending:
+        try:
+            _write_access_stats(table, pending)
+        except Exception as e:  # the table may be gone (a deleted temp dir): stats are not worth a crash
+            log.warning("memory access stats of %d memories not written: %s", len(pending), e)
+        pending.clear()
 
 
 def _open_image(path: str | Path):

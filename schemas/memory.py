@@ -67,6 +67,10 @@ class MemoryConfig(StageConfig):
     half_life_hours: float = Field(default=24.0, gt=0, description="Recency halves every this many hours.")
     frequency_saturation: int = Field(default=32, ge=1, description="Access count at which frequency reaches 1.")
     candidates: int = Field(default=64, ge=1, description="Nearest memories re-ranked by the full score.")
+    touch_flush_memories: int = Field(default=256, ge=1,
+                                      description="Recalled memories whose access stats are written together.")
+    touch_flush_seconds: float = Field(default=60.0, ge=0,
+                                       description="Access stats are written at the latest this long after a recall.")
 
     # hybrid search: vector candidates plus LanceDB full-text candidates, BM25 blended into similarity
     hybrid: bool = Field(default=False, description="Also search the text with LanceDB full-text search.")

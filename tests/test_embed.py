@@ -298,8 +298,16 @@ def test_vector_index_is_built_when_large_enough_and_finds_neighbours(tmp_path):
     assert ensure_vector_index(db, "image_embeddings", min_rows=1000).action == "none"
     merge(db, "image_embeddings", rows(500, 2800))
     assert ensure_vector_index(db, "image_embeddings", min_rows=1000).action == "created"
+
+    def partitions():
+        stats = open_table(db, "image_embeddings").to_lance().stats.index_stats("vector_idx")
+        return [i["num_partitions"] for i in stats["indices"]]
+
+    trained = partitions()
     merge(db, "image_embeddings", rows(2800, 3000))
     assert ensure_vector_index(db, "image_embeddings", min_rows=1000).action == "updated"
+    # new rows join the trained partitions (lance's default optimize re-partitions: 52 -> 1 here)
+    assert partitions() == trained and trained[0] > 8
 
     recall = []
     for i in rng.integers(0, 3000, 20):

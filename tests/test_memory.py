@@ -121,6 +121,92 @@ def test_recall_ranks_explains_and_updates_access_stats(store):
     assert store.get("bob", a["memory_id"]) is None  # owners are isolated
 
 
+def test_access_stats_are_pending_until_flushed_and_never_lost(tmp_path, embedder):
+    """A recall counts its accesses at once for this store, and writes them in one commit later
+    (a flush: threshold, close, any other read or write, or the store going away unclosed)."""
+    store = MemoryStore(MemoryConfig(data_root=tmp_path, touch_flush_memories=3), embedder)
+    facts = [store.remember("ann", f"fact {i}", vector=unit(40 + i), now=T0) for i in range(4)]
+    version = store.table.version
+    first = store.recall("ann", vector=unit(40), k=1, now=T0 + timedelta(hours=1))[0]
+    assert first.memory["access_count"] == 1  # what the caller sees counts this recall
+    assert store.table.version == version  # nothing written yet
+    again = store.recall("ann", vector=unit(40), k=1, now=T0 + timedelta(hours=2), touch=False)[0]
+    hours = 1 / store.config.half_life_hours  # since the pending access, not since remember
+    assert again.breakdown["frequency"] > 0 and again.breakdown["recency"] == pytest.approx(0.5 ** hours, rel=1e-4)
+    store.recall("ann", vector=unit(41), k=1, now=T0 + timedelta(hours=3))
+    assert store.table.version == version
+    store.recall("ann", vector=unit(42), k=1, now=T0 + timedelta(hours=4))  # the third memory: written
+    assert store.table.version == version + 1 and not store._pending
+    stats = {m["memory_id"]: (m["access_count"], m["last_accessed_at"]) for m in store.list("ann")}
+    assert stats[facts[0]["memory_id"]] == (1, T0 + timedelta(hours=1))
+    assert stats[facts[2]["memory_id"]] == (1, T0 + timedelta(hours=4))
+    assert stats[facts[3]["memory_id"]] == (0, T0)
+
+    store.recall("ann", vector=unit(43), k=1, now=T0 + timedelta(hours=5))
+    del store, first, again
+    import gc
+
+    gc.collect()  # an unclosed store writes what it holds as it goes
+    fresh = MemoryStore(MemoryConfig(data_root=tmp_path), embedder)
+    assert fresh.get("ann", facts[3]["memory_id"])["access_count"] == 1
+    with fresh:
+        fresh.recall("ann", vector=unit(43), k=1, now=T0 + timedelta(hours=6))
+    assert MemoryStore(MemoryConfig(data_root=tmp_path), embedder).get("ann", facts[3]["memory_id"])["access_count"] == 2
+
+
+def test_recall_reads_each_fragment_once_and_folds_small_ones(tmp_path, embedder):
+    """Recall's filter and score columns are read into memory once per fragment; writes add small
+    fragments, which are merged once FOLD_AT pile up."""
+    from memory.store import FOLD_AT
+
+    store = MemoryStore(MemoryConfig(data_root=tmp_path, touch_flush_memories=1), embedder)
+    for i in range(5):
+        store.remember("ann", f"fact {i}", vector=unit(60 + i), now=T0)
+    store.recall("ann", vector=unit(60), k=2, now=T0, touch=False)
+    assert store.columns.rows_read == 5
+    store.recall("ann", vector=unit(61), k=2, now=T0, touch=False)
+    assert store.columns.rows_read == 5  # same version: nothing read
+    store.remember("ann", "fact 5", vector=unit(65), now=T0)
+    hits = store.recall("ann", vector=unit(65), k=1, now=T0)  # touch_flush_memories=1: written at once
+    assert hits[0].memory["text"] == "fact 5" and store.columns.rows_read == 6
+    store.recall("ann", vector=unit(65), k=1, now=T0, touch=False)
+    assert store.columns.rows_read == 7  # the touched row, in its new fragment
+    for i in range(FOLD_AT):
+        store.remember("ann", f"more {i}", vector=unit(70 + i), now=T0)
+    frags = store.table.to_lance().get_fragments()
+    assert len(frags) < FOLD_AT and sum(f.count_rows() for f in frags) == 6 + FOLD_AT
+    top = store.recall("ann", vector=unit(70 + FOLD_AT - 1), k=1, now=T0, touch=False)[0]
+    assert top.memory["text"] == f"more {FOLD_AT - 1}"
+
+
+def test_in_memory_visibility_matches_the_sql_filter(store):
+    """Recall filters its candidates in memory (memory.columns.visible) and falls back to Lance's
+    SQL filter (visible_filter): both must pick the same rows, for every mix of columns."""
+    from memory.columns import COLUMNS, visible
+
+    now = T0 + timedelta(days=2)
+    cutoff = now - timedelta(hours=store.config.transient_ttl_hours)
+    combos = list(itertools.product(["ann", "bob"], [None, "mX"], [store.fingerprint, "other-model"],
+                                    ["durable", "transient"], [None, "s1", "s2"],
+                                    [cutoff - timedelta(seconds=1), cutoff, now]))
+    n = len(combos)
+    vecs = np.stack([unit(900 + i) for i in range(n)])
+    store.add_rows(pa.table({
+        "memory_id": [f"m{i}" for i in range(n)], "owner": [c[0] for c in combos], "modality": ["text"] * n,
+        "text": [f"fact {i}" for i in range(n)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
+        "superseded_by": [c[1] for c in combos], "model": [c[2] for c in combos], "kind": [c[3] for c in combos],
+        "session_id": [c[4] for c in combos], "created_at": [c[5] for c in combos],
+        "last_accessed_at": [c[5] for c in combos], "access_count": [0] * n, "saliency": [0.5] * n,
+    }))
+    rows = store.table.to_lance().to_table(columns=COLUMNS)
+    for owner, session in itertools.product(["ann", "bob", "carl"], [None, "s1", "s2"]):
+        by_sql = set(store._scan(store.visible_filter(owner, session, now), ["memory_id"]).column("memory_id").to_pylist())
+        in_memory = set(rows.filter(visible(owner, store.fingerprint, session, cutoff)).column("memory_id").to_pylist())
+        assert by_sql == in_memory
+        assert (len(by_sql) > 0) == (owner != "carl")
+
+
 def test_recency_and_saliency_break_similarity_ties(store):
     v = unit(1)
     old = store.remember("ann", "parked on level 2", vector=v, now=T0)
@@ -139,7 +225,7 @@ def test_recall_returns_full_rows_even_when_row_ids_moved(store):
     facts = [store.remember("ann", f"fact {i}", vector=unit(i), now=T0, saliency=i / 10) for i in range(6)]
     hits = store.recall("ann", vector=unit(3), k=3, now=T0, touch=False)
     assert hits[0].memory == store.get("ann", facts[3]["memory_id"])  # every public column, exact
-    every = store._vector_candidates(unit(3), store.visible_filter("ann", None, T0), 6)
+    every = store._vector_candidates(unit(3), "ann", None, T0, 6)
     cands = every.slice(0, 4)
     want = [store.get("ann", m) for m in cands.column("memory_id").to_pylist()]
     for order in ([0, 1, 2, 3], [3, 1, 0, 2]):  # the fast path keeps the candidates' order, whatever it is
@@ -246,9 +332,11 @@ def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
     assert "m42" not in [h.memory["memory_id"] for h in store.recall("ann", vector=vecs[42], k=5, now=T0)]
     assert files_containing(config.lance_uri, {"v": m42})["v"] == []
 
-    # recalls rewrite the rows they touch (access stats): maintain folds them back into one index segment
+    # access stats rewrite the rows recalls touched (flush): maintain folds them back into one index segment
     for i in (7, 8, 9):
         store.recall("ann", vector=vecs[i], k=3, now=T0)
+    assert store.table.index_stats("vector_idx").num_unindexed_rows == 0  # not written yet
+    assert store.flush() >= 3
     assert store.table.index_stats("vector_idx").num_unindexed_rows > 0
     assert store.maintain()["index_segments_merged"] > 1
     stats = store.table.index_stats("vector_idx")
@@ -281,7 +369,7 @@ def test_indexed_recall_filters_after_the_search_only_when_that_is_exact(tmp_pat
     for owner, probe in (("ann", 1), ("ann", 77), ("bob", 40), ("bob", 200)):
         visible = [i for i in range(rows) if owners[i] == owner and i != 1]
         exact = sorted(visible, key=lambda i: -float(vecs[i] @ vecs[probe]))[:8]
-        got = store._vector_candidates(vecs[probe], store.visible_filter(owner, None, T0), 8, owner)
+        got = store._vector_candidates(vecs[probe], owner, None, T0, 8)
         assert [int(m[1:]) for m in got.column("memory_id").to_pylist()] == exact
     assert store._prefilter_owners == {"bob"}
 
