@@ -2,16 +2,17 @@
 
 After the vector search Lance reads each further column of the ~100 candidates by random
 access: ~1.3 ms per column per query at 827,830 memories on 2 cores, and recall's filter and
-score need nine. These columns are small (tens of bytes a row), and a fragment's data files
-never change (an update deletes the row and writes it into a new fragment; an in-place column
-rewrite changes the fragment's file list, which is part of the cache key), so each fragment's
-columns are read once per process and, when the table moves on, only new or rewritten
-fragments are read. Deleted rows are never returned by the search, so deletion files need no
-tracking here.
+score need nine. These columns are small (~40 bytes a row as numpy arrays and codes), and a
+fragment's data files never change (an update deletes the row and writes it into a new
+fragment; an in-place column rewrite changes the fragment's file list, which is part of the
+cache key), so each fragment's columns are read once per process and, when the table moves on,
+only new or rewritten fragments are read. Deleted rows are never returned by the search, so
+deletion files need no tracking here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -23,20 +24,34 @@ from schemas.memory import DURABLE, MEMORIES
 # the row's identity, the visibility filter's columns, and the re-rank's
 COLUMNS = ["memory_id", "owner", "model", "kind", "superseded_by", "session_id", "created_at",
            "last_accessed_at", "access_count", "saliency"]
-# few distinct values: dictionary-encoded in memory (the model fingerprint would repeat on every row)
-DICTIONARY = ("owner", "model", "kind", "session_id")
-_TS = pa.timestamp("us", tz="UTC")
+CODED = ("owner", "model", "kind", "session_id")  # few distinct values: int32 codes into one vocabulary
+NUMERIC = {"created_at": "datetime64[us]", "last_accessed_at": "datetime64[us]", "access_count": np.int64,
+           "saliency": np.float32}
+_TYPES = {f.name: f.type for f in MEMORIES.schema}
 
 
-def visible(owner: str, model: str, session: str | None, cutoff: datetime) -> pc.Expression:
-    """``MemoryStore.visible_filter`` as an Arrow expression, for rows already in memory (the two
-    are checked against each other in tests/test_memory.py)."""
-    mine = (pc.field("owner") == owner) & pc.field("superseded_by").is_null() & (pc.field("model") == model)
-    durable = pc.field("kind") == DURABLE
-    if not session:
-        return mine & durable
-    this_session = (pc.field("session_id") == session) & (pc.field("created_at") >= pa.scalar(cutoff, _TS))
-    return mine & (durable | this_session)
+def visible_mask(rows: pa.Table, owner: str, model: str, session: str | None, cutoff: datetime) -> pa.Array:
+    """``MemoryStore.visible_filter`` evaluated on rows already in memory (the two are checked
+    against each other in tests/test_memory.py); nulls count as false, as in SQL's WHERE."""
+    def eq(col: str, value: str) -> pa.Array:
+        return pc.fill_null(pc.equal(rows.column(col), value), False)
+
+    mask = pc.and_(pc.and_(eq("owner", owner), eq("model", model)), pc.is_null(rows.column("superseded_by")))
+    durable = eq("kind", DURABLE)
+    if session:
+        recent = pc.greater_equal(rows.column("created_at"), pa.scalar(cutoff, _TYPES["created_at"]))
+        durable = pc.or_(durable, pc.and_(eq("session_id", session), recent))
+    return pc.and_(mask, durable)
+
+
+@dataclass
+class _Fragment:
+    key: tuple  # its data files: a new key means it was rewritten
+    at: np.ndarray  # row position by physical offset (-1: deleted when read)
+    memory_id: pa.Array
+    superseded: pa.Array  # superseded_by (kept as is: mostly null)
+    codes: dict[str, np.ndarray]
+    numbers: dict[str, np.ndarray]
 
 
 class RecallColumns:
@@ -44,8 +59,9 @@ class RecallColumns:
 
     def __init__(self) -> None:
         self.version: int | None = None
-        # fragment id -> (its files, its rows, row position by physical offset (-1: deleted at load))
-        self._fragments: dict[int, tuple[tuple, pa.Table, np.ndarray]] = {}
+        self._fragments: dict[int, _Fragment] = {}
+        self._vocab: dict[str, int] = {}
+        self._words: list[str] = []
         self.rows_read = 0  # rows read from disk so far (tests check that a sync reads only what changed)
 
     def sync(self, ds) -> None:
@@ -57,43 +73,57 @@ class RecallColumns:
             md = frag.metadata
             key = (tuple(f.path for f in md.files), repr(getattr(md, "overlays", None)))
             held = self._fragments.get(frag.fragment_id)
-            live[frag.fragment_id] = held if held is not None and held[0] == key else (key, *self._read(frag))
+            live[frag.fragment_id] = held if held is not None and held.key == key else self._read(frag, key)
         self._fragments, self.version = live, ds.version
 
-    def _read(self, frag) -> tuple[pa.Table, np.ndarray]:
-        t = frag.to_table(columns=COLUMNS, with_row_address=True)
+    def _read(self, frag, key: tuple) -> _Fragment:
+        t = frag.to_table(columns=COLUMNS, with_row_address=True).combine_chunks()
         self.rows_read += len(t)
-        offsets = (t.column("_rowaddr").to_numpy() & 0xFFFFFFFF).astype(np.int64)
         at = np.full(frag.metadata.physical_rows, -1, np.int64)
-        at[offsets] = np.arange(len(t))
-        cols = {c: (t.column(c).dictionary_encode() if c in DICTIONARY else t.column(c)) for c in COLUMNS}
-        return pa.table(cols), at
+        at[(t.column("_rowaddr").to_numpy() & 0xFFFFFFFF).astype(np.int64)] = np.arange(len(t))
+        codes = {c: self._encode(t.column(c)) for c in CODED}
+        numbers = {c: t.column(c).to_numpy().astype(dtype) for c, dtype in NUMERIC.items()}
+        return _Fragment(key, at, t.column("memory_id").chunk(0) if len(t) else pa.array([], pa.string()),
+                         t.column("superseded_by").chunk(0) if len(t) else pa.array([], pa.string()), codes, numbers)
+
+    def _encode(self, col: pa.ChunkedArray) -> np.ndarray:
+        enc = col.dictionary_encode().combine_chunks() if len(col) else pa.DictionaryArray.from_arrays(
+            pa.array([], pa.int32()), pa.array([], pa.string()))
+        words = enc.dictionary.to_pylist()
+        for w in words:
+            if w not in self._vocab:
+                self._vocab[w] = len(self._words)
+                self._words.append(w)
+        remap = np.array([self._vocab[w] for w in words] + [-1], np.int32)
+        idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return remap[idx]  # -1 (null) picks the trailing -1
 
     def take(self, row_addresses: np.ndarray) -> pa.Table:
         """The rows at ``row_addresses`` (``_rowaddr`` of a search of the synced version), in order."""
         addr = np.asarray(row_addresses, np.uint64)
+        n = len(addr)
         frag_ids = (addr >> np.uint64(32)).astype(np.int64)
         offsets = (addr & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        parts, order = [], []
+        codes = {c: np.empty(n, np.int32) for c in CODED}
+        numbers = {c: np.empty(n, dtype) for c, dtype in NUMERIC.items()}
+        ids: list = [None] * n
+        superseded: list = [None] * n
         for fid in np.unique(frag_ids):
-            held = self._fragments.get(int(fid))
+            frag = self._fragments.get(int(fid))
             pick = np.flatnonzero(frag_ids == fid)
-            pos = held[2][offsets[pick]] if held is not None else np.array([-1])
-            if held is None or (pos < 0).any():
+            pos = frag.at[offsets[pick]] if frag is not None else np.array([-1])
+            if frag is None or (pos < 0).any():
                 raise LookupError(f"fragment {fid} of version {self.version} is not what the search saw")
-            parts.append(held[1].take(pa.array(pos)))
-            order.append(pick)
-        if not parts:
-            return _empty()
-        rows = pa.concat_tables([_decoded(p) for p in parts])
-        return rows.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
-
-
-def _decoded(t: pa.Table) -> pa.Table:
-    return pa.table({c: (t.column(c).cast(pa.string()) if c in DICTIONARY else t.column(c)) for c in COLUMNS})
-
-
-def _empty() -> pa.Table:
-    return MEMORIES.schema.empty_table().select(COLUMNS)
-
-
+            for c in CODED:
+                codes[c][pick] = frag.codes[c][pos]
+            for c in NUMERIC:
+                numbers[c][pick] = frag.numbers[c][pos]
+            taken = pa.array(pos)
+            for i, m, s in zip(pick, frag.memory_id.take(taken).to_pylist(), frag.superseded.take(taken).to_pylist(),
+                               strict=True):
+                ids[i], superseded[i] = m, s
+        words = np.array([*self._words, None], dtype=object)  # code -1 -> None
+        cols = {"memory_id": ids, "superseded_by": superseded}
+        cols.update({c: words[v] for c, v in codes.items()})
+        cols.update(numbers)
+        return pa.table({c: pa.array(cols[c], _TYPES[c]) for c in COLUMNS})

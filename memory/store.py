@@ -13,8 +13,10 @@ nothing crosses owners). The policy, from the course notes the product follows:
   bytes.
 
 Recall is a vector search filtered by owner, re-ranked by :mod:`memory.scoring`; it bumps the
-access stats of what it returns. mem0 users: add -> remember, search -> recall, get_all -> list,
-delete/reset -> forget.
+access stats of what it returns, which the store writes in batches (:meth:`MemoryStore.flush`,
+``close()``, or ``with MemoryStore(...) as store``). A store sees the table as of its own last
+write; a long-lived one serving recalls while other processes write should be reopened to see
+theirs. mem0 users: add -> remember, search -> recall, get_all -> list, delete/reset -> forget.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pyarrow.compute as pc
 from lancedb.index import FTS, Bitmap, BTree, IvfFlat, IvfHnswSq, IvfPq
 
 from memory import scoring
-from memory.columns import RecallColumns, visible
+from memory.columns import RecallColumns, visible_mask
 from schemas.embed import EMBED_DIM, normalise_text
 from schemas.memory import DURABLE, KINDS, MEMORIES, TRANSIENT, MemoryConfig
 from storage.index import index_new_rows, partitions_for
@@ -372,9 +374,10 @@ class MemoryStore:
         why = scoring.breakdowns({t: v[order] for t, v in terms.items()}, scores[order], weights)
         rows = self._public_rows(cands.take(pa.array(order)))
         if touch:
+            for r in rows:  # what the caller sees counts earlier recalls not written yet, and this one
+                pending, _ = self._pending.get(r["memory_id"], (0, None))
+                r["access_count"], r["last_accessed_at"] = r["access_count"] + pending + 1, now
             self._touch([r["memory_id"] for r in rows], now)
-            for r in rows:  # what the caller sees is what was just written
-                r["access_count"], r["last_accessed_at"] = self._pending_stats(r)
         return [Recalled(r, float(scores[i]), b) for r, i, b in zip(rows, order, why, strict=True)]
 
     def _vector_candidates(self, q: np.ndarray, owner: str, session: str | None, now: datetime,
@@ -406,7 +409,8 @@ class MemoryStore:
         indexed = self.has_vector_index()
         if indexed and owner not in self._prefilter_owners:
             cutoff = now - timedelta(hours=c.transient_ttl_hours)
-            got = search(None, int(n * OVERFETCH)).filter(visible(owner, self.fingerprint, session, cutoff))
+            got = search(None, int(n * OVERFETCH))
+            got = got.filter(visible_mask(got, owner, self.fingerprint, session, cutoff))
             if len(got) >= n:
                 return got.slice(0, n)
             self._prefilter_owners.add(owner)
@@ -474,10 +478,6 @@ class MemoryStore:
         c = self.config
         if len(self._pending) >= c.touch_flush_memories or time.monotonic() - self._pending_since >= c.touch_flush_seconds:
             self.flush()
-
-    def _pending_stats(self, row: dict[str, Any]) -> tuple[int, datetime]:
-        count, last = self._pending.get(row["memory_id"], (0, None))
-        return row["access_count"] + count, last or row["last_accessed_at"]
 
     def _access_stats(self, cands: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Candidates' last access (datetime64[us]) and access count, pending accesses included."""

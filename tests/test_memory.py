@@ -180,9 +180,9 @@ def test_recall_reads_each_fragment_once_and_folds_small_ones(tmp_path, embedder
 
 
 def test_in_memory_visibility_matches_the_sql_filter(store):
-    """Recall filters its candidates in memory (memory.columns.visible) and falls back to Lance's
+    """Recall filters its candidates in memory (memory.columns.visible_mask) and falls back to Lance's
     SQL filter (visible_filter): both must pick the same rows, for every mix of columns."""
-    from memory.columns import COLUMNS, visible
+    from memory.columns import COLUMNS, visible_mask
 
     now = T0 + timedelta(days=2)
     cutoff = now - timedelta(hours=store.config.transient_ttl_hours)
@@ -191,18 +191,23 @@ def test_in_memory_visibility_matches_the_sql_filter(store):
                                     [cutoff - timedelta(seconds=1), cutoff, now]))
     n = len(combos)
     vecs = np.stack([unit(900 + i) for i in range(n)])
-    store.add_rows(pa.table({
+    table = pa.table({
         "memory_id": [f"m{i}" for i in range(n)], "owner": [c[0] for c in combos], "modality": ["text"] * n,
         "text": [f"fact {i}" for i in range(n)],
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
         "superseded_by": [c[1] for c in combos], "model": [c[2] for c in combos], "kind": [c[3] for c in combos],
         "session_id": [c[4] for c in combos], "created_at": [c[5] for c in combos],
         "last_accessed_at": [c[5] for c in combos], "access_count": [0] * n, "saliency": [0.5] * n,
-    }))
-    rows = store.table.to_lance().to_table(columns=COLUMNS)
+    })
+    for start in range(0, n, 50):  # a few fragments
+        store.add_rows(table.slice(start, 50))
+    direct = store._dataset().to_table(columns=COLUMNS, with_row_address=True)
+    rows = store.columns.take(direct.column("_rowaddr").to_numpy()[::-1])  # any order, any fragment
+    assert rows.to_pylist() == direct.select(COLUMNS).to_pylist()[::-1]  # the cache holds what Lance does
     for owner, session in itertools.product(["ann", "bob", "carl"], [None, "s1", "s2"]):
         by_sql = set(store._scan(store.visible_filter(owner, session, now), ["memory_id"]).column("memory_id").to_pylist())
-        in_memory = set(rows.filter(visible(owner, store.fingerprint, session, cutoff)).column("memory_id").to_pylist())
+        in_memory = set(rows.filter(visible_mask(rows, owner, store.fingerprint, session, cutoff))
+                        .column("memory_id").to_pylist())
         assert by_sql == in_memory
         assert (len(by_sql) > 0) == (owner != "carl")
 
