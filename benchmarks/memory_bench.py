@@ -425,7 +425,7 @@ def store_ranks(memories, events, vectors, qvectors, config: MemoryConfig, weigh
 def quality(args) -> dict:
     from memory import scoring
 
-    config = MemoryConfig()
+    config = MemoryConfig(candidates=args.candidates)
     dialogs, source = dialogs_from(args)
     memories, events = build_timeline(dialogs, config, args.revisit_every, args.seed)
     queries = [e[1] for e in events if e[0] == "query"]
@@ -565,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     qp.add_argument("--visdial", type=Path, default=None, help="a VisDial v1.0 JSON (default: demo dialogs)")
     qp.add_argument("--dialogs", type=int, default=400)
     qp.add_argument("--revisit-every", type=int, default=1, help="a revisit query every N dialogs (0: none)")
+    qp.add_argument("--candidates", type=int, default=MemoryConfig().candidates,
+                    help="nearest memories re-ranked (the memory config's candidates)")
     qp.add_argument("--touch-k", type=int, default=5, help="recalled memories whose access stats are bumped")
     qp.add_argument("--w-similarity", type=float, default=3.0)
     qp.add_argument("--grid-recency", type=float, nargs="+", default=[0, 0.25, 0.5, 1, 2])

@@ -141,6 +141,13 @@ def end_session(owner: OwnerOpt, session: Annotated[str, typer.Option(help="The 
     _echo(_store(data_root).end_session(owner, session).__dict__)
 
 
+@memory_app.command("maintain")
+def maintain(data_root: DataRootOpt = None) -> None:
+    """Keep recall fast: build the indices once the table is big enough, fold new rows into them
+    (the vector index keeps its partitions), merge small fragments. Schedule it for a live memory."""
+    _echo(_store(data_root).maintain())
+
+
 @memory_app.command("seed")
 def seed(
     split: Annotated[str | None, typer.Option(help="Only this split of the ingested tables.")] = None,

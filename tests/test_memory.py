@@ -427,7 +427,11 @@ def test_cli_add_recall_list_forget(tmp_path, embedder):
     assert out.exit_code == 0 and "Felix" in out.output and "Tom" not in out.output and "similarity=" in out.output
     out = run.invoke(app, [*base, "list", "--owner", "u1", "--superseded"])
     assert "superseded" in out.output and "Tom" in out.output
-    felix = next(line.split()[0] for line in out.output.splitlines() if "Felix" in line)
+    felix_line = next(line for line in out.output.splitlines() if "Felix" in line)
+    assert "n=1" in felix_line  # the recall was counted (written as the command exits)
+    felix = felix_line.split()[0]
+    maintained = run.invoke(app, [*base, "maintain"])
+    assert maintained.exit_code == 0 and '"rows": 2' in maintained.output
     out = run.invoke(app, [*base, "forget", "--owner", "u1", "--id", felix])
     assert out.exit_code == 0 and '"deleted": 1' in out.output
     assert run.invoke(app, [*base, "forget", "--owner", "u1"]).exit_code != 0
