@@ -52,8 +52,8 @@ COMPACT_ROWS = 16_384
 FOLD_AT = 16
 OVERFETCH = 1.5  # nearest rows searched per wanted candidate when the filter comes after the search
 PUBLIC_COLUMNS = [c for c in MEMORIES.columns if c != "vector"]
-# what the re-rank reads of each candidate (from memory.columns); the public columns are fetched
-# for the final k only
+# what the re-rank needs of a full-text hit (vector hits get theirs from memory.columns); the
+# public columns are fetched for the final k only
 SCORE_COLUMNS = ["memory_id", "last_accessed_at", "access_count", "saliency"]
 # the columns recall's filter reads (bitmaps for the few-valued ones)
 SCALAR_INDICES = {"owner": "BTREE", "memory_id": "BTREE", "superseded_by": "BTREE", "session_id": "BTREE",
