@@ -34,9 +34,12 @@ def sql(
     limit: Annotated[int, typer.Option(help="Rows to print.")] = 50,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Run DuckDB SQL over the Lance tables (joins included), e.g. mmem sql "SELECT count(*) FROM turns"."""
+    """Run read-only DuckDB SQL over the Lance tables (joins included), e.g. mmem sql "SELECT count(*) FROM turns".
+
+    Only queries run: writing, files, URLs, ATTACH, extensions and settings are refused (exit status 2).
+    """
     from schemas.config import StageConfig
-    from storage.catalog import run_sql
+    from storage.catalog import ReadOnlyError, run_sql
     from storage.lance import version_ref
 
     cfg = load(StageConfig, data_root)
@@ -48,6 +51,8 @@ def sql(
         pins[name] = version_ref(ver)
     try:
         result = run_sql(cfg.lance_uri, query, pins)
+    except ReadOnlyError as exc:
+        fail(str(exc), code=2)
     except Exception as exc:  # noqa: BLE001 - DuckDB's (or the catalog's) message is the useful part
         fail(str(exc))
     typer.echo(result.slice(0, limit).to_pandas().to_string(max_colwidth=60))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from pathlib import Path
 
@@ -89,6 +90,64 @@ def test_sql_errors_are_clear(data_root):
     assert "turns has no version 'no-such-tag'" in out
     out = _error(data_root, "sql", "SELECT count(*) FROM turns", "--version", "nope=1")
     assert "--version names no such table: nope" in out
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (names and bytes), to prove that nothing changed on disk."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sql_is_read_only_and_changes_nothing_on_disk(data_root, tmp_path):
+    lance = data_root / "lance"
+    manifest = next((lance / "turns.lance" / "_versions").iterdir())
+    outside = tmp_path / "outside"
+    before, listing = _hashes(lance), sorted(p.name for p in tmp_path.iterdir())
+    attempts = [
+        f"COPY (SELECT 1 AS x) TO '{manifest}'",  # overwrite a Lance manifest so the table no longer opens
+        f"COPY turns TO '{outside}.csv'",
+        f"SELECT * FROM turns; COPY dialogs TO '{outside}.parquet' (FORMAT parquet)",  # refused before it runs
+        "SELECT * FROM read_csv('/etc/passwd')",
+        f"SELECT * FROM read_blob('{manifest}')",
+        f"SELECT * FROM glob('{lance}/*')",
+        "SELECT count(*) FROM turns t JOIN read_text('/etc/hostname') h ON true",
+        "SELECT * FROM read_parquet('https://127.0.0.1:9/x.parquet')",
+        f"ATTACH '{outside}.duckdb' AS other",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "SET enable_external_access = true",
+        "PRAGMA threads = 1",
+        "CALL enable_logging()",
+        "CREATE TABLE copy_of_turns AS SELECT * FROM turns",
+        f"EXPORT DATABASE '{outside}'",
+    ]
+    for query in attempts:
+        res = CliRunner().invoke(app, ["--data-root", str(data_root), "sql", query])
+        assert res.exit_code == 2, (query, res.output)
+        assert res.output.startswith("error: mmem sql is read-only: "), (query, res.output)
+        assert len(res.output.strip().splitlines()) == 1, (query, res.output)
+        assert "Traceback" not in res.output and "root:" not in res.output, (query, res.output)
+    assert _hashes(lance) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # nothing written beside it either
+    out = _error_code(data_root, 2, "sql", "SELECT * FROM read_csv('/etc/passwd')")
+    assert "root:" not in out and "Cannot access file \"/etc/passwd\"" in out
+    assert "COPY statements are refused" in _error_code(data_root, 2, "sql", f"/* a note */\nCOPY turns TO '{outside}'")
+    assert "INSTALL statements are refused" in _error_code(data_root, 2, "sql", "INSTALL httpfs")
+
+    # Queries still read every table the lockdown left registered, at the latest and at pinned versions.
+    join = "SELECT d.split, count(*) AS n FROM turns t JOIN dialogs d USING (image_id) GROUP BY 1 ORDER BY 1"
+    assert _frame(_mmem(data_root, "sql", join)) == [["train", str(TRAIN_TURNS)], ["val", str(ALL_TURNS - TRAIN_TURNS)]]
+    count = "WITH t AS (FROM turns) SELECT count(*) AS n FROM t"
+    assert _frame(_mmem(data_root, "sql", count, "--version", "turns=2")) == [[str(TRAIN_TURNS)]]
+    assert "image_id" in _mmem(data_root, "sql", "DESCRIBE turns")
+    assert _hashes(lance) == before
+
+
+def _error_code(root: Path, code: int, *args: str) -> str:
+    res = CliRunner().invoke(app, ["--data-root", str(root), *args])
+    assert res.exit_code == code, res.output
+    assert res.output.startswith("error: "), res.output
+    return res.output
 
 
 def _profile(path: Path, root: Path, inputs, llm: str) -> Path:
