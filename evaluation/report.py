@@ -5,6 +5,10 @@ Input is always rows of the ``evaluations`` table (dicts with run_id, variant, m
 backbone ...), so the flow's own report and ``mmem evaluate report`` over past runs are the same
 code. Metrics are grouped by scale (0..1 overlap scores, BLEU-4 on 0..100, ranking), because one
 axis for all of them would flatten the small ones to nothing.
+
+A run label names the report's folder and chart prefixes come from run ids: both go through
+``storage.paths`` (``run_folder``, ``bar_charts``), so a label cannot place files outside the
+reports folder.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from evaluation.metrics import GENERATION_METRICS
 from evaluation.ranking import RANKING_METRICS
+from storage.paths import check_name, safe_child
 
 Row = Mapping[str, Any]
 
@@ -126,8 +131,14 @@ def _short(run_id: str) -> str:
     return run_id if len(run_id) <= 12 else run_id[:8]
 
 
+def run_folder(reports_dir: Path, run: str) -> Path:
+    """``<reports_dir>/<run>``: one run's Markdown report and charts (``run`` must be a plain name)."""
+    return safe_child(reports_dir, run, "run_label")
+
+
 def bar_charts(rows: Sequence[Row], out_dir: Path, *, prefix: str = "evaluation") -> list[Path]:
     """One PNG per metric group (grouped bars: metric on x, one bar per variant); returns the paths."""
+    check_name(prefix, "prefix")  # it starts every file name
     import matplotlib
 
     matplotlib.use("Agg")

@@ -9,6 +9,7 @@ from prefect import flow
 
 from evaluation.generation import pick_device
 from evaluation.metrics import Backbone, resolve_backbone
+from evaluation.report import run_folder
 from schemas.evaluate import EvaluateConfig, Variant, load_variants
 from tasks.evaluate import (
     EvalData,
@@ -46,6 +47,7 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     Returns the run id, each variant's metrics, the variants skipped, and where the report is.
     """
     run = config.run_label or run_id()
+    reports = run_folder(config.reports_dir, run)  # refuses a label that is no plain name, before any work
     log = logger()
     variants = _select(load_variants(config.variants), config.only)
     data = load_task(config)
@@ -70,13 +72,13 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         log.info("%s (model %s, data %s): %s", v.name, model.version or model.label, read_at,
                  {k: round(x, 4) for k, x in values.items()})
     versions = write_task(config.lance_uri, rows, rejections, run)
-    md, charts = report_task(rows, config.reports_dir / run, run)
+    md, charts = report_task(rows, reports, run)
     publish_markdown("evaluation", md, f"Evaluation run {run}: metrics per variant")
     publish_table("evaluation-rows", [{k: r[k] for k in ("variant", "metric", "value", "n", "backbone")}
                                       for r in rows], f"evaluations rows of run {run}")
     return {"run_id": run, "flow_run_id": run_id(), "metrics": results, "skipped": skipped,
             "quarantined": len(rejections), "dataset_version": data.dataset_version,
-            "report": str(config.reports_dir / run / "evaluation.md"), "charts": [str(p) for p in charts], **versions}
+            "report": str(reports / "evaluation.md"), "charts": [str(p) for p in charts], **versions}
 
 
 def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, data: EvalData,

@@ -10,24 +10,34 @@ step, so a reader never sees half a version and two writers never get the same n
 manifest says what went in (tables and their Lance versions, the full config, the code version),
 what came out (file hashes) and how well (metrics); its ``fingerprint`` lets a re-run with the
 same inputs, config and code find the version it would produce instead of training again.
+
+Names come from flow parameters, so every one passes ``storage.paths.safe_child`` (no absolute
+path, ``..`` or symlink out of the store). Claiming a number and moving ``latest`` happen under one
+lock per artifact (an flock on ``<name>/.lock``), and ``latest`` is moved to the highest complete
+version, so two concurrent publishers can never leave it naming the older one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from storage.paths import safe_child
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
+LOCK = ".lock"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,7 +99,8 @@ def code_version(repo: Path = REPO_ROOT, sources: Iterable[Path] = ()) -> dict[s
     """
     def git(*args: str) -> str | None:
         try:
-            res = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+            res = subprocess.run(["git", "-C", str(repo), *args], check=False, capture_output=True, text=True,
+                                 timeout=30)
         except (OSError, subprocess.SubprocessError):
             return None
         return res.stdout.strip() if res.returncode == 0 else None
@@ -122,8 +133,13 @@ class ArtifactStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def folder(self, name: str) -> Path:
+        """``<root>/<name>``, refused (``UnsafeName``, a ``ValueError``) for a name that is no plain
+        path component or leads out of the store."""
+        return safe_child(self.root, name, "artifact")
+
     def versions(self, name: str) -> list[int]:
-        folder = self.root / name
+        folder = self.folder(name)
         if not folder.is_dir():
             return []
         return sorted(int(p.name[1:]) for p in folder.iterdir()
@@ -132,7 +148,7 @@ class ArtifactStore:
     def get(self, name: str, version: int | str = LATEST, *, verify: bool = False) -> ArtifactVersion:
         """One version by number (``3``, ``"v3"``, ``"3"``) or ``"latest"``; ``verify`` checks file hashes."""
         number = self._resolve(name, version)
-        path = self.root / name / f"v{number}"
+        path = self.folder(name) / f"v{number}"
         manifest = json.loads((path / MANIFEST).read_text())
         art = ArtifactVersion(name, number, path, manifest)
         if verify:
@@ -169,7 +185,7 @@ class ArtifactStore:
         if not known:
             raise ArtifactError(f"no artifact named {name!r} under {self.root} (have: {self.names()})")
         if isinstance(version, str) and version == LATEST:
-            link = self.root / name / LATEST
+            link = self.folder(name) / LATEST
             target = os.readlink(link) if link.is_symlink() else None
             if target and target[1:].isdigit() and int(target[1:]) in known:
                 return int(target[1:])
@@ -196,7 +212,7 @@ class ArtifactStore:
     ) -> ArtifactVersion:
         """Create the next version: ``write(folder)`` fills it, then the manifest is added and the
         folder is renamed into place and ``latest`` moved to it."""
-        base = self.root / name
+        base = self.folder(name)
         base.mkdir(parents=True, exist_ok=True)
         staging = base / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
@@ -214,16 +230,18 @@ class ArtifactStore:
                 "files": file_hashes(staging),
                 **(extra or {}),
             }
-            number = self._claim(base, staging, manifest)
+            with _locked(base / LOCK):
+                number = self._claim(base, staging, manifest)
+                self._point_latest(base, max(self.versions(name)))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._point_latest(base, number)
         return self.get(name, number)
 
     @staticmethod
     def _claim(base: Path, staging: Path, manifest: dict[str, Any]) -> int:
-        """Rename ``staging`` to the next free ``v<N>``; a concurrent writer makes us take N+1."""
+        """Rename ``staging`` to the next free ``v<N>`` (under the artifact's lock; a writer that does
+        not take it, e.g. an older version of this code, still only makes us take N+1)."""
         existing = [int(p.name[1:]) for p in base.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()]
         number = max(existing, default=0) + 1
         while True:
@@ -242,3 +260,14 @@ class ArtifactStore:
         tmp = base / f".latest-{uuid.uuid4().hex}"
         os.symlink(f"v{number}", tmp)
         os.replace(tmp, base / LATEST)  # atomic: readers see the old or the new alias
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created 0600, never followed if it is a symlink)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

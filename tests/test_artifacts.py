@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from storage.artifacts import ArtifactError, ArtifactStore, code_version, fingerprint
+from storage.paths import UnsafeName, safe_child
 
 
 def writer(payload: bytes):
@@ -92,6 +96,83 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
     assert sorted(a.version for a in out) == [1, 2, 3, 4]
     payloads = {(store.get("m", v).path / "w.bin").read_bytes()[0] for v in range(1, 5)}
     assert payloads == {0, 1, 2, 3}
+
+
+RACE_ROUNDS = 20
+
+
+def _race_publisher(root: str, slow: bool, barrier, rounds: int) -> None:
+    """One of two processes publishing artifact ``race-<r>`` at the same moment, round after round.
+
+    The ``slow`` one pauses 50 ms in ``os.symlink`` (a slow file system, in this process only)
+    between claiming its number and moving ``latest``; the other one starts 10 ms late, so it
+    claims the higher number while the slow one has not moved the alias yet."""
+    if slow:
+        real = os.symlink
+
+        def symlink(*args, **kwargs):
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+
+        os.symlink = symlink
+    store = ArtifactStore(Path(root))
+    for r in range(rounds):
+        def write(folder: Path) -> None:
+            if not slow:
+                time.sleep(0.01)
+            (folder / "w.bin").write_bytes(b"slow" if slow else b"fast")
+
+        barrier.wait(timeout=60)
+        store.publish(f"race-{r}", write, kind="t", inputs={}, config={}, code={}, metrics={})
+
+
+def test_latest_names_the_highest_version_when_two_processes_publish_at_once(tmp_path):
+    """The race of issue 19: v2 published while v1 is between claim and alias must not leave
+    ``latest -> v1``. Two real processes, 20 rounds, tiny files."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_race_publisher, args=(str(tmp_path), slow, barrier, RACE_ROUNDS))
+             for slow in (True, False)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    store = ArtifactStore(tmp_path)
+    wrong = []
+    for r in range(RACE_ROUNDS):
+        name = f"race-{r}"
+        assert store.versions(name) == [1, 2]
+        if os.readlink(tmp_path / name / "latest") != "v2" or store.get(name).version != 2:
+            wrong.append((name, os.readlink(tmp_path / name / "latest")))
+    assert not wrong, f"latest names an older version in {len(wrong)} of {RACE_ROUNDS} rounds: {wrong}"
+
+
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "../x", "..", ".", "a/b", "x\n", "", "-x", "a" * 65,
+                                  "ok/../../x"])
+def test_names_that_are_not_plain_are_refused(tmp_path, name):
+    store = ArtifactStore(tmp_path / "artifacts")
+    with pytest.raises(UnsafeName, match="artifact="):
+        publish(store, name, b"x")
+    with pytest.raises(UnsafeName, match="artifact="):
+        store.versions(name)
+    with pytest.raises(UnsafeName, match="artifact="):
+        store.get(name)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == []
+
+
+def test_a_symlink_out_of_the_store_is_refused(tmp_path):
+    store_root, outside = tmp_path / "artifacts", tmp_path / "outside"
+    store_root.mkdir()
+    outside.mkdir()
+    (store_root / "planted").symlink_to(outside)  # an artifact folder that leads elsewhere
+    with pytest.raises(UnsafeName, match=r"artifact='planted'.*leads out of"):
+        publish(ArtifactStore(store_root), "planted", b"x")
+    assert list(outside.iterdir()) == []
+    (store_root / "inside").symlink_to(store_root / "real")  # a symlink that stays inside is fine
+    (store_root / "real").mkdir()
+    assert publish(ArtifactStore(store_root), "inside", b"x").version == 1
+    assert safe_child(store_root, "fine-name_1.0", "artifact") == store_root / "fine-name_1.0"
 
 
 def test_code_version_and_fingerprint(tmp_path):
