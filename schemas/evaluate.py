@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig
 from schemas.tables import register
+from storage.paths import SafeName
 
 VARIANTS_DIR = Path(__file__).parent / "variants"
 DEFAULT_BATCH = 64  # generate() batch of in-process variants without a setting
@@ -50,7 +51,7 @@ class Variant(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName = Field(description="Variant name; part of report and journal paths, so a plain name.")
     backend: Literal["ollama", "hf", "memory"] = Field(
         description="ollama: a model served over the Ollama protocol (Ollama itself, or `mmem llm serve`); "
         "hf: a local Hugging Face causal LM run in-process; memory: the ImageBind memory model (an artifact "
@@ -61,7 +62,7 @@ class Variant(BaseModel):
         description="Ollama model name (gemma3:4b), or a checkpoint folder (relative: under the data root), "
         "or `tiny:llama` (a tiny random-weight LLaMA built under the cache; demo and tests only).",
     )
-    artifact: str | None = Field(
+    artifact: SafeName | None = Field(
         default=None, description="Versioned model artifact this variant uses (artifacts/<name>/v<N>); its version "
         "is recorded with every score. For hf variants without `model`, the artifact's folder is loaded.",
     )
@@ -152,7 +153,7 @@ class EvaluateConfig(StageConfig):
         default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
     )
     limit: int | None = Field(default=None, ge=1, description="Only the first N held-out dialogs.")
-    run_label: str | None = Field(
+    run_label: SafeName | None = Field(
         default=None, description="Run id recorded with the rows; default: the flow run's id. Re-using a label "
         "replaces that run's rows instead of adding a new run.",
     )
