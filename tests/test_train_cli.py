@@ -6,6 +6,8 @@ and test_memory_model.py, next to the data they train on.)
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -72,3 +74,46 @@ def test_load_llm_errors(tmp_path):
         load_llm(lm, torch.device("cpu"), load_in_4bit=True)
     model, tokenizer = load_llm(lm, torch.device("cpu"))  # the same folder loads without 4-bit
     assert model.config.architectures == ["LlamaForCausalLM"] and tokenizer.eos_token_id is not None
+
+
+@pytest.mark.parametrize("artifact", ["../x", "/tmp/elsewhere", "..", "a/b"])
+def test_an_artifact_name_that_is_a_path_is_refused_by_the_options(tmp_path, artifact):
+    """The same rule from a profile or the environment: refused before any data is read."""
+    res = CliRunner().invoke(app, ["--data-root", str(tmp_path), "train", "memory", "--tiny"],
+                             env={"MMEM_TRAIN_MEMORY_ARTIFACT": artifact})
+    assert res.exit_code != 0
+    assert "artifact" in str(res.output) + repr(res.exception)
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_an_artifact_name_that_is_a_path_gets_409_from_the_prefect_api(tmp_path):
+    """A flow run asked for through the API, as the UI or an outsider does: the server checks the
+    parameters against the flow's schema (the name's pattern is in it) and refuses before any work."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.train import train_memory_flow, train_sft_flow
+    from schemas.train import MemoryTrainConfig, SftConfig
+
+    api = PREFECT_API_URL.value()
+    for flow_, config in ((train_sft_flow, SftConfig), (train_memory_flow, MemoryTrainConfig)):
+        params = {"config": config(data_root=tmp_path, tiny=True).model_dump(mode="json")}
+        dep_id = flow_.to_deployment(name="path-check", parameters=params).apply()
+        url = f"{api}/deployments/{dep_id}/create_flow_run"
+        try:
+            for bad in ("../x", "/tmp/x", "..", "x/../../y"):
+                res = httpx.post(url, json={"parameters": {"config": {**params["config"], "artifact": bad}}},
+                                 timeout=30)
+                assert res.status_code == 409, (bad, res.status_code, res.text)
+                assert "artifact" in res.text and "does not match" in res.text, res.text
+            for _ in range(10):  # the control: a plain name is taken (503: SQLite busy on a loaded machine)
+                ok = httpx.post(url, json={"parameters": {"config": {**params["config"], "artifact": "ok-name.v2"}}},
+                                timeout=30)
+                if ok.status_code != 503:
+                    break
+                time.sleep(2)
+            assert ok.status_code == 201, ok.text
+            httpx.delete(f"{api}/flow_runs/{ok.json()['id']}", timeout=30)
+        finally:
+            httpx.delete(f"{api}/deployments/{dep_id}", timeout=30)
+    assert not (tmp_path / "artifacts").exists()
