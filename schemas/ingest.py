@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,6 +15,12 @@ from schemas.tables import register
 
 NUM_TURNS = 10
 NUM_OPTIONS = 100
+
+# Upper bounds of the ingest parameters: a run's parameters (anyone who reaches the Prefect API
+# can set them) must not be able to ask for a million processes or gigabytes per image.
+MAX_WORKERS = max(64, 4 * (os.cpu_count() or 1))  # a profile from a bigger machine still loads
+MAX_IMAGE_PIXELS = 1_000_000_000
+MAX_IMAGE_BYTES = 1_000_000_000
 
 IMAGES = register(
     "images",
@@ -78,7 +85,12 @@ class IngestConfig(StageConfig):
     visdial: Path = Field(description="A VisDial v1.0 JSON file (visdial_1.0_<split>.json).")
     images: Path = Field(description="The folder holding that split's images.")
     coco: Path | None = Field(default=None, description="Optional COCO annotation file (file names by id).")
-    workers: int = Field(default=2, ge=1, description="Processes that decode and hash images.")
+    workers: int = Field(default=2, ge=1, le=MAX_WORKERS, description="Processes that decode and hash images.")
     max_image_pixels: int = Field(
-        default=50_000_000, ge=1, description="Decompression-bomb guard: larger images are quarantined."
+        default=50_000_000, ge=1, le=MAX_IMAGE_PIXELS,
+        description="Decompression-bomb guard: larger images are quarantined.",
+    )
+    max_image_bytes: int = Field(
+        default=50_000_000, ge=1, le=MAX_IMAGE_BYTES,
+        description="Image files larger than this are quarantined unread (a COCO JPEG is well under 1 MB).",
     )

@@ -22,7 +22,9 @@ class Reason(StrEnum):
     IMAGE_MISSING = "image_missing"
     IMAGE_UNREADABLE = "image_unreadable"
     IMAGE_OUTSIDE_ROOT = "image_outside_root"
-    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"  # too many pixels (decompression bomb guard)
+    IMAGE_FILE_TOO_LARGE = "image_file_too_large"  # more bytes than the ingest limit: never read
+    IMAGE_NOT_A_FILE = "image_not_a_file"  # a FIFO, device, socket or folder where an image should be
     BAD_RECORD = "bad_record"  # wrong types / missing keys inside one record
     INDEX_OUT_OF_RANGE = "index_out_of_range"
     GT_INDEX_OUT_OF_RANGE = "gt_index_out_of_range"

@@ -2,6 +2,11 @@
 
 Pure functions (no Prefect). ``check_images`` fans the work out over worker processes because
 decoding and hashing 82k JPEGs is CPU-bound.
+
+An image file is never read unbounded: it is stat-ed first (only a regular file of at most the
+byte limit is opened; a FIFO would block a reader forever, a sparse file could claim gigabytes),
+opened non-blocking without following a symlink, and checked again on the open descriptor, so a
+file swapped in between the two looks is caught too.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import io
 import multiprocessing
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -73,17 +79,63 @@ def resolve_inside(root: str | Path, rel: str) -> Path | None:
     return Path(full)
 
 
-def check_image(root: str, image_id: int, rel: str, max_pixels: int) -> ImageInfo | ImageProblem:
+DEFAULT_MAX_BYTES = 50_000_000  # IngestConfig.max_image_bytes' default
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_readable(st: os.stat_result, max_bytes: int) -> tuple[Reason, str] | None:
+    """Why a file with this status must not be read, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        return Reason.IMAGE_NOT_A_FILE, f"{kind}, not a regular file"
+    if st.st_size > max_bytes:
+        return Reason.IMAGE_FILE_TOO_LARGE, f"{st.st_size} bytes > {max_bytes} bytes (max_image_bytes)"
+    return None
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes | tuple[Reason, str]:
+    """The bytes of a regular file of at most ``max_bytes``, or why it was not read."""
+    try:
+        why = _not_readable(os.stat(path), max_bytes)
+        if why:
+            return why
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Reason.IMAGE_MISSING, "no such file"
+    except OSError as exc:
+        if os.path.islink(path):  # swapped for a symlink since the path was resolved
+            return Reason.IMAGE_OUTSIDE_ROOT, "became a symlink while checked"
+        return Reason.IMAGE_UNREADABLE, f"cannot open: {exc.strerror}"
+    with open(fd, "rb") as f:
+        try:
+            st = os.fstat(fd)
+            why = _not_readable(st, max_bytes)  # the file opened may not be the one stat-ed
+            if why:
+                return why
+            data = f.read(st.st_size + 1)
+        except OSError as exc:
+            return Reason.IMAGE_UNREADABLE, f"cannot read: {exc.strerror}"
+    if len(data) > max_bytes:
+        return Reason.IMAGE_FILE_TOO_LARGE, f"grew past {max_bytes} bytes while read"
+    if len(data) != st.st_size:
+        return Reason.IMAGE_UNREADABLE, f"changed size while read ({st.st_size} -> {len(data)} bytes)"
+    return data
+
+
+def check_image(root: str, image_id: int, rel: str, max_pixels: int,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> ImageInfo | ImageProblem:
     """Open, fully decode (at reduced scale where the codec allows), measure and hash one image."""
-    full = resolve_inside(root, rel)
+    try:
+        full = resolve_inside(root, rel)
+    except (TypeError, ValueError) as exc:  # a NUL in the name, a name that is not text
+        return ImageProblem(image_id, str(rel), Reason.BAD_RECORD, f"bad file name {rel!r}: {exc}")
     if full is None:
         return ImageProblem(image_id, rel, Reason.IMAGE_OUTSIDE_ROOT, "path resolves outside the image root")
-    try:
-        data = full.read_bytes()
-    except FileNotFoundError:
-        return ImageProblem(image_id, rel, Reason.IMAGE_MISSING, "no such file")
-    except OSError as exc:
-        return ImageProblem(image_id, rel, Reason.IMAGE_UNREADABLE, f"cannot read: {exc.strerror}")
+    data = read_bounded(full, max_bytes)
+    if isinstance(data, tuple):
+        return ImageProblem(image_id, rel, *data)
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb guard, at our limit (a process-wide setting)
     try:
         with warnings.catch_warnings():
@@ -105,18 +157,18 @@ def check_image(root: str, image_id: int, rel: str, max_pixels: int) -> ImageInf
     return ImageInfo(image_id, rel, width, height, mode, len(data), hashlib.sha256(data).hexdigest())
 
 
-def _check_many(args: tuple[str, list[tuple[int, str]], int]) -> list[ImageInfo | ImageProblem]:
-    root, items, max_pixels = args
-    return [check_image(root, i, rel, max_pixels) for i, rel in items]
+def _check_many(args: tuple[str, list[tuple[int, str]], int, int]) -> list[ImageInfo | ImageProblem]:
+    root, items, max_pixels, max_bytes = args
+    return [check_image(root, i, rel, max_pixels, max_bytes) for i, rel in items]
 
 
 def check_images(
     root: str | Path, items: Iterable[tuple[int, str]], *, workers: int = 1, max_pixels: int = 50_000_000,
-    chunk: int = 512, progress=None,
+    max_bytes: int = DEFAULT_MAX_BYTES, chunk: int = 512, progress=None,
 ) -> list[ImageInfo | ImageProblem]:
     """Check ``(image_id, relative path)`` pairs, in ``workers`` processes; order is kept."""
     items = list(items)
-    jobs = [(str(root), items[i : i + chunk], max_pixels) for i in range(0, len(items), chunk)]
+    jobs = [(str(root), items[i : i + chunk], max_pixels, max_bytes) for i in range(0, len(items), chunk)]
     out: list[ImageInfo | ImageProblem] = []
     if workers > 1 and len(jobs) > 1:
         # forkserver, not fork: lancedb's runtime threads may be live in this process

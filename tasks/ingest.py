@@ -85,7 +85,7 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
             items.append((image_id, rel))
     with Progress(len(items), "check images", enabled=progress) as bar:
         checked = check_images(config.images, items, workers=config.workers, max_pixels=config.max_image_pixels,
-                               progress=bar)
+                               max_bytes=config.max_image_bytes, progress=bar)
     infos = [c for c in checked if isinstance(c, ImageInfo)]
     ok_ids = np.array([c.image_id for c in infos], dtype=np.int64)
     t2 = time.perf_counter()

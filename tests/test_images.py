@@ -58,3 +58,34 @@ def test_hash_is_of_content_and_process_pool_matches_serial(tmp_path):
     import hashlib
 
     assert one.sha256 == hashlib.sha256((tmp_path / items[0][1]).read_bytes()).hexdigest()
+
+
+def test_only_regular_files_within_the_byte_limit_are_read(tmp_path):
+    import os
+
+    from tasks.images import read_bounded
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    exact = _jpeg(root / "COCO_x_000000000001.jpg")
+    limit = exact.stat().st_size
+    _jpeg(root / "COCO_x_000000000002.jpg", size=(300, 200))  # more bytes than ``limit``
+    (root / "COCO_x_000000000003.jpg").mkdir()  # a folder with an image's name
+    os.mkfifo(root / "COCO_x_000000000004.jpg")  # a reader of a FIFO without a writer would block for ever
+    with open(root / "COCO_x_000000000005.jpg", "wb") as f:
+        f.truncate(2**40)  # sparse: a terabyte claimed, no block written
+    items = sorted(index_image_folder(root).items()) + [(6, "COCO_x_\0.jpg"), (7, 7)]
+    results = {r.image_id: r for r in check_images(root, items, max_pixels=10**8, max_bytes=limit)}
+    reasons = {i: (None if isinstance(r, ImageInfo) else r.reason) for i, r in results.items()}
+    assert reasons == {1: None, 2: Reason.IMAGE_FILE_TOO_LARGE, 3: Reason.IMAGE_NOT_A_FILE, 4: Reason.IMAGE_NOT_A_FILE,
+                       5: Reason.IMAGE_FILE_TOO_LARGE, 6: Reason.BAD_RECORD, 7: Reason.BAD_RECORD}
+    assert results[1].num_bytes == limit
+    assert "a FIFO" in results[4].detail and "a folder" in results[3].detail
+    assert f"{2**40} bytes > {limit} bytes" in results[5].detail
+    assert "NUL" in results[6].detail or "null" in results[6].detail
+
+    # A name that became a symlink after it was resolved is not followed (opened with O_NOFOLLOW).
+    (root / "swapped.jpg").symlink_to(exact)
+    assert read_bounded(root / "swapped.jpg", limit) == (Reason.IMAGE_OUTSIDE_ROOT, "became a symlink while checked")
+    assert read_bounded(exact, limit) == exact.read_bytes()
+    assert read_bounded(exact, limit - 1)[0] == Reason.IMAGE_FILE_TOO_LARGE

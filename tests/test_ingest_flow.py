@@ -103,3 +103,13 @@ def test_validation_gate_fails_with_report():
     report = validate(pa.table({"image_id": [1, 1], "caption": ["a", "b"]}), dialogs_suite(), table_name="dialogs")
     with pytest.raises(ValidationFailed, match="expect_column_values_to_be_unique"):
         report.raise_if_failed()
+
+
+@pytest.mark.parametrize("field, value", [("workers", 10**6), ("max_image_pixels", 10**12),
+                                          ("max_image_bytes", 10**12), ("max_image_bytes", 0)])
+def test_numeric_parameters_are_bounded(tmp_path, field, value):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        IngestConfig(visdial=tmp_path / "v.json", images=tmp_path, **{field: value})
+    assert IngestConfig(visdial=tmp_path / "v.json", images=tmp_path).max_image_bytes == 50_000_000

@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -189,3 +192,81 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     assert (tmp_path / "bomb.png").stat().st_size < 200_000
     r = check_image(str(tmp_path), 1, "bomb.png", 50_000_000)
     assert r.reason == Reason.IMAGE_TOO_LARGE
+
+
+# Runs in a fresh process: the real ingest flow (on this session's Prefect server) over an image
+# folder holding a sparse 4 GB file and a FIFO, while a thread samples the process's RSS.
+_INGEST_UNDER_WATCH = """
+import json, sys, threading, time
+import psutil
+from flows.ingest import ingest_flow
+from schemas.ingest import IngestConfig
+from tasks.images import check_image
+
+args = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+fifo = check_image(args["config"]["images"], 0, args["fifo"], 50_000_000)
+fifo_seconds = time.perf_counter() - t0
+proc = psutil.Process()
+
+def watched(config):
+    base = proc.memory_info().rss
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    result = ingest_flow(IngestConfig(**config))
+    done.set()
+    watcher.join()
+    return result, peak[0] - base
+
+# First the clean input: what a first flow run costs (imports, clients, caches) is not the input's.
+_, warm_up = watched(args["warm_up"])
+result, growth = watched(args["config"])
+print("RESULT " + json.dumps({"fifo_reason": str(fifo.reason), "fifo_seconds": fifo_seconds,
+                              "rss_growth": growth, "warm_up_growth": warm_up, "counts": result["counts"]}))
+"""
+
+
+def test_sparse_4gb_image_and_fifo_are_quarantined_unread(tmp_path, demo_dir):
+    from prefect.settings import PREFECT_API_URL
+
+    from storage.lance import connect, read
+
+    demo = tmp_path / "demo"
+    shutil.copytree(demo_dir, demo)
+    images = demo / "images" / "train2014"
+    ids = [d["image_id"] for d in json.loads((demo / "visdial_1.0_train.json").read_text())["data"]["dialogs"]]
+    sparse, fifo = (images / f"COCO_train2014_{i:012d}.jpg" for i in ids[:2])
+    sparse.unlink()
+    with open(sparse, "wb") as f:
+        f.truncate(4 * 2**30)  # 4 GB claimed, no block written: reading it would fill RSS with zeros
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it for reading without O_NONBLOCK would wait for a writer for ever
+    root = tmp_path / "root"
+    config = {"data_root": str(root), "visdial": str(demo / "visdial_1.0_train.json"), "images": str(images),
+              "coco": str(demo / "captions_train2014.json"), "workers": 1}  # one process: the one measured
+    warm_up = {**config, "data_root": str(tmp_path / "warm"), "images": str(demo_dir / "images" / "train2014")}
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    args = json.dumps({"config": config, "warm_up": warm_up, "fifo": fifo.name})
+    # A hang (the old behaviour on a FIFO) fails here instead of holding CI.
+    done = subprocess.run([sys.executable, "-c", _INGEST_UNDER_WATCH, args],
+                          capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.split("RESULT ", 1)[1])
+    print(f"sparse 4 GB + FIFO ingest: RSS growth {got['rss_growth'] / 2**20:.1f} MiB "
+          f"(first, clean run: {got['warm_up_growth'] / 2**20:.1f} MiB); "
+          f"FIFO checked in {got['fifo_seconds'] * 1000:.2f} ms")
+    assert got["fifo_reason"] == Reason.IMAGE_NOT_A_FILE and got["fifo_seconds"] < 1.0
+    assert got["rss_growth"] < 100 * 2**20, got
+    assert got["counts"]["dialogs_kept"] == len(ids) - 2, got
+    q = {r["key"]: r for r in read(connect(root / "lance"), "quarantine").to_pylist()}
+    assert {k: r["reason"] for k, r in q.items()} == {str(ids[0]): "image_file_too_large",
+                                                      str(ids[1]): "image_not_a_file"}
+    assert "4294967296 bytes > 50000000 bytes" in q[str(ids[0])]["detail"] and "a FIFO" in q[str(ids[1])]["detail"]
+    assert sparse.stat().st_blocks == 0  # still sparse: nothing wrote to it either
