@@ -1,7 +1,8 @@
 """The memory model under evaluation: its generated answers, and its option log-likelihoods.
 
-The memory model (``training.memory_model``) answers from stored ImageBind vectors, not from text,
-so it is not reached through a prompt: generation batches its samples through
+The memory model (``training.memory_model``, loaded from its artifact folder with
+``AutoModel.from_pretrained`` through ``load_memory_model``) answers from stored ImageBind vectors,
+not from text, so it is not reached through a prompt: generation batches its samples through
 ``MemoryModel.generate``, and ranking scores each of the 100 options after the same prefix the
 model was trained with, ``[soft prompt][question prompt]``, through :func:`option_logliks`.
 """

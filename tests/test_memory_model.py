@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -191,12 +192,106 @@ def test_multi_positive_infonce():
     assert torch.allclose(multi_positive_infonce(z[swap], targets[swap], group[swap], 0.1), alt)
 
 
+def test_lr_schedule_warms_up_then_decays_to_zero(model_and_data, embedded_root):
+    from training.memory_loop import make_optimizer
+
+    _, model, _, _ = model_and_data
+    config = tiny_config(embedded_root, warmup_steps=4, learning_rate=1e-3)
+    opt, sched = make_optimizer(model, config, steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(a > b for a, b in itertools.pairwise(lrs[4:])) and lrs[-1] < 1e-4
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    opt.zero_grad(set_to_none=True)
+
+
 def test_tokenize_keeps_eos_under_truncation(model_and_data):
     _, model, _, _ = model_and_data
     tok = model.tokenizer
     ids, lens = tokenize(tok, [" yes", " " + "very " * 40], 6, special=False, eos=tok.eos_token_id)
     assert lens.tolist()[1] == 6 and ids[1, 5] == tok.eos_token_id
     assert ids[0, lens[0] - 1] == tok.eos_token_id
+
+
+def test_auto_model_loads_a_moved_folder_exactly(model_and_data, tmp_path):
+    """``save_pretrained`` -> move the folder -> ``AutoModel.from_pretrained``: every tensor and every
+    output equal; the trained parts alone in model.safetensors, the frozen LM once under llm/."""
+    import copy
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    _, model, data, _ = model_and_data
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # weights no seed re-derives: a load that rebuilt instead of reading fails
+        for name, p in model.named_parameters():
+            if not name.startswith("llm."):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "saved")
+    moved = tmp_path / "elsewhere" / "memory-model"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "saved", moved)
+    assert not (tmp_path / "saved").exists()
+
+    files = sorted(str(p.relative_to(moved)) for p in moved.rglob("*") if p.is_file())
+    assert {"config.json", "model.safetensors", "llm/config.json", "llm/model.safetensors",
+            "llm/tokenizer.json"} <= set(files)
+    text = (moved / "config.json").read_text()
+    assert str(tmp_path) not in text and "/models/" not in text  # nothing absolute: the folder moves
+    with safe_open(moved / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(model.memory_state_dict()) and not any(k.startswith("llm.") for k in keys)
+
+    assert AutoConfig.from_pretrained(moved).model_type == "mmem_memory"
+    loaded = AutoModel.from_pretrained(moved)
+    assert type(loaded) is type(model) and loaded.config.architectures == ["MemoryModel"]
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+
+    model.eval()
+    batch = data.batch(torch.tensor([0, 13, 27]))
+    assert torch.equal(model(batch).ce, loaded(batch).ce)
+    assert torch.equal(model.encode_memory(batch), loaded.encode_memory(batch))
+    assert model.generate(batch, max_new_tokens=4) == loaded.generate(batch, max_new_tokens=4)
+
+
+def test_older_artifact_layout_still_loads(model_and_data, tmp_path):
+    """An artifact written before the model was a PreTrainedModel (memory_model.safetensors +
+    memory_config.json, its LM under llm/) loads; with its LM gone, the error says what to do."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from training.memory_model import LEGACY_ARCH, LEGACY_WEIGHTS, LLM_DIR
+
+    _, model, data, _ = model_and_data
+    old = tmp_path / "v1"
+    old.mkdir()
+    save_file(model.memory_state_dict(), str(old / LEGACY_WEIGHTS))
+    shutil.copytree(model._llm_source, old / LLM_DIR)
+    arch = {k: getattr(model.config, k) for k in (
+        "num_query_tokens", "qformer_hidden", "qformer_layers", "qformer_heads", "qformer_intermediate",
+        "qformer_cross_attention_frequency", "qformer_dropout", "prompt_template", "max_prompt_tokens",
+        "max_answer_tokens", "train_qformer", "train_llm_proj", "train_retrieval")}
+    (old / LEGACY_ARCH).write_text(json.dumps({**arch, "llm": {"path": LLM_DIR, "load_in_4bit": False}}))
+    loaded = load_memory_model(old, device="cpu")
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    model.eval()
+    batch = data.batch(torch.tensor([0, 13]))
+    assert torch.equal(model(batch).ce, loaded(batch).ce)
+
+    shutil.rmtree(old / LLM_DIR)
+    with pytest.raises(FileNotFoundError, match="retrain"):
+        load_memory_model(old, device="cpu")
 
 
 def _wait_for_event(client, ref: str, timeout: float = 30.0):

@@ -262,3 +262,52 @@ def test_cli_train_sft_tiny(sft_root):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert json.loads(again.output[again.output.index("{\n"):])["created"] is False
+
+
+def test_adapter_folder_loads_anywhere_with_auto_peft(sft_root, tmp_path, monkeypatch):
+    """A tiny run's artifact names its bundled base relative to itself: moved, with the data root
+    (and the base it was trained from) deleted, ``AutoPeftModelForCausalLM`` loads the same model."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+
+    from training.sft import BASE_DIR, load_sft_model, save_adapter
+
+    root = tmp_path / "root"
+    shutil.copytree(sft_root, root, symlinks=True)
+    config = tiny(root, max_steps=1, val_fraction=0.0)
+    data = build_examples(read(connect(config.lance_uri), "reminders"), config)
+    run = train_sft(config, data, tmp_path / "out")
+    save_adapter(run, tmp_path / "art", data, copy_base=True)
+    moved = tmp_path / "moved" / "v1"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "art", moved)
+    shutil.rmtree(root)  # the data root, its tiny base and its images
+    adapter = json.loads((moved / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == BASE_DIR and (moved / BASE_DIR / "config.json").is_file()
+
+    monkeypatch.chdir(moved)  # peft reads a relative base from the working directory
+    loaded = AutoPeftModelForCausalLM.from_pretrained(moved).eval()
+    monkeypatch.chdir(tmp_path)
+    ours, _ = load_sft_model(moved)  # the project's loader reads it relative to the folder, from anywhere
+    want = run.model.state_dict()
+    for got in (loaded.state_dict(), ours.state_dict()):
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(got[k].cpu(), v.cpu()), k
+    ids = torch.tensor([[2, 20, 30, 40, 50]])
+    run.model.eval()
+    with torch.no_grad():
+        ref = run.model(input_ids=ids).logits
+        assert torch.equal(loaded(input_ids=ids).logits, ref) and torch.equal(ours(input_ids=ids).logits, ref)
+
+
+def test_base_reference_names_a_hub_id_not_a_data_root(tmp_path):
+    from training.sft import BASE_DIR, base_reference
+
+    snapshot = tmp_path / "hub" / "models--google--gemma-3-4b-it" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert base_reference(snapshot, bundled=False) == "google/gemma-3-4b-it"
+    assert base_reference(tmp_path / "weights" / "gemma-3-4b-it", bundled=False) == "google/gemma-3-4b-it"
+    assert base_reference(snapshot, bundled=True) == BASE_DIR
+    assert base_reference(tmp_path / "my-model", bundled=False) == str((tmp_path / "my-model").resolve())

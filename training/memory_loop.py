@@ -55,16 +55,12 @@ def total_steps(n: int, config: Any) -> int:
 
 
 def make_optimizer(model: MemoryModel, config: Any, steps: int):
+    """AdamW over the trainable parameters; linear warm-up, then cosine to zero (transformers')."""
+    from transformers import get_cosine_schedule_with_warmup
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    warm = config.warmup_steps
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return opt, get_cosine_schedule_with_warmup(opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
 
 
 def autocast(device: torch.device, dtype: str):

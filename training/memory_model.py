@@ -14,34 +14,48 @@ turn it answers (multi-positive InfoNCE: every turn of the same dialog in the ba
 Only ``imagebind_fc`` and ``turn_pe`` train by default, as in the report; the Q-Former (with its
 query tokens) and ``llm_proj`` can be switched on. Training reads vectors from Lance tables, never
 images: a batch is a gather from tensors that live on the training device.
+
+The model is a ``transformers`` ``PreTrainedModel`` (config ``model_type`` ``mmem_memory``,
+registered with ``AutoConfig`` / ``AutoModel`` when this module is imported). A saved model is
+``config.json`` (the LM's config as a sub-config, the LM's folder named relative to the saved
+one), ``model.safetensors`` with every weight except the frozen LM's, and the LM's own folder
+``llm/`` (its files as it was read, so the frozen weights are stored once and never rewritten).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 
 from schemas.embed import EMBED_DIM
 from schemas.ingest import NUM_TURNS
 from schemas.quarantine import Reason, Rejection
 
 NUM_POSITIONS = NUM_TURNS + 1  # position 0 = the image (with its caption), 1..10 = the turns
-WEIGHTS = "memory_model.safetensors"
-ARCH = "memory_config.json"
-LLM_DIR = "llm"
+MODEL_TYPE = "mmem_memory"
+LLM_DIR = "llm"  # the frozen LM's folder inside a saved model, named relative to it
+LEGACY_WEIGHTS = "memory_model.safetensors"  # the layout before the model was a PreTrainedModel
+LEGACY_ARCH = "memory_config.json"
 IGNORE = -100
 
 
-@dataclass(frozen=True)
-class MemoryArch:
-    """Everything needed to rebuild the module (saved next to its weights)."""
+class MemoryModelConfig(PreTrainedConfig):
+    """Everything needed to rebuild the model: the memory parts' shape, what trains, and the frozen
+    LM (its config as a sub-config; where its weights are as ``llm_name_or_path``: a folder relative
+    to the saved model, or a hub id / absolute path when it is not bundled)."""
+
+    model_type = MODEL_TYPE
+    sub_configs: ClassVar[dict[str, type]] = {"llm_config": AutoConfig}
 
     num_query_tokens: int = 32
     qformer_hidden: int = 768
@@ -56,12 +70,33 @@ class MemoryArch:
     train_qformer: bool = False
     train_llm_proj: bool = False
     train_retrieval: bool = False
-    llm: dict[str, Any] = field(default_factory=dict)  # where the frozen LM came from
+    embed_dim: int = EMBED_DIM
+    num_positions: int = NUM_POSITIONS
+    llm_config: dict | PreTrainedConfig | None = None
+    llm_name_or_path: str | None = None
+    llm_load_in_4bit: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.llm_config, dict):
+            from transformers import CONFIG_MAPPING
+
+            # where this copy of the LM was read from is no part of the model (and no absolute path
+            # may end up in config.json: a moved folder must still load)
+            llm = {k: v for k, v in self.llm_config.items() if k not in ("_name_or_path", "quantization_config")}
+            self.llm_config = CONFIG_MAPPING[llm["model_type"]](**llm)
+        super().__post_init__(**kwargs)
 
     @classmethod
-    def from_config(cls, config: Any) -> MemoryArch:
-        names = {f for f in cls.__dataclass_fields__} - {"llm", "train_retrieval"}
-        return cls(**{n: getattr(config, n) for n in names}, train_retrieval=config.infonce_weight > 0)
+    def from_config(cls, config: Any, **kwargs: Any) -> MemoryModelConfig:
+        """The architecture a :class:`schemas.train.MemoryTrainConfig` asks for."""
+        names = ("num_query_tokens", "qformer_hidden", "qformer_layers", "qformer_heads", "qformer_intermediate",
+                 "qformer_cross_attention_frequency", "qformer_dropout", "prompt_template", "max_prompt_tokens",
+                 "max_answer_tokens", "train_qformer", "train_llm_proj")
+        return cls(**{n: getattr(config, n) for n in names}, train_retrieval=config.infonce_weight > 0, **kwargs)
+
+
+MemoryArch = MemoryModelConfig  # the name the benchmarks and older code use
 
 
 @dataclass
@@ -87,39 +122,97 @@ class MemoryOutput:
     answer_tokens: int
 
 
-class MemoryModel(nn.Module):
-    def __init__(self, arch: MemoryArch, llm: nn.Module, tokenizer: Any) -> None:
-        super().__init__()
+class MemoryModel(PreTrainedModel):
+    """A Hugging Face model: ``save_pretrained`` writes ``config.json`` and ``model.safetensors``
+    (every weight but the frozen LM's) and the LM's own folder under ``llm/``;
+    ``AutoModel.from_pretrained`` (once this module is imported) restores all of it.
+
+    ``llm`` is attached after the memory parts are built: ``from_pretrained`` loads it from its
+    own folder (``from_pretrained`` of the LM class), so it is never drawn at random and
+    then overwritten, and never stored twice.
+    """
+
+    config_class = MemoryModelConfig
+    base_model_prefix = ""  # no headless variant: the whole model is the base model
+    main_input_name = "image"
+    _no_split_modules = ("Blip2QFormerLayer",)  # the LM adds its own when attached; the LM ties its own weights
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: MemoryModelConfig, llm: nn.Module | None = None, tokenizer: Any = None, *,
+                 attach_llm: bool = True) -> None:
+        super().__init__(config)
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-        self.arch = arch
         self.tokenizer = tokenizer
-        self.imagebind_fc = nn.Linear(2 * EMBED_DIM, EMBED_DIM)
-        self.turn_pe = nn.Embedding(NUM_POSITIONS, EMBED_DIM)
-        self.ln_memory = nn.LayerNorm(EMBED_DIM)
+        self.imagebind_fc = nn.Linear(2 * config.embed_dim, config.embed_dim)
+        self.turn_pe = nn.Embedding(config.num_positions, config.embed_dim)
+        self.ln_memory = nn.LayerNorm(config.embed_dim)
         qcfg = Blip2QFormerConfig(
-            hidden_size=arch.qformer_hidden, num_hidden_layers=arch.qformer_layers,
-            num_attention_heads=arch.qformer_heads, intermediate_size=arch.qformer_intermediate,
-            cross_attention_frequency=arch.qformer_cross_attention_frequency, encoder_hidden_size=EMBED_DIM,
-            hidden_dropout_prob=arch.qformer_dropout, attention_probs_dropout_prob=arch.qformer_dropout,
+            hidden_size=config.qformer_hidden, num_hidden_layers=config.qformer_layers,
+            num_attention_heads=config.qformer_heads, intermediate_size=config.qformer_intermediate,
+            cross_attention_frequency=config.qformer_cross_attention_frequency, encoder_hidden_size=config.embed_dim,
+            hidden_dropout_prob=config.qformer_dropout, attention_probs_dropout_prob=config.qformer_dropout,
         )
-        self.query_tokens = nn.Parameter(torch.randn(1, arch.num_query_tokens, arch.qformer_hidden) * 0.02)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_hidden))
         self.qformer = Blip2QFormerModel(qcfg)
-        self.llm_proj = nn.Linear(arch.qformer_hidden, llm.config.hidden_size)
-        self.retrieval_proj = nn.Linear(arch.qformer_hidden, EMBED_DIM)
+        if llm is None and attach_llm:
+            if config.llm_config is None:
+                raise ValueError("MemoryModelConfig.llm_config is needed to build the frozen LM")
+            from transformers import AutoModelForCausalLM
+
+            llm = AutoModelForCausalLM.from_config(config.llm_config)
+        hidden = llm.config.hidden_size if llm is not None else config.llm_config.hidden_size
+        self.llm_proj = nn.Linear(config.qformer_hidden, hidden)
+        self.retrieval_proj = nn.Linear(config.qformer_hidden, config.embed_dim)
+        self.llm: nn.Module | None = None
+        self._llm_source: Path | None = None  # the local folder the LM was read from (bundled on save)
+        self.post_init()
+        if llm is not None:
+            self.attach_llm(llm, tokenizer)
+        else:
+            self.set_trainable()
+
+    @property
+    def arch(self) -> MemoryModelConfig:
+        return self.config
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's own initialisation for the memory layers, N(0, 0.02) for the query tokens (the
+        Q-Former and the LM bring their own)."""
+        if module is self:
+            nn.init.normal_(self.query_tokens, std=self.config.initializer_range)
+        elif isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            module.reset_parameters()
+
+    def attach_llm(self, llm: nn.Module, tokenizer: Any = None, source: Path | None = None) -> MemoryModel:
+        """Make ``llm`` the frozen LM (after ``from_pretrained`` has loaded the memory parts)."""
+        expected = self.llm_proj.out_features
+        if llm.config.hidden_size != expected:
+            raise ValueError(f"the LM's hidden size is {llm.config.hidden_size}; this memory model projects to "
+                             f"{expected}")
         self.llm = llm
+        self._no_split_modules = set(self._no_split_modules) | set(getattr(llm, "_no_split_modules", None) or ())
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        self._llm_source = source
         self.llm.requires_grad_(False)
         self.set_trainable()
+        self.train(self.training)
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
 
     # --- which parts learn ----------------------------------------------------------------
 
     def trainable_modules(self) -> dict[str, nn.Module | nn.Parameter]:
         parts: dict[str, Any] = {"imagebind_fc": self.imagebind_fc, "turn_pe": self.turn_pe}
-        if self.arch.train_qformer:
+        if self.config.train_qformer:
             parts |= {"qformer": self.qformer, "query_tokens": self.query_tokens}
-        if self.arch.train_llm_proj:
+        if self.config.train_llm_proj:
             parts["llm_proj"] = self.llm_proj
-        if self.arch.train_retrieval:
+        if self.config.train_retrieval:
             parts["retrieval_proj"] = self.retrieval_proj
         return parts
 
@@ -133,14 +226,48 @@ class MemoryModel(nn.Module):
     def train(self, mode: bool = True) -> MemoryModel:
         """Frozen parts stay in eval mode (no dropout), as frozen parts should."""
         super().train(mode)
-        self.llm.eval()
-        if not self.arch.train_qformer:
+        if self.llm is not None:
+            self.llm.eval()
+        if not self.config.train_qformer:
             self.qformer.eval()
         return self
 
     def memory_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every weight except the frozen LM's (that one is referenced, not copied)."""
+        """Every weight except the frozen LM's (that one is saved in its own folder)."""
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
+
+    # --- saving and loading ---------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, bundle_llm: bool = True, link_llm: bool = False,
+                        **kwargs: Any) -> None:
+        """``config.json`` + ``model.safetensors`` (the memory parts only) and, with ``bundle_llm``,
+        the frozen LM's folder as ``llm/`` (its original files when it was read from a folder;
+        ``link_llm`` hard-links them where the filesystem allows, instead of copying)."""
+        folder = Path(save_directory)
+        if bundle_llm:
+            self.config.llm_name_or_path = LLM_DIR
+        elif self.config.llm_name_or_path in (None, LLM_DIR):
+            raise ValueError("bundle_llm=False needs config.llm_name_or_path to name the LM (a hub id or a path)")
+        super().save_pretrained(folder, state_dict=self.memory_state_dict(), **kwargs)
+        if bundle_llm:
+            _write_llm(self, folder / LLM_DIR, link=link_llm)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
+                        device: str | torch.device = "cpu", llm: str | os.PathLike | None = None,
+                        **kwargs: Any) -> MemoryModel:
+        """The memory parts from ``model.safetensors``, then the frozen LM from ``llm`` or the folder
+        the config names (relative to the saved model), on ``device``."""
+        folder = Path(pretrained_model_name_or_path)
+        dev = resolve_device(device) if isinstance(device, str) else device
+        if not (folder / "config.json").is_file() and (folder / LEGACY_ARCH).is_file():
+            return _load_legacy(folder, dev, llm)
+        kwargs.pop("attach_llm", None)
+        model = super().from_pretrained(folder, *model_args, attach_llm=False, **kwargs)
+        source = _llm_location(folder, model.config, llm)
+        lm, tokenizer = load_llm(source, dev, load_in_4bit=model.config.llm_load_in_4bit)
+        model.attach_llm(lm, tokenizer, source if Path(source).is_dir() else None)
+        return (model.to(dev) if not model.config.llm_load_in_4bit else _to_device_except_llm(model, dev)).eval()
 
     # --- forward --------------------------------------------------------------------------
 
@@ -248,11 +375,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_llm(path: Path, device: torch.device, *, load_in_4bit: bool = False, dtype: torch.dtype | None = None):
-    """The frozen causal LM and its tokenizer from a local folder (never the hub)."""
+def load_llm(path: Path | str, device: torch.device, *, load_in_4bit: bool = False,
+             dtype: torch.dtype | None = None):
+    """The frozen causal LM and its tokenizer from a local folder (or a hub id already in the
+    Hugging Face cache: a saved model may name one instead of bundling the LM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _require_lm(Path(path))
+    local = Path(path).is_dir() or Path(path).is_absolute() or str(path).startswith(".")
+    path = _require_lm(Path(path)) if local else str(path)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if load_in_4bit:
@@ -265,10 +395,10 @@ def load_llm(path: Path, device: torch.device, *, load_in_4bit: bool = False, dt
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device.index or 0}
-    llm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    llm = AutoModelForCausalLM.from_pretrained(path, local_files_only=local, **kwargs)
     if not load_in_4bit:
         llm = llm.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     return llm.eval(), tokenizer
 
 
@@ -313,15 +443,22 @@ def build_memory_model(config: Any, device: torch.device | None = None) -> Memor
     device = device or resolve_device(config.device)
     path = llm_path(config)
     llm, tokenizer = load_llm(path, device, load_in_4bit=config.load_in_4bit)
-    arch = MemoryArch.from_config(config)
-    arch = MemoryArch(**{**asdict(arch), "llm": {"path": str(path), "load_in_4bit": config.load_in_4bit,
-                                                 "config": llm.config.to_dict().get("_name_or_path") or str(path),
-                                                 "architecture": llm.config.architectures}})
+    arch = MemoryModelConfig.from_config(config, llm_config=_plain_llm_config(llm), llm_name_or_path=LLM_DIR,
+                                         llm_load_in_4bit=config.load_in_4bit)
     torch.manual_seed(config.seed)
     model = MemoryModel(arch, llm, tokenizer)
+    model._llm_source = path
     if config.init_from is not None:
         load_memory_weights(model, Path(config.init_from), strict=False)
     return model.to(device) if not config.load_in_4bit else _to_device_except_llm(model, device)
+
+
+def _plain_llm_config(llm: nn.Module) -> dict[str, Any]:
+    """The LM's architecture as the sub-config (without how this run happened to quantise it)."""
+    cfg = llm.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    return cfg
 
 
 def _to_device_except_llm(model: MemoryModel, device: torch.device) -> MemoryModel:
@@ -332,11 +469,51 @@ def _to_device_except_llm(model: MemoryModel, device: torch.device) -> MemoryMod
     return model
 
 
-def load_memory_weights(model: MemoryModel, source: Path, strict: bool = True) -> list[str]:
-    """Load memory weights from an artifact folder or a .safetensors file; returns the keys not found."""
-    from safetensors.torch import load_file
+def _llm_location(folder: Path, config: MemoryModelConfig, override: str | os.PathLike | None) -> Path | str:
+    """Where the frozen LM of a saved model is: ``override``, else ``llm_name_or_path`` read
+    relative to the saved model's folder (a bundled LM), else as a hub id or absolute path."""
+    if override is not None:
+        return Path(override)
+    name = config.llm_name_or_path
+    if not name:
+        raise ValueError(f"{folder}/config.json names no LM (llm_name_or_path); pass llm=PATH")
+    inside = folder / name
+    if inside.is_dir() or not (Path(name).is_absolute() or "/" in name):
+        return inside
+    return Path(name) if Path(name).is_absolute() else name
 
-    file = source / WEIGHTS if source.is_dir() else source
+
+def _write_llm(model: MemoryModel, target: Path, *, link: bool) -> None:
+    """The LM's folder: the files it was read from (byte for byte), or ``save_pretrained``."""
+    shutil.rmtree(target, ignore_errors=True)
+    source = model._llm_source
+    if source is not None and Path(source).is_dir():
+        def link_or_copy(src: str, dst: str) -> None:
+            if link:
+                try:
+                    os.link(src, dst)
+                    return
+                except OSError:
+                    pass
+            shutil.copy2(src, dst)
+
+        shutil.copytree(source, target, copy_function=link_or_copy,
+                        ignore=shutil.ignore_patterns(".cache", ".git*", "*.lock"))
+        return
+    model.llm.save_pretrained(target)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(target)
+
+
+def load_memory_weights(model: MemoryModel, source: Path, strict: bool = True) -> list[str]:
+    """Load memory weights from a saved model's folder (``model.safetensors``, or the older
+    ``memory_model.safetensors``) or a .safetensors file; returns the keys not found."""
+    from safetensors.torch import load_file
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    file = source
+    if source.is_dir():
+        file = source / SAFE_WEIGHTS_NAME if (source / SAFE_WEIGHTS_NAME).is_file() else source / LEGACY_WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"no memory-model weights at {file}")
     state = load_file(str(file))
@@ -354,31 +531,45 @@ def load_memory_weights(model: MemoryModel, source: Path, strict: bool = True) -
     return missing
 
 
-def save_memory_model(model: MemoryModel, folder: Path, *, copy_llm: bool = False) -> None:
-    """Weights (safetensors) + architecture JSON; the frozen LM is referenced, or copied if small."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(model.memory_state_dict(), str(folder / WEIGHTS))
-    arch = asdict(model.arch)
-    if copy_llm:
-        model.llm.save_pretrained(folder / LLM_DIR)
-        model.tokenizer.save_pretrained(folder / LLM_DIR)
-        arch["llm"] = {**arch["llm"], "path": LLM_DIR}
-    (folder / ARCH).write_text(json.dumps(arch, indent=2))
+def save_memory_model(model: MemoryModel, folder: Path, *, copy_llm: bool = True) -> None:
+    """``model.save_pretrained(folder)``: config.json, model.safetensors and the LM under ``llm/``
+    (copied; without ``copy_llm`` hard-linked to the folder it was read from where possible)."""
+    model.save_pretrained(folder, link_llm=not copy_llm)
 
 
 def load_memory_model(folder: Path, device: str | torch.device = "auto", llm: Path | None = None) -> MemoryModel:
-    """A saved memory model (an artifact version folder), ready for :meth:`MemoryModel.generate`."""
+    """A saved memory model (an artifact version folder) through ``AutoModel.from_pretrained``,
+    ready for :meth:`MemoryModel.generate`; older artifacts (``memory_config.json``) load too."""
     folder = Path(folder)
-    arch = json.loads((folder / ARCH).read_text())
     dev = resolve_device(device) if isinstance(device, str) else device
-    recorded = Path(arch["llm"]["path"])
-    path = Path(llm) if llm else (folder / recorded if not recorded.is_absolute() else recorded)
-    lm, tokenizer = load_llm(path, dev, load_in_4bit=bool(arch["llm"].get("load_in_4bit")))
-    model = MemoryModel(MemoryArch(**arch), lm, tokenizer)
+    if not (folder / "config.json").is_file():
+        return MemoryModel.from_pretrained(folder, device=dev, llm=llm)  # the older layout
+    return AutoModel.from_pretrained(folder, device=dev, llm=llm)
+
+
+def _load_legacy(folder: Path, device: torch.device, llm: str | os.PathLike | None) -> MemoryModel:
+    """An artifact written before the model was a ``PreTrainedModel``: ``memory_config.json`` (with
+    the LM's path, relative or absolute) and ``memory_model.safetensors``."""
+    arch = json.loads((folder / LEGACY_ARCH).read_text())
+    llm_info = arch.pop("llm", None) or {}
+    recorded = Path(llm_info.get("path") or LLM_DIR)
+    path = Path(llm) if llm else (recorded if recorded.is_absolute() else folder / recorded)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is a memory model in the older layout whose LM ({path}) is gone: pass llm=PATH to the "
+            "same LM, or retrain it (mmem train memory) to get a self-contained Hugging Face folder")
+    four_bit = bool(llm_info.get("load_in_4bit"))
+    lm, tokenizer = load_llm(path, device, load_in_4bit=four_bit)
+    config = MemoryModelConfig(**arch, llm_config=_plain_llm_config(lm), llm_name_or_path=LLM_DIR,
+                               llm_load_in_4bit=four_bit)
+    model = MemoryModel(config, lm, tokenizer)
+    model._llm_source = path
     load_memory_weights(model, folder)
-    return (model.to(dev) if not arch["llm"].get("load_in_4bit") else _to_device_except_llm(model, dev)).eval()
+    return (model.to(device) if not config.llm_load_in_4bit else _to_device_except_llm(model, device)).eval()
+
+
+AutoConfig.register(MODEL_TYPE, MemoryModelConfig, exist_ok=True)
+AutoModel.register(MemoryModelConfig, MemoryModel, exist_ok=True)
 
 
 # --- data: Lance embedding tables -> tensors on the device ------------------------------------

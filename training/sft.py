@@ -358,14 +358,55 @@ def train_sft(config: Any, data: SftData, output_dir: Path, *, callbacks: Sequen
     return SftRun(trainer.model, processor, backend, why, base, metrics, resumed, list(trainer.state.log_history))
 
 
+def base_reference(base: Path, *, bundled: bool) -> str:
+    """What ``adapter_config.json`` names as the base: the bundled copy (a folder relative to the
+    adapter) or the hub id of the local base, so the adapter never names a data root's path.
+
+    A base inside a Hugging Face cache (``models--org--name/snapshots/<rev>``) is ``org/name``; a
+    folder named like a Gemma 3 checkpoint (``gemma-3-4b-it``) is ``google/<name>``; anything else
+    stays a path (logged: that adapter loads only where the path exists)."""
+    if bundled:
+        return BASE_DIR
+    parts = Path(base).resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    name = Path(base).resolve().name
+    if name.lower().startswith("gemma-3-"):
+        return f"google/{name}"
+    log.warning("the base %s has no hub id; adapter_config.json names this path", base)
+    return str(Path(base).resolve())
+
+
 def save_adapter(run: SftRun, folder: Path, data: SftData, *, copy_base: bool) -> None:
-    """The LoRA adapter and the processor in HF format, which dialogs it saw, and (tiny) the base."""
+    """The LoRA adapter and the processor in HF format, which dialogs it saw, and (tiny) the base;
+    ``base_model_name_or_path`` names the bundled base (``base``, relative to the adapter folder) or
+    the hub id of the base (:func:`base_reference`)."""
     folder.mkdir(parents=True, exist_ok=True)
     run.model.save_pretrained(folder)
     run.processor.save_pretrained(folder)
     (folder / SPLIT_FILE).write_text(json.dumps(data.split_ids()))
     if copy_base:
         shutil.copytree(run.base, folder / BASE_DIR)
+    adapter = folder / "adapter_config.json"
+    cfg = json.loads(adapter.read_text())
+    cfg["base_model_name_or_path"] = base_reference(run.base, bundled=copy_base)
+    adapter.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def adapter_base(folder: Path) -> Path | str:
+    """The base an adapter folder names, a relative name read from the folder itself (peft reads it
+    from the working directory, so ``AutoPeftModelForCausalLM`` needs the folder as cwd for a
+    bundled base; this works from anywhere). Older adapters named an absolute path beside ``base/``."""
+    folder = Path(folder)
+    ref = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if ref and not Path(ref).is_absolute() and (folder / ref).is_dir():
+        return folder / ref
+    if (folder / BASE_DIR).is_dir():
+        return folder / BASE_DIR
+    if not ref:
+        raise ValueError(f"{folder}/adapter_config.json names no base model")
+    return Path(ref) if Path(ref).is_absolute() else ref
 
 
 def load_sft_model(folder: Path, base: Path | None = None, device: str = "cpu"):
@@ -375,11 +416,9 @@ def load_sft_model(folder: Path, base: Path | None = None, device: str = "cpu"):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder = Path(folder)
-    base = Path(base) if base else (folder / BASE_DIR if (folder / BASE_DIR).is_dir() else None)
-    if base is None:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        base = Path(cfg.get("base_model_name_or_path") or "")
+    source = Path(base) if base else adapter_base(folder)
+    local = isinstance(source, Path)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(base, local_files_only=True, dtype=dtype).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=local, dtype=dtype).to(device)
     model = PeftModel.from_pretrained(model, folder, local_files_only=True).eval()
     return model, AutoProcessor.from_pretrained(folder, local_files_only=True)
