@@ -1,8 +1,21 @@
-"""Shared command-line state and helpers: the data root, the profile, config loading, output."""
+"""Shared command-line state and helpers: the data root, the profile, config loading, output, and
+the local Prefect server's auth string.
+
+``mmem server start`` keeps the auth string it generates in ``<data-root>/prefect/api-auth-string``
+(mode 0600). Every ``mmem`` command that loads its config hands it to Prefect's client
+(``PREFECT_API_AUTH_STRING``) when the API it talks to is on loopback, the file is this user's
+own and private, and no other user holds the port: the project's own processes authenticate by
+themselves, while a web page, another user or a foreign server gets nothing.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
+import stat
+import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -34,7 +47,9 @@ def load(cls: type[C], data_root: Path | None = None, **overrides: Any) -> C:
     root = data_root or STATE.data_root
     if root is not None:
         overrides["data_root"] = root
-    return cls.load(STATE.profile, **overrides)
+    config = cls.load(STATE.profile, **overrides)
+    use_local_server_auth(config.data_root)
+    return config
 
 
 def quiet_prefect() -> None:
@@ -46,3 +61,144 @@ def quiet_prefect() -> None:
 def fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
+
+
+# --- the local server's auth string ---------------------------------------------------------------
+
+AUTH_FILE = "api-auth-string"
+AUTH_USER = "mmem"  # Prefect's auth string is basic auth, ``user:password``
+
+
+class UnsafeAuthFile(RuntimeError):
+    """The auth string file is not a private regular file of this user."""
+
+
+def auth_file(data_root: Path) -> Path:
+    return Path(data_root) / "prefect" / AUTH_FILE
+
+
+def private_dir(folder: Path) -> Path:
+    """Create ``folder`` (0700) or make an existing one of ours 0700: it holds the server's SQLite
+    database, whose Secret blocks are in clear, and the auth string."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = folder.stat()
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        folder.chmod(0o700)
+    return folder
+
+
+def read_auth_file(path: Path) -> str | None:
+    """The auth string in ``path``; None when there is no such file; ``UnsafeAuthFile`` when it is a
+    symlink, not a regular file, someone else's, or readable by group or others."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a symlink
+        raise UnsafeAuthFile(f"{path}: {exc.strerror}; remove it and run `mmem server start` again") from None
+    with os.fdopen(fd, encoding="utf-8") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise UnsafeAuthFile(f"{path} must be a regular file of yours with mode 0600 (it is "
+                                 f"{stat.filemode(st.st_mode)}, uid {st.st_uid}): `chmod 600` it or remove it")
+        return fh.read().strip() or None
+
+
+def ensure_auth_file(path: Path) -> str:
+    """The auth string kept in ``path``, generated there (0600, created exclusively, never through
+    a symlink) when there is none. Two servers starting at once end up with the same string."""
+    if (existing := read_auth_file(path)) is not None:
+        return existing
+    private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{AUTH_USER}:{secrets.token_urlsafe(32)}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic and exclusive: a reader never sees half a file
+        except FileExistsError:
+            pass  # another `server start` was first: use its string
+    finally:
+        tmp.unlink(missing_ok=True)
+    secret = read_auth_file(path)
+    if secret is None:
+        raise UnsafeAuthFile(f"{path} is empty: remove it and run `mmem server start` again")
+    return secret
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _listening_uids(port: int) -> set[int] | None:
+    """The uids owning sockets that listen on TCP ``port`` (Linux ``/proc/net/tcp*``); None where
+    that cannot be read."""
+    uids, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 7 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                uids.add(int(fields[7]))
+    return uids if readable else None
+
+
+def use_local_server_auth(data_root: Path) -> bool:
+    """Set ``PREFECT_API_AUTH_STRING`` from ``<data_root>/prefect/api-auth-string`` when this process
+    talks to a server on loopback and has no auth string of its own; True when it did.
+
+    Refused (with a warning) when the file is not private, or when the port is held by another
+    user's process (a server planted while ours is down would otherwise receive the string)."""
+    from urllib.parse import urlsplit
+
+    if os.environ.get("PREFECT_API_AUTH_STRING"):
+        return False
+    url = os.environ.get("PREFECT_API_URL")
+    if url is None and "prefect.settings" in sys.modules:  # a Prefect profile may hold the URL
+        from prefect.settings import get_current_settings
+
+        api = get_current_settings().api
+        if api.auth_string is not None:
+            return False
+        url = api.url
+    if not url:
+        return False
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    path = auth_file(data_root)
+    if not is_loopback(host) or not path.exists():
+        return False
+    try:
+        secret = read_auth_file(path)
+    except UnsafeAuthFile as exc:
+        typer.secho(f"warning: not using the local server's auth string: {exc}", err=True, fg=typer.colors.YELLOW)
+        return False
+    owners = _listening_uids(port)
+    if secret is None or (owners and owners != {os.getuid()}):
+        if owners and owners != {os.getuid()}:
+            typer.secho(f"warning: port {port} is held by another user (uid {sorted(owners)}): the auth string "
+                        f"in {path} is not sent there", err=True, fg=typer.colors.YELLOW)
+        return False
+    os.environ["PREFECT_API_AUTH_STRING"] = secret
+    if "prefect.context" in sys.modules:  # Prefect read its settings at import: read them again
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+    return True

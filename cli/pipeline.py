@@ -10,7 +10,18 @@ from typing import Annotated
 
 import typer
 
-from cli.common import STATE, DataRootOpt, ProfileOpt, fail, load
+from cli.common import (
+    STATE,
+    DataRootOpt,
+    ProfileOpt,
+    UnsafeAuthFile,
+    auth_file,
+    ensure_auth_file,
+    fail,
+    is_loopback,
+    private_dir,
+    use_local_server_auth,
+)
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="The whole DAG.")
 server_app = typer.Typer(no_args_is_help=True, help="A local Prefect server.")
@@ -32,6 +43,7 @@ def run(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
     from schemas.pipeline import PipelineConfig
 
     cfg = PipelineConfig.load(profile or STATE.profile, data_root=data_root or STATE.data_root)
+    use_local_server_auth(cfg.data_root)
     state = pipeline_flow(cfg, return_state=True)
     if state.is_completed():  # each stage's result in full; the summary below says where to look
         typer.echo(json.dumps(state.result(raise_on_failure=False), indent=2, default=str) + "\n")
@@ -58,17 +70,53 @@ def demo(
 
 @server_app.command("start")
 def server_start(
-    port: Annotated[int, typer.Option(help="Port of the API and the UI.")] = 4200,
-    host: Annotated[str, typer.Option(help="Bind address; 127.0.0.1 keeps it private to this machine.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(
+        help="Port of the API and the UI (default: PREFECT_SERVER_API_PORT, else 4200).", show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(
+        help="Bind address (default: PREFECT_SERVER_API_HOST, else 127.0.0.1, private to this machine). Any "
+             "other address needs PREFECT_SERVER_API_AUTH_STRING set.", show_default=False)] = None,
     database_url: Annotated[str | None, typer.Option(
         help="SQLAlchemy URL of the server's database, e.g. postgresql+asyncpg://user:pass@db:5432/prefect "
              "for a shared server (default: SQLite at <data-root>/prefect/prefect.db).")] = None,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Start a local Prefect server (SQLite under the data root) and print the UI address. Ctrl-C stops it."""
-    env, url = server_env(port, host, database_url, data_root)
+    """Start a local Prefect server (SQLite under the data root) and print the UI address. Ctrl-C stops it.
+
+    Safe by default: the API wants an auth string (generated into <data-root>/prefect/api-auth-string,
+    mode 0600, unless PREFECT_SERVER_API_AUTH_STRING is set), CSRF protection is on and CORS admits
+    only the server's own UI origin."""
+    from prefect.settings import get_current_settings
+
+    from schemas.config import StageConfig
+
+    settings = get_current_settings().server.api
+    port = settings.port if port is None else port
+    host = settings.host if host is None else host
+    root = StageConfig.load(STATE.profile, data_root=data_root or STATE.data_root).data_root.resolve()
+    env, url = server_env(port, host, database_url, root)
     shown = _checked(env["PREFECT_SERVER_DATABASE_CONNECTION_URL"])
-    typer.echo(f"Prefect UI: {url}\nDatabase: {shown}\n"
+    configured = env.get("PREFECT_SERVER_API_AUTH_STRING") or (
+        settings.auth_string.get_secret_value() if settings.auth_string else None)
+    if not configured and not is_loopback(host):
+        fail(f"--host {host} opens the API to other machines, and anyone who reaches it can start runs and read "
+             "Secret blocks: set PREFECT_SERVER_API_AUTH_STRING=user:password (and give it to your team), "
+             "or keep the default 127.0.0.1")
+    if configured:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = configured
+        auth = ("Auth: the API refuses requests without PREFECT_SERVER_API_AUTH_STRING\n"
+                "  UI login: that value; Prefect clients and mmem commands: export PREFECT_API_AUTH_STRING=<it>")
+    else:
+        path = auth_file(root)
+        try:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = ensure_auth_file(path)
+        except UnsafeAuthFile as exc:
+            fail(str(exc))
+        auth = (f"Auth: the API refuses requests without the auth string kept in {path} (mode 0600)\n"
+                f"  UI login: the content of that file (cat {path})\n"
+                "  mmem commands with this data root send it themselves; other Prefect clients: "
+                f"export PREFECT_API_AUTH_STRING=\"$(cat {path})\"")
+    env.update(_browser_guards(env, host, port, url))
+    typer.echo(f"Prefect UI: {url}\nDatabase: {shown}\n{auth}\n"
                f"In other shells: export PREFECT_API_URL={url}/api  (then mmem ... runs show up "
                "in the UI; `mmem serve` registers the deployments)")
     prefect = Path(sys.executable).with_name("prefect")
@@ -76,19 +124,34 @@ def server_start(
     os.execve(str(prefect), [str(prefect), "server", "start", "--host", host, "--port", str(port)], env)
 
 
+# Set in the shell, these win over the safe defaults below (e.g. a team's own list of UI origins).
+_CORS_VARS = ("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS")
+_CSRF_VARS = ("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED")
+
+
+def _browser_guards(env: dict[str, str], host: str, port: int, url: str) -> dict[str, str]:
+    """CORS limited to the server's own UI origins and CSRF protection on, unless the shell sets them:
+    a web page on another origin can then neither read the API's answers nor post to it."""
+    guards = {}
+    if not any(v in env for v in _CORS_VARS):
+        origins = [url]
+        if is_loopback(host) or host in ("0.0.0.0", "::", ""):
+            origins += [f"http://localhost:{port}", f"http://127.0.0.1:{port}"]
+        guards["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] = ",".join(dict.fromkeys(origins))
+    if not any(v in env for v in _CSRF_VARS):
+        guards["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] = "true"
+    return guards
+
+
 # Both names Prefect reads the server database from (the first wins when both are set).
 _DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
-def server_env(port: int, host: str, database_url: str | None,
-               data_root: Path | None) -> tuple[dict[str, str], str]:
+def server_env(port: int, host: str, database_url: str | None, root: Path) -> tuple[dict[str, str], str]:
     """The server's environment and its UI address. The database is the one asked for, never one
     that happens to be exported in the shell (a stray PostgreSQL URL would otherwise win)."""
-    from schemas.config import StageConfig
-
     if database_url is None:
-        db = (load(StageConfig, data_root).data_root / "prefect" / "prefect.db").resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
+        db = (private_dir(root / "prefect") / "prefect.db").resolve()
         database_url = f"sqlite+aiosqlite:///{db}"
     # A wildcard bind is reached on loopback from this machine.
     local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -122,4 +185,7 @@ def serve(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
 
     if not os.environ.get("PREFECT_API_URL"):
         fail("PREFECT_API_URL is not set: start a server (`mmem server start`) and export the URL it prints")
+    from schemas.config import StageConfig
+
+    use_local_server_auth(StageConfig.load(profile or STATE.profile, data_root=data_root or STATE.data_root).data_root)
     serve_all(profile or STATE.profile, data_root or STATE.data_root)
