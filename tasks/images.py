@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from schemas.quarantine import Reason
+from schemas.quarantine import Reason, Rejection
+from tasks.visdial import VisdialFormatError
 
 _ID_IN_NAME = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
 
@@ -42,13 +44,69 @@ def index_image_folder(root: str | Path) -> dict[int, str]:
     return found
 
 
-def coco_file_names(coco_path: str | Path) -> dict[int, str]:
-    """Image id -> ``file_name`` from a COCO annotation file, read through pycocotools."""
+class CocoFormatError(VisdialFormatError):
+    """The COCO annotation file as a whole is unusable; the message names the file and position.
+    A kind of VisDial input error: VisDial's images are COCO's, named by this file."""
+
+
+def coco_file_names(coco_path: str | Path) -> tuple[dict[int, str], list[Rejection]]:
+    """Image id -> ``file_name`` from a COCO annotation file, indexed by pycocotools, and a
+    rejection for each ``images`` entry whose ``id`` or ``file_name`` is unusable (the others are
+    kept; the folder may still name that image).
+
+    The file is parsed here rather than by pycocotools, whose ``json.load`` would fail with a bare
+    traceback on a truncated file; only the ``images`` list is indexed, as nothing else is used.
+    """
     from pycocotools.coco import COCO
 
+    path = Path(coco_path)
+    try:
+        doc = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise CocoFormatError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise CocoFormatError(f"{path}: not UTF-8 at byte {exc.start}: {exc.reason}") from exc
+    except json.JSONDecodeError as exc:
+        raise CocoFormatError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} "
+                              f"(char {exc.pos}): {exc.msg}") from exc
+    except RecursionError as exc:
+        raise CocoFormatError(f"{path}: invalid JSON: nested too deep") from exc
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise CocoFormatError(f"{path}: not a COCO annotation file: no \"images\" list at the top level")
+    good, rejections = [], []
+    for pos, entry in enumerate(images):
+        problem = _coco_entry_problem(entry)
+        if problem is None:
+            good.append(entry)
+            continue
+        field, why = problem
+        ok_id = isinstance(entry, dict) and _is_int(entry.get("id"))
+        key = str(entry["id"]) if ok_id else f"images[{pos}]"
+        rejections.append(Rejection(key, Reason.BAD_RECORD, entry, f"{path}: images[{pos}].{field} {why}"))
+    coco = COCO()
+    coco.dataset = {"images": good}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-        coco = COCO(str(coco_path))
-    return {int(i): img["file_name"] for i, img in coco.imgs.items()}
+        coco.createIndex()
+    return {int(i): img["file_name"] for i, img in coco.imgs.items()}, rejections
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coco_entry_problem(entry) -> tuple[str, str] | None:
+    """(field, what is wrong with it) for an unusable ``images`` entry, else None."""
+    if not isinstance(entry, dict):
+        return "", f"is a {type(entry).__name__}, not an object"
+    image_id, name = entry.get("id"), entry.get("file_name")
+    if not _is_int(image_id) or not -(2**63) <= image_id < 2**63:
+        return "id", f"is {image_id!r:.80}, not a 64-bit integer"
+    if not isinstance(name, str):
+        return "file_name", f"is {name!r:.80}, not a string"
+    if not name or "\0" in name:
+        return "file_name", f"is {name!r:.80}: empty or holds a NUL character"
+    return None
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,15 @@ class IngestOutput:
         return {"images": self.images, **dialog_columns(self.parsed, self.keep, options=False)}
 
 
-def image_locations(parsed: ParsedVisdial, images_root: Path, coco: Path | None) -> dict[int, str]:
-    """Image id -> path relative to the image root (COCO ``file_name`` first, then the folder)."""
+def image_locations(images_root: Path, coco: Path | None) -> tuple[dict[int, str], list[Rejection]]:
+    """Image id -> path relative to the image root (COCO ``file_name`` first, then the folder), and
+    the COCO entries that could not be used."""
     where = index_image_folder(images_root) if images_root.is_dir() else {}
-    if coco is not None:
-        where.update(coco_file_names(coco))
-    return where
+    if coco is None:
+        return where, []
+    names, rejections = coco_file_names(coco)
+    where.update(names)
+    return where, rejections
 
 
 def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
@@ -74,7 +77,8 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
     rejections = list(parsed.rejections)
     if not config.images.is_dir():
         raise FileNotFoundError(f"image folder {config.images} does not exist")
-    where = image_locations(parsed, config.images, config.coco)
+    where, coco_rejections = image_locations(config.images, config.coco)
+    rejections += coco_rejections
 
     items, missing = [], []
     for i, image_id in enumerate(parsed.image_ids.tolist()):

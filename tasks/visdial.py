@@ -153,7 +153,8 @@ def _check(dec: _Decoded) -> ParsedVisdial:
     index_out = (q_idx < 0).any(1) | (q_idx >= n_q).any(1) | (a_idx < 0).any(1) | (a_idx >= n_a).any(1)
     safe_q = np.clip(q_idx, 0, max(n_q - 1, 0))
     safe_a = np.clip(a_idx, 0, max(n_a - 1, 0))
-    any_blank = ((q_blank[safe_q] if n_q else True) | (a_blank[safe_a] if n_a else True)).any(1)
+    no_text = np.ones(q_idx.shape, bool)  # an empty list: every index is out of range anyway
+    any_blank = ((q_blank[safe_q] if n_q else no_text) | (a_blank[safe_a] if n_a else no_text)).any(1)
 
     options, bad_options, lowest, highest = dec.options(rows)
     bad_options = bad_options.any(1)
@@ -197,13 +198,18 @@ def _check(dec: _Decoded) -> ParsedVisdial:
 
 
 def _dialog_checks(dec: _Decoded, rejections: list[Rejection]) -> np.ndarray:
-    """Turn count, then duplicate id, then blank caption, in file order: the dialogs that pass."""
+    """Id range, turn count, then duplicate id, then blank caption, in file order: the dialogs that pass."""
     ids, turns, captions = dec.image_ids, dec.turns, dec.captions
-    if turns.count(NUM_TURNS) == len(turns) and len(set(ids)) == len(ids) and all(map(str.strip, captions)):
+    ids_fit = not ids or (min(ids) >= _INT64_MIN and max(ids) <= _INT64_MAX)  # the table's column is int64
+    if (ids_fit and turns.count(NUM_TURNS) == len(turns) and len(set(ids)) == len(ids)
+            and all(map(str.strip, captions))):
         return np.arange(len(ids))  # the common case, without a Python step per dialog
     kept, seen = [], set()
     for i, (image_id, n_turns, caption) in enumerate(zip(ids, turns, captions, strict=True)):
-        if n_turns != NUM_TURNS:
+        if not _INT64_MIN <= image_id <= _INT64_MAX:
+            rejections.append(Rejection(str(image_id), Reason.BAD_RECORD, dec.record(i),
+                                        "image_id outside the 64-bit integer range"))
+        elif n_turns != NUM_TURNS:
             rejections.append(Rejection(str(image_id), Reason.WRONG_TURN_COUNT, dec.record(i), f"{n_turns} turns"))
         elif image_id in seen:
             rejections.append(Rejection(str(image_id), Reason.DUPLICATE_ID, dec.record(i), "image_id seen earlier in the file"))
@@ -461,8 +467,8 @@ def _escapes_key_char(buf) -> bool:
 # --- slow path (the fallback) -------------------------------------------------------------------
 
 
-def _position_error(path: Path, raw: bytes) -> VisdialFormatError:
-    """Only on failure: find where the file stops being UTF-8 JSON."""
+def _position_error(path: Path, raw: bytes, cause: Exception) -> VisdialFormatError:
+    """Only on failure: find where the file stops being UTF-8 JSON (``cause``: the decoder's error)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -473,7 +479,7 @@ def _position_error(path: Path, raw: bytes) -> VisdialFormatError:
         return VisdialFormatError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} (char {exc.pos}): {exc.msg}"
         )
-    return VisdialFormatError(f"{path}: not VisDial v1.0 JSON")
+    return VisdialFormatError(f"{path}: invalid JSON: {cause}")  # what only Python's parser allows (NaN, say)
 
 
 class _Data(msgspec.Struct):
@@ -526,7 +532,7 @@ def _decode(path: Path, raw: bytes) -> tuple[str, list[str], list[str], list[_Di
     except msgspec.ValidationError:
         pass
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise _position_error(path, raw) from exc
+        raise _position_error(path, raw, exc) from exc
     try:
         rf = msgspec.json.decode(raw, type=_RawFile)
     except msgspec.ValidationError as exc:
@@ -553,6 +559,7 @@ def _image_id_of(raw: msgspec.Raw) -> str | None:
 
 
 _INT32_MAX = np.iinfo(np.int32).max
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def _parse_options(raws: list[msgspec.Raw]) -> tuple[np.ndarray, np.ndarray]:

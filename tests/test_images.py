@@ -89,3 +89,45 @@ def test_only_regular_files_within_the_byte_limit_are_read(tmp_path):
     assert read_bounded(root / "swapped.jpg", limit) == (Reason.IMAGE_OUTSIDE_ROOT, "became a symlink while checked")
     assert read_bounded(exact, limit) == exact.read_bytes()
     assert read_bounded(exact, limit - 1)[0] == Reason.IMAGE_FILE_TOO_LARGE
+
+
+def test_coco_file_names_rejects_bad_entries_and_keeps_the_rest(tmp_path):
+    import json
+
+    from tasks.images import coco_file_names
+
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b\0.jpg"}, {"id": 3, "file_name": 3},
+              {"id": 4, "file_name": None}, {"id": "5", "file_name": "e.jpg"}, {"id": True, "file_name": "f.jpg"},
+              "not an object", {"id": 8, "file_name": ""}, {"id": 9, "file_name": "../i.jpg"}]
+    p = tmp_path / "captions.json"
+    p.write_text(json.dumps({"images": images, "annotations": [{"broken": True}]}))
+    names, rejections = coco_file_names(p)
+    assert names == {1: "a.jpg", 9: "../i.jpg"}  # leaving the root is the image check's to quarantine
+    got = {r.key: r.detail for r in rejections}
+    assert set(got) == {"2", "3", "4", "images[4]", "images[5]", "images[6]", "8"}
+    assert all(r.reason == Reason.BAD_RECORD and r.detail.startswith(f"{p}: images[") for r in rejections)
+    assert "images[1].file_name" in got["2"] and "NUL" in got["2"]
+    assert "images[2].file_name is 3, not a string" in got["3"] and "images[4].id is '5'" in got["images[4]"]
+    assert json.loads(rejections[0].record_json()) == images[1]  # the source record, NUL and all
+
+
+def test_broken_coco_file_is_a_clear_error_naming_file_and_position(tmp_path):
+    import json
+
+    import pytest
+
+    from tasks.images import CocoFormatError, coco_file_names
+    from tasks.visdial import VisdialFormatError
+
+    raw = json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(50)]}).encode()
+    p = tmp_path / "captions.json"
+    for content, fragment in [(raw[: len(raw) // 2], "invalid JSON at line 1, column"), (raw[:1], "line 1"),
+                              (b"", "char 0"), (b'{"images": "\xff"}', "not UTF-8 at byte 12"),
+                              (b"[1, 2]", 'no "images" list'), (b'{"images": {}}', 'no "images" list')]:
+        p.write_bytes(content)
+        with pytest.raises(CocoFormatError) as err:
+            coco_file_names(p)
+        assert str(p) in str(err.value) and fragment in str(err.value), (content, str(err.value))
+        assert isinstance(err.value, VisdialFormatError)  # the CLI reports it as it reports a bad VisDial file
+    with pytest.raises(CocoFormatError, match="cannot read: No such file"):
+        coco_file_names(tmp_path / "nope.json")

@@ -113,3 +113,39 @@ def test_numeric_parameters_are_bounded(tmp_path, field, value):
     with pytest.raises(ValidationError, match=field):
         IngestConfig(visdial=tmp_path / "v.json", images=tmp_path, **{field: value})
     assert IngestConfig(visdial=tmp_path / "v.json", images=tmp_path).max_image_bytes == 50_000_000
+
+
+def test_bad_coco_entries_are_quarantined_and_their_dialogs_kept(tmp_path, demo_dir):
+    demo = tmp_path / "demo"
+    shutil.copytree(demo_dir, demo)
+    coco_path = demo / "captions_train2014.json"
+    coco = json.loads(coco_path.read_text())
+    coco["images"][0]["file_name"] = "COCO_train2014_\0.jpg"
+    coco["images"][1]["file_name"] = ["not", "a", "name"]
+    coco_path.write_text(json.dumps(coco))
+    bad = [str(coco["images"][i]["id"]) for i in (0, 1)]
+
+    result = ingest_flow(_config(tmp_path / "root", demo))
+    assert result["counts"]["dialogs_kept"] == 20  # the image folder still names both images
+    q = read(connect(tmp_path / "root" / "lance"), "quarantine").to_pylist()
+    assert sorted((r["key"], r["reason"]) for r in q) == sorted((k, "bad_record") for k in bad)
+    details = {r["key"]: r["detail"] for r in q}
+    assert details[bad[0]].startswith(f"{coco_path}: images[0].file_name is ") and "NUL" in details[bad[0]]
+    assert details[bad[1]] == f"{coco_path}: images[1].file_name is ['not', 'a', 'name'], not a string"
+    assert json.loads(next(r["record"] for r in q if r["key"] == bad[1])) == coco["images"][1]
+
+
+def test_truncated_coco_file_is_a_one_line_error_through_the_cli(tmp_path, demo_dir):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    coco = tmp_path / "captions_train2014.json"
+    raw = (demo_dir / "captions_train2014.json").read_bytes()
+    coco.write_bytes(raw[: len(raw) // 3])
+    res = CliRunner().invoke(app, ["--data-root", str(tmp_path / "root"), "ingest", "--workers", "1",
+                                   "--visdial", str(demo_dir / "visdial_1.0_train.json"),
+                                   "--images", str(demo_dir / "images" / "train2014"), "--coco", str(coco)])
+    assert res.exit_code == 1, res.output
+    assert f"error: {coco}: invalid JSON at line 1, column " in res.output, res.output
+    assert "Traceback" not in res.output

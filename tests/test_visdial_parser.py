@@ -82,6 +82,7 @@ def test_empty_question_text_is_rejected(tmp_path):
         (b'{"version": "1.0", "split": "tr\xffain"}', "not UTF-8 at byte"),
         ('{"version": "1.0", "split": "train", "data": {"questions": "x", "answers": [], "dialogs": []}}', "not VisDial"),
         ("[1, 2]", "not VisDial"),
+        ('{"version": "1.0", "split": NaN}', "invalid JSON: JSON is malformed: invalid character (byte 28)"),
     ],
 )
 def test_malformed_file_names_file_and_position(tmp_path, content, fragment):
@@ -90,6 +91,30 @@ def test_malformed_file_names_file_and_position(tmp_path, content, fragment):
     with pytest.raises(VisdialFormatError) as err:
         parse_visdial(p)
     assert str(p) in str(err.value) and fragment in str(err.value)
+
+
+def test_empty_question_and_answer_lists_reject_every_dialog_with_a_reason(tmp_path):
+    rounds = [{"question": 0, "answer": 0, "gt_index": 0, "answer_options": [0] * 100}] * 10
+    doc = {"version": "1.0", "split": "train",
+           "data": {"questions": [], "answers": [], "dialogs": [{"image_id": 7, "caption": "c", "dialog": rounds},
+                                                                {"image_id": 2**70, "caption": "c", "dialog": []}]}}
+    p = tmp_path / "v.json"
+    p.write_text(json.dumps(doc))
+    parsed = parse_visdial(p)
+    assert parsed.num_dialogs == 0
+    assert sorted(r.reason for r in parsed.rejections) == [Reason.BAD_RECORD, Reason.INDEX_OUT_OF_RANGE]
+
+
+@pytest.mark.parametrize("image_id", [2**63, -(2**63) - 1, 2**70])
+def test_image_id_past_int64_is_a_bad_record_and_the_others_survive(tmp_path, image_id):
+    rounds = [{"question": 0, "answer": 0, "gt_index": 0, "answer_options": [0] * 100}] * 10
+    dialogs = [{"image_id": image_id, "caption": "c", "dialog": rounds}, {"image_id": 5, "caption": "c", "dialog": rounds}]
+    p = tmp_path / "v.json"
+    p.write_text(json.dumps({"version": "1.0", "split": "train", "data": {"questions": ["q"], "answers": ["a"],
+                                                                           "dialogs": dialogs}}))
+    parsed = parse_visdial(p)
+    assert parsed.image_ids.tolist() == [5]
+    assert [(r.key, r.reason) for r in parsed.rejections] == [(str(image_id), Reason.BAD_RECORD)]
 
 
 # --- the fast path against the reference (slow) path ----------------------------------------------
