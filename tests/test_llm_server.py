@@ -428,17 +428,20 @@ def test_checkpoint_prompt_is_fitted_to_num_ctx_and_turns_are_fair(tiny_checkpoi
                 r = await c.chat(model="tiny-gemma3", messages=[msg], options={"temperature": 0, **opts})
                 return r, time.perf_counter() - t0
 
-            big, big_s = await timed("Q: " + "word " * 8_000 + "\nQ: what color", {"num_ctx": 10**9, "num_predict": 8})
+            (big, big_s), (_, small_s) = await asyncio.gather(
+                timed("Q: " + "word " * 8_000 + "\nQ: what color", {"num_ctx": 10**9, "num_predict": 8}),
+                timed("Q: hi", {"num_predict": 2}))
             capped, _ = await timed("Q: hi", {"num_predict": 10**9, "num_ctx": 10**9})
             (long, long_s), (short, short_s) = await asyncio.gather(
                 timed("Q: tell me everything", {"num_predict": 160}), timed("Q: hi", {"num_predict": 2}, delay=0.2))
             with pytest.raises(ollama.ResponseError) as refused:
                 await c.chat(model="tiny-gemma3", options={"num_ctx": 256}, messages=[
                     {"role": "user", "content": "look", "images": [_png()]}, {"role": "user", "content": "y" * 40_000}])
-            return big, big_s, capped, long, long_s, short, short_s, refused.value
+            return big, big_s, small_s, capped, long, long_s, short, short_s, refused.value
 
-        big, big_s, capped, long, long_s, short, short_s, refused = _run(go())
-    assert big_s < ATTACK_S and big.prompt_eval_count <= limits.max_ctx and big.eval_count <= 8
+        big, big_s, small_s, capped, long, long_s, short, short_s, refused = _run(go())
+    assert big_s < ATTACK_S and small_s < ATTACK_S
+    assert big.prompt_eval_count <= limits.max_ctx and big.eval_count <= 8
     assert capped.eval_count <= limits.max_predict
     assert long.eval_count > 100 and short.eval_count <= 2
     assert short_s < long_s / 3, (short_s, long_s)  # one lock around whole generations: short_s ~ long_s

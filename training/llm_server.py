@@ -300,6 +300,7 @@ class _Decoding:
         self.cache = None
         self.logits = None
         self.new: list[int] = []
+        self.text = ""
         self.done = False
         temperature = float(options.get("temperature", 0.8))
         self.sample = temperature > 0
@@ -335,7 +336,7 @@ class _Decoding:
                     if im.width * im.height > MAX_IMAGE_PIXELS:
                         raise BadRequest(f"an image of {im.width}x{im.height} pixels is larger than this server takes")
                     images.append(im.convert("RGB"))
-                except (binascii.Error, OSError, ValueError) as exc:
+                except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as exc:
                     if isinstance(exc, BadRequest):
                         raise
                     raise BadRequest("an image is not base64 of a PNG/JPEG/... file") from None
@@ -375,7 +376,8 @@ class _Decoding:
                     self._step()
                 if time.perf_counter() >= t_end:
                     break
-        if self.done:
+        if self.done:  # decoded here, under the model lock: a fast tokenizer is not safe across threads
+            self.text = self.b.tokenizer.decode(self.new, skip_special_tokens=True)
             self.cache = self.logits = None  # free the KV cache as soon as the answer is complete
         return self.done
 
@@ -416,8 +418,7 @@ class _Decoding:
         return self.torch.ones(1, length, dtype=self.torch.long, device=self.prompt.device)
 
     def result(self) -> Generation:
-        text = self.b.tokenizer.decode(self.new, skip_special_tokens=True)
-        return Generation(text, int(self.prompt.shape[1]), len(self.new))
+        return Generation(self.text, int(self.prompt.shape[1]), len(self.new))
 
 
 def _load_checkpoint(path: Path, device: str):
