@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cli.common import DataRootOpt, fail, load
+from schemas.config import StageConfig
 
 train_app = typer.Typer(no_args_is_help=True, help="Train models into versioned artifacts.")
 artifacts_app = typer.Typer(no_args_is_help=True, help="The model artifact store.")
@@ -23,6 +24,16 @@ DeviceOpt = Annotated[str | None, typer.Option(help="auto, cuda or cpu.")]
 def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
     app.add_typer(artifacts_app, name="artifacts")
+
+
+def _load(cls: type[StageConfig], data_root: Path | None, **overrides) -> StageConfig:
+    """The config, or one line naming each refused field (e.g. an artifact name that is a path)."""
+    from pydantic import ValidationError
+
+    try:
+        return load(cls, data_root, **overrides)
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or cls.__name__}: {e['msg']}" for e in exc.errors()))
 
 
 def _exclusive(path: Path | None, tiny: bool, name: str) -> None:
@@ -49,7 +60,7 @@ def sft(
     from tasks.validate import ValidationFailed
 
     _exclusive(base, tiny, "--base")
-    config = load(SftConfig, data_root, base=base, tiny=tiny or None, backend=backend, max_steps=max_steps,
+    config = _load(SftConfig, data_root, base=base, tiny=tiny or None, backend=backend, max_steps=max_steps,
                   limit=limit, device=device, force=force or None,
                   reminders_version=version_ref(reminders_version))
     try:
@@ -77,7 +88,7 @@ def memory(
     from schemas.train import MemoryTrainConfig
 
     _exclusive(llm, tiny, "--llm")
-    config = load(MemoryTrainConfig, data_root, llm=llm, tiny=tiny or None, load_in_4bit=load_in_4bit,
+    config = _load(MemoryTrainConfig, data_root, llm=llm, tiny=tiny or None, load_in_4bit=load_in_4bit,
                   train_qformer=train_qformer, infonce_weight=infonce_weight, max_steps=max_steps, limit=limit,
                   device=device, force=force or None)
     try:
@@ -94,13 +105,12 @@ def list_artifacts(
     data_root: DataRootOpt = None,
 ) -> None:
     """Every artifact version with its manifest summary (inputs, code, metrics, size)."""
-    from schemas.config import StageConfig
     from storage.artifacts import ArtifactError, ArtifactStore
 
     store = ArtifactStore(load(StageConfig, data_root).artifacts_dir)
     try:
         versions = store.list(name)
-    except ArtifactError as exc:
+    except (ArtifactError, ValueError) as exc:  # ValueError: a name that is no plain name
         fail(str(exc))
     if name and not versions:
         fail(f"no artifact named {name!r}")

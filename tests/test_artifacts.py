@@ -203,3 +203,25 @@ def test_cli_artifacts_list(tmp_path):
     assert "memory-model:v2 (latest)" in text.output
     missing = CliRunner().invoke(app, ["--data-root", str(tmp_path), "artifacts", "list", "nope"])
     assert missing.exit_code != 0
+
+
+def test_run_labels_and_variant_names_are_plain_names(tmp_path):
+    """The evaluate flow's report folder and its variants' names: the same rule, symlinks included."""
+    from pydantic import ValidationError
+
+    from evaluation.report import run_folder
+    from schemas.evaluate import EvaluateConfig, Variant
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    assert run_folder(reports, "on-memory-model-v3") == reports / "on-memory-model-v3"
+    for label in ("../x", "/tmp/x", "..", "a/b"):
+        with pytest.raises(UnsafeName, match="run_label="):
+            run_folder(reports, label)
+        with pytest.raises(ValidationError, match="run_label"):
+            EvaluateConfig(data_root=tmp_path, run_label=label)
+        with pytest.raises(ValidationError, match="name"):
+            Variant(name=label, backend="hf", model="tiny:llama")
+    (reports / "planted").symlink_to(tmp_path)
+    with pytest.raises(UnsafeName, match="leads out of"):
+        run_folder(reports, "planted")

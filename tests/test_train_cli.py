@@ -81,9 +81,19 @@ def test_an_artifact_name_that_is_a_path_is_refused_by_the_options(tmp_path, art
     """The same rule from a profile or the environment: refused before any data is read."""
     res = CliRunner().invoke(app, ["--data-root", str(tmp_path), "train", "memory", "--tiny"],
                              env={"MMEM_TRAIN_MEMORY_ARTIFACT": artifact})
-    assert res.exit_code != 0
-    assert "artifact" in str(res.output) + repr(res.exception)
+    assert res.exit_code == 1
+    assert "error: artifact: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'" in res.output
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("MMEM_TRAIN_MEMORY_BATCH_SIZE", "1000000000", "batch_size: Input should be less than or equal to 65536"),
+    ("MMEM_TRAIN_MEMORY_QFORMER_LAYERS", "100000", "qformer_layers: Input should be less than or equal to 48"),
+    ("MMEM_TRAIN_MEMORY_MAX_STEPS", "10000000000", "max_steps: Input should be less than or equal to 10000000"),
+])
+def test_numbers_have_upper_bounds(tmp_path, var, value, message):
+    res = CliRunner().invoke(app, ["--data-root", str(tmp_path), "train", "memory", "--tiny"], env={var: value})
+    assert res.exit_code == 1 and message in res.output, res.output
 
 
 def test_an_artifact_name_that_is_a_path_gets_409_from_the_prefect_api(tmp_path):
