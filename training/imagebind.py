@@ -1,10 +1,15 @@
 """ImageBind behind one small interface: load a model, embed texts and images, name the weights.
 
-The model code is Meta's ``ImageBindModel`` from the ``imagebind-unofficial`` package; weights are
-never downloaded. A real run passes a local ``imagebind_huge.pth`` (loaded with
-``weights_only=True``, checked key by key against the architecture); tests and the demo use a tiny
-model of the same class with every modality's tower shrunk, random weights drawn from a seed (so
-two processes build identical weights) and the same 1024-d output.
+The model code is Meta's ``ImageBindModel`` from the ``imagebind-unofficial`` package. The weights
+of ImageBind-Huge (``imagebind_huge.pth``, loaded with ``weights_only=True`` and checked key by key
+against the architecture) are found in this order: an explicit checkpoint path (``--checkpoint``
+or the stage's config), ``MMEM_IMAGEBIND_CHECKPOINT``, the cache (``<HF_HOME>/mmem/imagebind/``,
+Hugging Face's cache directory convention), else they are downloaded once into that cache from
+``MMEM_IMAGEBIND_URL`` (default: Meta's official URL), with a progress bar, a size and (when
+``MMEM_IMAGEBIND_SHA256`` pins one) sha256 check and an atomic rename, never under
+``HF_HUB_OFFLINE=1``. Tests and the demo use a tiny model of the same class with every modality's
+tower shrunk, random weights drawn from a seed (so two processes build identical weights) and the
+same 1024-d output.
 
 Preprocessing is ImageBind's own (``imagebind.data``): resize the short side to 224 (bicubic),
 centre-crop 224, scale to [0, 1], CLIP mean/std; texts through its BPE tokenizer, 77 tokens. It is
@@ -203,15 +208,117 @@ def build_random(arch: str, seed: int = 0, device: str | torch.device = "cpu") -
             return cls(**ARCHS[arch])
 
 
-def existing_checkpoint(path: str | Path) -> Path:
+def existing_checkpoint(path: str | Path, origin: str = "the checkpoint path given") -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"ImageBind checkpoint {path} does not exist. Weights are never downloaded at run time: "
-            "copy imagebind_huge.pth (https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth) to "
-            "this machine and pass --checkpoint PATH, or use --tiny for the random-weight test model."
+            f"ImageBind checkpoint {path} ({origin}) does not exist; a named path is never downloaded to. "
+            f"Point it at imagebind_huge.pth, or leave it unset to use the cache ({checkpoint_cache_dir()}) and "
+            f"download {OFFICIAL_URL} there once; --tiny uses the random-weight test model."
         )
     return path
+
+
+# --- the weights by themselves: named, cached or downloaded ------------------------------------------
+
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+CHECKPOINT_ENV = "MMEM_IMAGEBIND_CHECKPOINT"  # a local file: wins over the cache
+URL_ENV = "MMEM_IMAGEBIND_URL"  # where to download from (a mirror, or a test server)
+SHA256_ENV = "MMEM_IMAGEBIND_SHA256"  # the download's expected sha256 (hex); checked when set
+SIZE_ENV = "MMEM_IMAGEBIND_SIZE"  # the download's expected size in bytes; else the server's Content-Length
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def checkpoint_cache_dir() -> Path:
+    """``<HF_HOME>/mmem/imagebind``: Hugging Face's cache root (``HF_HOME``, else
+    ``$XDG_CACHE_HOME/huggingface``, else ``~/.cache/huggingface``), read at call time."""
+    home = os.environ.get("HF_HOME")
+    if not home:
+        home = str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface")
+    return Path(home).expanduser() / "mmem" / "imagebind"
+
+
+def checkpoint_url() -> str:
+    return os.environ.get(URL_ENV) or OFFICIAL_URL
+
+
+def resolve_checkpoint(checkpoint: str | Path | None = None, *, download: bool = True) -> Path:
+    """The ImageBind-Huge weights file: ``checkpoint``, else ``MMEM_IMAGEBIND_CHECKPOINT``, else the
+    cached download, else a download into the cache (unless ``download`` is off or
+    ``HF_HUB_OFFLINE`` is set, which raise :class:`CheckpointError` saying what to do)."""
+    if checkpoint is not None:
+        return existing_checkpoint(checkpoint)
+    if os.environ.get(CHECKPOINT_ENV):
+        return existing_checkpoint(os.environ[CHECKPOINT_ENV], CHECKPOINT_ENV)
+    url = checkpoint_url()
+    cached = checkpoint_cache_dir() / _file_name(url)
+    if cached.is_file():
+        return cached
+    if not download or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
+        raise CheckpointError(
+            f"no ImageBind-Huge checkpoint: none given (--checkpoint / {CHECKPOINT_ENV}), none cached at {cached}, "
+            "and downloads are off (HF_HUB_OFFLINE); pass a checkpoint or use --tiny")
+    size = os.environ.get(SIZE_ENV)
+    return download_checkpoint(url, cached, sha256=os.environ.get(SHA256_ENV) or None,
+                               size=int(size) if size else None)
+
+
+def _file_name(url: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    name = Path(unquote(urlparse(url).path)).name
+    if not name or name in (".", ".."):
+        raise CheckpointError(f"{URL_ENV}={url!r} names no file")
+    return name
+
+
+def download_checkpoint(url: str, dest: Path, *, sha256: str | None = None, size: int | None = None,
+                        timeout: float = 60.0, chunk: int = 1 << 20) -> Path:
+    """Fetch ``url`` to ``dest``: streamed to a temporary file beside it (progress bar on stderr),
+    size checked (``size``, else the server's Content-Length) and sha256 checked (when given),
+    then renamed into place. A failed or mismatching download leaves nothing behind; one process
+    downloads while the others wait on a lock and then find the file."""
+    import httpx
+    from filelock import FileLock
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest.parent / f".{dest.name}.lock")):
+        if dest.is_file():
+            return dest
+        part = dest.parent / f".{dest.name}.{os.getpid()}.part"
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            with httpx.stream("GET", url, follow_redirects=True, timeout=timeout) as resp, part.open("wb") as out:
+                if resp.status_code != 200:
+                    raise CheckpointError(f"downloading {url}: HTTP {resp.status_code}")
+                length = resp.headers.get("content-length")
+                expected = size if size is not None else (int(length) if length else None)
+                if size is not None and length and int(length) != size:
+                    raise CheckpointError(f"downloading {url}: the server announces {length} bytes, "
+                                          f"{SIZE_ENV} expects {size}")
+                with tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=f"download {dest.name}") as bar:
+                    for block in resp.iter_bytes(chunk):
+                        out.write(block)
+                        digest.update(block)
+                        written += len(block)
+                        bar.update(len(block))
+                out.flush()
+                os.fsync(out.fileno())
+            if expected is not None and written != expected:
+                raise CheckpointError(f"downloading {url}: got {written} bytes, expected {expected} (size mismatch)")
+            if sha256 is not None and digest.hexdigest() != sha256.strip().lower():
+                raise CheckpointError(f"downloading {url}: sha256 {digest.hexdigest()} does not match the expected "
+                                      f"{sha256.strip().lower()} ({SHA256_ENV})")
+            os.replace(part, dest)
+        except httpx.HTTPError as exc:
+            raise CheckpointError(f"downloading {url} failed: {exc}; pass --checkpoint PATH to a local copy") from exc
+        finally:
+            part.unlink(missing_ok=True)
+    return dest
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -306,7 +413,7 @@ def model_fingerprint(checkpoint: str | Path | None = None, *, tiny: bool = Fals
         return _tiny_fingerprint(seed)
     if random_weights:  # benchmark only: drawn on the target device, so named by its seed alone
         return fingerprint_of(arch, f"random{seed:08d}")
-    raise ValueError("ImageBind-Huge needs a local checkpoint (--checkpoint PATH); use --tiny for tests and the demo")
+    return fingerprint_of(arch, file_digest(resolve_checkpoint()))  # from the environment, the cache or a download
 
 
 # --- the embedder ----------------------------------------------------------------------------
@@ -431,7 +538,7 @@ def load_embedder(
     batch_size: int | None = None,
     compile: bool = False,
 ) -> Embedder:
-    """ImageBind-Huge from ``checkpoint``; or the tiny model (``tiny=True``: random from ``seed``,
+    """ImageBind-Huge from ``checkpoint`` (default: :func:`resolve_checkpoint`'s); or the tiny model (``tiny=True``: random from ``seed``,
     or from ``checkpoint`` if one is given); or random Huge (``random_weights=True``, benchmarks).
 
     ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. ``compile`` wraps the model in
@@ -440,6 +547,8 @@ def load_embedder(
     dev = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     arch = "imagebind_tiny" if tiny else "imagebind_huge"
+    if checkpoint is None and not tiny and not random_weights:
+        checkpoint = resolve_checkpoint()  # the environment's, the cache's, or a download's
     if checkpoint is None and tiny:  # drawn on CPU, so every process gets the same weights
         model = build_random(arch, seed, "cpu")
         fingerprint = fingerprint_of(arch, weights_digest(model.state_dict()))  # == model_fingerprint(tiny=True)
