@@ -70,7 +70,7 @@ class EmbedConfig(StageConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_EMBED_")
     section: ClassVar[str] = "embed"
 
-    checkpoint: Path | None = Field(default=None, description="Local imagebind_huge.pth (never downloaded).")
+    checkpoint: Path | None = Field(default=None, description="imagebind_huge.pth; unset: MMEM_IMAGEBIND_CHECKPOINT, the cache, else downloaded once.")
     tiny: bool = Field(default=False, description="Use a tiny random-weight ImageBind (tests, demo).")
     seed: int = Field(default=0, description="Seed of the tiny model's random weights.")
     random_weights: bool = Field(default=False, description="Benchmarks only: ImageBind-Huge with random weights.")
