@@ -299,19 +299,21 @@ def test_not_an_object_and_bad_options_get_400(guarded):
 
 def test_a_40kb_pathological_prompt_is_parsed_in_linear_time(guarded):
     """Lines that made the old ``^\\s*([QA]):\\s*(.*?)\\s*$`` backtrack quadratically (a 40 KB line
-    of spaces between two words; 40 K blank lines for ``^\\s*`` in multiline mode)."""
+    of spaces between two words; 40 K blank lines for ``^\\s*`` in multiline mode), and 40 KB of
+    words the teacher would quote back in full, streamed a word at a time."""
     url, server = guarded
     spaces = "Q: a" + " " * 40_000 + "b"
     blank = "\n" * 40_000 + "Q: is it red"
     answers = "Q: what\n" + "A: x" + "\t " * 20_000 + "y"
+    words = "Q: what\nA: " + "w " * 20_000 + "\nQ: " + "w " * 20_000  # quoted back, streamed word by word
     rss0 = server.memory_info().rss
     with SmallRequests(url) as small, httpx.Client(base_url=url, timeout=10) as c:
-        for content in (spaces, blank, answers, spaces * 20):
+        for content in (spaces, blank, answers, spaces * 20, words):
             t0 = time.perf_counter()
-            r = c.post("/api/chat", json={"model": "mmem-teacher", "stream": False,
+            r = c.post("/api/chat", json={"model": "mmem-teacher", "stream": content is words,
                                           "messages": [{"role": "user", "content": content}]})
             assert r.status_code == 200 and time.perf_counter() - t0 < ATTACK_S
-            assert "<reminder>" in r.json()["message"]["content"]
+            assert b"<reminder>" in r.content and len(r.content) < 200_000
     assert small.answered >= 2 and not small.errors and small.worst < ATTACK_S
     assert server.memory_info().rss - rss0 < 64 << 20
     assert teacher_response(blank).count("is it red") == 1

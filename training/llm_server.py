@@ -164,20 +164,25 @@ def _words(text: str) -> set[str]:
     return {w for w in WORD_RE.findall(text.lower()) if w not in STOP_WORDS}
 
 
+def _clip(text: str, limit: int = 500) -> str:
+    """A quote of at most ``limit`` characters: a huge question must not become a huge answer."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def teacher_response(conversation: str) -> str:
     """A valid reminder answer built only from the conversation: deterministic, and honest about
     what it knows (it never sees the image, so its answer leans on what was already said)."""
     turns, question = parse_conversation(conversation)
     question = question or (turns[-1][0] if turns else "what the image shows")
-    said = "; ".join(f'asked "{q}", heard "{a}"' for q, a in turns[-6:]) or "nothing has been said yet"
+    said = "; ".join(f'asked "{_clip(q)}", heard "{_clip(a)}"' for q, a in turns[-6:]) or "nothing has been said yet"
     reminder = (
         f"One image, {len(turns)} answered question{'s' if len(turns) != 1 else ''} so far: {said}. "
-        f'The open question is "{question}", so I look again at the part of the image it is about.'
+        f'The open question is "{_clip(question)}", so I look again at the part of the image it is about.'
     )
     asked = _words(question)  # once: per turn it would cost (turns x question length)
     best = max(turns, key=lambda t: len(_words(t[0]) & asked), default=None)
     if best is not None and _words(best[0]) & asked:
-        answer = f"Going by the earlier answer, {best[1].rstrip('.')}."
+        answer = f"Going by the earlier answer, {_clip(best[1]).rstrip('.')}."
     else:
         answer = "I cannot tell that from the conversation alone."
     return f"<reminder>{reminder}</reminder>\n{answer}"
@@ -868,10 +873,14 @@ def build_app(state: ServerState) -> Starlette:
 
 
 async def _stream(model: str, text: str, stats: dict, chat: bool) -> AsyncIterator[bytes]:
-    """NDJSON chunks of the answer (word by word), then the final ``done`` record with the stats."""
-    for piece in re.findall(r"\S+\s*|\s+", text):
+    """NDJSON chunks of the answer (word by word), then the final ``done`` record with the stats.
+    Every 64 chunks it lets the event loop serve others (a send does not always yield)."""
+    for i, found in enumerate(re.finditer(r"\S+\s*|\s+", text)):
+        piece = found.group()
         part = {"message": {"role": "assistant", "content": piece}} if chat else {"response": piece}
         yield orjson.dumps({"model": model, "created_at": _now(), **part, "done": False}) + b"\n"
+        if i % 64 == 63:
+            await asyncio.sleep(0)
     last = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
     yield orjson.dumps({"model": model, "created_at": _now(), **last, **stats}) + b"\n"
 
