@@ -5,6 +5,7 @@ module (a ``register(app)`` function), so this file stays a table of contents.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import typer
@@ -17,12 +18,18 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 @app.callback()
 def main(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
+    from schemas.config import TRUSTED_ENV
+
+    # A command line is the trusted process: its options and profile are its own choice, never
+    # checked against an allow-list it may have inherited (`mmem serve` writes its own).
+    os.environ.pop(TRUSTED_ENV, None)
     STATE.data_root = data_root
     STATE.profile = profile
     quiet_prefect()
 
 
-STAGE_MODULES = ("ingest", "tables", "embed", "reminders", "llm", "train", "evaluate", "memory", "pipeline")
+# "serve" after "pipeline": it puts the --allow-* options in front of pipeline's `mmem serve`
+STAGE_MODULES = ("ingest", "tables", "embed", "reminders", "llm", "train", "evaluate", "memory", "pipeline", "serve")
 
 for _name in STAGE_MODULES:
     try:

@@ -7,6 +7,12 @@ config renders. Parameters default to the profile's values. The pipeline carries
 schedule as an example, paused until someone switches it on in the UI. SFT runs on each new
 validated ``reminders`` version, evaluation on each new artifact its variants use
 (deployments/triggers.py).
+
+Anyone who reaches the Prefect API can start a run with any parameters, so before serving, the
+process writes its allow-list (``schemas.config.Trusted``): the data root, Dask scheduler, Ollama
+hosts and the Secret block bound to each host that its own profile and environment name, plus
+the ``--allow-*`` values it was given. A run naming anything else is refused when its parameters
+are validated, before any work, with a message naming the parameter.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from flows.ingest import ingest_flow
 from flows.pipeline import pipeline_flow
 from flows.reminders import reminders_flow
 from flows.train import train_memory_flow, train_sft_flow
+from schemas.config import Trusted
 from schemas.evaluate import load_variants
 from schemas.pipeline import PipelineConfig
 
@@ -59,5 +66,22 @@ def build_deployments(profile: Path | None = None, data_root: Path | None = None
     return deployments
 
 
-def serve_all(profile: Path | None = None, data_root: Path | None = None) -> None:
+def trust_profile(profile: Path | None = None, data_root: Path | None = None, *, ollama_hosts=(),
+                  dask_addresses=(), data_roots=()) -> Trusted:
+    """The allow-list of this serving process: what its profile and environment name (every stage's
+    config, each variant's host), plus the extra values given, plus any allow-list it inherited."""
+    cfg = PipelineConfig.load(profile, data_root=data_root)
+    evaluate = cfg.stage("evaluate")
+    hosts = [*ollama_hosts, *(v.host for v in load_variants(evaluate.variants) if v.host)]
+    own = Trusted.of(cfg, ollama_hosts=hosts, dask_addresses=dask_addresses, data_roots=data_roots)
+    inherited = Trusted.current()
+    return own if inherited is None else inherited.merged(own)
+
+
+def serve_all(profile: Path | None = None, data_root: Path | None = None, *, allow_ollama_hosts=(),
+              allow_dask_addresses=(), allow_data_roots=()) -> None:
+    """Write this process's allow-list (its runs inherit it), then register and serve."""
+    trusted = trust_profile(profile, data_root, ollama_hosts=allow_ollama_hosts,
+                            dask_addresses=allow_dask_addresses, data_roots=allow_data_roots)
+    trusted.export()
     serve(*build_deployments(profile, data_root))

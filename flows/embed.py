@@ -1,11 +1,16 @@
 """The embed flow: ImageBind embeddings of every image and every distinct turn text and caption.
 
-``embed`` (the parent) picks where the shards run from the config: the local thread pool, or an
-existing Dask cluster (``dask_address``: one worker per GPU, each loading the model once), then
-runs ``embed-shards`` on that task runner, indexes the tables and publishes the counts.
+``embed`` (the parent) picks where the shards run from the config: the local thread pool, a
+loopback Dask cluster of its own, or an existing Dask cluster (``dask_address``: one worker per
+GPU, each loading the model once), then runs ``embed-shards`` on that task runner, indexes the
+tables and publishes the counts. Dask ships pickles both ways, so every Dask connection is TLS
+with credentials: the local cluster's are temporary (made for this run, held by this process),
+a remote scheduler's come from the environment (``DASK_DISTRIBUTED__COMM__TLS__*``).
 """
 
 from __future__ import annotations
+
+import os
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -24,25 +29,57 @@ from tasks.embed import (
     results_storage,
     summary,
 )
-from tasks.runtime import logger, publish_table, run_id
+from tasks.runtime import enforce_trust, logger, publish_table, run_id
+
+
+class DaskSecurityError(ValueError):
+    """A Dask address or credentials that would let someone else's code in."""
 
 
 def task_runner(config: EmbedConfig):
-    """Threads by default; Dask when asked: an existing cluster, or a loopback-only LocalCluster
-    (distributed binds its dashboard to every interface unless told otherwise: it is off here)."""
+    """Threads by default; Dask when asked: an existing cluster (``tls://`` only, credentials from the
+    environment), or a loopback-only LocalCluster with temporary TLS credentials, so no other user of
+    the machine can run code in its workers or feed this process pickles (distributed binds its
+    dashboard to every interface unless told otherwise: it is off here)."""
     if config.dask_address:
         from prefect_dask import DaskTaskRunner
 
         if config.dask_address == "local":
             return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1,
-                                                  "processes": True, "host": "127.0.0.1", "dashboard_address": None})
-        return DaskTaskRunner(address=config.dask_address)
+                                                  "processes": True, "host": "127.0.0.1", "dashboard_address": None,
+                                                  "security": True, "protocol": "tls://"})
+        return DaskTaskRunner(address=config.dask_address, client_kwargs={"security": remote_security(config)})
     return ThreadPoolTaskRunner(max_workers=config.concurrent_shards)
+
+
+def remote_security(config: EmbedConfig):
+    """TLS credentials for a remote scheduler, from distributed's configuration (the environment's
+    ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE`` / ``__CLIENT__CERT`` / ``__CLIENT__KEY``, or a dask YAML)."""
+    import dask.config
+    from distributed.security import Security
+
+    if not config.dask_address.startswith("tls://"):
+        raise DaskSecurityError(f"dask_address {config.dask_address!r}: a remote Dask scheduler must be reached "
+                                "over tls:// (plain tcp lets anyone on the network run code in its workers and "
+                                "answer this process with pickles)")
+    def setting(name: str) -> str | None:  # variables exported after dask was imported count too
+        env = "DASK_DISTRIBUTED__COMM__TLS__" + name.upper().replace(".", "__").replace("-", "_")
+        return os.environ.get(env) or dask.config.get(f"distributed.comm.tls.{name}", None)
+
+    security = Security(require_encryption=True, tls_ca_file=setting("ca-file"),
+                        tls_client_cert=setting("client.cert"), tls_client_key=setting("client.key"))
+    if not (security.tls_ca_file and security.tls_client_cert):
+        raise DaskSecurityError(
+            f"dask_address {config.dask_address!r}: no TLS credentials for the Dask client; export "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (the scheduler's CA and a client certificate)")
+    return security
 
 
 @flow(name="embed-shards", log_prints=True)
 def embed_shards_flow(config: EmbedConfig) -> dict:
     """Plan the shards, run those not in the tables yet (cached ones are not recomputed), merge."""
+    enforce_trust(config)
     prestart(config)
     db = connect(config.lance_uri)
     p = plan(db, config)
@@ -67,6 +104,7 @@ def embed_shards_flow(config: EmbedConfig) -> dict:
 @flow(name="embed", log_prints=True)
 def embed_flow(config: EmbedConfig) -> dict:
     """Embed every ingested image and distinct text with ImageBind into Lance; returns the counts."""
+    enforce_trust(config)
     counts = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
     counts["index"] = index_task(config.lance_uri, config.index_min_rows)
     counts["versions"].update(output_versions(connect(config.lance_uri)))  # an index build is a new version

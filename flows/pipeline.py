@@ -25,7 +25,7 @@ from flows.train import train_memory_flow, train_sft_flow
 from schemas.ingest import IngestConfig
 from schemas.pipeline import DEPENDS_ON, STAGES, PipelineConfig
 from storage.lance import versions_text
-from tasks.runtime import logger, publish_markdown
+from tasks.runtime import enforce_trust, logger, publish_markdown
 
 
 class StageFailed(RuntimeError):
@@ -46,6 +46,7 @@ def _run(name: str, fn, *args) -> tuple[bool, Any]:
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(config: PipelineConfig) -> dict:
     """Run the selected stages in DAG order; returns each stage's result (versions, artifacts)."""
+    enforce_trust(config)  # every stage's data root, scheduler and hosts, before the first stage starts
     log = logger()
     results: dict[str, Any] = {}
     status: dict[str, str] = {}

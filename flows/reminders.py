@@ -52,7 +52,7 @@ from tasks.reminders import (
     validate_task,
     write_task,
 )
-from tasks.runtime import logger, publish_markdown, publish_table, run_id
+from tasks.runtime import enforce_trust, logger, publish_markdown, publish_table, run_id
 from tasks.validate import ValidationFailed
 
 
@@ -142,6 +142,7 @@ def reminders_flow(config: RemindersConfig) -> dict:
     Returns the run summary; raises (after writing everything it has) when a shard failed, so a
     re-run, which makes no call for a cached key, finishes the job.
     """
+    enforce_trust(config)
     t0 = time.perf_counter()
     run = run_id()
     cache = ResponseCache(config.lance_uri, config.cache_dir / "llm_journal")

@@ -11,7 +11,7 @@ import pyarrow as pa
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from schemas.config import StageConfig
+from schemas.config import MAX_WORKERS, StageConfig, Trusted
 from schemas.tables import register
 
 EMBED_DIM = 1024  # ImageBind-Huge's joint space, both towers
@@ -72,33 +72,44 @@ class EmbedConfig(StageConfig):
 
     checkpoint: Path | None = Field(default=None, description="imagebind_huge.pth; unset: MMEM_IMAGEBIND_CHECKPOINT, the cache, else downloaded once.")
     tiny: bool = Field(default=False, description="Use a tiny random-weight ImageBind (tests, demo).")
-    seed: int = Field(default=0, description="Seed of the tiny model's random weights.")
+    seed: int = Field(default=0, ge=0, lt=2**32, description="Seed of the tiny model's random weights.")
     random_weights: bool = Field(default=False, description="Benchmarks only: ImageBind-Huge with random weights.")
     compile: bool = Field(default=False, description="torch.compile the model (CUDA; batches padded to one shape).")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU.")
-    shard_rows: int = Field(default=4096, ge=1, description="Rows per shard (one Prefect task each).")
-    batch_size: int = Field(default=256, ge=1, description="Images or texts per forward pass.")
-    decode_workers: int = Field(default=0, ge=0, description="Processes decoding images per worker; 0 = one per core.")
+    shard_rows: int = Field(default=4096, ge=1, le=1_000_000, description="Rows per shard (one Prefect task each).")
+    batch_size: int = Field(default=256, ge=1, le=65_536, description="Images or texts per forward pass.")
+    decode_workers: int = Field(default=0, ge=0, le=MAX_WORKERS,
+                                description="Processes decoding images per worker; 0 = one per core.")
     decode_pool: Literal["process", "thread"] = Field(
         default="process", description="Decode images in worker processes, or in threads of the process that feeds "
         "the GPU (PIL releases the GIL while decoding and resizing; no pixels cross a pipe).")
-    concurrent_shards: int = Field(default=2, ge=1, description="Shards in flight per flow (local runner).")
-    merge_rows: int = Field(default=65536, ge=1, description="Rows buffered before each merge into Lance.")
-    index_min_rows: int = Field(default=100_000, ge=1, description="Build a vector index once a table has this many rows.")
+    concurrent_shards: int = Field(default=2, ge=1, le=MAX_WORKERS, description="Shards in flight per flow (local runner).")
+    merge_rows: int = Field(default=65536, ge=1, le=10_000_000, description="Rows buffered before each merge into Lance.")
+    index_min_rows: int = Field(default=100_000, ge=1, le=10**12, description="Build a vector index once a table has this many rows.")
     splits: list[str] | None = Field(default=None, description="Splits to embed; default all.")
     image_roots: dict[str, Path] = Field(
         default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
     )
     dask_address: str | None = Field(
-        default=None, description="Run shards on the Dask cluster at this address (one worker per GPU), or `local` "
-        "for a LocalCluster of `dask_workers` processes on this machine (bound to 127.0.0.1).")
-    dask_workers: int = Field(default=1, ge=1, description="Worker processes of a `local` Dask cluster.")
+        default=None, description="Run shards on the Dask cluster at this `tls://` address (one worker per GPU; "
+        "credentials from DASK_DISTRIBUTED__COMM__TLS__*), or `local` for a LocalCluster of `dask_workers` "
+        "processes on this machine (127.0.0.1, temporary TLS credentials). A served run may name only an "
+        "address its `mmem serve` allows.")
+    dask_workers: int = Field(default=1, ge=1, le=MAX_WORKERS, description="Worker processes of a `local` Dask cluster.")
     table_versions: dict[str, int | str] = Field(
         default_factory=dict, description="Pinned Lance versions (number or tag) of images/dialogs/turns to read; "
         "default the latest. The pipeline pins the versions ingest wrote.",
     )
+
+    def trusted_values(self) -> Trusted:
+        """A remote scheduler runs this process's code and returns what it unpickles: `local` is
+        this machine's own cluster and always allowed."""
+        base = super().trusted_values()
+        if self.dask_address and self.dask_address != "local":
+            base.dask_addresses = [self.dask_address]
+        return base
 
     @property
     def results_dir(self) -> Path:

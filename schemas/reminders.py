@@ -5,7 +5,6 @@ Expectations suite share, so the two cannot drift apart.
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from importlib import resources
@@ -16,7 +15,7 @@ import pyarrow as pa
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from schemas.config import StageConfig
+from schemas.config import StageConfig, Trusted, default_ollama_host, llm_trusted
 from schemas.tables import register
 
 LLM_RESPONSES = register(
@@ -74,23 +73,27 @@ class RemindersConfig(StageConfig):
     ollama_host: str | None = Field(default=None, description="Ollama server; default: $OLLAMA_HOST or 127.0.0.1:11434.")
     auth_secret_block: str | None = Field(
         default=None,
-        description="Name of a Prefect Secret block holding the Ollama Authorization header value, e.g. "
-        "'Bearer <token>' (the name only, never the value); without it, $MMEM_OLLAMA_AUTH; without that, none.",
+        description="Name of a Prefect Secret block holding the Authorization header value of `ollama_host` "
+        "only, e.g. 'Bearer <token>' (the name only, never the value); without it, $MMEM_OLLAMA_AUTH (sent to "
+        "$MMEM_OLLAMA_AUTH_HOST, else to this host); without that, none.",
     )
+    ollama_auth: dict[str, str] = Field(
+        default_factory=dict, description="Per-host Authorization: Ollama host -> name of the Prefect Secret "
+        "block holding its header value. A request to a host named nowhere carries no token.")
     model: str = "gemma3:27b"
-    temperature: float = 0.0
-    seed: int = 0
-    num_predict: int = 256
-    num_ctx: int = 4096
-    limit: int | None = Field(default=None, ge=1, description="Only the first N dialogs.")
-    shard_size: int = Field(default=256, ge=1)
-    concurrency: int = Field(default=8, ge=1, description="Requests in flight per Ollama host. Set it about 1.5x the server's parallel slots (OLLAMA_NUM_PARALLEL): the server queues the extra requests, so no slot idles for a round trip (8 slots: 12 in flight gave 94% of the server's capacity, 8 gave 82%).")
-    timeout_s: float = Field(default=300.0, gt=0)
-    max_attempts: int = Field(default=4, ge=1, description="Tries per request (5xx, timeouts, dropped connections).")
-    backoff_s: float = Field(default=1.0, gt=0, description="First retry delay; doubles per try, with jitter.")
-    backoff_max_s: float = Field(default=60.0, gt=0)
-    shard_retries: int = Field(default=1, ge=0, description="Prefect retries of a failed shard (cached calls are not re-made).")
-    shard_retry_delay_s: float = Field(default=30.0, ge=0)
+    temperature: float = Field(default=0.0, ge=0, le=10)
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    num_predict: int = Field(default=256, ge=1, le=32_768)
+    num_ctx: int = Field(default=4096, ge=256, le=262_144)
+    limit: int | None = Field(default=None, ge=1, le=10**9, description="Only the first N dialogs.")
+    shard_size: int = Field(default=256, ge=1, le=100_000)
+    concurrency: int = Field(default=8, ge=1, le=1024, description="Requests in flight per Ollama host. Set it about 1.5x the server's parallel slots (OLLAMA_NUM_PARALLEL): the server queues the extra requests, so no slot idles for a round trip (8 slots: 12 in flight gave 94% of the server's capacity, 8 gave 82%).")
+    timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    max_attempts: int = Field(default=4, ge=1, le=100, description="Tries per request (5xx, timeouts, dropped connections).")
+    backoff_s: float = Field(default=1.0, gt=0, le=3600, description="First retry delay; doubles per try, with jitter.")
+    backoff_max_s: float = Field(default=60.0, gt=0, le=86_400)
+    shard_retries: int = Field(default=1, ge=0, le=100, description="Prefect retries of a failed shard (cached calls are not re-made).")
+    shard_retry_delay_s: float = Field(default=30.0, ge=0, le=86_400)
     repair: bool = Field(default=False, description="Re-ask once, with the format reminder, when an answer is invalid.")
     splits: list[str] | None = Field(default=None, description="Dialog splits to use; default all.")
     image_roots: dict[str, Path] = Field(
@@ -105,7 +108,10 @@ class RemindersConfig(StageConfig):
     @property
     def host(self) -> str:
         """The Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
-        return self.ollama_host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
+        return default_ollama_host(self.ollama_host)
+
+    def trusted_values(self) -> Trusted:
+        return llm_trusted(super().trusted_values(), self.host, self.auth_secret_block, self.ollama_auth)
 
     @property
     def options(self) -> dict:

@@ -14,7 +14,9 @@ thread queues bf16 forwards, one copy back per shard.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import hashlib
 import multiprocessing as mp
 import os
@@ -33,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.filesystems import LocalFileSystem
+from pydantic import BaseModel, ConfigDict
 
 from schemas.embed import IMAGE_EMBEDDINGS, TEXT_EMBEDDINGS, EmbedConfig, normalise_text, turn_text
 from schemas.quarantine import Reason, Rejection
@@ -41,7 +43,7 @@ from storage.index import ensure_vector_index
 from storage.lance import MergeResult, connect, merge, read, resolve_versions, table_exists
 from storage.quarantine import reason_counts
 from tasks.images import resolve_inside
-from tasks.runtime import Progress, logger
+from tasks.runtime import CheckedResults, Progress, checked_storage, logger
 from training.imagebind import (
     PREPROCESS_VERSION,
     Embedder,
@@ -56,7 +58,8 @@ from training.imagebind import (
 Kind = Literal["image", "text"]
 OUTPUT = {"image": IMAGE_EMBEDDINGS.name, "text": TEXT_EMBEDDINGS.name}
 # Bump when ShardResult's layout changes: results persisted by older code must not be served from cache.
-RESULT_VERSION = 3
+# 4: JSON results with Arrow rows (version 3 wrote pickles: their keys are never looked up again).
+RESULT_VERSION = 4
 DECODE_CHUNK = 32  # images per job sent to a decoding process
 TOKENIZE_CHUNK = 512
 
@@ -251,6 +254,66 @@ class ShardResult:
     @property
     def table(self) -> str:
         return OUTPUT[self.kind]
+
+    def payload(self) -> ShardPayload:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.rows.schema) as writer:
+            writer.write_table(self.rows)
+        return ShardPayload(
+            kind=self.kind, index=self.index, key=self.key, rows=base64.b64encode(sink.getvalue()).decode(),
+            rejections=[RejectionModel(key=r.key, reason=str(r.reason), record=r.record, detail=r.detail)
+                        for r in self.rejections],
+            seconds=self.seconds, stream=StreamModel(**dataclasses.asdict(self.stream)), worker=self.worker)
+
+    @classmethod
+    def from_payload(cls, p: ShardPayload) -> ShardResult:
+        """The shard back from its JSON: the rows must be exactly the output table's schema."""
+        rows = pa.ipc.open_stream(pa.py_buffer(base64.b64decode(p.rows, validate=True))).read_all()
+        expected = (IMAGE_EMBEDDINGS if p.kind == "image" else TEXT_EMBEDDINGS).schema
+        if [(f.name, f.type) for f in rows.schema] != [(f.name, f.type) for f in expected]:
+            raise ValueError(f"shard {p.key}: persisted rows do not have the {OUTPUT[p.kind]} schema")
+        return cls(p.kind, p.index, p.key, rows,
+                   [Rejection(r.key, Reason(r.reason), r.record, r.detail) for r in p.rejections], p.seconds,
+                   StreamStats(**p.stream.model_dump()), p.worker)
+
+
+class RejectionModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    reason: str
+    record: dict[str, str | int | float | bool | None]
+    detail: str = ""
+
+
+class StreamModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = 0
+    input_wait_s: float = 0.0
+    forward_s: float = 0.0
+
+
+class ShardPayload(BaseModel):
+    """A computed shard as its task's persisted result: JSON, the rows as an Arrow IPC stream (base64)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind
+    index: int
+    key: str
+    rows: str
+    rejections: list[RejectionModel]
+    seconds: float
+    stream: StreamModel
+    worker: str
+
+
+class ShardResults(CheckedResults):
+    """Where shard results persist: read back only as JSON of ``ShardPayload``."""
+
+    _block_type_name = "mmem embed shard results"
+    result_model = ShardPayload
 
 
 _POOL_LOCK = threading.Lock()
@@ -491,7 +554,7 @@ def collect(futures: list, writer: Writer, total_rows: int) -> Collected:
     out = Collected(writer)
     with Progress(total_rows, "embed") as bar:
         for fut in as_completed(futures):
-            res: ShardResult = fut.result()
+            res = ShardResult.from_payload(fut.result())
             if fut.state.name == "Cached":
                 out.cached += 1
             else:
@@ -536,14 +599,15 @@ def shard_cache_key(context, parameters) -> str:
     return parameters["shard"].key
 
 
-def results_storage(config: EmbedConfig) -> LocalFileSystem:
-    """Shard results persist under the data root, so caches do not leak between data roots (on a
-    multi-host Dask cluster the data root must be shared storage). Prefect wants result storage
-    saved server-side: it is saved under a name derived from the path."""
-    path = config.results_dir.resolve()
-    block = LocalFileSystem(basepath=str(path))
-    block.save(f"mmem-embed-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}", overwrite=True)
-    return block
+def results_storage(config: EmbedConfig) -> ShardResults:
+    """Shard results persist (JSON) under the data root, so caches do not leak between data roots (on
+    a multi-host Dask cluster the data root must be shared storage)."""
+    return checked_storage(ShardResults, config.results_dir, "mmem-embed")
+
+
+def embed_shard_result(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process") -> ShardPayload:
+    """:func:`embed_shard` as JSON, the form its task persists."""
+    return embed_shard(shard, model, workers, pool).payload()
 
 
 def index_tables(lance_uri: str, min_rows: int) -> dict[str, str]:
@@ -553,11 +617,12 @@ def index_tables(lance_uri: str, min_rows: int) -> dict[str, str]:
 
 
 embed_shard_task = task(
-    embed_shard,
+    embed_shard_result,
     name="embed-shard",
     task_run_name="embed-{shard.kind}-{shard.index}",
     cache_key_fn=shard_cache_key,
     persist_result=True,
+    result_serializer="json",
     retries=1,
     retry_delay_seconds=5,
 )

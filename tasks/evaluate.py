@@ -32,6 +32,7 @@ from evaluation import ranking as R
 from evaluation.generation import generate, load_causal_lm, pick_device, render
 from evaluation.report import bar_charts, markdown_table, reference_table
 from evaluation.samples import Sample, build_samples, held_out
+from schemas.config import Trusted
 from schemas.evaluate import DEFAULT_BATCH, EVALUATIONS, MEMORY_CUDA_BATCH, EvaluateConfig, Variant
 from schemas.quarantine import Reason, Rejection
 from schemas.reminders import ANY_TAG_RE, REMINDER_RE, RemindersConfig, load_prompt_data
@@ -49,7 +50,8 @@ from tasks.reminders import (
     slots_dir,
     system_prompt,
 )
-from tasks.runtime import Progress, logger
+from tasks.runtime import Progress, enforce_trust, logger
+from tasks.secrets import HostAuth, host_auth
 
 STAGE = "evaluate"
 BASE_INSTRUCTION = "Answer the last question about the image with one short sentence."
@@ -79,6 +81,7 @@ class EvalData:
 
 def load_eval_data(config: EvaluateConfig) -> EvalData:
     """The ``config.split`` dialogs, minus any whose image a training split also holds."""
+    enforce_trust(config)  # the evaluate flow's first step: nothing read or asked before the check
     db = connect(config.lance_uri)
     missing = [n for n in ("dialogs", "turns") if not table_exists(db, n)]
     if missing:
@@ -172,6 +175,9 @@ def resolve_model(config: EvaluateConfig, variant: Variant) -> ResolvedModel:
         return ResolvedModel(f"{variant.backend}:{name}@{fp[:12]}", path, artifact, label=str(path),
                              version=artifact or f"{path.name}@{fp[:12]}")
     host = variant.host or config.host
+    trusted = Trusted.current()
+    if trusted is not None and variant.serve is None:  # a variants file may name any host: the same check
+        trusted.check_host(f"variants ({variant.name}.host)", host)
     return ResolvedModel(variant.model, path, artifact, host, label=f"{variant.model} @ {host}", version=artifact)
 
 
@@ -185,9 +191,8 @@ def served_version(config: EvaluateConfig, model: ResolvedModel) -> ResolvedMode
     import ollama
 
     from tasks.llm_client import full_name
-    from tasks.secrets import ollama_auth
 
-    auth = ollama_auth(config.auth_secret_block)
+    auth = None if model.private else host_auth(config).header(model.host)  # only the host it is bound to
     headers = {"Authorization": auth.get_secret_value()} if auth is not None else None
     try:
         listed = ollama.Client(host=model.host, timeout=min(30.0, config.timeout_s), headers=headers).list()
@@ -335,10 +340,13 @@ def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list
     todo = list({r.request_hash: r for r in requests if r.request_hash not in answers}.values())
     logger().info("%s: %d requests, %d cached, %d to make", label, len(hashes), len(answers), len(todo))
     if todo:
-        client = RemindersConfig(data_root=config.data_root, ollama_host=model.host, model=model.request_model,
-                                 timeout_s=config.timeout_s, max_attempts=config.max_attempts,
-                                 concurrency=config.concurrency, auth_secret_block=config.auth_secret_block)
-        backend = check_server(client)
+        values = {"data_root": config.data_root, "ollama_host": model.host, "model": model.request_model,
+                  "timeout_s": config.timeout_s, "max_attempts": config.max_attempts,
+                  "concurrency": config.concurrency}
+        # a server this flow started on a loopback port is its own (no allow-list entry, no token)
+        client = RemindersConfig.model_construct(**values) if model.private else RemindersConfig(**values)
+        auth = HostAuth() if model.private else host_auth(config)  # each host gets only its own token
+        backend = check_server(client, auth)
         # A shared server's slots are a Prefect global concurrency limit, shared with the reminders
         # stage and other runs; a server this flow started for itself (`serve`) needs none.
         name, slots = ensure_limit(client) if not model.private else (None, config.concurrency)
@@ -348,7 +356,7 @@ def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list
                 shard = todo[i : i + config.shard_size]
                 path = cache.journal_path(label, i // config.shard_size)
                 try:
-                    asyncio.run(run_shard(i // config.shard_size, shard, client, path, slots, backend))
+                    asyncio.run(run_shard(i // config.shard_size, shard, client, path, slots, backend, auth))
                 finally:
                     cache.merge(path)
                 bar(len(shard))

@@ -5,9 +5,9 @@
 - ``LLMClient.check``: before fanning out, the server must answer and have the model; otherwise
   fail at once with what to run (``ollama pull gemma3:27b`` or where the server is expected, or
   which header it wants: a 401/403 says so).
-- Auth: an ``Authorization`` header resolved when the client is created (``tasks.secrets``: a
-  Prefect Secret block named by the config, else ``$MMEM_OLLAMA_AUTH``); it lives only in the
-  underlying HTTP client, never in a row, a log line or a message.
+- Auth: an ``Authorization`` header resolved when the client is created, from the source bound to
+  the client's own host (``tasks.secrets.HostAuth``: a request to any other host carries none); it
+  lives only in the underlying HTTP client, never in a row, a log line or a message.
 - ``LLMClient.chat``: a timeout per try, retries with exponential backoff and jitter (tenacity)
   on 5xx, timeouts and dropped connections; none on a 4xx or a missing model. It never raises for
   a request that merely failed: it returns an ``LLMResult`` whose status says what happened.
@@ -15,6 +15,8 @@
   call is appended at once to its shard's journal (a local JSONL file, flock'd by its writer), so
   a killed process loses only the calls in flight; the flow, the one writer of the table, merges
   journals into Lance as shards finish, and merges orphaned journals of dead runs at start.
+  Every journal row carries an HMAC under a key kept under the data root (mode 0600): a row that
+  does not verify (planted, or edited) is never merged, it is logged and dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import hmac
 import json
+import logging
+import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,11 +41,12 @@ import httpx
 import ollama
 import orjson
 import pyarrow as pa
+import pydantic
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from schemas.reminders import LLM_RESPONSES
 from storage.lance import conform, connect, dedupe, open_table, table_exists
-from tasks.secrets import AUTH_ENV, ollama_auth
+from tasks.secrets import AUTH_ENV, HostAuth
 
 OK, ERROR, REJECTED = "ok", "error", "rejected"  # llm_responses.status: done / retry later / do not retry
 
@@ -130,13 +137,16 @@ class LLMClient:
     """One host, one model, one retry policy. Use as ``async with LLMClient(...) as c``."""
 
     def __init__(self, host: str, *, timeout_s: float = 300.0, max_attempts: int = 4, backoff_s: float = 1.0,
-                 backoff_max_s: float = 60.0, backend: str | None = None, auth_block: str | None = None) -> None:
-        """``auth_block``: the name of a Prefect Secret block holding the ``Authorization`` header
-        value; without one, ``$MMEM_OLLAMA_AUTH``; without that, no header (see ``tasks.secrets``)."""
+                 backoff_max_s: float = 60.0, backend: str | None = None, auth_block: str | None = None,
+                 auth: HostAuth | None = None) -> None:
+        """``auth``: which header source is bound to which host; without it, ``auth_block`` (the name of
+        a Prefect Secret block) or ``$MMEM_OLLAMA_AUTH`` bound to ``host``. The header is sent only if
+        a source is bound to ``host`` (see ``tasks.secrets``)."""
         self.host, self.timeout_s, self.backend = host, timeout_s, backend
         self.max_attempts, self.backoff_s, self.backoff_max_s = max_attempts, backoff_s, backoff_max_s
-        self.auth_source = f"Prefect Secret block {auth_block!r}" if auth_block else f"${AUTH_ENV}"
-        auth = ollama_auth(auth_block)
+        auth_map = auth if auth is not None else HostAuth.of(host, auth_block)
+        self.auth_source = auth_map.describe(host)
+        auth = auth_map.header(host)
         self.authenticated = auth is not None
         # the header goes straight into the HTTP client; this object keeps no copy of it
         headers = {"Authorization": auth.get_secret_value()} if auth is not None else None
@@ -154,6 +164,8 @@ class LLMClient:
         Returns the backend that will answer (``ollama``, or what ``mmem llm serve`` reports)."""
         try:
             listed = await asyncio.wait_for(self._client.list(), timeout=min(30.0, self.timeout_s))
+        except (pydantic.ValidationError, ValueError) as exc:
+            raise self._malformed("/api/tags", exc) from None
         except (ConnectionError, httpx.TransportError, TimeoutError, ollama.ResponseError) as exc:
             if isinstance(exc, ollama.ResponseError) and exc.status_code in (401, 403):
                 self._refused(exc.status_code)
@@ -162,15 +174,33 @@ class LLMClient:
                 f"(`ollama serve`, then `ollama pull {model}`), or the local stand-in (`mmem llm serve --teacher`),"
                 " and point --ollama-host / OLLAMA_HOST / [reminders] ollama_host at it."
             ) from None
-        names = sorted(m.model for m in listed.models if m.model)
+        try:
+            names = sorted(m.model for m in listed.models if m.model)
+        except (AttributeError, TypeError) as exc:
+            raise self._malformed("/api/tags", exc) from None
         if full_name(model) not in {full_name(n) for n in names}:
             raise LLMUnavailable(
                 f"the Ollama server at {self.host} does not have model {model!r} (it has: "
                 f"{', '.join(names) or 'none'}). Run `ollama pull {model}` on that server, or pass --model NAME."
             )
-        info = await self._client.show(model)
-        self.backend = str((info.modelinfo or {}).get("mmem.backend") or "ollama")
+        try:
+            info = await asyncio.wait_for(self._client.show(model), timeout=min(30.0, self.timeout_s))
+            modelinfo = info.modelinfo or {}
+            self.backend = str(modelinfo.get("mmem.backend") or "ollama")
+        except ollama.ResponseError as exc:
+            if exc.status_code in (401, 403):
+                self._refused(exc.status_code)
+            raise self._malformed("/api/show", exc) from None
+        except (pydantic.ValidationError, AttributeError, TypeError, ValueError, KeyError, httpx.HTTPError,
+                TimeoutError, ConnectionError) as exc:
+            raise self._malformed("/api/show", exc) from None
         return self.backend
+
+    def _malformed(self, path: str, exc: BaseException) -> LLMUnavailable:
+        """One line naming the host, for an answer this client cannot read (not an Ollama server?)."""
+        detail = " ".join(str(exc).split())[:200]
+        return LLMUnavailable(f"the server at {self.host} gave no usable answer to {path} ({type(exc).__name__}: "
+                              f"{detail}); is it an Ollama server of a recent version?")
 
     def _refused(self, status: int) -> None:
         """401/403: say which header is wanted and where it comes from (never its value)."""
@@ -228,22 +258,87 @@ class LLMClient:
 # --- the write-through cache ----------------------------------------------------------------
 
 
+MAC = "mac"  # the journal row field holding its HMAC
+_log = logging.getLogger("mmem")
+
+
+def key_path(journal_dir: Path) -> Path:
+    """The signing key of the journals in ``journal_dir``: beside it, under the data root's cache."""
+    return journal_dir.with_name(journal_dir.name + ".key")
+
+
+def journal_key(journal_dir: Path) -> bytes:
+    """This data root's journal key: created once (O_EXCL, mode 0600), refused if others may read or
+    write it (then anyone could sign rows) or if it is a link."""
+    path = key_path(journal_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(os.urandom(32).hex())
+    deadline = time.monotonic() + 5
+    while True:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise PermissionError(f"{path} must be a regular file of yours with mode 0600 (it signs the LLM "
+                                      "journals); remove it and re-run to create a new one")
+            text = fh.read().strip()
+        if len(text) == 64 or time.monotonic() > deadline:  # another process may be writing it right now
+            break
+        time.sleep(0.02)
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise PermissionError(f"{path} is not a journal key; remove it and re-run to create a new one") from None
+
+
+def _mac(key: bytes, row: dict) -> str:
+    body = orjson.dumps({k: v for k, v in row.items() if k != MAC}, option=orjson.OPT_SORT_KEYS)
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def verified(rows: list[dict], key: bytes, path: Path) -> list[dict]:
+    """The rows signed with ``key`` (without their MAC); the others are dropped, with a warning."""
+    good = [{k: v for k, v in r.items() if k != MAC} for r in rows
+            if isinstance(r, dict) and isinstance(r.get(MAC), str) and hmac.compare_digest(r[MAC], _mac(key, r))]
+    if len(good) != len(rows):
+        _log.warning("%s: %d journal rows not signed by this data root's key were ignored", path,
+                     len(rows) - len(good))
+    return good
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The verified rows of one journal file."""
+    if not path.exists():
+        return []
+    return verified(_parse_lines(path.read_text(encoding="utf-8")), journal_key(path.parent), path)
+
+
 class Journal:
-    """An append-only JSONL file of finished calls, exclusively flock'd while its writer lives."""
+    """An append-only JSONL file of finished calls, exclusively flock'd while its writer lives;
+    each row signed with the data root's journal key."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._key = journal_key(path.parent)
         self._fh = path.open("a+", encoding="utf-8")
         fcntl.flock(self._fh, fcntl.LOCK_EX)
 
     def done(self) -> set[str]:
         """Keys this journal already holds a final answer for (a retried shard skips them)."""
         self._fh.seek(0)
-        return {r["request_hash"] for r in _parse_lines(self._fh.read()) if r["status"] == OK}
+        rows = verified(_parse_lines(self._fh.read()), self._key, self.path)
+        return {r["request_hash"] for r in rows if r.get("status") == OK}
 
     def append(self, row: dict) -> None:
-        self._fh.write(orjson.dumps(row).decode() + "\n")
+        signed = {**row, MAC: _mac(self._key, row)}
+        self._fh.write(orjson.dumps(signed).decode() + "\n")
         self._fh.flush()  # in the OS's hands now: a killed process does not lose it
 
     def close(self) -> None:
@@ -292,7 +387,7 @@ class ResponseCache:
         Every journal row is a fresh call, so it replaces whatever the key held (an error row)."""
         if not path.exists():
             return 0
-        rows = _parse_lines(path.read_text(encoding="utf-8"))
+        rows = read_journal(path)
         if rows:
             for r in rows:
                 r["created_at"] = datetime.fromisoformat(r["created_at"])

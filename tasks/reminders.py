@@ -18,7 +18,7 @@ import os
 import time
 import urllib.parse
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.filesystems import LocalFileSystem
+from pydantic import BaseModel, ConfigDict
 
 from schemas.expectations import reminders_suite
 from schemas.quarantine import Reason, Rejection
@@ -51,15 +51,18 @@ from tasks.llm_client import (
     LLMClient,
     LLMRequest,
     ResponseCache,
+    read_journal,
 )
 from tasks.llm_slots import free_dead
-from tasks.runtime import Progress, logger
+from tasks.runtime import CheckedResults, Progress, checked_storage, logger
+from tasks.secrets import HostAuth, host_auth
 from tasks.validate import ValidationReport, validate
 
 STAGE = "reminders"
 INPUTS = ("dialogs", "turns", "images")
 # Bump when ShardStats' layout changes: stats persisted by older code must not be served from cache.
-SHARD_RESULT_VERSION = 1
+# 2: JSON results (version 1 wrote pickles: their keys are never looked up again).
+SHARD_RESULT_VERSION = 2
 REPAIR_TEXT = (
     "Your answer did not follow the format. Answer again: one <reminder>...</reminder> tag that summarises "
     "the conversation, then exactly one sentence that answers the last question, and nothing else."
@@ -207,8 +210,11 @@ def check(prompt: Prompt, answer: dict) -> dict | Rejection:
 # --- the shard ------------------------------------------------------------------------------
 
 
-@dataclass
-class ShardStats:
+class ShardStats(BaseModel):
+    """What a shard did: its task's result, persisted as JSON (``ShardResults``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     shard: int
     requests: int = 0
     skipped: int = 0  # already answered in this shard's journal (a retried shard)
@@ -216,9 +222,21 @@ class ShardStats:
     failed: int = 0  # retryable, still failing after the retries
     rejected: int = 0  # 4xx / unreadable image: not retried
     retries: int = 0
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[float] = []
     completion_tokens: int = 0
     wall_s: float = 0.0
+
+    def __init__(self, shard: int | None = None, /, **data) -> None:
+        if shard is not None:
+            data["shard"] = shard
+        super().__init__(**data)
+
+
+class ShardResults(CheckedResults):
+    """Where shard stats persist: read back only as JSON of ``ShardStats``."""
+
+    _block_type_name = "mmem reminders shard results"
+    result_model = ShardStats
 
 
 class ShardFailed(RuntimeError):
@@ -233,8 +251,9 @@ class ShardFailed(RuntimeError):
 
 
 async def run_shard(shard: int, requests: list[LLMRequest], config: RemindersConfig, journal_path: Path,
-                    workers: int, backend: str | None = None) -> ShardStats:
-    """Make the shard's calls, ``workers`` at a time, appending each finished one to the journal."""
+                    workers: int, backend: str | None = None, auth: HostAuth | None = None) -> ShardStats:
+    """Make the shard's calls, ``workers`` at a time, appending each finished one to the journal.
+    ``auth``: which host gets which token (default: the config's bindings)."""
     stats = ShardStats(shard, requests=len(requests))
     t0 = time.perf_counter()
     with Journal(journal_path) as journal, Progress(len(requests), f"shard {shard}", log_every=0.5,
@@ -251,7 +270,7 @@ async def run_shard(shard: int, requests: list[LLMRequest], config: RemindersCon
 
         async with LLMClient(config.host, timeout_s=config.timeout_s, max_attempts=config.max_attempts,
                              backoff_s=config.backoff_s, backoff_max_s=config.backoff_max_s,
-                             backend=backend, auth_block=config.auth_secret_block) as client:
+                             backend=backend, auth=auth or host_auth(config)) as client:
 
             async def worker() -> None:
                 while not queue.empty():
@@ -304,14 +323,9 @@ def shard_errors(paths: list[Path]) -> dict[str, dict]:
     """Error rows of this round's journals (read before they are merged)."""
     rows = {}
     for path in paths:
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if r["status"] != OK:
-                    rows[r["request_hash"]] = r
+        for r in read_journal(path):  # signed rows only: a planted error row quarantines nothing
+            if r["status"] != OK:
+                rows[r["request_hash"]] = r
     return rows
 
 
@@ -384,10 +398,9 @@ def export_hf(table: pa.Table, out: Path) -> dict[str, int]:
 # --- Prefect task wrappers -------------------------------------------------------------------
 
 
-def check_server(config: RemindersConfig) -> str:
+def check_server(config: RemindersConfig, auth: HostAuth | None = None) -> str:
     async def _check() -> str:
-        async with LLMClient(config.host, timeout_s=config.timeout_s,
-                             auth_block=config.auth_secret_block) as client:
+        async with LLMClient(config.host, timeout_s=config.timeout_s, auth=auth or host_auth(config)) as client:
             return await client.check(config.model)
 
     return asyncio.run(_check())
@@ -445,13 +458,10 @@ def shard_cache_key(context, parameters) -> str:
     return f"reminders-shard-{h.hexdigest()[:40]}"
 
 
-def shard_results_storage(config: RemindersConfig) -> LocalFileSystem:
-    """Shard results (their stats) persist under the data root, so a cache hit on one data root never
-    answers for another. Saved as a block under a name derived from the path, as Prefect wants."""
-    path = (config.cache_dir / "reminders_shards").resolve()
-    block = LocalFileSystem(basepath=str(path))
-    block.save(f"mmem-reminders-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}", overwrite=True)
-    return block
+def shard_results_storage(config: RemindersConfig) -> ShardResults:
+    """Shard results (their stats, JSON) persist under the data root, so a cache hit on one data root
+    never answers for another."""
+    return checked_storage(ShardResults, config.cache_dir / "reminders_shards", "mmem-reminders")
 
 
 async def generate_shard(shard: int, requests: list[LLMRequest], config: RemindersConfig, journal_path: Path,
@@ -494,7 +504,8 @@ def free_dead_slots(config: RemindersConfig) -> int:
 
 plan_task = task(plan, name="plan-reminder-prompts", cache_policy=NO_CACHE)
 check_server_task = task(check_server, name="check-ollama-server", cache_policy=NO_CACHE)
-generate_shard_task = task(generate_shard, name="generate-shard", cache_key_fn=shard_cache_key, persist_result=True)
+generate_shard_task = task(generate_shard, name="generate-shard", cache_key_fn=shard_cache_key, persist_result=True,
+                           result_serializer="json")
 merge_journal_task = task(merge_journal, name="cache-llm-responses", cache_policy=NO_CACHE, retries=2,
                           retry_delay_seconds=1)
 recover_task = task(recover_journals, name="recover-llm-journals", cache_policy=NO_CACHE)

@@ -1,18 +1,25 @@
 """What a step needs from the orchestrator, in one place: the run id, a logger, progress,
-artifacts. Each works inside a Prefect run and degrades to plain logging outside one, so the
+artifacts, result storage that reads back only typed JSON. Each works inside a Prefect run and degrades to plain logging outside one, so the
 same step runs from a test, a script or a flow.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
+from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from schemas.config import Trusted
 
 
 def in_prefect_run() -> bool:
@@ -89,3 +96,91 @@ def track(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
 
 
 ProgressFn = Callable[[int], None]
+
+
+# --- persisted task results: JSON of one expected type, never a pickle ---------------------------
+
+
+class CheckedResults(LocalFileSystem):
+    """Result storage for a cached task whose results are JSON of one pydantic model (``result_model``).
+
+    Prefect decodes a persisted result with the serializer its file names, so a planted record saying
+    ``pickle`` (or a JSON serializer with another decoder) would run code when the task's cache is
+    checked. Reading through this storage refuses any record that is not plain JSON of exactly the
+    expected model (a refused record is a cache miss: the task runs and overwrites it) and hands
+    Prefect a record rebuilt from the validated value, with Prefect's default JSON serializer.
+    """
+
+    _block_type_name = "mmem checked results"
+    result_model: ClassVar[type[BaseModel]]
+
+    async def aread_path(self, path: str) -> bytes:
+        return self.checked(await super().aread_path(path))
+
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:  # Prefect passes _sync
+        return self.checked(LocalFileSystem.read_path(self, path, _sync=True))
+
+    @classmethod
+    def checked(cls, content: bytes) -> bytes:
+        from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+        from prefect.serializers import JSONSerializer
+        from prefect.utilities.importtools import to_qualified_name
+
+        try:
+            record = json.loads(content)
+            meta = ResultRecordMetadata.model_validate(record["metadata"])
+            serializer = record["metadata"]["serializer"]
+            if serializer != JSONSerializer().model_dump(mode="json"):
+                raise ValueError(f"serializer {serializer.get('type') if isinstance(serializer, dict) else '?'}")
+            if not isinstance(record["result"], str):  # a JSON result is stored as its text
+                raise ValueError("the result is not JSON text")
+            payload = json.loads(record["result"])
+            if set(payload) != {"__class__", "data"} or payload["__class__"] != to_qualified_name(cls.result_model):
+                raise ValueError("not a result of the expected type")
+            _no_type_tags(payload["data"])
+            value = cls.result_model.model_validate(payload["data"])
+        except Exception as exc:  # noqa: BLE001 - every way a record can be bad is a cache miss
+            raise ValueError(f"refused a persisted result that is not JSON of {cls.result_model.__name__} "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        clean = ResultRecordMetadata(serializer=JSONSerializer(), storage_key=meta.storage_key,
+                                     expiration=meta.expiration, storage_block_id=meta.storage_block_id)
+        return ResultRecord(metadata=clean, result=value).serialize()
+
+
+def _no_type_tags(value: Any) -> None:
+    """Prefect's JSON decoder imports whatever a ``__class__``/``__exc_type__`` key names: none inside."""
+    if isinstance(value, dict):
+        if "__class__" in value or "__exc_type__" in value:
+            raise ValueError("a nested type tag")
+        for v in value.values():
+            _no_type_tags(v)
+    elif isinstance(value, list):
+        for v in value:
+            _no_type_tags(v)
+
+
+def checked_storage(cls: type[CheckedResults], folder: Path, prefix: str) -> CheckedResults:
+    """``cls`` over ``folder``, saved server-side under a name derived from the path (Prefect wants
+    result storage it can name), so results of one data root never answer for another."""
+    path = folder.resolve()
+    block = cls(basepath=str(path))
+    block.save(f"{prefix}-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}", overwrite=True)
+    return block
+
+
+# --- a run's parameters choose data, never trust ---------------------------------------------
+
+
+def enforce_trust(config) -> None:
+    """Refuse, before any work, a run whose config names a data root, scheduler, host or secret its
+    process does not allow (``schemas.config.Trusted``). Configs are already checked when built
+    under ``mmem serve``'s allow-list; this also covers a deployment served by another process
+    (no allow-list): it may name only what this process's own environment and defaults would."""
+    trusted = Trusted.current()
+    if trusted is None:
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
+            return  # the process that called the flow chose these values itself
+        trusted = Trusted.of(type(config).load())
+    for c in config.trust_scope():
+        trusted.check(c)

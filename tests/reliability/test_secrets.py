@@ -301,14 +301,16 @@ def test_servers_bind_loopback_by_default(tmp_path):
     assert defaults["server", "start"]["host"] is None and ServerAPISettings.model_fields["host"].default == "127.0.0.1"
     assert defaults["llm", "serve"]["host"] == "127.0.0.1"
 
-    # embed: a thread pool, or the Dask cluster at the address given; were it to start a LocalCluster
-    # of its own, that cluster must be pinned to loopback (distributed's dashboard binds 0.0.0.0)
+    # embed: a thread pool, or the Dask cluster at the address given (tls:// only); were it to start a
+    # LocalCluster of its own, that cluster must be pinned to loopback (distributed's dashboard binds
+    # 0.0.0.0) and speak TLS with credentials of its own (tests/reliability/test_locked_doors.py)
+    from flows.embed import DaskSecurityError
+
     local = task_runner(EmbedConfig(data_root=tmp_path))
-    remote = task_runner(EmbedConfig(data_root=tmp_path, dask_address="tcp://127.0.0.1:8786"))
-    assert type(local).__name__ == "ThreadPoolTaskRunner" and remote.address == "tcp://127.0.0.1:8786"
+    assert type(local).__name__ == "ThreadPoolTaskRunner"
+    with pytest.raises(DaskSecurityError, match="must be reached over tls://"):
+        task_runner(EmbedConfig(data_root=tmp_path, dask_address="tcp://127.0.0.1:8786"))
     cluster = task_runner(EmbedConfig(data_root=tmp_path, dask_address="local", dask_workers=2))
-    assert cluster.cluster_kwargs["n_workers"] == 2
-    for runner in (local, remote, cluster):
-        if type(runner).__name__ == "DaskTaskRunner" and not runner.address:
-            kw = runner.cluster_kwargs
-            assert kw.get("host") == "127.0.0.1" and str(kw.get("dashboard_address")).startswith(("127.0.0.1", "None"))
+    kw = cluster.cluster_kwargs
+    assert kw["n_workers"] == 2 and kw["security"] is True and not cluster.address
+    assert kw.get("host") == "127.0.0.1" and str(kw.get("dashboard_address")).startswith(("127.0.0.1", "None"))
