@@ -61,6 +61,7 @@ def demo(
     from flows.demo import run_demo
 
     root = data_root or STATE.data_root or Path(os.environ.get("MMEM_DATA_ROOT", "mmem-data"))
+    use_local_server_auth(root)
     try:
         summary = run_demo(root, dialogs=dialogs, val_dialogs=val_dialogs, profile=STATE.profile)
     except RuntimeError as exc:

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -33,11 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from storage.paths import safe_child
+from storage.paths import NAME_PATTERN, safe_child
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 LOCK = ".lock"
+_NAME = re.compile(NAME_PATTERN)  # names() lists only folders a name can reach (no hidden, no odd ones)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -131,7 +133,7 @@ class ArtifactStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
 
     def folder(self, name: str) -> Path:
         """``<root>/<name>``, refused (``UnsafeName``, a ``ValueError``) for a name that is no plain
