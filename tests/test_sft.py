@@ -285,6 +285,7 @@ def test_adapter_folder_loads_anywhere_with_auto_peft(sft_root, tmp_path, monkey
     shutil.rmtree(root)  # the data root, its tiny base and its images
     adapter = json.loads((moved / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == BASE_DIR and (moved / BASE_DIR / "config.json").is_file()
+    assert str(root) not in (moved / "README.md").read_text()  # peft's model card: no data-root path either
 
     monkeypatch.chdir(moved)  # peft reads a relative base from the working directory
     loaded = AutoPeftModelForCausalLM.from_pretrained(moved).eval()

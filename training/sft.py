@@ -390,8 +390,16 @@ def save_adapter(run: SftRun, folder: Path, data: SftData, *, copy_base: bool) -
         shutil.copytree(run.base, folder / BASE_DIR)
     adapter = folder / "adapter_config.json"
     cfg = json.loads(adapter.read_text())
-    cfg["base_model_name_or_path"] = base_reference(run.base, bundled=copy_base)
+    ref = base_reference(run.base, bundled=copy_base)
+    written = str(cfg.get("base_model_name_or_path") or run.base)
+    cfg["base_model_name_or_path"] = ref
     adapter.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    card = folder / "README.md"  # peft's model card names the base in its metadata too
+    if card.is_file():
+        text = card.read_text()
+        for path in sorted({written, str(run.base), str(Path(run.base).resolve())}, key=len, reverse=True):
+            text = text.replace(path, ref)
+        card.write_text(text)
 
 
 def adapter_base(folder: Path) -> Path | str:
