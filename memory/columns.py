@@ -13,13 +13,11 @@ deletion files need no tracking here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from schemas.memory import DURABLE, MEMORIES
+from schemas.memory import MEMORIES
 
 # the row's identity, the visibility filter's columns, and the re-rank's
 COLUMNS = ["memory_id", "owner", "model", "kind", "superseded_by", "session_id", "created_at",
@@ -28,20 +26,6 @@ CODED = ("owner", "model", "kind", "session_id")  # few distinct values: int32 c
 NUMERIC = {"created_at": "datetime64[us]", "last_accessed_at": "datetime64[us]", "access_count": np.int64,
            "saliency": np.float32}
 _TYPES = {f.name: f.type for f in MEMORIES.schema}
-
-
-def visible_mask(rows: pa.Table, owner: str, model: str, session: str | None, cutoff: datetime) -> pa.Array:
-    """``MemoryStore.visible_filter`` evaluated on rows already in memory (the two are checked
-    against each other in tests/test_memory.py); nulls count as false, as in SQL's WHERE."""
-    def eq(col: str, value: str) -> pa.Array:
-        return pc.fill_null(pc.equal(rows.column(col), value), False)
-
-    mask = pc.and_(pc.and_(eq("owner", owner), eq("model", model)), pc.is_null(rows.column("superseded_by")))
-    durable = eq("kind", DURABLE)
-    if session:
-        recent = pc.greater_equal(rows.column("created_at"), pa.scalar(cutoff, _TYPES["created_at"]))
-        durable = pc.or_(durable, pc.and_(eq("session_id", session), recent))
-    return pc.and_(mask, durable)
 
 
 @dataclass

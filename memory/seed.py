@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memory.store import MemoryStore, sql_str, utc
+from memory.store import MemoryStore, utc
 from schemas.embed import EMBED_DIM, turn_text
 from schemas.ingest import NUM_TURNS
 from schemas.memory import DURABLE, MEMORIES
@@ -46,7 +46,7 @@ def seed_visdial(
 ) -> dict[str, int]:
     """Insert the memories of every ingested dialog (or the first ``limit``); returns counts."""
     db, now = store.db, utc(now)
-    where = f"split = {sql_str(split)}" if split else None
+    where = pc.field("split") == split if split else None
     dialogs = read(db, "dialogs", columns=["image_id", "caption"], where=where).sort_by("image_id")
     if limit is not None:
         dialogs = dialogs.slice(0, limit)

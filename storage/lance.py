@@ -47,19 +47,24 @@ def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
 
 
 @contextmanager
-def table_lock(db: lancedb.DBConnection, name: str):
+def table_lock(db: lancedb.DBConnection, name: str, *, blocking: bool = True):
     """An exclusive flock per table beside a local database; object stores go unlocked.
-    Not re-entrant: a second acquisition in the same process waits for the first."""
+    Not re-entrant: a second acquisition in the same process waits for the first. With
+    ``blocking=False`` it yields False at once when another holder has it (and True otherwise)."""
     root = Path(db.uri.removeprefix("file://"))
     if "://" in db.uri and not db.uri.startswith("file://"):
-        yield
+        yield True
         return
     locks = root / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -164,7 +169,7 @@ def read(
     *,
     version: int | str | None = None,
     columns: list[str] | None = None,
-    where: str | None = None,
+    where: str | pc.Expression | None = None,
 ) -> pa.Table:
     """The table (or one of its versions, by number or tag) as Arrow."""
     tbl = open_table(db, name)

@@ -136,7 +136,7 @@ def test_access_stats_are_pending_until_flushed_and_never_lost(tmp_path, embedde
     store.recall("ann", vector=unit(41), k=1, now=T0 + timedelta(hours=3))
     assert store.table.version == version
     store.recall("ann", vector=unit(42), k=1, now=T0 + timedelta(hours=4))  # the third memory: written
-    assert store.table.version == version + 1 and not store._pending
+    assert store.table.version == version + 1 and not store.stats.pending
     stats = {m["memory_id"]: (m["access_count"], m["last_accessed_at"]) for m in store.list("ann")}
     assert stats[facts[0]["memory_id"]] == (1, T0 + timedelta(hours=1))
     assert stats[facts[2]["memory_id"]] == (1, T0 + timedelta(hours=4))
@@ -156,10 +156,10 @@ def test_access_stats_are_pending_until_flushed_and_never_lost(tmp_path, embedde
 
 def test_recall_reads_each_fragment_once_and_folds_small_ones(tmp_path, embedder):
     """Recall's filter and score columns are read into memory once per fragment; writes add small
-    fragments, which are merged once FOLD_AT pile up."""
-    from memory.store import FOLD_AT
-
-    store = MemoryStore(MemoryConfig(data_root=tmp_path, touch_flush_memories=1), embedder)
+    fragments, which the store's background upkeep folds once ``upkeep_small_fragments`` pile up."""
+    fold_at = 8
+    store = MemoryStore(MemoryConfig(data_root=tmp_path, touch_flush_memories=1, upkeep_small_fragments=fold_at),
+                        embedder)
     for i in range(5):
         store.remember("ann", f"fact {i}", vector=unit(60 + i), now=T0)
     store.recall("ann", vector=unit(60), k=2, now=T0, touch=False)
@@ -171,18 +171,20 @@ def test_recall_reads_each_fragment_once_and_folds_small_ones(tmp_path, embedder
     assert hits[0].memory["text"] == "fact 5" and store.columns.rows_read == 6
     store.recall("ann", vector=unit(65), k=1, now=T0, touch=False)
     assert store.columns.rows_read == 7  # the touched row, in its new fragment
-    for i in range(FOLD_AT):
+    for i in range(fold_at):
         store.remember("ann", f"more {i}", vector=unit(70 + i), now=T0)
+    store.background.join()
+    assert store.background.runs >= 1 and store.background.errors == 0
     frags = store.table.to_lance().get_fragments()
-    assert len(frags) < FOLD_AT and sum(f.count_rows() for f in frags) == 6 + FOLD_AT
-    top = store.recall("ann", vector=unit(70 + FOLD_AT - 1), k=1, now=T0, touch=False)[0]
-    assert top.memory["text"] == f"more {FOLD_AT - 1}"
+    assert len(frags) < fold_at and sum(f.count_rows() for f in frags) == 6 + fold_at
+    top = store.recall("ann", vector=unit(70 + fold_at - 1), k=1, now=T0, touch=False)[0]
+    assert top.memory["text"] == f"more {fold_at - 1}"
 
 
 def test_in_memory_visibility_matches_the_sql_filter(store):
-    """Recall filters its candidates in memory (memory.columns.visible_mask) and falls back to Lance's
-    SQL filter (visible_filter): both must pick the same rows, for every mix of columns."""
-    from memory.columns import COLUMNS, visible_mask
+    """Recall filters its candidates in memory and, for sparse owners, has Lance filter first: the
+    one visibility expression must pick the same rows both ways, for every mix of columns."""
+    from memory.columns import COLUMNS
 
     now = T0 + timedelta(days=2)
     cutoff = now - timedelta(hours=store.config.transient_ttl_hours)
@@ -201,13 +203,13 @@ def test_in_memory_visibility_matches_the_sql_filter(store):
     })
     for start in range(0, n, 50):  # a few fragments
         store.add_rows(table.slice(start, 50))
-    direct = store._dataset().to_table(columns=COLUMNS, with_row_address=True)
+    direct = store.mt.synced().to_table(columns=COLUMNS, with_row_address=True)
     rows = store.columns.take(direct.column("_rowaddr").to_numpy()[::-1])  # any order, any fragment
     assert rows.to_pylist() == direct.select(COLUMNS).to_pylist()[::-1]  # the cache holds what Lance does
     for owner, session in itertools.product(["ann", "bob", "carl"], [None, "s1", "s2"]):
-        by_sql = set(store._scan(store.visible_filter(owner, session, now), ["memory_id"]).column("memory_id").to_pylist())
-        in_memory = set(rows.filter(visible_mask(rows, owner, store.fingerprint, session, cutoff))
-                        .column("memory_id").to_pylist())
+        rule = store.visible(owner, session, now)
+        by_sql = set(store._scan(rule, ["memory_id"]).column("memory_id").to_pylist())
+        in_memory = set(rows.filter(rule).column("memory_id").to_pylist())
         assert by_sql == in_memory
         assert (len(by_sql) > 0) == (owner != "carl")
 
@@ -230,17 +232,17 @@ def test_recall_returns_full_rows_even_when_row_ids_moved(store):
     facts = [store.remember("ann", f"fact {i}", vector=unit(i), now=T0, saliency=i / 10) for i in range(6)]
     hits = store.recall("ann", vector=unit(3), k=3, now=T0, touch=False)
     assert hits[0].memory == store.get("ann", facts[3]["memory_id"])  # every public column, exact
-    every = store._vector_candidates(unit(3), "ann", None, T0, 6)
+    every = store.candidates(unit(3), "ann", None, T0, 6)
     cands = every.slice(0, 4)
     want = [store.get("ann", m) for m in cands.column("memory_id").to_pylist()]
     for order in ([0, 1, 2, 3], [3, 1, 0, 2]):  # the fast path keeps the candidates' order, whatever it is
         picked = cands.take(order)
-        assert store._take_public(picked).to_pylist() == [want[i] for i in order]
+        assert store.search._take(picked).to_pylist() == [want[i] for i in order]
     rowid = cands.column_names.index("_rowid")
     moved = pa.array([every.column("_rowid")[5].as_py()] + cands.column("_rowid").to_pylist()[1:], pa.uint64())
     stale = cands.set_column(rowid, "_rowid", moved)
-    assert store._take_public(stale) is None  # a row id now holds another memory
-    assert store._public_rows(stale) == want  # found by memory_id instead
+    assert store.search._take(stale) is None  # a row id now holds another memory
+    assert store.search.public_rows(stale) == want  # found by memory_id instead
 
 
 def test_a_new_fact_on_a_key_supersedes_the_old_one(store):
@@ -251,10 +253,11 @@ def test_a_new_fact_on_a_key_supersedes_the_old_one(store):
     hits = store.recall("ann", "I live in Berlin", k=10, now=T0 + timedelta(days=2))
     ids = [h.memory["memory_id"] for h in hits]
     assert berlin["memory_id"] not in ids and paris["memory_id"] in ids
-    history = store.history("ann", "home")
+    history = store.history("ann", "home", now=T0 + timedelta(days=2))
     assert [m["text"] for m in history] == ["I live in Berlin", "I live in Paris", "maybe I live in Rome this week"]
     assert history[0]["superseded_by"] == paris["memory_id"] and history[1]["superseded_by"] is None
-    assert [m["text"] for m in store.list("ann")] == ["I live in Paris", "maybe I live in Rome this week"]
+    assert [m["text"] for m in store.list("ann", now=T0 + timedelta(days=2))] == [
+        "I live in Paris", "maybe I live in Rome this week"]
 
 
 def test_transient_memories_are_not_kept_past_their_session(store):
@@ -269,16 +272,23 @@ def test_transient_memories_are_not_kept_past_their_session(store):
                                                                                  now=T0)]
     report = store.end_session("ann", "s1")
     assert report.memory_ids == [milk["memory_id"]]
-    assert [m["memory_id"] for m in store.list("ann")] == [keep["memory_id"]]
+    assert [m["memory_id"] for m in store.list("ann", now=T0)] == [keep["memory_id"]]
     assert files_containing(store.config.lance_uri, {"milk": milk_bytes})["milk"] == []
     with pytest.raises(ValueError, match="session"):
         store.remember("ann", "no session", kind="transient")
 
-    # a session nobody ended: gone once older than the TTL (checked on the owner's next write)
-    store.remember("ann", "call back in an hour", kind="transient", session="s3", now=T0)
+    # a session nobody ended: never returned once older than the TTL; upkeep removes its bytes
+    call = store.remember("ann", "call back in an hour", kind="transient", session="s3", vector=unit(9), now=T0)
+    call_bytes = stored_vector(store, call["memory_id"])
+    assert "call back in an hour" in [m["text"] for m in store.list("ann", now=T0)]
     late = T0 + timedelta(hours=store.config.transient_ttl_hours + 1)
-    store.remember("ann", "new durable fact", now=late)
-    assert "call back in an hour" not in [m["text"] for m in store.list("ann")]
+    assert "call back in an hour" not in [m["text"] for m in store.list("ann", now=late)]
+    assert store.get("ann", call["memory_id"], now=late) is None
+    assert store.recall("ann", vector=unit(9), k=5, session="s3", now=late, touch=False)[0].memory["text"] != (
+        "call back in an hour")
+    assert files_containing(store.config.lance_uri, {"call": call_bytes})["call"]  # not purged yet
+    assert store.expire(late).memory_ids == [call["memory_id"]]
+    assert files_containing(store.config.lance_uri, {"call": call_bytes})["call"] == []
 
 
 def test_forget_removes_text_and_vector_from_every_file(store):
@@ -337,16 +347,16 @@ def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
     assert "m42" not in [h.memory["memory_id"] for h in store.recall("ann", vector=vecs[42], k=5, now=T0)]
     assert files_containing(config.lance_uri, {"v": m42})["v"] == []
 
-    # access stats rewrite the rows recalls touched (flush): maintain folds them back into one index segment
+    # access stats rewrite only their two columns: the rows stay where the index has them
+    fragments = len(store.table.to_lance().get_fragments())
     for i in (7, 8, 9):
         store.recall("ann", vector=vecs[i], k=3, now=T0)
-    assert store.table.index_stats("vector_idx").num_unindexed_rows == 0  # not written yet
     assert store.flush() >= 3
-    assert store.table.index_stats("vector_idx").num_unindexed_rows > 0
-    assert store.maintain()["index_segments_merged"] > 1
     stats = store.table.index_stats("vector_idx")
     assert (stats.num_indices, stats.num_unindexed_rows, stats.num_indexed_rows) == (1, 0, rows - 1)
-    assert store.recall("ann", vector=vecs[8], k=1, now=T0, touch=False)[0].memory["memory_id"] == "m8"
+    assert len(store.table.to_lance().get_fragments()) == fragments
+    top = store.recall("ann", vector=vecs[8], k=1, now=T0, touch=False)[0].memory
+    assert top["memory_id"] == "m8" and top["access_count"] == 1
 
 
 def test_indexed_recall_filters_after_the_search_only_when_that_is_exact(tmp_path, embedder):
@@ -374,9 +384,9 @@ def test_indexed_recall_filters_after_the_search_only_when_that_is_exact(tmp_pat
     for owner, probe in (("ann", 1), ("ann", 77), ("bob", 40), ("bob", 200)):
         visible = [i for i in range(rows) if owners[i] == owner and i != 1]
         exact = sorted(visible, key=lambda i: -float(vecs[i] @ vecs[probe]))[:8]
-        got = store._vector_candidates(vecs[probe], owner, None, T0, 8)
+        got = store.candidates(vecs[probe], owner, None, T0, 8)
         assert [int(m[1:]) for m in got.column("memory_id").to_pylist()] == exact
-    assert store._prefilter_owners == {"bob"}
+    assert store.search.prefilter_owners == {"bob"}
 
 
 def test_hybrid_search_blends_keyword_matches(store):

@@ -1,0 +1,122 @@
+"""Recall's search: the nearest visible memories, full-text hits to blend in, and the public
+columns of the final ``k``.
+
+The search returns row addresses and distances only; the filter and score columns come from
+:class:`memory.columns.RecallColumns` (in memory, per fragment). With a vector index the visibility
+rule is first applied *after* the search, to ``OVERFETCH`` times the wanted candidates: when the
+owner's visible memories are most of the table (one agent's memory) that is the same top ``n``
+without evaluating the filter over every row. When too few survive (an owner with a small share
+of the table) it searches again with the filter first, and does so directly for that owner from
+then on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memory import visibility as vis
+from memory.table import MemoryTable
+from memory.writes import PUBLIC_COLUMNS
+from schemas.embed import normalise_text
+from schemas.memory import MemoryConfig
+
+OVERFETCH = 1.5  # nearest rows searched per wanted candidate when the filter comes after the search
+# what the re-rank needs of a full-text hit (vector hits get theirs from memory.columns)
+SCORE_COLUMNS = ["memory_id", "last_accessed_at", "access_count", "saliency"]
+
+
+class Searcher:
+    """Vector and full-text candidates over one :class:`MemoryTable`."""
+
+    def __init__(self, mt: MemoryTable, config: MemoryConfig) -> None:
+        self.mt, self.config = mt, config
+        self.prefilter_owners: set[str] = set()  # owners too sparse in the table to post-filter
+        self._indexed: tuple[int, bool] | None = None  # (version, has a vector index)
+        self._seen = None  # the dataset the last search saw (its row ids are the ones returned)
+
+    def has_vector_index(self, ds) -> bool:
+        if self._indexed is None or self._indexed[0] != ds.version:
+            self._indexed = (ds.version, any(i.field_names == ["vector"] for i in ds.describe_indices()))
+        return self._indexed[1]
+
+    def vector(self, q: np.ndarray, owner: str, visible: pc.Expression, n: int) -> pa.Table:
+        """The ``n`` nearest visible memories: :data:`memory.columns.COLUMNS`, ``_distance``, ``_rowid``."""
+        return self.mt.read(lambda _: self._vector(q, owner, visible, n))
+
+    def _vector(self, q, owner, visible, n) -> pa.Table:
+        ds = self.mt.synced()
+        self._seen = ds
+        c = self.config
+        indexed = self.has_vector_index(ds)
+
+        def search(where, limit: int) -> pa.Table:
+            nearest: dict[str, Any] = {"column": "vector", "q": q, "k": limit, "metric": "cosine"}
+            if indexed:
+                nearest.update(nprobes=c.nprobes, ef=c.ef)
+                if c.refine_factor:
+                    nearest["refine_factor"] = c.refine_factor
+            hits = ds.to_table(columns=["_distance"], nearest=nearest, filter=where, prefilter=where is not None,
+                               with_row_id=True, with_row_address=True, disable_scoring_autoprojection=True)
+            rows = self.mt.columns.take(hits.column("_rowaddr").to_numpy())
+            return rows.append_column("_distance", hits.column("_distance")).append_column("_rowid", hits.column("_rowid"))
+
+        if indexed and owner not in self.prefilter_owners:
+            got = search(None, int(n * OVERFETCH)).filter(visible)
+            if len(got) >= n:
+                return got.slice(0, n)
+            self.prefilter_owners.add(owner)
+        return search(visible, n)
+
+    def text(self, cands: pa.Table, cos: np.ndarray, q: np.ndarray, text: str, where: pc.Expression, n: int):
+        """Union with full-text hits; BM25 scaled by the best hit becomes the keyword term."""
+        def fts(ds) -> pa.Table:
+            return ds.to_table(columns=[*SCORE_COLUMNS, "vector", "_score"], filter=where, prefilter=True,
+                               full_text_query={"query": normalise_text(text), "columns": ["text"]},
+                               limit=n, with_row_id=True, disable_scoring_autoprojection=True)
+
+        hits = self.mt.read(fts)
+        bm25 = dict(zip(hits.column("memory_id").to_pylist(), hits.column("_score").to_numpy(), strict=True))
+        best = max(bm25.values(), default=0.0)
+        if best <= 0:  # no word in common with any memory: nothing to blend
+            return cands, cos, None
+        have = set(cands.column("memory_id").to_pylist())
+        extra = hits.filter(pc.invert(pc.is_in(hits.column("memory_id"), pa.array(sorted(have), pa.string()))))
+        if len(extra):
+            vecs = np.stack(extra.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+            cos = np.concatenate([cos, vecs @ q])
+            keep = [*SCORE_COLUMNS, "_rowid"]
+            cands = pa.concat_tables([cands.select(keep), extra.select(keep)])
+        keyword = np.array([bm25.get(m, 0.0) / best for m in cands.column("memory_id").to_pylist()], np.float64)
+        return cands, cos, keyword
+
+    def public_rows(self, picked: pa.Table) -> list[dict[str, Any]]:
+        """The public columns of the chosen candidates, in their order: by row id from the version
+        the search saw, or by ``memory_id`` at the latest version if the row ids moved."""
+        ids = picked.column("memory_id").to_pylist()
+        rows = self._take(picked)
+        if rows is None:
+            found = self.mt.read(lambda ds: ds.to_table(columns=PUBLIC_COLUMNS, filter=vis.ids(ids)))
+            at = {m: i for i, m in enumerate(found.column("memory_id").to_pylist())}
+            rows = found.take(pa.array([at[m] for m in ids if m in at], pa.int64()))
+        return rows.select(PUBLIC_COLUMNS).to_pylist()
+
+    def _take(self, picked: pa.Table) -> pa.Table | None:
+        """``picked``'s rows by row id, in order; None when a row id no longer holds the memory it
+        held (compaction, concurrent writes) or its files were cleaned up."""
+        ids = picked.column("memory_id").to_pylist()
+        if not ids:
+            return picked.select([])
+        ds = self._seen if self._seen is not None else self.mt.synced()
+        row_ids = ", ".join(str(r) for r in picked.column("_rowid").to_pylist())
+        try:
+            rows = ds.to_table(columns=PUBLIC_COLUMNS, filter=f"_rowid IN ({row_ids})")
+        except (OSError, ValueError, RuntimeError):
+            return None
+        at = {m: i for i, m in enumerate(rows.column("memory_id").to_pylist())}
+        if len(rows) != len(ids) or any(m not in at for m in ids):
+            return None
+        return rows.take(pa.array([at[m] for m in ids], pa.int64()))

@@ -1,0 +1,139 @@
+"""Writing memories: a new memory is one append, a supersede one commit, access stats one partial
+update; each in the writers' turn (:meth:`memory.table.MemoryTable.writing`) and nothing else on
+the caller's path (compaction, index updates and purges are upkeep's, :mod:`memory.upkeep`).
+
+Exactly once: a write returns after its commit and does nothing that can fail after it. A caller
+that passes its own ``memory_id`` may retry after a crash or a timeout: a write whose id is already
+in the table returns the stored row instead of storing it twice.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memory import visibility as vis
+from memory.table import MemoryTable
+from schemas.embed import EMBED_DIM
+from schemas.memory import DURABLE, MEMORIES
+from storage.lance import conform
+
+PUBLIC_COLUMNS = [c for c in MEMORIES.columns if c != "vector"]
+STAT_COLUMNS = ["memory_id", "access_count", "last_accessed_at"]
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    cols = {c: [r.get(c) for r in rows] for c in MEMORIES.columns if c != "vector"}
+    vecs = np.stack([np.asarray(r["vector"], np.float32) for r in rows]).reshape(-1)
+    cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vecs, pa.float32()), EMBED_DIM)
+    return conform(pa.table(cols), MEMORIES)
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    return {c: row.get(c) for c in PUBLIC_COLUMNS}
+
+
+def _stored(mt: MemoryTable, memory_id: str) -> dict[str, Any] | None:
+    got = mt.dataset(fresh=True).to_table(columns=PUBLIC_COLUMNS, filter=vis.ids([memory_id])).to_pylist()
+    return got[0] if got else None
+
+
+def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, Any]:
+    """Append one new memory (a durable one with a key supersedes the owner's current fact on it,
+    in the same commit). With ``check_id`` (the caller chose the id) a stored id is returned as is."""
+    with mt.writing() as tbl:
+        if check_id and (old := _stored(mt, row["memory_id"])) is not None:
+            return old
+        key = row.get("subject_key")
+        if key and row["kind"] == DURABLE:
+            where = (vis.owned(row["owner"]) & (pc.field("subject_key") == key) & vis.current()
+                     & (pc.field("kind") == DURABLE))
+            old = mt.dataset(fresh=True).to_table(columns=MEMORIES.columns, filter=where).to_pylist()
+            if old:
+                for r in old:
+                    r["superseded_by"] = row["memory_id"]
+                (tbl.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all()
+                 .execute(rows_table([row, *old])))
+                return public(row)
+        tbl.add(rows_table([row]))
+    return public(row)
+
+
+def replace(mt: MemoryTable, owner: str, memory_id: str, edit) -> dict[str, Any]:
+    """Read one memory in the writers' turn, let ``edit(row)`` change it, write it back."""
+    with mt.writing() as tbl:
+        where = vis.owned(owner) & vis.ids([memory_id])
+        rows = mt.dataset(fresh=True).to_table(columns=MEMORIES.columns, filter=where).to_pylist()
+        if not rows:
+            raise KeyError(f"owner {owner!r} has no memory {memory_id!r}")
+        row = edit(rows[0])
+        tbl.merge_insert("memory_id").when_matched_update_all().execute(rows_table([row]))
+    return public(row)
+
+
+def insert_new(mt: MemoryTable, rows: pa.Table) -> int:
+    """Bulk insert (seeding): rows whose ``memory_id`` exists are left alone."""
+    with mt.writing() as tbl:
+        res = tbl.merge_insert("memory_id").when_not_matched_insert_all().execute(rows)
+    return res.num_inserted_rows
+
+
+class AccessStats:
+    """Accesses counted by recalls and written in one commit per ``touch_flush_memories`` memories
+    or ``touch_flush_seconds``: a write per recall would leave a fragment per recall for every
+    search to visit. Recalls of this store see pending accesses at once; other processes once
+    written. The write changes only ``access_count`` and ``last_accessed_at`` of rows that still
+    exist, so it cannot undo another process's supersede, edit or forget."""
+
+    def __init__(self, flush_memories: int, flush_seconds: float) -> None:
+        self.pending: dict[str, tuple[int, datetime]] = {}
+        self._since = 0.0
+        self._memories, self._seconds = flush_memories, flush_seconds
+
+    def touch(self, memory_ids: list[str], now: datetime) -> bool:
+        """Count an access of each; returns whether a flush is due."""
+        if not self.pending:
+            self._since = time.monotonic()
+        for m in memory_ids:
+            count, _ = self.pending.get(m, (0, now))
+            self.pending[m] = (count + 1, now)
+        return len(self.pending) >= self._memories or time.monotonic() - self._since >= self._seconds
+
+    def adjust(self, cands: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates' last access (datetime64[us]) and access count, pending accesses included."""
+        last = cands.column("last_accessed_at").to_numpy().astype("datetime64[us]")
+        count = cands.column("access_count").to_numpy().astype(np.int64)
+        if self.pending:
+            for i, m in enumerate(cands.column("memory_id").to_pylist()):
+                if m in self.pending:
+                    n, t = self.pending[m]
+                    count[i] += n
+                    last[i] = np.datetime64(t.astimezone(UTC).replace(tzinfo=None), "us")
+        return last, count
+
+    def flush(self, mt: MemoryTable) -> int:
+        """Write the pending accesses in one commit; returns how many memories were updated."""
+        if not self.pending:
+            return 0
+        pending, self.pending = self.pending, {}
+        return write_stats(mt, pending)
+
+
+def write_stats(mt: MemoryTable, pending: dict[str, tuple[int, datetime]]) -> int:
+    with mt.writing() as tbl:
+        now = mt.dataset(fresh=True).to_table(columns=STAT_COLUMNS[:2], filter=vis.ids(pending))
+        if len(now) == 0:  # all forgotten meanwhile
+            return 0
+        got = now.column("memory_id").to_pylist()
+        stats = pa.table({
+            "memory_id": now.column("memory_id"),
+            "access_count": pc.add(now.column("access_count"), pa.array([pending[m][0] for m in got], pa.int64())),
+            "last_accessed_at": pa.array([pending[m][1] for m in got], pa.timestamp("us", tz="UTC")),
+        })
+        tbl.merge_insert("memory_id").when_matched_update_all().execute(stats)
+    return len(got)
