@@ -51,6 +51,8 @@ def add(
     kind: Annotated[str, typer.Option(help="transient (kept for its session) or durable.")] = "durable",
     key: Annotated[str | None, typer.Option(help="Subject key: a new fact on it supersedes the old one.")] = None,
     session: SessionOpt = None,
+    memory_id: Annotated[str | None, typer.Option("--id", help="Your id for it: a retry with the same id "
+                                                  "stores nothing twice.")] = None,
     tiny: TinyOpt = None,
     checkpoint: CheckpointOpt = None,
     data_root: DataRootOpt = None,
@@ -59,7 +61,8 @@ def add(
     _one_of(text, image)
     store = _store(data_root, tiny=tiny, checkpoint=checkpoint)
     try:
-        row = store.remember(owner, text=text, image=image, saliency=saliency, kind=kind, key=key, session=session)
+        row = store.remember(owner, text=text, image=image, saliency=saliency, kind=kind, key=key, session=session,
+                             memory_id=memory_id)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     _echo(row)
@@ -123,12 +126,18 @@ def forget(
     owner: OwnerOpt,
     id_: Annotated[str | None, typer.Option("--id", help="The memory to forget.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Forget every memory of the owner.")] = False,
+    key: Annotated[str | None, typer.Option("--key", help="Forget a subject key's whole history.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would be removed.")] = False,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Remove memories from the table's files (delete, compact, drop pinning tags, clean up versions)."""
-    if (id_ is None) == (not all_):
-        fail("give exactly one of --id or --all")
-    report = _store(data_root).forget(owner, id_, everything=all_)
+    """Remove memories from the table's files: delete, rewrite the fragments that held them, purge
+    the indexes, drop the tags that pin them, remove the old versions. Prints what it removed."""
+    if sum((id_ is not None, all_, key is not None)) != 1:
+        fail("give exactly one of --id, --key or --all")
+    try:
+        report = _store(data_root).forget(owner, id_, everything=all_, key=key, dry_run=dry_run)
+    except ValueError as exc:
+        fail(str(exc))
     if id_ is not None and report.deleted == 0:
         fail(f"owner {owner} has no memory {id_}")
     _echo(report.__dict__)
@@ -138,13 +147,18 @@ def forget(
 def end_session(owner: OwnerOpt, session: Annotated[str, typer.Option(help="The session that ended.")],
                 data_root: DataRootOpt = None) -> None:
     """A session ended: its transient memories are deleted for good."""
-    _echo(_store(data_root).end_session(owner, session).__dict__)
+    try:
+        _echo(_store(data_root).end_session(owner, session).__dict__)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 @memory_app.command("maintain")
 def maintain(data_root: DataRootOpt = None) -> None:
-    """Keep recall fast: build the indices once the table is big enough, fold new rows into them
-    (the vector index keeps its partitions), merge small fragments. Schedule it for a live memory."""
+    """Upkeep now: purge expired memories, build the indexes once the table is big enough, fold new
+    rows into them (the vector index keeps its partitions), merge small fragments, drop old
+    versions. Open stores do the folding themselves; schedule this (or the memory-upkeep
+    deployment) for the rest."""
     _echo(_store(data_root).maintain())
 
 

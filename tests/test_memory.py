@@ -442,8 +442,17 @@ def test_cli_add_recall_list_forget(tmp_path, embedder):
     felix = felix_line.split()[0]
     maintained = run.invoke(app, [*base, "maintain"])
     assert maintained.exit_code == 0 and '"rows": 2' in maintained.output
+    out = run.invoke(app, [*base, "forget", "--owner", "u1", "--id", felix, "--dry-run"])
+    assert out.exit_code == 0 and '"dry_run": true' in out.output and felix in out.output
+    assert "Felix" in run.invoke(app, [*base, "list", "--owner", "u1"]).output  # nothing removed
     out = run.invoke(app, [*base, "forget", "--owner", "u1", "--id", felix])
     assert out.exit_code == 0 and '"deleted": 1' in out.output
+    out = run.invoke(app, [*base, "forget", "--owner", "", "--all"])
+    assert out.exit_code == 1 and "owner id is required" in out.output and "Traceback" not in out.output
+    for _ in range(2):  # a retried add with the caller's id stores it once
+        out = run.invoke(app, [*base, "add", "--owner", "u2", "--text", "retry me", "--id", "u2-1", "--tiny"])
+        assert out.exit_code == 0, out.output
+    assert run.invoke(app, [*base, "list", "--owner", "u2"]).output.count("retry me") == 1
     assert run.invoke(app, [*base, "forget", "--owner", "u1"]).exit_code != 0
     assert run.invoke(app, [*base, "add", "--owner", "u1", "--tiny"]).exit_code != 0
     out = run.invoke(app, [*base, "forget", "--owner", "u1", "--all"])
