@@ -34,11 +34,12 @@ def serve(
     """Register a deployment per flow and for the pipeline with the server, and run what it schedules.
     A run may name only the data root, Dask scheduler and Ollama hosts of the profile (or --allow-*)."""
     from cli import pipeline
-    from schemas.config import Trusted
+    from cli.common import STATE
+    from deployments.serve import trust_profile
 
-    try:
-        Trusted.of(ollama_hosts=allow_ollama_host or (), dask_addresses=allow_dask_address or (),
-                   data_roots=allow_data_root or ()).merged(Trusted.current() or Trusted()).export()
-    except ValueError as exc:
+    try:  # the whole allow-list (profile + options) first: serving builds configs under it
+        trust_profile(profile or STATE.profile, data_root or STATE.data_root, ollama_hosts=allow_ollama_host or (),
+                      dask_addresses=allow_dask_address or (), data_roots=allow_data_root or ()).export()
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     pipeline.serve(data_root=data_root, profile=profile)
