@@ -292,6 +292,8 @@ def journal_key(journal_dir: Path) -> bytes:
             break
         time.sleep(0.02)
     try:
+        if len(text) != 64:
+            raise ValueError(text)
         return bytes.fromhex(text)
     except ValueError:
         raise PermissionError(f"{path} is not a journal key; remove it and re-run to create a new one") from None
