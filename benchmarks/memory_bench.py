@@ -533,7 +533,7 @@ def plot_quality(result: dict, path: Path) -> None:
 # --- CLI -------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speed", help="recall latency and recall@10 at scale")
@@ -579,6 +579,33 @@ def main(argv: list[str] | None = None) -> None:
     qp.add_argument("--plot", type=Path, default=None, help="write a PNG of the test figures")
     qp.add_argument("--seed", type=int, default=0)
     qp.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def speed_table(workdir: Path, **overrides):
+    """The speed benchmark's table under ``workdir`` (written and indexed if it is not there yet),
+    its store, and its vectors: what the write benchmark measures beside."""
+    from memory.store import MemoryStore
+
+    args = parser().parse_args(["speed", "--workdir", str(workdir)])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    config = MemoryConfig(data_root=workdir, index_min_rows=min(args.rows, MemoryConfig().index_min_rows))
+    store = MemoryStore(config, FixedEmbedder())
+    vec_file = workdir / "vectors.npy"
+    if store.table.count_rows() == args.rows and vec_file.exists():
+        return store, np.load(vec_file), args
+    if store.table.count_rows():  # another run's table, or a partial one: written anew
+        store.db.drop_table("memories")
+        store = MemoryStore(config, FixedEmbedder())
+    vectors = load_speed_table(store, args)
+    np.save(vec_file, vectors)
+    store.maintain()
+    return store, vectors, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     result = speed(args) if args.what == "speed" else quality(args)
     print(json.dumps(result, indent=2))

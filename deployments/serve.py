@@ -6,7 +6,7 @@ researcher can start, schedule and re-run any stage from the UI with the form th
 config renders. Parameters default to the profile's values. The pipeline carries a weekly cron
 schedule as an example, paused until someone switches it on in the UI. SFT runs on each new
 validated ``reminders`` version, evaluation on each new artifact its variants use
-(deployments/triggers.py).
+(deployments/triggers.py). ``memory-upkeep`` runs hourly.
 
 Anyone who reaches the Prefect API can start a run with any parameters, so before serving, the
 process writes its allow-list (``schemas.config.Trusted``): the data root, Dask scheduler, Ollama
@@ -27,14 +27,17 @@ from deployments.triggers import evaluate_on_new_artifacts, sft_on_new_reminders
 from flows.embed import embed_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
+from flows.memory import memory_upkeep_flow
 from flows.pipeline import pipeline_flow
 from flows.reminders import reminders_flow
 from flows.train import train_memory_flow, train_sft_flow
 from schemas.config import Trusted
 from schemas.evaluate import load_variants
+from schemas.memory import MemoryConfig
 from schemas.pipeline import PipelineConfig
 
 EXAMPLE_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
+UPKEEP_CRON = "17 * * * *"  # memories: hourly
 
 
 def build_deployments(profile: Path | None = None, data_root: Path | None = None) -> list[RunnerDeployment]:
@@ -56,6 +59,10 @@ def build_deployments(profile: Path | None = None, data_root: Path | None = None
         evaluate_flow.to_deployment(name="evaluate", parameters=params(evaluate), tags=["mmem"],
                                     triggers=evaluate_on_new_artifacts(params(evaluate)["config"],
                                                                        load_variants(evaluate.variants))),
+        memory_upkeep_flow.to_deployment(
+            name="memory-upkeep", parameters=params(MemoryConfig.load(profile, data_root=cfg.data_root)),
+            tags=["mmem"], schedules=[CronSchedule(cron=UPKEEP_CRON, timezone="UTC")],
+            description="Upkeep of the memories table for stores nobody keeps open."),
     ]
     if cfg.inputs:
         first = cfg.inputs[0]

@@ -41,7 +41,6 @@ class MemoryTable:
         self.db = connect(config.lance_uri)
         self.columns = RecallColumns()
         self._tbl = None
-        self._tbl_stale = False
         self._ds = None
         self._checked = 0.0
         self._stale = True
@@ -50,13 +49,14 @@ class MemoryTable:
 
     @property
     def table(self):
-        """The LanceDB table (created empty with its schema on first use)."""
+        """The LanceDB table at its latest version (created empty with its schema on first use)."""
+        tbl = self._handle()
+        tbl.checkout_latest()  # its version may be one another process's forget has cleaned up
+        return tbl
+
+    def _handle(self):
         if self._tbl is None:
             self._tbl = open_table(self.db, TABLE)
-            self._tbl_stale = False
-        elif self._tbl_stale:  # its version may be one a forget has cleaned up
-            self._tbl.checkout_latest()
-            self._tbl_stale = False
         return self._tbl
 
     def dataset(self, fresh: bool = False):
@@ -92,13 +92,13 @@ class MemoryTable:
 
     def changed(self) -> None:
         """This process wrote: the next read checks the version (read-your-writes)."""
-        self._stale = self._tbl_stale = True
+        self._stale = True
 
     @contextmanager
     def writing(self) -> Iterator[object]:
         """The writers' turn (re-entrant in this process); yields the LanceDB table at its latest
         version."""
-        tbl = self.table  # created (under the same flock) before the turn is taken
+        tbl = self._handle()  # created (under the same flock) before the turn is taken
         with self._writers.hold():
             try:
                 tbl.checkout_latest()

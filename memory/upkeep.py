@@ -155,8 +155,8 @@ def maintain(mt: MemoryTable, config: MemoryConfig) -> dict[str, Any]:
             if config.hybrid:
                 ensure_fts(tbl)
         done["rows"] = rows
+        done["small_fragments_folded"] = fold_small_fragments(mt, config)
         if names:
-            done["small_fragments_folded"] = fold_small_fragments(mt, config)
             with mt.writing():
                 done["index_segments_merged"] = index_new_rows(tbl)
         ds = mt.dataset(fresh=True)

@@ -21,7 +21,7 @@ from memory import visibility as vis
 from memory.table import MemoryTable
 from schemas.embed import EMBED_DIM
 from schemas.memory import DURABLE, MEMORIES
-from storage.lance import conform
+from storage.lance import conform, dedupe
 
 PUBLIC_COLUMNS = [c for c in MEMORIES.columns if c != "vector"]
 STAT_COLUMNS = ["memory_id", "access_count", "last_accessed_at"]
@@ -126,7 +126,8 @@ class AccessStats:
 
 def write_stats(mt: MemoryTable, pending: dict[str, tuple[int, datetime]]) -> int:
     with mt.writing() as tbl:
-        now = mt.dataset(fresh=True).to_table(columns=STAT_COLUMNS[:2], filter=vis.ids(pending))
+        now = dedupe(mt.dataset(fresh=True).to_table(columns=STAT_COLUMNS[:2], filter=vis.ids(pending)),
+                     ("memory_id",))
         if len(now) == 0:  # all forgotten meanwhile
             return 0
         got = now.column("memory_id").to_pylist()

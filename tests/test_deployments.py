@@ -37,8 +37,10 @@ def test_every_flow_has_a_deployment_and_the_pipeline_a_paused_schedule(tmp_path
     from deployments.serve import build_deployments
 
     deps = {d.name: d for d in build_deployments(_profile(tmp_path, demo_dir, tmp_path / "root"))}
-    assert set(deps) == {"pipeline", "ingest", "embed", "reminders", "train-sft", "train-memory", "evaluate"}
+    assert set(deps) == {"pipeline", "ingest", "embed", "reminders", "train-sft", "train-memory", "evaluate",
+                         "memory-upkeep"}
     assert deps["pipeline"].paused is True and deps["pipeline"].schedules
+    assert deps["memory-upkeep"].schedules[0].schedule.cron == "17 * * * *"
     assert deps["ingest"].parameters["config"]["visdial"].endswith("visdial_1.0_train.json")
     # Chained through events, so the chain works from the UI too.
     assert [t.name for t in deps["train-sft"].triggers] == ["sft-on-new-validated-reminders"]

@@ -398,6 +398,23 @@ def test_hybrid_search_blends_keyword_matches(store):
     assert {"cosine", "similarity"} <= set(hits[0].breakdown)
 
 
+def test_memory_upkeep_flow_purges_expired_memories_and_folds_fragments(tmp_path, embedder):
+    """What open stores do in the background, as the flow the memory-upkeep deployment runs."""
+    from flows.memory import memory_upkeep_flow
+
+    config = MemoryConfig(data_root=tmp_path, upkeep_small_fragments=1000)
+    store = MemoryStore(config, embedder)
+    old = datetime.now(UTC) - timedelta(hours=config.transient_ttl_hours + 1)
+    store.remember("ann", "buy milk", kind="transient", session="s1", vector=unit(1), now=old)
+    for i in range(5):
+        store.remember("ann", f"fact {i}", vector=unit(10 + i))
+    assert len(store.table.to_lance().get_fragments()) == 6
+    done = memory_upkeep_flow(config)
+    assert done["expired_purged"] == 1 and done["rows"] == 5
+    assert len(store.table.to_lance().get_fragments()) == 1
+    assert [m["text"] for m in store.list("ann")] == [f"fact {i}" for i in range(5)]
+
+
 # --- seeding and the command line ----------------------------------------------------------------
 
 

@@ -129,7 +129,7 @@ def test_forget_purges_every_index_even_when_the_rows_fill_whole_fragments(tmp_p
     built, forgetting an owner whose rows are whole fragments leaves none of its row ids, ids,
     owner name, tokens or vectors in any index or data file."""
     config = MemoryConfig(data_root=tmp_path, index_min_rows=200, index_partitions=2, index_type="IVF_FLAT",
-                          hybrid=True)
+                          hybrid=True, compact_rows=100)  # the bulk fragments stay as written
     s = MemoryStore(config, GivenVectors())
 
     s.add_rows(bulk("keeper", 150, "teapot"))

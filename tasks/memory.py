@@ -1,0 +1,19 @@
+"""The memory store's upkeep as a Prefect task (retried once: upkeep is safe to run again)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from schemas.memory import MemoryConfig
+from tasks.runtime import logger
+
+
+@task(name="memory-maintain", retries=1, retry_delay_seconds=30)
+def maintain_task(config: MemoryConfig) -> dict[str, Any]:
+    from memory.store import MemoryStore
+
+    done = MemoryStore(config).maintain()  # upkeep never loads the embedding model
+    logger().info("memories upkeep: %s", done)
+    return done
