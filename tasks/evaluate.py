@@ -50,7 +50,7 @@ from tasks.reminders import (
     slots_dir,
     system_prompt,
 )
-from tasks.runtime import Progress, enforce_trust, logger
+from tasks.runtime import CheckedResults, Progress, enforce_trust, logger
 from tasks.secrets import HostAuth, host_auth
 
 STAGE = "evaluate"
@@ -79,9 +79,29 @@ class EvalData:
     rejections: list[Rejection] = field(default_factory=list)
 
 
+class MetricResults(CheckedResults):
+    """Where the cached metric tasks persist their values: read back only as JSON of ``dict[str, float]``."""
+
+    _block_type_name = "mmem evaluate metric results"
+    result_model = dict[str, float]
+
+
+# resolved by name when a metric task runs; load_eval_data (the flow's first step) saves it
+METRIC_RESULTS = "mmem-evaluate-metric-results/metrics"
+
+
+def save_metric_results() -> None:
+    """The metric tasks' storage: Prefect's local storage folder, as before, in a folder of its own."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    folder = Path(PREFECT_LOCAL_STORAGE_PATH.value()).expanduser() / "mmem-metrics"
+    MetricResults(basepath=str(folder.resolve())).save(METRIC_RESULTS.split("/")[1], overwrite=True)
+
+
 def load_eval_data(config: EvaluateConfig) -> EvalData:
     """The ``config.split`` dialogs, minus any whose image a training split also holds."""
     enforce_trust(config)  # the evaluate flow's first step: nothing read or asked before the check
+    save_metric_results()
     db = connect(config.lance_uri)
     missing = [n for n in ("dialogs", "turns") if not table_exists(db, n)]
     if missing:
@@ -620,11 +640,14 @@ generate_ollama_task = task(generate_ollama, name="generate-ollama", cache_polic
                             retry_delay_seconds=10)
 generate_in_process_task = task(generate_in_process, name="generate-in-process", cache_policy=NO_CACHE)
 # Scores are pure functions of their (content-hashed) inputs and this code: cached across runs.
-score_task = task(score_generations, name="score-generations", cache_policy=INPUTS + TASK_SOURCE)
-rank_task = task(rank_options, name="rank-answer-options", cache_policy=INPUTS + TASK_SOURCE)
+score_task = task(score_generations, name="score-generations", cache_policy=INPUTS + TASK_SOURCE,
+                  result_storage=METRIC_RESULTS, result_serializer="json")
+rank_task = task(rank_options, name="rank-answer-options", cache_policy=INPUTS + TASK_SOURCE,
+                 result_storage=METRIC_RESULTS, result_serializer="json")
 prepare_memory_task = task(prepare_memory, name="load-memory-model", cache_policy=NO_CACHE)
 generate_memory_task = task(generate_memory, name="generate-memory-model", cache_policy=NO_CACHE)
-rank_memory_task = task(rank_memory, name="rank-answer-options-memory", cache_key_fn=_memory_rank_key)
+rank_memory_task = task(rank_memory, name="rank-answer-options-memory", cache_key_fn=_memory_rank_key,
+                        result_storage=METRIC_RESULTS, result_serializer="json")
 write_task = task(write, name="write-evaluations", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 report_task = task(render_report, name="render-evaluation-report", cache_policy=NO_CACHE)
 

@@ -10,14 +10,14 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from schemas.config import Trusted
 
@@ -81,7 +81,7 @@ class Progress:
     def close(self) -> None:
         self._bar.close()
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -102,7 +102,8 @@ ProgressFn = Callable[[int], None]
 
 
 class CheckedResults(LocalFileSystem):
-    """Result storage for a cached task whose results are JSON of one pydantic model (``result_model``).
+    """Result storage for a cached task whose results are JSON of one type (``result_model``: a pydantic
+    model, or a plain type such as ``dict[str, float]``).
 
     Prefect decodes a persisted result with the serializer its file names, so a planted record saying
     ``pickle`` (or a JSON serializer with another decoder) would run code when the task's cache is
@@ -112,7 +113,7 @@ class CheckedResults(LocalFileSystem):
     """
 
     _block_type_name = "mmem checked results"
-    result_model: ClassVar[type[BaseModel]]
+    result_model: ClassVar[Any]
 
     async def aread_path(self, path: str) -> bytes:
         return self.checked(await super().aread_path(path))
@@ -133,14 +134,20 @@ class CheckedResults(LocalFileSystem):
             if serializer != JSONSerializer().model_dump(mode="json"):
                 raise ValueError(f"serializer {serializer.get('type') if isinstance(serializer, dict) else '?'}")
             if not isinstance(record["result"], str):  # a JSON result is stored as its text
-                raise ValueError("the result is not JSON text")
+                raise TypeError("the result is not JSON text")
             payload = json.loads(record["result"])
-            if set(payload) != {"__class__", "data"} or payload["__class__"] != to_qualified_name(cls.result_model):
-                raise ValueError("not a result of the expected type")
-            _no_type_tags(payload["data"])
-            value = cls.result_model.model_validate(payload["data"])
+            model = cls.result_model
+            if isinstance(model, type) and issubclass(model, BaseModel):  # Prefect wraps a model in its name
+                if not isinstance(payload, dict) or set(payload) != {"__class__", "data"} or \
+                        payload["__class__"] != to_qualified_name(model):
+                    raise ValueError("not a result of the expected type")
+                _no_type_tags(payload["data"])
+                value = model.model_validate(payload["data"])
+            else:
+                _no_type_tags(payload)
+                value = TypeAdapter(model).validate_python(payload, strict=True)
         except Exception as exc:  # noqa: BLE001 - every way a record can be bad is a cache miss
-            raise ValueError(f"refused a persisted result that is not JSON of {cls.result_model.__name__} "
+            raise ValueError(f"refused a persisted result that is not JSON of {cls.result_model} "
                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
         clean = ResultRecordMetadata(serializer=JSONSerializer(), storage_key=meta.storage_key,
                                      expiration=meta.expiration, storage_block_id=meta.storage_block_id)

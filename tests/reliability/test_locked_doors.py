@@ -394,3 +394,20 @@ def test_the_local_dask_cluster_refuses_a_client_without_its_credentials(tmp_pat
         other = Security.temporary()  # another user's own certificate: not the cluster's CA
         with pytest.raises(Exception):  # noqa: B017
             Client(address, security=other, timeout=3, set_as_default=False)
+
+
+def test_cached_metric_results_read_back_only_json_of_their_type(tmp_path):
+    """The evaluate flow's cached metric tasks: the same storage check, for ``dict[str, float]``."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import JSONSerializer
+
+    from tasks.evaluate import MetricResults
+
+    sentinel = tmp_path / "sentinel"
+    for bad in (_planted_record(sentinel, "k"), _json_record_with_other_decoder("k")):
+        with pytest.raises(ValueError, match="refused a persisted result"):
+            MetricResults.checked(bad)
+    good = ResultRecord(metadata=ResultRecordMetadata(serializer=JSONSerializer(), storage_key="k"),
+                        result={"bleu": 0.5}).serialize()
+    assert ResultRecord.deserialize(MetricResults.checked(good)).result == {"bleu": 0.5}
+    assert not sentinel.exists()
