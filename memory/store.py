@@ -87,7 +87,7 @@ class MemoryStore:
         self.stats = writes.AccessStats(config.touch_flush_memories, config.touch_flush_seconds)
         self.background = upkeep.Background(self.mt, config)
         # pending access stats are written at exit if nobody closes the store
-        self._finalizer = weakref.finalize(self, _flush_at_exit, self.mt, self.stats)
+        self._finalizer = weakref.finalize(self, _flush_at_exit, self.mt, self.stats, self.background)
 
     def __enter__(self) -> Self:
         return self
@@ -322,7 +322,7 @@ class MemoryStore:
                 pending, _ = self.stats.pending.get(r["memory_id"], (0, None))
                 r["access_count"], r["last_accessed_at"] = r["access_count"] + pending + 1, now
             if self.stats.touch([r["memory_id"] for r in rows], now):
-                self.flush()
+                self.background.submit("access stats", self.flush)  # written off the caller's path
         return [Recalled(r, float(scores[i]), b) for r, i, b in zip(rows, order, why, strict=True)]
 
     def _ensure_fts(self) -> None:
@@ -391,8 +391,9 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / norm
 
 
-def _flush_at_exit(mt: MemoryTable, stats: writes.AccessStats) -> None:
+def _flush_at_exit(mt: MemoryTable, stats: writes.AccessStats, background: upkeep.Background) -> None:
     """A store nobody closed: write its pending access stats as it goes (or the interpreter exits)."""
+    background.join()
     if stats.pending:
         try:
             stats.flush(mt)

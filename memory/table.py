@@ -73,6 +73,13 @@ class MemoryTable:
             self._checked, self._stale = now, False
         return self._ds
 
+    def own(self):
+        """A dataset object of its own at the latest version, for operations that move the object
+        they are called on (delete, compaction, index builds): the cached one may be in the middle
+        of another thread's read."""
+        ds = self.dataset(fresh=True)
+        return ds.checkout_version(ds.version)
+
     def synced(self):
         """:meth:`dataset` with :attr:`columns` following it (what recall reads)."""
         ds = self.dataset()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -50,7 +51,7 @@ class ForgetReport:
 def purge(mt: MemoryTable, where: pc.Expression, *, dry_run: bool = False) -> ForgetReport:
     """Remove the rows ``where`` selects from every file of the table (see the module doc)."""
     with mt.upkeep_turn(), mt.writing() as tbl:
-        ds = mt.dataset(fresh=True)
+        ds = mt.own()
         hit = ds.to_table(columns=["memory_id"], filter=where, with_row_address=True)
         ids = hit.column("memory_id").to_pylist()
         report = ForgetReport(deleted=len(ids), memory_ids=ids, dry_run=dry_run)
@@ -62,18 +63,18 @@ def purge(mt: MemoryTable, where: pc.Expression, *, dry_run: bool = False) -> Fo
         if dry_run:
             return report
         ds.delete(where)
-        ds = mt.dataset(fresh=True)
+        ds = mt.own()
         live = {f.fragment_id for f in ds.get_fragments()}
         rewrite = frags & live  # fragments deleted whole are gone already
         if rewrite:
             ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0,
                                       excluded_fragment_ids=sorted(live - rewrite))
             report.fragments_rewritten = len(rewrite)
-            ds = mt.dataset(fresh=True)
+            ds = mt.own()
         report.indexes_rebuilt = _drop_stale_index_rows(tbl, ds)
         for name in report.tags_dropped:
             tbl.tags.delete(name)
-        ds = mt.dataset(fresh=True)
+        ds = mt.own()
         stats = ds.cleanup_old_versions(older_than=timedelta(0), error_if_tagged_old_versions=False)
         report.bytes_removed = stats.bytes_removed
         mt.changed()
@@ -122,7 +123,7 @@ def fold_small_fragments(mt: MemoryTable, config: MemoryConfig) -> int:
     """Merge fragments under ``compact_rows`` (every single write leaves one) into each other;
     big fragments are left alone. Returns how many small fragments there were."""
     with mt.writing():
-        ds = mt.dataset(fresh=True)
+        ds = mt.own()
         small = [f.fragment_id for f in ds.get_fragments() if f.metadata.physical_rows < config.compact_rows]
         if len(small) >= 2:
             ds.optimize.compact_files(target_rows_per_fragment=config.compact_rows)
@@ -159,7 +160,7 @@ def maintain(mt: MemoryTable, config: MemoryConfig) -> dict[str, Any]:
         if names:
             with mt.writing():
                 done["index_segments_merged"] = index_new_rows(tbl)
-        ds = mt.dataset(fresh=True)
+        ds = mt.own()
         stats = ds.cleanup_old_versions(older_than=timedelta(hours=config.keep_versions_hours),
                                         error_if_tagged_old_versions=False)
         done["old_versions_removed"] = stats.old_versions
@@ -189,45 +190,57 @@ def ensure_fts(tbl) -> None:
 
 
 class Background:
-    """Upkeep a store starts by itself when its table needs it (many small fragments, many rows
-    outside the indexes), in a daemon thread, skipped when another process has the upkeep turn.
-    It never raises into a caller: a failure is logged and tried again at the next trigger."""
+    """One daemon thread per store for work that must not hold up a caller: access-stat writes, and
+    upkeep when the table needs it (many small fragments), skipped when another process has the
+    upkeep turn. A job never raises into a caller: a failure is logged and tried again at the next
+    trigger."""
 
     def __init__(self, mt: MemoryTable, config: MemoryConfig) -> None:
         self.mt, self.config = mt, config
+        self._jobs: dict[str, Callable[[], object]] = {}  # at most one pending job of each kind
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.runs = 0
+        self.runs = 0  # upkeep runs done
         self.errors = 0
 
-    def due(self) -> bool:
-        ds = self.mt.dataset()
-        small = sum(f.metadata.physical_rows < self.config.compact_rows for f in ds.get_fragments())
-        return small >= self.config.upkeep_small_fragments
+    def submit(self, name: str, job: Callable[[], object]) -> None:
+        with self._lock:
+            self._jobs.setdefault(name, job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="mmem-memory-background", daemon=True)
+                self._thread.start()
 
     def poke(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
+        """After a write: start upkeep if the table needs it."""
         try:
-            if not self.due():
-                return
+            ds = self.mt.dataset()
+            small = sum(f.metadata.physical_rows < self.config.compact_rows for f in ds.get_fragments())
         except Exception as exc:  # noqa: BLE001 -- a read racing a cleanup: next time
             log.debug("memories upkeep check skipped: %s", exc)
             return
-        self._thread = threading.Thread(target=self._run, name="mmem-memory-upkeep", daemon=True)
-        self._thread.start()
+        if small >= self.config.upkeep_small_fragments:
+            self.submit("upkeep", self._upkeep)
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def join(self) -> None:
+        """Wait until every submitted job is done."""
+        while (thread := self._thread) is not None:
+            thread.join()
 
-    def _run(self) -> None:
-        try:
-            with self.mt.upkeep_turn(blocking=False) as mine:
-                if not mine:
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._thread = None
                     return
+                name, job = self._jobs.popitem()
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 -- logged, tried again at the next trigger
+                self.errors += 1
+                log.warning("memories %s failed (tried again later): %s", name, exc)
+
+    def _upkeep(self) -> None:
+        with self.mt.upkeep_turn(blocking=False) as mine:
+            if mine:
                 fold_small_fragments(self.mt, self.config)
                 self.runs += 1
-        except Exception as exc:  # noqa: BLE001 -- logged, tried again at the next trigger
-            self.errors += 1
-            log.warning("memories upkeep failed (tried again later): %s", exc)
-

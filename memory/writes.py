@@ -9,22 +9,24 @@ in the table returns the stored row instead of storing it twice.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from lance.fragment import write_fragments
 
 from memory import visibility as vis
 from memory.table import MemoryTable
 from schemas.embed import EMBED_DIM
 from schemas.memory import DURABLE, MEMORIES
-from storage.lance import conform, dedupe
+from storage.lance import conform, dedupe, sql_in
 
 PUBLIC_COLUMNS = [c for c in MEMORIES.columns if c != "vector"]
-STAT_COLUMNS = ["memory_id", "access_count", "last_accessed_at"]
 
 
 def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -53,12 +55,13 @@ def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, An
         if key and row["kind"] == DURABLE:
             where = (vis.owned(row["owner"]) & (pc.field("subject_key") == key) & vis.current()
                      & (pc.field("kind") == DURABLE))
-            old = mt.dataset(fresh=True).to_table(columns=MEMORIES.columns, filter=where).to_pylist()
-            if old:
-                for r in old:
+            ds = mt.dataset(fresh=True)
+            old = ds.to_table(columns=MEMORIES.columns, filter=where, with_row_address=True)
+            if len(old):
+                flagged = old.drop_columns(["_rowaddr"]).to_pylist()
+                for r in flagged:
                     r["superseded_by"] = row["memory_id"]
-                (tbl.merge_insert("memory_id").when_matched_update_all().when_not_matched_insert_all()
-                 .execute(rows_table([row, *old])))
+                replace_rows(ds, old, rows_table([row, *flagged]))
                 return public(row)
         tbl.add(rows_table([row]))
     return public(row)
@@ -66,14 +69,31 @@ def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, An
 
 def replace(mt: MemoryTable, owner: str, memory_id: str, edit) -> dict[str, Any]:
     """Read one memory in the writers' turn, let ``edit(row)`` change it, write it back."""
-    with mt.writing() as tbl:
-        where = vis.owned(owner) & vis.ids([memory_id])
-        rows = mt.dataset(fresh=True).to_table(columns=MEMORIES.columns, filter=where).to_pylist()
-        if not rows:
+    with mt.writing():
+        ds = mt.dataset(fresh=True)
+        old = ds.to_table(columns=MEMORIES.columns, filter=vis.owned(owner) & vis.ids([memory_id]),
+                          with_row_address=True)
+        if not len(old):
             raise KeyError(f"owner {owner!r} has no memory {memory_id!r}")
-        row = edit(rows[0])
-        tbl.merge_insert("memory_id").when_matched_update_all().execute(rows_table([row]))
+        row = edit(old.drop_columns(["_rowaddr"]).to_pylist()[0])
+        replace_rows(ds, old, rows_table([row]))
     return public(row)
+
+
+def replace_rows(ds, old: pa.Table, new: pa.Table) -> None:
+    """One commit that deletes the ``old`` rows (found with ``_rowaddr``) and adds ``new``: what a
+    merge on ``memory_id`` does, without joining the whole table to find rows already found."""
+    new_fragments = write_fragments(new, ds, schema=ds.schema)
+    frags: dict[int, list[str]] = {}
+    for addr, mid in zip(old.column("_rowaddr").to_pylist(), old.column("memory_id").to_pylist(), strict=True):
+        frags.setdefault(addr >> 32, []).append(mid)
+    updated, removed = [], []
+    for fid, ids in frags.items():
+        md = ds.get_fragment(fid).delete(sql_in("memory_id", ids))
+        updated.append(md) if md is not None else removed.append(fid)
+    op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
+                                     new_fragments=new_fragments)
+    lance.LanceDataset.commit(ds.uri, op, read_version=ds.version)
 
 
 def insert_new(mt: MemoryTable, rows: pa.Table) -> int:
@@ -87,11 +107,12 @@ class AccessStats:
     """Accesses counted by recalls and written in one commit per ``touch_flush_memories`` memories
     or ``touch_flush_seconds``: a write per recall would leave a fragment per recall for every
     search to visit. Recalls of this store see pending accesses at once; other processes once
-    written. The write changes only ``access_count`` and ``last_accessed_at`` of rows that still
-    exist, so it cannot undo another process's supersede, edit or forget."""
+    written. The write reads the rows in the writers' turn and changes only their stats, so it
+    cannot undo another process's supersede, edit or forget."""
 
     def __init__(self, flush_memories: int, flush_seconds: float) -> None:
         self.pending: dict[str, tuple[int, datetime]] = {}
+        self._writing = threading.Lock()  # one flush at a time: a caller's waits for the background's
         self._since = 0.0
         self._memories, self._seconds = flush_memories, flush_seconds
 
@@ -118,23 +139,27 @@ class AccessStats:
 
     def flush(self, mt: MemoryTable) -> int:
         """Write the pending accesses in one commit; returns how many memories were updated."""
-        if not self.pending:
-            return 0
-        pending, self.pending = self.pending, {}
-        return write_stats(mt, pending)
+        with self._writing:
+            if not self.pending:
+                return 0
+            pending, self.pending = self.pending, {}
+            return write_stats(mt, pending)
 
 
 def write_stats(mt: MemoryTable, pending: dict[str, tuple[int, datetime]]) -> int:
-    with mt.writing() as tbl:
-        now = dedupe(mt.dataset(fresh=True).to_table(columns=STAT_COLUMNS[:2], filter=vis.ids(pending)),
-                     ("memory_id",))
-        if len(now) == 0:  # all forgotten meanwhile
+    """Read the rows in the writers' turn, add the counts, write them back in the same turn: no
+    other writer can come between (a merge of the two stat columns alone would not need the read,
+    but Lance joins the whole table for it); one commit (:func:`replace_rows`)."""
+    with mt.writing():
+        ds = mt.dataset(fresh=True)
+        old = ds.to_table(columns=MEMORIES.columns, filter=vis.ids(pending), with_row_address=True)
+        if len(old) == 0:  # all forgotten meanwhile
             return 0
-        got = now.column("memory_id").to_pylist()
-        stats = pa.table({
-            "memory_id": now.column("memory_id"),
-            "access_count": pc.add(now.column("access_count"), pa.array([pending[m][0] for m in got], pa.int64())),
-            "last_accessed_at": pa.array([pending[m][1] for m in got], pa.timestamp("us", tz="UTC")),
-        })
-        tbl.merge_insert("memory_id").when_matched_update_all().execute(stats)
+        rows = dedupe(old.drop_columns(["_rowaddr"]), ("memory_id",))
+        got = rows.column("memory_id").to_pylist()
+        count = pc.add(rows.column("access_count"), pa.array([pending[m][0] for m in got], pa.int64()))
+        last = pa.array([pending[m][1] for m in got], pa.timestamp("us", tz="UTC"))
+        rows = rows.set_column(rows.column_names.index("access_count"), "access_count", count)
+        rows = rows.set_column(rows.column_names.index("last_accessed_at"), "last_accessed_at", last)
+        replace_rows(ds, old, conform(rows, MEMORIES))
     return len(got)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import IvfHnswSq
 
-from storage.lance import open_table
+from storage.lance import open_table, sql_in
 
 # index_stats would otherwise warn on every call that it returns the centroids too; we never read them
 os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
@@ -137,15 +137,10 @@ def search(
 # --- what a hit means: its dialog context ----------------------------------------------------
 
 
-def _in(column: str, values: list) -> str:
-    quoted = ", ".join(str(v) if isinstance(v, int) else "'" + str(v).replace("'", "''") + "'" for v in values)
-    return f"{column} IN ({quoted})"
-
-
 def _rows(db: lancedb.DBConnection, name: str, columns: list[str], column: str, values: list) -> pa.Table:
     if not values:
         return pa.table({c: [] for c in columns})
-    return open_table(db, name).to_lance().to_table(columns=columns, filter=_in(column, values))
+    return open_table(db, name).to_lance().to_table(columns=columns, filter=sql_in(column, values))
 
 
 def _captions(db: lancedb.DBConnection, image_ids: list[int]) -> dict[int, str]:

@@ -69,6 +69,18 @@ def table_lock(db: lancedb.DBConnection, name: str, *, blocking: bool = True):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def sql_literal(value: str | int) -> str:
+    """A value as a literal of Lance's SQL filters (a string's quotes doubled)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"no SQL literal for {type(value).__name__}")
+    return str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
+
+
+def sql_in(column: str, values) -> str:
+    """``column IN (...)`` with every value quoted (:func:`sql_literal`)."""
+    return f"{column} IN ({', '.join(sql_literal(v) for v in values)})"
+
+
 def conform(rows: pa.Table, table_spec: TableSpec) -> pa.Table:
     """Order and cast ``rows`` to the declared schema; a missing nullable column becomes nulls."""
     schema = table_spec.schema
