@@ -11,6 +11,7 @@ themselves, while a web page, another user or a foreign server gets nothing.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import secrets
 import stat
@@ -52,10 +53,38 @@ def load(cls: type[C], data_root: Path | None = None, **overrides: Any) -> C:
     return config
 
 
+# Without PREFECT_API_URL each flow-running command starts a temporary Prefect server, which
+# Prefect waits for only 20 s by default: on a loaded 2-core machine its start takes longer, and the
+# first command a user types would fail. A setting of the user's own still wins.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_S = 300
+
+
+class _TemporaryServerNote(logging.Filter):
+    """Adds to Prefect's "Starting temporary server" line why the wait may be long and how to avoid it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server"):
+            record.msg = (f"{record.msg.splitlines()[0]} (no PREFECT_API_URL set; waiting up to "
+                          f"{os.environ.get(STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_S)} s for it to start, longer "
+                          "on a busy machine; `mmem server start` keeps one running for every command)")
+            record.args = ()
+        return True
+
+
 def quiet_prefect() -> None:
-    """No telemetry and no network calls from a command-line run on an offline machine."""
+    """No telemetry and no network calls from a command-line run on an offline machine, and a
+    temporary server given the time a busy machine needs to start it."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, str(STARTUP_TIMEOUT_S))
+    prefect_logger = logging.getLogger("prefect")
+    if not any(isinstance(f, _TemporaryServerNote) for f in prefect_logger.filters):
+        prefect_logger.addFilter(_TemporaryServerNote())
+    if "prefect.context" in sys.modules:  # Prefect read its settings at import: read them again
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
 
 
 def fail(message: str, code: int = 1) -> None:
