@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                     "extra": len(set(ids) - set(committed))}
     before, table_bytes = files(ds), sum(files(ds).values())
     t0 = time.perf_counter()
-    report = store.forget("bw0", committed[len(committed) // 2] if committed else "none")
+    mine = [m for m in committed if m.startswith("bw0-")]
+    report = store.forget("bw0", mine[len(mine) // 2] if mine else "none")
     forget_s = time.perf_counter() - t0
     new = {k: v for k, v in files(store.mt.dataset(fresh=True)).items() if k not in before}
     out["forget_one_after_writes"] = {"s": round(forget_s, 3), "deleted": report.deleted,

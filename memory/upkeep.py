@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -200,6 +201,7 @@ class Background:
         self._jobs: dict[str, Callable[[], object]] = {}  # at most one pending job of each kind
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._poked = 0.0
         self.runs = 0  # upkeep runs done
         self.errors = 0
 
@@ -211,7 +213,11 @@ class Background:
                 self._thread.start()
 
     def poke(self) -> None:
-        """After a write: start upkeep if the table needs it."""
+        """After a write: start upkeep if the table needs it (looked at once per ``refresh_seconds``)."""
+        now = time.monotonic()
+        if now - self._poked < self.config.refresh_seconds:
+            return
+        self._poked = now
         try:
             ds = self.mt.dataset()
             small = sum(f.metadata.physical_rows < self.config.compact_rows for f in ds.get_fragments())

@@ -41,13 +41,16 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stored(mt: MemoryTable, memory_id: str) -> dict[str, Any] | None:
-    got = mt.dataset(fresh=True).to_table(columns=PUBLIC_COLUMNS, filter=vis.ids([memory_id])).to_pylist()
-    return got[0] if got else None
+    ds = mt.dataset(fresh=True)
+    if not ds.count_rows(filter=vis.ids([memory_id])):
+        return None
+    return ds.to_table(columns=PUBLIC_COLUMNS, filter=vis.ids([memory_id])).to_pylist()[0]
 
 
 def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, Any]:
     """Append one new memory (a durable one with a key supersedes the owner's current fact on it,
     in the same commit). With ``check_id`` (the caller chose the id) a stored id is returned as is."""
+    new = rows_table([row])  # built before the turn: others wait only for the commit
     with mt.writing() as tbl:
         if check_id and (old := _stored(mt, row["memory_id"])) is not None:
             return old
@@ -63,7 +66,7 @@ def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, An
                     r["superseded_by"] = row["memory_id"]
                 replace_rows(ds, old, rows_table([row, *flagged]))
                 return public(row)
-        tbl.add(rows_table([row]))
+        tbl.add(new)
     return public(row)
 
 

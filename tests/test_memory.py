@@ -159,8 +159,8 @@ def test_recall_reads_each_fragment_once_and_folds_small_ones(tmp_path, embedder
     """Recall's filter and score columns are read into memory once per fragment; writes add small
     fragments, which the store's background upkeep folds once ``upkeep_small_fragments`` pile up."""
     fold_at = 8
-    store = MemoryStore(MemoryConfig(data_root=tmp_path, touch_flush_memories=1, upkeep_small_fragments=fold_at),
-                        embedder)
+    store = MemoryStore(MemoryConfig(data_root=tmp_path, touch_flush_memories=1, upkeep_small_fragments=fold_at,
+                                     refresh_seconds=0), embedder)
     for i in range(5):
         store.remember("ann", f"fact {i}", vector=unit(60 + i), now=T0)
     store.recall("ann", vector=unit(60), k=2, now=T0, touch=False)
