@@ -22,11 +22,14 @@ def demo_data(
     val_dialogs: Annotated[int | None, typer.Option(help="Val dialogs (default: a fifth of --dialogs).")] = None,
     seed: Annotated[int, typer.Option(help="Everything is a function of the seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes drawing images.")] = 2,
+    photos: Annotated[bool, typer.Option(help="Photo-like JPEGs and diverse dialogs: the real data's cost "
+                                               "shape (benchmarks), not answers true about the images.")] = False,
 ) -> None:
     """Write the deterministic demo dataset: JPEG scenes, VisDial v1.0 JSON and COCO captions."""
     from tasks.demo_data import write_demo
 
-    paths = write_demo(out, dialogs, seed=seed, val_dialogs=val_dialogs, workers=workers, progress=True)
+    paths = write_demo(out, dialogs, seed=seed, val_dialogs=val_dialogs, workers=workers, progress=True,
+                       photos=photos)
     typer.echo(json.dumps({s: {k: str(v) for k, v in p.items()} for s, p in paths.items()}, indent=2))
 
 

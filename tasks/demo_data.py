@@ -3,6 +3,13 @@
 Everything is a pure function of ``(seed, index)``, so a dialog does not depend on how many
 others are generated, on their order, or on how many processes draw the images. The same code
 writes a 20-dialog test fixture and a VisDial-train-sized benchmark set (82,783 images).
+
+``photos=True`` gives the real data's cost shape instead of the demo's truth about its images
+(DESIGN.md, "Cost shape"): flat-colour scenes decode many times faster than photos and a few
+hundred question templates collapse to few distinct texts, so a benchmark on them flatters the
+embed stage. Photo-like JPEGs have a 1/f spectrum (natural images' statistics), smooth shapes,
+fine texture and sensor noise, COCO sizes and file sizes; dialogs are drawn from word lists with
+the real set's diversity (most turns a text of their own), not from the picture.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -181,24 +189,148 @@ class _Vocab:
         return i
 
 
-def _draw_and_save(args: tuple[int, str, int, str]) -> None:
-    seed, split, index, folder = args
+# --- photo-like data (``photos=True``): the real set's cost, not its meaning --------------------
+
+NOISE_BANK = 1024  # side of the per-process sensor-noise bank that images take random windows of
+# Baseline-vs-progressive: photos carry more entropy per pixel than a procedural image of the same
+# size; progressive scans bring the generated files' decode cost per image to a COCO photo's.
+PHOTO_JPEG = {"quality": 92, "subsampling": 2, "progressive": True}
+
+
+@lru_cache(maxsize=1)
+def _noise_bank() -> np.ndarray:
+    """Luminance grain (shared by the channels) plus per-channel sensor noise, drawn once per process."""
+    rng = np.random.default_rng(20261207)
+    side = (NOISE_BANK, NOISE_BANK)
+    return rng.standard_normal((*side, 1), dtype=np.float32) * 11 + rng.standard_normal((*side, 3), dtype=np.float32) * 5
+
+
+# luminance + two opponent colour axes, then scaled: a natural image's colours vary mostly in brightness
+_COLOUR_MIX = np.array([[1, 0.25, 0.1], [1, -0.15, 0.2], [1, 0.05, -0.3]], np.float32) * np.float32([38, 14, 14])
+
+
+def draw_photo(scene: Scene, seed: int) -> Image.Image:
+    """A photo-like image of the scene's size: 1/f colour field + smooth shapes (at half size,
+    upsampled: soft edges) + grain and sensor noise at full size. A function of ``(seed, image_id)``."""
+    rng = np.random.default_rng([seed, scene.image_id, 5])
+    w, h = scene.width, scene.height
+    sw, sh = w // 2, h // 2
+    f = np.hypot(np.fft.fftfreq(sh)[:, None], np.fft.rfftfreq(sw)[None, :])
+    f[0, 0] = 1.0
+    spectrum = np.exp(2j * np.pi * rng.random((3, sh, sw // 2 + 1))) / f  # amplitude 1/f, random phase
+    field = np.fft.irfft2(spectrum, s=(sh, sw)).astype(np.float32)
+    field /= field.std(axis=(1, 2), keepdims=True) + 1e-6
+    low = np.einsum("ck,kyx->yxc", _COLOUR_MIX, field) + rng.uniform(70, 180, 3).astype(np.float32)
+    img = Image.fromarray(np.clip(low, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(-sw // 4, sw)), int(rng.integers(-sh // 4, sh))
+        box = [x0, y0, x0 + int(rng.integers(15, sw // 2)), y0 + int(rng.integers(15, sh // 2))]
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=fill)
+    a = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32)
+    oy, ox = int(rng.integers(0, NOISE_BANK - h + 1)), int(rng.integers(0, NOISE_BANK - w + 1))
+    a = a + _noise_bank()[oy : oy + h, ox : ox + w]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+# Word lists for VisDial-like turns. Questions average ~5 words and answers ~3, as in VisDial.
+NOUNS = _words("""man woman boy girl child person people dog cat horse cow sheep bird elephant giraffe zebra bear
+car bus truck train bike motorcycle plane boat kite umbrella bench table chair couch bed tv laptop phone book
+clock vase bowl cup bottle plate pizza sandwich cake banana apple orange broccoli carrot donut sign light
+pole fence tree grass road street sidewalk building window door wall floor ceiling sky cloud water ocean
+beach sand snow mountain hill field river lake bridge tower roof shirt hat jacket helmet glasses shoes bag
+backpack ball racket bat glove skateboard surfboard skis frisbee toilet sink mirror towel counter oven fridge
+stove kitchen room picture lamp curtain rug pillow blanket shelf box basket flower plant tent flag wheel
+seat desk keyboard mouse screen remote cord fork knife spoon napkin tray menu bread meat cheese egg salad
+rice soup pot pan cone tire track platform station crowd player team goal net court""")
+ADJECTIVES = _words("""big small large tiny tall short old young new clean dirty wet dry open closed empty full bright dark
+sunny cloudy shiny wooden metal plastic striped spotted busy quiet modern fancy plain round square long
+thick thin soft heavy light happy smiling standing sitting walking running parked moving broken visible""")
+COLOURS = ("red", "blue", "green", "yellow", "white", "black", "brown", "gray", "orange", "pink", "purple",
+           "silver", "tan", "beige", "navy", "dark blue", "light green", "gold")
+PLACES = ("on the left", "on the right", "in the background", "in the middle", "near the front", "behind it",
+          "next to the table", "at the top", "at the bottom", "in the corner", "by the window", "outside")
+VERBS = ("holding", "wearing", "eating", "riding", "carrying", "watching", "playing", "using", "pushing", "pulling",
+         "reading", "throwing", "catching", "drinking", "cutting", "touching", "sitting on", "standing by",
+         "looking at", "walking toward")
+COUNTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "a few", "several", "many", "lots", "about 5",
+          "maybe 3", "more than 10", "just 1", "only 2", "zero", "one", "two", "three", "four", "five")
+Q_TEMPLATES = (
+    "is the {n} {a}", "what color is the {n}", "how many {n}s are there", "is there a {n} {p}",
+    "is the {n} {v} a {n2}", "what is the {n} {v}", "can you see any {n}s", "is the {n} {c}",
+    "does the {n} look {a}", "are there any {n}s {p}", "what color is the {n2} {p}", "is the {n} near the {n2}",
+    "what kind of {n} is it", "is anyone {v} a {n}", "is the {n} in the {n2}", "how big is the {n}",
+    "do you see a {n2}", "is it a {a} {n}", "what is on the {n}", "is there more than one {n}",
+)
+A_TEMPLATES = (
+    "yes", "no", "yes it is", "no it isn't", "i think so", "not that i can see", "{c}", "it is {c}",
+    "{k}", "i see {k}", "yes {k}", "{c} and {c2}", "yes it's {a}", "no it's {a}", "looks {a} to me",
+    "it's a {n}", "a {a} {n}", "yes {p}", "no {p}", "maybe a {n}", "i can't tell", "can't see it",
+    "yes, {v} a {n}", "{a} and {a2}", "there is a {n} {p}", "the {n} is {c}",
+)
+COMMON_QA = (("is it sunny", "yes"), ("is it sunny", "no"), ("is this in color", "yes"), ("any people", "no"),
+             ("is it daytime", "yes"), ("is it indoors", "no"), ("is it outside", "yes"), ("any animals", "no"),
+             ("can you see the sky", "yes"), ("can you see the sky", "no"), ("is it a close up", "no"),
+             ("is this a photo", "yes"), ("any other people", "no"), ("is it raining", "no"))
+
+
+def _fill(template: str, rng: np.random.Generator) -> str:
+    def pick(words: tuple[str, ...]) -> str:
+        return words[int(rng.integers(len(words)))]
+
+    return template.format(n=pick(NOUNS), n2=pick(NOUNS), a=pick(ADJECTIVES), a2=pick(ADJECTIVES), c=pick(COLOURS),
+                           c2=pick(COLOURS), p=pick(PLACES), v=pick(VERBS), k=pick(COUNTS))
+
+
+def photo_dialog(scene: Scene, seed: int) -> list[tuple[str, str]]:
+    """Ten VisDial-like turns from the word lists; a quarter are the common yes/no exchanges
+    (real dialogs repeat those), the rest almost all distinct texts."""
+    rng = np.random.default_rng([seed, scene.image_id, 13])
+    turns = []
+    for _ in range(NUM_TURNS):
+        if rng.random() < 0.25:
+            turns.append(COMMON_QA[int(rng.integers(len(COMMON_QA)))])
+        else:
+            turns.append((_fill(Q_TEMPLATES[int(rng.integers(len(Q_TEMPLATES)))], rng),
+                          _fill(A_TEMPLATES[int(rng.integers(len(A_TEMPLATES)))], rng)))
+    return turns
+
+
+def photo_caption(scene: Scene, seed: int) -> str:
+    rng = np.random.default_rng([seed, scene.image_id, 17])
+    return _fill("a {a} {n} {v} a {n2} {p}", rng)
+
+
+def _draw_and_save(args: tuple[int, str, int, str, bool]) -> None:
+    seed, split, index, folder, photos = args
     scene = make_scene(seed, split, index)
-    draw(scene).save(os.path.join(folder, image_name(split, scene.image_id)), "JPEG", quality=85)
+    path = os.path.join(folder, image_name(split, scene.image_id))
+    if photos:
+        draw_photo(scene, seed).save(path, "JPEG", **PHOTO_JPEG)
+    else:
+        draw(scene).save(path, "JPEG", quality=85)
 
 
-def _chunks(seed: int, split: str, n: int, folder: str) -> Iterator[tuple[int, str, int, str]]:
+def _chunks(seed: int, split: str, n: int, folder: str, photos: bool) -> Iterator[tuple[int, str, int, str, bool]]:
     for i in range(n):
-        yield (seed, split, i, folder)
+        yield (seed, split, i, folder, photos)
 
 
-def write_split(out: Path, split: str, n: int, seed: int, workers: int = 1, progress: bool = False) -> dict[str, Path]:
-    """Write images, ``visdial_1.0_<split>.json`` and a COCO captions file for ``n`` dialogs."""
+def write_split(out: Path, split: str, n: int, seed: int, workers: int = 1, progress: bool = False,
+                photos: bool = False) -> dict[str, Path]:
+    """Write images, ``visdial_1.0_<split>.json`` and a COCO captions file for ``n`` dialogs
+    (``photos``: photo-like images and diverse dialogs, the real data's cost shape)."""
     folder = out / "images" / SPLIT_FOLDERS[split]
     folder.mkdir(parents=True, exist_ok=True)
     questions, answers = _Vocab(), _Vocab()
     scenes = [make_scene(seed, split, i) for i in range(n)]
-    dialogs = [(s, dialog_for(s, seed)) for s in scenes]
+    dialogs = [(s, photo_dialog(s, seed) if photos else dialog_for(s, seed)) for s in scenes]
+    captions = [photo_caption(s, seed) if photos else caption(s) for s in scenes]
     for _, turns in dialogs:
         for q, a in turns:
             questions(q)
@@ -224,26 +356,26 @@ def write_split(out: Path, split: str, n: int, seed: int, workers: int = 1, prog
                     f'{{"question": {questions.index[q]}, "answer": {gt}, "gt_index": {gt_index}, '
                     f'"answer_options": [{",".join(map(str, opts.tolist()))}]}}'
                 )
-            fh.write(("," if di else "") + json.dumps({"image_id": scene.image_id, "caption": caption(scene)})[:-1])
+            fh.write(("," if di else "") + json.dumps({"image_id": scene.image_id, "caption": captions[di]})[:-1])
             fh.write(', "dialog": [' + ",".join(rounds) + "]}")
         fh.write("]}}")
     coco = out / f"captions_{SPLIT_FOLDERS[split]}.json"
     coco.write_text(
         json.dumps(
             {
-                "info": {"description": "multimodal-memory demo scenes", "version": "1.0"},
+                "info": {"description": "multimodal-memory demo " + ("photos" if photos else "scenes"), "version": "1.0"},
                 "licenses": [],
                 "images": [
                     {"id": s.image_id, "file_name": image_name(split, s.image_id), "width": s.width, "height": s.height}
                     for s in scenes
                 ],
                 "annotations": [
-                    {"id": i + 1, "image_id": s.image_id, "caption": caption(s)} for i, s in enumerate(scenes)
+                    {"id": i + 1, "image_id": s.image_id, "caption": captions[i]} for i, s in enumerate(scenes)
                 ],
             }
         )
     )
-    jobs = _chunks(seed, split, n, str(folder))
+    jobs = _chunks(seed, split, n, str(folder), photos)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             it = pool.map(_draw_and_save, jobs, chunksize=256)
@@ -263,10 +395,10 @@ def _consume(it: Iterator[None], n: int, progress: bool, desc: str) -> None:
 
 
 def write_demo(out: Path, dialogs: int, seed: int = 0, val_dialogs: int | None = None, workers: int = 1,
-               progress: bool = False) -> dict[str, dict[str, Path]]:
+               progress: bool = False, photos: bool = False) -> dict[str, dict[str, Path]]:
     """The demo dataset: ``dialogs`` train dialogs and ``val_dialogs`` (default a fifth) val ones."""
     val_n = max(1, dialogs // 5) if val_dialogs is None else val_dialogs
-    result = {"train": write_split(out, "train", dialogs, seed, workers, progress)}
+    result = {"train": write_split(out, "train", dialogs, seed, workers, progress, photos)}
     if val_n:
-        result["val"] = write_split(out, "val", val_n, seed, workers, progress)
+        result["val"] = write_split(out, "val", val_n, seed, workers, progress, photos)
     return result

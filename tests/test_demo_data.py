@@ -72,3 +72,27 @@ def test_answers_are_true_about_the_image(demo_dir):
                 assert present == answer.startswith("yes"), (question, answer)
                 checked += 1
     assert checked >= 5
+
+
+def test_photos_have_the_real_data_cost_shape(tmp_path):
+    """--photos: photo-sized progressive JPEGs of COCO sizes, deterministic, and mostly distinct turn texts."""
+    from schemas.embed import turn_text
+
+    paths = write_split(tmp_path / "p", "train", 30, seed=0, photos=True)
+    again = write_split(tmp_path / "q", "train", 3, seed=0, photos=True)
+    files = sorted(paths["images"].iterdir())
+    assert len(files) == 30
+    assert files[0].read_bytes() == (again["images"] / files[0].name).read_bytes()  # a function of (seed, id)
+    sizes = np.array([f.stat().st_size for f in files]) / 1024
+    assert 100 <= sizes.mean() <= 200, sizes.mean()
+    for f in files[:5]:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.info.get("progressive")
+            assert 400 <= min(im.size) and max(im.size) <= 720
+            px = np.asarray(im, dtype=np.float32)
+        assert px.std() > 20 and np.abs(np.diff(px, axis=1)).mean() > 4  # texture and noise, not flat colour
+    doc = json.loads(paths["visdial"].read_text())["data"]
+    texts = [turn_text(doc["questions"][r["question"]], doc["answers"][r["answer"]])
+             for d in doc["dialogs"] for r in d["dialog"]]
+    assert len(texts) == 300 and len(set(texts)) >= 0.6 * len(texts)
+    assert 3 <= np.mean([len(doc["questions"][r["question"]].split()) for d in doc["dialogs"] for r in d["dialog"]]) <= 7
