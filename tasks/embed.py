@@ -8,8 +8,9 @@ first unfinished shard. Shards whose rows are already in the table, made by the 
 the same content, are not even dispatched. Workers only compute and return Arrow; the flow is
 the one writer (``storage.lance.merge`` on the key: nothing is appended twice).
 
-On CUDA a shard streams: processes decode and resize images (or tokenize texts) ahead, the main
-thread queues bf16 forwards, one copy back per shard.
+On CUDA a shard streams: processes decode and resize images ahead, the main thread queues bf16
+forwards, one copy back per shard. A text shard is tokenized in the same processes, then run in
+order of token length, each batch only as wide as its longest text (exact: the text tower is causal).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from storage.quarantine import reason_counts
 from tasks.images import resolve_inside
 from tasks.runtime import CheckedResults, Progress, checked_storage, logger
 from training.imagebind import (
+    CONTEXT_LENGTH,
     PREPROCESS_VERSION,
     Embedder,
     StreamStats,
@@ -292,6 +294,7 @@ class StreamModel(BaseModel):
     samples: int = 0
     input_wait_s: float = 0.0
     forward_s: float = 0.0
+    widths: dict[int, int] = {}
 
 
 class ShardPayload(BaseModel):
@@ -422,13 +425,17 @@ def _full_path(root: str, rel: str) -> str | None:
 
 
 def embed_text_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> ShardResult:
-    """Tokenize (in worker processes when there is enough) and embed one shard of distinct texts."""
+    """Tokenize (in worker processes when there is enough) and embed one shard of distinct texts,
+    shortest first (:meth:`Embedder.embed_tokens`: narrow batches), the rows kept in shard order."""
     t0 = time.perf_counter()
     texts = shard.rows.column("text").to_pylist()
     jobs = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
     embedder = model.load()
     stream = StreamStats()
-    vectors = embedder.embed_stream("text", map_ordered(tokenize, jobs, resolve_workers(workers)), stream)
+    tokens = list(map_ordered(tokenize, jobs, resolve_workers(workers)))
+    tokens = np.concatenate(tokens) if tokens else np.zeros((0, CONTEXT_LENGTH), np.int32)
+    stream.input_wait_s = time.perf_counter() - t0
+    vectors = embedder.embed_tokens(tokens, stream)
     out = pa.table({
         "text_hash": shard.rows.column("text_hash"),
         "text": shard.rows.column("text"),
@@ -565,6 +572,8 @@ def collect(futures: list, writer: Writer, total_rows: int) -> Collected:
                 total.samples += res.stream.samples
                 total.input_wait_s += res.stream.input_wait_s
                 total.forward_s += res.stream.forward_s
+                for width, rows in res.stream.widths.items():
+                    total.widths[width] = total.widths.get(width, 0) + rows
             writer.add(res)
             out.rejections += res.rejections
             bar(len(res.rows) + len(res.rejections))
@@ -586,6 +595,7 @@ def summary(p: Plan, c: Collected, written: dict[str, int] | None = None) -> dic
         "merge_seconds": round(w.seconds, 3),
         **{f"{kind}_{k}": round(v, 2) for kind, st in c.streams.items()
            for k, v in (("input_wait_s", st.input_wait_s), ("forward_s", st.forward_s))},
+        **({"text_widths": dict(sorted(c.streams["text"].widths.items()))} if "text" in c.streams else {}),
         "quarantined": len(c.rejections),
         **{f"quarantined_{k}": v for k, v in reason_counts(c.rejections).items()},
     }

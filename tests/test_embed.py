@@ -113,6 +113,40 @@ def test_batch_first_attention_computes_what_imagebinds_own_does(demo_dir, tmp_p
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@torch.inference_mode()
+def test_length_bucketed_texts_equal_the_77_token_path():
+    """Texts run shortest first, each batch cut to its longest text (a multiple of 8 positions): every
+    vector equals ImageBind's own 77-token forward (fp32), whatever the lengths and the input order."""
+    from tasks.demo_data import make_scene, photo_dialog
+    from training.imagebind import StreamStats, token_batches, token_widths
+
+    texts = [normalise_text(turn_text(q, a)) for i in range(40) for q, a in photo_dialog(make_scene(0, "train", i), 0)]
+    texts += ["", "a", "Q: ünïcödé café? A: ✓ sí", "Q: " + "a very long question about the scene " * 12 + "A: yes"]
+    rng = np.random.default_rng(0)
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    tokens = tokenize(texts)
+    widths = token_widths(tokens)
+    assert widths.max() == 77 and np.median(widths) < 24  # one text cut at the context length; most short
+
+    original = build_random("imagebind_tiny", seed=0).eval()
+    want = torch.nn.functional.normalize(original({"text": torch.from_numpy(tokens).long()})["text"], dim=-1).numpy()
+    embedder = load_embedder(tiny=True, seed=0, batch_size=16)
+    stats = StreamStats()
+    got = embedder.embed_tokens(tokens, stats)
+    cosine = (got * want).sum(axis=1)
+    assert cosine.min() >= 0.9999, cosine.min()
+    assert stats.samples == len(texts) == sum(stats.widths.values())
+    assert all(w % 8 == 0 or w == 77 for w in stats.widths) and min(stats.widths) <= 24
+    ran = sum(w * n for w, n in stats.widths.items())
+    assert ran < 0.4 * 77 * len(texts)  # most of the 77-token padding is never run
+    np.testing.assert_allclose(embedder.embed_texts(texts[:5]), got[:5], atol=1e-5)  # the query path too
+
+    for batch in token_batches([tokens[:50], tokens[50:]], budget=16 * 77):  # unsorted input: still exact widths
+        assert batch.shape[1] >= token_widths(batch).max() and batch.size <= 16 * 77
+    with pytest.raises(ValueError, match="at most 77"):
+        embedder.model({"text": torch.zeros((1, 80), dtype=torch.long)})
+
+
 def test_checkpoint_missing_or_mismatching_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_embedder(tmp_path / "imagebind_huge.pth")
@@ -164,6 +198,7 @@ def test_flow_embeds_every_image_and_distinct_text_once_and_reruns_nothing(data_
     assert set(txt.column("text_hash").to_pylist()) == wanted
     assert out["images"] == images.num_rows and out["texts"] == len(wanted)
     assert out["shards_computed"] == out["shards"] > 2 and out["quarantined"] == 0
+    assert sum(out["text_widths"].values()) == len(wanted) and max(out["text_widths"]) < 77  # narrow batches
 
     embedder = load_embedder(tiny=True)
     for tbl in (img, txt):

@@ -11,7 +11,13 @@ key/value biases (audio, depth, thermal, IMU) are left as they are; the embed st
 The text trunk's mask is ImageBind's additive causal mask; it is recognised once, when the trunk is
 rewritten, and attention then runs with ``is_causal=True``: the flash kernel skips the masked half
 instead of reading a mask (attention was 19% of the text tower's device time with the mask).
-``tests/test_embed.py`` checks the outputs equal the original module's.
+
+The text tower is also made length-aware (:class:`ShortTextPreprocessor`): a batch of token ids
+may be cut to fewer than 77 positions. Attention is causal and the head reads the end-of-text
+position, so the positions after a batch's longest text change no result; only the positional
+embedding (and the mask) must be cut to the batch's width. Turn texts are ~15 tokens, so a
+77-token batch is mostly padding. ``tests/test_embed.py`` checks the outputs equal the original
+module's, full width and cut.
 """
 
 from __future__ import annotations
@@ -59,8 +65,29 @@ def _only_mask_is_causal(model: nn.Module, modality: str) -> bool:
     return mask.shape == (n, n) and torch.equal(mask.float(), causal)
 
 
+class ShortTextPreprocessor(nn.Module):
+    """ImageBind's ``TextPreprocessor`` for token ids of any width up to its context length: the
+    positional embedding and causal mask are cut to the input's width (the wrapped module's own
+    parameters, so a checkpoint loads into either)."""
+
+    def __init__(self, pre: nn.Module) -> None:
+        super().__init__()
+        if pre.num_cls_tokens or not pre.causal_masking or not pre.supply_seq_len_to_head:
+            raise ValueError("only a causal text preprocessor without CLS tokens can take short inputs")
+        self.pre = pre
+
+    def forward(self, text: torch.Tensor) -> dict:
+        width = text.shape[1]
+        if width > self.pre.context_length:
+            raise ValueError(f"{width} token positions: the model reads at most {self.pre.context_length}")
+        tokens = self.pre.token_embedding(text) + self.pre.pos_embed[:, :width]
+        return {"trunk": {"tokens": tokens, "attn_mask": self.pre.mask[:width, :width]},
+                "head": {"seq_len": text.argmax(dim=-1)}}  # the end-of-text token is the highest id
+
+
 def make_batch_first(model: nn.Module) -> nn.Module:
-    """Rewrite the vision and text trunks of an ``ImageBindModel`` in place; returns it."""
+    """Rewrite the vision and text trunks of an ``ImageBindModel`` in place (and let the text
+    tower take batches narrower than 77 tokens); returns it."""
     for modality in PATCHED_MODALITIES:
         causal = _only_mask_is_causal(model, modality)
         trunk = model.modality_trunks[modality]
@@ -72,4 +99,7 @@ def make_batch_first(model: nn.Module) -> nn.Module:
         for block in trunk.blocks:
             if isinstance(block.attn, nn.MultiheadAttention):
                 block.attn = BatchFirstAttention(block.attn, causal=causal)
+    text = model.modality_preprocessors["text"]
+    if not isinstance(text, ShortTextPreprocessor):
+        model.modality_preprocessors["text"] = ShortTextPreprocessor(text)
     return model

@@ -12,7 +12,8 @@ tower shrunk, random weights drawn from a seed (so two processes build identical
 same 1024-d output.
 
 Preprocessing is ImageBind's own (``imagebind.data``): resize the short side to 224 (bicubic),
-centre-crop 224, scale to [0, 1], CLIP mean/std; texts through its BPE tokenizer, 77 tokens. It is
+centre-crop 224, scale to [0, 1], CLIP mean/std; texts through its BPE tokenizer, 77 tokens (run
+only as wide as each batch's longest text: see :func:`token_batches`). It is
 split in two halves so that the expensive, CPU-bound half can run in worker processes:
 :func:`image_to_pixels` (decode, resize, crop -> 224x224x3 uint8) and the normalisation, done on
 the model's device in :meth:`Embedder.embed_pixels` with the same float operations as
@@ -159,6 +160,48 @@ def tokenize(texts: Sequence[str]) -> np.ndarray:
         ids = tok(list(texts))
     out[:] = ids.reshape(len(texts), CONTEXT_LENGTH).numpy()
     return out
+
+
+def token_widths(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per row, the positions the text tower must run: up to its end-of-text token (the highest
+    id, where ImageBind's head reads; the same ``argmax`` the model takes), inclusive."""
+    return np.asarray(tokens).argmax(axis=1) + 1
+
+
+def padded_width(longest: int, multiple: int = 8) -> int:
+    """``longest`` rounded up to ``multiple`` (tensor-core friendly shapes), at most 77."""
+    return min(CONTEXT_LENGTH, -(-int(longest) // multiple) * multiple)
+
+
+def length_order(tokens: np.ndarray) -> np.ndarray:
+    """The order that sorts texts by token length (stable): batches of similar widths."""
+    return np.argsort(token_widths(tokens), kind="stable")
+
+
+def token_batches(chunks: Iterable[np.ndarray | torch.Tensor], budget: int,
+                  multiple: int = 8) -> Iterator[np.ndarray]:
+    """Token-id chunks re-cut into batches of at most ``budget`` token positions, each cut to its
+    longest text (rounded up to ``multiple``): a batch of short texts holds more rows. Exact
+    whatever the order (the width covers every row's end-of-text); sorted input wastes least."""
+
+    pending = None
+    for chunk in chunks:
+        rows = np.asarray(chunk) if pending is None else np.concatenate([pending, np.asarray(chunk)])
+        pending = yield from _cut(rows, budget, multiple, final=False)
+    if pending is not None:
+        yield from _cut(pending, budget, multiple, final=True)
+
+
+def _cut(rows: np.ndarray, budget: int, multiple: int, final: bool):
+    """Yield full batches from the front of ``rows``; return what is left for the next chunk (nothing if ``final``)."""
+    while len(rows):
+        widths = np.minimum(-(-np.maximum.accumulate(token_widths(rows)) // multiple) * multiple, CONTEXT_LENGTH)
+        fit = max(1, int((np.arange(1, len(rows) + 1) * widths <= budget).sum()))  # a prefix: the product only grows
+        if fit == len(rows) and not final:
+            return rows  # more rows may still join this batch
+        yield rows[:fit, : widths[fit - 1]]
+        rows = rows[fit:]
+    return rows
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -445,8 +488,13 @@ class Embedder:
         pixels = np.stack([image_to_pixels(im) for im in images]) if images else np.zeros((0, 224, 224, 3), np.uint8)
         return self.embed_pixels(pixels)
 
-    def embed_tokens(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray:
-        return self.embed_stream("text", [tokens])
+    def embed_tokens(self, tokens: np.ndarray | torch.Tensor, stats: StreamStats | None = None) -> np.ndarray:
+        """Embed (n, 77) token ids, run in order of length so that batches are narrow; results in input order."""
+        tokens = np.asarray(tokens)
+        order = length_order(tokens)
+        out = np.empty((len(tokens), EMBED_DIM), dtype=np.float32)
+        out[order] = self.embed_stream("text", [tokens[order]], stats)
+        return out
 
     def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         return self.embed_stream("vision", [pixels])
@@ -454,7 +502,8 @@ class Embedder:
     @torch.inference_mode()
     def embed_stream(self, modality: str, chunks: Iterable[np.ndarray | torch.Tensor],
                      stats: StreamStats | None = None) -> np.ndarray:
-        """Embed a stream of host chunks (token ids, or uint8 pixels), re-batched to ``batch_size``.
+        """Embed a stream of host chunks (token ids, or uint8 pixels), re-batched to ``batch_size``
+        (texts: to ``batch_size`` x 77 token positions, each batch only as wide as its longest text).
 
         Results stay on the device until the stream ends: on CUDA the host keeps queueing copies
         and kernels while the GPU works (the only sync is the final copy back), and a producer
@@ -465,7 +514,10 @@ class Embedder:
         cuda = self.device.type == "cuda"
         outs: list[torch.Tensor] = []
         events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        batches = _rebatch(chunks, self.batch_size)
+        if modality == "text" and not self.pad_batches:
+            batches = token_batches(chunks, self.batch_size * CONTEXT_LENGTH)
+        else:
+            batches = _rebatch(chunks, self.batch_size)
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -476,6 +528,10 @@ class Embedder:
             n = len(x)
             if self.pad_batches and n < self.batch_size:
                 x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
+            if modality == "text":
+                if self.pad_batches:  # a compiled model: few distinct widths, few recompiles
+                    x = x[:, : padded_width(token_widths(x).max(), 16)]
+                stats.widths[x.shape[1]] = stats.widths.get(x.shape[1], 0) + len(x)
             if cuda:
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
@@ -508,6 +564,7 @@ class StreamStats:
     samples: int = 0
     input_wait_s: float = 0.0
     forward_s: float = 0.0
+    widths: dict[int, int] = field(default_factory=dict)  # texts: rows run at each token width (FLOPs run)
 
 
 def _rebatch(chunks: Iterable[np.ndarray | torch.Tensor], size: int) -> Iterator[np.ndarray | torch.Tensor]:
