@@ -49,21 +49,35 @@ class RecallColumns:
         self.rows_read = 0  # rows read from disk so far (tests check that a sync reads only what changed)
 
     def sync(self, ds) -> None:
-        """Follow ``ds`` (a ``lance.LanceDataset``): read the fragments this process has not seen."""
+        """Follow ``ds`` (a ``lance.LanceDataset``): read the fragments this process has not seen,
+        in one scan (writers leave many one-row fragments: a read each would cost more than the rows)."""
         if ds.version == self.version:
             return
-        live = {}
+        live, todo = {}, {}
         for frag in ds.get_fragments():
             md = frag.metadata
             key = (tuple(f.path for f in md.files), repr(getattr(md, "overlays", None)))
             held = self._fragments.get(frag.fragment_id)
-            live[frag.fragment_id] = held if held is not None and held.key == key else self._read(frag, key)
+            if held is not None and held.key == key:
+                live[frag.fragment_id] = held
+            else:
+                todo[frag.fragment_id] = (frag, key)
+        if todo:
+            t = ds.scanner(columns=COLUMNS, with_row_address=True,
+                           fragments=[f for f, _ in todo.values()]).to_table().combine_chunks()
+            self.rows_read += len(t)
+            fids = t.column("_rowaddr").to_numpy() >> np.uint64(32)
+            order = np.argsort(fids, kind="stable")
+            t, fids = t.take(pa.array(order)), fids[order]
+            bounds = np.searchsorted(fids, np.array(sorted(todo), np.uint64), side="left")
+            ends = np.searchsorted(fids, np.array(sorted(todo), np.uint64), side="right")
+            for fid, lo, hi in zip(sorted(todo), bounds, ends, strict=True):
+                frag, key = todo[fid]
+                live[fid] = self._read(t.slice(lo, hi - lo).combine_chunks(), frag.metadata.physical_rows, key)
         self._fragments, self.version = live, ds.version
 
-    def _read(self, frag, key: tuple) -> _Fragment:
-        t = frag.to_table(columns=COLUMNS, with_row_address=True).combine_chunks()
-        self.rows_read += len(t)
-        at = np.full(frag.metadata.physical_rows, -1, np.int64)
+    def _read(self, t: pa.Table, physical_rows: int, key: tuple) -> _Fragment:
+        at = np.full(physical_rows, -1, np.int64)
         at[(t.column("_rowaddr").to_numpy() & 0xFFFFFFFF).astype(np.int64)] = np.arange(len(t))
         codes = {c: self._encode(t.column(c)) for c in CODED}
         numbers = {c: t.column(c).to_numpy().astype(dtype) for c, dtype in NUMERIC.items()}

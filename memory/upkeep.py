@@ -120,15 +120,32 @@ def _drop_stale_index_rows(tbl, ds) -> list[str]:
     return rebuilt
 
 
-def fold_small_fragments(mt: MemoryTable, config: MemoryConfig) -> int:
-    """Merge fragments under ``compact_rows`` (every single write leaves one) into each other;
-    big fragments are left alone. Returns how many small fragments there were."""
+def fold_small_fragments(mt: MemoryTable, rows: int) -> int:
+    """Merge fragments under ``rows`` (every single write leaves one) into each other; bigger
+    fragments are left alone. Returns how many small fragments there were."""
     with mt.writing():
         ds = mt.own()
-        small = [f.fragment_id for f in ds.get_fragments() if f.metadata.physical_rows < config.compact_rows]
+        small = [f.fragment_id for f in ds.get_fragments() if f.metadata.physical_rows < rows]
         if len(small) >= 2:
-            ds.optimize.compact_files(target_rows_per_fragment=config.compact_rows)
+            ds.optimize.compact_files(target_rows_per_fragment=rows)
     return len(small)
+
+
+def unindexed_rows(ds) -> int:
+    """Rows in fragments the vector index does not cover (0 without an index)."""
+    vector = [i for i in ds.describe_indices() if i.field_names == ["vector"]]
+    if not vector:
+        return 0
+    covered = {f for seg in vector[0].segments for f in (seg.fragment_ids or ())}
+    return sum(f.metadata.physical_rows for f in ds.get_fragments() if f.fragment_id not in covered)
+
+
+def index_new_rows_delta(mt: MemoryTable) -> None:
+    """Index the rows outside the indexes as delta segments (no merge: that rewrites the whole
+    vector index, which :func:`maintain` does), in the writers' turn."""
+    with mt.writing():
+        ds = mt.own()
+        ds.optimize.optimize_indices(num_indices_to_merge=0)
 
 
 def maintain(mt: MemoryTable, config: MemoryConfig) -> dict[str, Any]:
@@ -157,7 +174,7 @@ def maintain(mt: MemoryTable, config: MemoryConfig) -> dict[str, Any]:
             if config.hybrid:
                 ensure_fts(tbl)
         done["rows"] = rows
-        done["small_fragments_folded"] = fold_small_fragments(mt, config)
+        done["small_fragments_folded"] = fold_small_fragments(mt, config.compact_rows)
         if names:
             with mt.writing():
                 done["index_segments_merged"] = index_new_rows(tbl)
@@ -220,12 +237,14 @@ class Background:
         self._poked = now
         try:
             ds = self.mt.dataset()
-            small = sum(f.metadata.physical_rows < self.config.compact_rows for f in ds.get_fragments())
+            small = sum(f.metadata.physical_rows < self.config.fold_rows for f in ds.get_fragments())
         except Exception as exc:  # noqa: BLE001 -- a read racing a cleanup: next time
             log.debug("memories upkeep check skipped: %s", exc)
             return
         if small >= self.config.upkeep_small_fragments:
-            self.submit("upkeep", self._upkeep)
+            self.submit("fold", self._fold)
+        if unindexed_rows(ds) >= self.config.upkeep_unindexed_rows:
+            self.submit("index", self._index)
 
     def join(self) -> None:
         """Wait until every submitted job is done."""
@@ -245,8 +264,14 @@ class Background:
                 self.errors += 1
                 log.warning("memories %s failed (tried again later): %s", name, exc)
 
-    def _upkeep(self) -> None:
+    def _fold(self) -> None:
         with self.mt.upkeep_turn(blocking=False) as mine:
             if mine:
-                fold_small_fragments(self.mt, self.config)
+                fold_small_fragments(self.mt, self.config.fold_rows)
+                self.runs += 1
+
+    def _index(self) -> None:
+        with self.mt.upkeep_turn(blocking=False) as mine:
+            if mine:
+                index_new_rows_delta(self.mt)
                 self.runs += 1

@@ -79,8 +79,13 @@ class MemoryConfig(StageConfig):
     # upkeep (in the background of an open store, or `mmem memory maintain` / the memory-upkeep deployment)
     compact_rows: int = Field(default=16_384, ge=2, le=1_048_576,
                               description="Fragments smaller than this are folded into each other.")
+    fold_rows: int = Field(default=1024, ge=2, le=1_048_576,
+                           description="An open store folds fragments smaller than this into each other.")
     upkeep_small_fragments: int = Field(default=32, ge=2, le=100_000,
                                         description="An open store folds small fragments once this many pile up.")
+    upkeep_unindexed_rows: int = Field(default=20_000, ge=1, le=10**9,
+                                       description="An open store indexes new rows once this many are outside the "
+                                                   "vector index.")
     keep_versions_hours: float = Field(default=1.0, ge=0, le=24 * 365,
                                        description="Upkeep removes untagged table versions older than this.")
 

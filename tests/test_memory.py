@@ -362,6 +362,28 @@ def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
     assert top["memory_id"] == "m8" and top["access_count"] == 1
 
 
+def test_an_open_store_indexes_new_rows_in_the_background(tmp_path, embedder):
+    config = MemoryConfig(data_root=tmp_path, index_min_rows=256, index_partitions=2, upkeep_unindexed_rows=10,
+                          refresh_seconds=0)
+    store = MemoryStore(config, embedder)
+    rows = 300
+    vecs = np.stack([unit(700 + i) for i in range(rows)])
+    store.add_rows(pa.table({
+        "memory_id": [f"m{i}" for i in range(rows)], "owner": ["ann"] * rows, "modality": ["text"] * rows,
+        "text": [f"fact {i}" for i in range(rows)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
+        "model": [store.fingerprint] * rows, "created_at": [T0] * rows, "last_accessed_at": [T0] * rows,
+        "access_count": [0] * rows, "saliency": [0.5] * rows, "kind": ["durable"] * rows,
+    }))
+    store.maintain()
+    for i in range(12):
+        store.remember("ann", f"new {i}", vector=unit(1700 + i), now=T0)
+    store.background.join()
+    stats = store.table.index_stats("vector_idx")
+    assert stats.num_unindexed_rows == 0 and stats.num_indexed_rows == rows + 12 and store.background.errors == 0
+    assert store.recall("ann", vector=unit(1711), k=1, now=T0, touch=False)[0].memory["text"] == "new 11"
+
+
 def test_indexed_recall_filters_after_the_search_only_when_that_is_exact(tmp_path, embedder):
     """ann owns almost every row (post-filtering is exact and skips the filter scan); bob owns
     ten (post-filtering would come back short: the store falls back to filtering first). Both get
