@@ -50,6 +50,11 @@ def embed(
         result = embed_flow(config)
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         fail(str(exc))
+    from schemas.config import record_root_choice
+
+    # later commands on this root (query, memory) embed with the same model without flags
+    record_root_choice(config.data_root, "imagebind",
+                       {"tiny": config.tiny, "checkpoint": config.checkpoint, "seed": config.seed})
     typer.echo(json.dumps(result, indent=2, default=str))
 
 

@@ -195,11 +195,71 @@ class StageConfig(BaseSettings):
 
     @classmethod
     def load(cls, profile: str | Path | None = None, **overrides: Any) -> Self:
-        """Defaults < profile < environment < overrides (``None`` overrides are ignored)."""
+        """Defaults < the data root's recorded choices < profile < environment < overrides (``None``
+        overrides are ignored)."""
         values: dict[str, Any] = read_profile_section(profile, cls.section) if profile else {}
         values.update(EnvSettingsSource(cls)())  # the environment beats the profile ...
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # ... and explicit overrides beat both
+        root = values.get("data_root", cls.model_fields["data_root"].default)
+        return cls(**{**root_defaults(root, cls, values), **values})  # ... and explicit overrides beat both
+
+
+# --- what a data root remembers of how it was made --------------------------------------------------
+
+ROOT_FILE = "mmem-root.json"
+# Which sections a recorded group gives defaults to. A group applies as a whole, and only where the
+# profile, the environment and the command line name none of its keys (a --checkpoint given now is
+# never mixed with a recorded tiny = true).
+ROOT_GROUPS: dict[str, tuple[str, ...]] = {"imagebind": ("embed", "memory"), "llm": ("reminders", "evaluate")}
+
+
+def root_file(data_root: str | Path) -> Path:
+    return Path(data_root) / ROOT_FILE
+
+
+def read_root_file(data_root: str | Path) -> dict[str, dict[str, Any]]:
+    """The choices recorded in ``<data_root>/mmem-root.json`` ({} where there is none)."""
+    import json
+
+    path = root_file(data_root)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}): fix or remove it") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+        raise ValueError(f"{path} must hold an object of objects, e.g. {{\"imagebind\": {{\"tiny\": true}}}}")
+    return doc
+
+
+def root_defaults(data_root: str | Path, cls: type[StageConfig], given: dict[str, Any]) -> dict[str, Any]:
+    """The recorded choices that ``cls`` takes as defaults, given the values set elsewhere."""
+    out: dict[str, Any] = {}
+    for group, values in read_root_file(data_root).items():
+        if cls.section not in ROOT_GROUPS.get(group, ()):
+            continue
+        fields = {k: v for k, v in values.items() if k in cls.model_fields}
+        if fields and not any(k in given for k in fields):
+            out.update(fields)
+    return out
+
+
+def record_root_choice(data_root: str | Path, group: str, values: dict[str, Any]) -> Path:
+    """Record (replace) ``group`` in the data root's file, atomically: later commands on this root
+    take these values as their defaults. ``values`` is JSON (paths as text)."""
+    import json
+
+    if group not in ROOT_GROUPS:
+        raise ValueError(f"unknown group {group!r} (known: {sorted(ROOT_GROUPS)})")
+    path = root_file(data_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = read_root_file(data_root)
+    doc[group] = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def llm_trusted(base: Trusted, host: str, block: str | None, per_host: dict[str, str]) -> Trusted:
