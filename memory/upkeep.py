@@ -60,8 +60,8 @@ def purge(mt: MemoryTable, where: pc.Expression, *, dry_run: bool = False) -> Fo
             return report
         frags = {int(a) >> 32 for a in hit.column("_rowaddr").to_pylist()}
         report.tags_dropped = _pinning_tags(tbl, ds, ids)
-        report.versions_removed = sum(1 for v in ds.versions() if v["version"] != ds.version)
-        if dry_run:
+        if dry_run:  # reading every manifest: only to say what a real run would remove
+            report.versions_removed = sum(1 for v in ds.versions() if v["version"] != ds.version)
             return report
         ds.delete(where)
         ds = mt.own()
@@ -77,7 +77,7 @@ def purge(mt: MemoryTable, where: pc.Expression, *, dry_run: bool = False) -> Fo
             tbl.tags.delete(name)
         ds = mt.own()
         stats = ds.cleanup_old_versions(older_than=timedelta(0), error_if_tagged_old_versions=False)
-        report.bytes_removed = stats.bytes_removed
+        report.bytes_removed, report.versions_removed = stats.bytes_removed, stats.old_versions
         mt.changed()
     log.info("memories: removed %d rows, rewrote %d fragments, rebuilt %s, dropped tags %s, %d versions",
              len(ids), report.fragments_rewritten, report.indexes_rebuilt or "no index", report.tags_dropped,
@@ -151,7 +151,7 @@ def index_new_rows_delta(mt: MemoryTable) -> None:
 def maintain(mt: MemoryTable, config: MemoryConfig) -> dict[str, Any]:
     """Everything upkeep does, now: purge expired transient memories, build the indexes once the
     table is big enough, fold small fragments, index new rows (the vector index keeps its trained
-    partitions), remove versions older than ``keep_versions_hours`` (tagged ones stay)."""
+    partitions), remove versions older than ``keep_versions_seconds`` (tagged ones stay)."""
     from datetime import UTC, datetime
 
     done: dict[str, Any] = {}
@@ -178,11 +178,16 @@ def maintain(mt: MemoryTable, config: MemoryConfig) -> dict[str, Any]:
         if names:
             with mt.writing():
                 done["index_segments_merged"] = index_new_rows(tbl)
-        ds = mt.own()
-        stats = ds.cleanup_old_versions(older_than=timedelta(hours=config.keep_versions_hours),
-                                        error_if_tagged_old_versions=False)
-        done["old_versions_removed"] = stats.old_versions
+        done["old_versions_removed"] = remove_old_versions(mt, config)
     return done
+
+
+def remove_old_versions(mt: MemoryTable, config: MemoryConfig) -> int:
+    """Untagged versions older than ``keep_versions_seconds``: every write makes one, and a forget
+    (which removes them all) reads each. Files no version references are never deleted."""
+    stats = mt.own().cleanup_old_versions(older_than=timedelta(seconds=config.keep_versions_seconds),
+                                          error_if_tagged_old_versions=False)
+    return stats.old_versions
 
 
 def purge_expired(mt: MemoryTable, config: MemoryConfig, now) -> int:
@@ -219,6 +224,7 @@ class Background:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._poked = 0.0
+        self._cleaned: int | None = None  # the version at the last cleanup this store started
         self.runs = 0  # upkeep runs done
         self.errors = 0
 
@@ -245,6 +251,11 @@ class Background:
             self.submit("fold", self._fold)
         if unindexed_rows(ds) >= self.config.upkeep_unindexed_rows:
             self.submit("index", self._index)
+        if self._cleaned is None:
+            self._cleaned = ds.version
+        elif ds.version - self._cleaned >= self.config.upkeep_commits:
+            self._cleaned = ds.version
+            self.submit("cleanup", self._cleanup)
 
     def join(self) -> None:
         """Wait until every submitted job is done."""
@@ -268,6 +279,12 @@ class Background:
         with self.mt.upkeep_turn(blocking=False) as mine:
             if mine:
                 fold_small_fragments(self.mt, self.config.fold_rows)
+                self.runs += 1
+
+    def _cleanup(self) -> None:
+        with self.mt.upkeep_turn(blocking=False) as mine:
+            if mine:
+                remove_old_versions(self.mt, self.config)
                 self.runs += 1
 
     def _index(self) -> None:

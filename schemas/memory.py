@@ -86,8 +86,10 @@ class MemoryConfig(StageConfig):
     upkeep_unindexed_rows: int = Field(default=20_000, ge=1, le=10**9,
                                        description="An open store indexes new rows once this many are outside the "
                                                    "vector index.")
-    keep_versions_hours: float = Field(default=1.0, ge=0, le=24 * 365,
-                                       description="Upkeep removes untagged table versions older than this.")
+    keep_versions_seconds: float = Field(default=600.0, ge=0, le=365 * 86_400,
+                                         description="Upkeep removes untagged table versions older than this.")
+    upkeep_commits: int = Field(default=1000, ge=1, le=10**9,
+                                description="An open store removes old versions once this many commits piled up.")
 
     # hybrid search: vector candidates plus LanceDB full-text candidates, BM25 blended into similarity
     hybrid: bool = Field(default=False, description="Also search the text with LanceDB full-text search.")
