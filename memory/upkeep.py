@@ -72,7 +72,7 @@ def purge(mt: MemoryTable, where: pc.Expression, *, dry_run: bool = False) -> Fo
                                       excluded_fragment_ids=sorted(live - rewrite))
             report.fragments_rewritten = len(rewrite)
             ds = mt.own()
-        report.indexes_rebuilt = _drop_stale_index_rows(tbl, ds)
+        report.indexes_rebuilt = drop_stale_index_rows(tbl, ds, frags - live)
         for name in report.tags_dropped:
             tbl.tags.delete(name)
         ds = mt.own()
@@ -97,15 +97,16 @@ def _pinning_tags(tbl, ds, ids: list[str]) -> list[str]:
     return sorted(out)
 
 
-def _drop_stale_index_rows(tbl, ds) -> list[str]:
-    """Indexes still covering fragments that no longer exist hold the deleted rows' values:
-    the vector index drops them when its segments are merged; scalar and full-text indexes are
-    rebuilt (with the configs :func:`maintain` builds them with)."""
+def drop_stale_index_rows(tbl, ds, gone: set[int] | None = None) -> list[str]:
+    """Indexes still covering fragments deleted whole (``gone``; None: any fragment that no longer
+    exists) hold the deleted rows' values: the vector index drops them when its segments are
+    merged; scalar and full-text indexes are rebuilt (with the configs :func:`maintain` uses)."""
     live = {f.fragment_id for f in ds.get_fragments()}
     rebuilt = []
     for idx in ds.describe_indices():
         covered = {f for seg in idx.segments for f in (seg.fragment_ids or ())}
-        if not covered - live:
+        stale = covered - live if gone is None else covered & gone
+        if not stale:
             continue
         column = idx.field_names[0]
         if idx.index_type.startswith("IVF"):
@@ -175,6 +176,8 @@ def maintain(mt: MemoryTable, config: MemoryConfig) -> dict[str, Any]:
                 ensure_fts(tbl)
         done["rows"] = rows
         done["small_fragments_folded"] = fold_small_fragments(mt, config.compact_rows)
+        with mt.writing() as tbl:  # e.g. a forget killed before its indexes were rewritten
+            done["indexes_rebuilt"] = drop_stale_index_rows(tbl, mt.own())
         if names:
             with mt.writing():
                 done["index_segments_merged"] = index_new_rows(tbl)
