@@ -8,17 +8,23 @@ import typer
 
 from cli.common import DataRootOpt, fail, load
 
+tables_app = typer.Typer(help="Every table: rows, columns, current version and tags (`mmem tables`); upkeep.")
+
 
 def register(app: typer.Typer) -> None:
-    app.command("tables")(tables)
+    app.add_typer(tables_app, name="tables")
     app.command("sql")(sql)
 
 
-def tables(data_root: DataRootOpt = None) -> None:
+@tables_app.callback(invoke_without_command=True)
+def tables(ctx: typer.Context, data_root: DataRootOpt = None) -> None:
     """Every table: rows, columns, current version and tags."""
     from schemas.config import StageConfig
     from storage.catalog import describe_tables
 
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = data_root
+        return
     cfg = load(StageConfig, data_root)
     rows = describe_tables(cfg.lance_uri)
     if not rows:
@@ -58,3 +64,25 @@ def sql(
     typer.echo(result.slice(0, limit).to_pandas().to_string(max_colwidth=60))
     if result.num_rows > limit:
         typer.echo(f"({result.num_rows} rows; the first {limit} shown, --limit N for more)")
+
+
+@tables_app.command("maintain")
+def maintain(
+    ctx: typer.Context,
+    keep_hours: Annotated[float, typer.Option(min=0, help="Keep untagged versions younger than this; 0: remove "
+                                              "every untagged old version now.")] = 168.0,
+    table: Annotated[list[str] | None, typer.Option(help="Only this table (repeatable).")] = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Compact every table and remove old versions, keeping every tagged one: each run's writes and
+    each version an artifact's manifest names (`pinned-v<N>`). `memories` has its own
+    `mmem memory maintain`."""
+    import json
+    from datetime import timedelta
+
+    from schemas.config import StageConfig
+    from storage.maintain import maintain_tables
+
+    cfg = load(StageConfig, data_root or ctx.obj)  # `mmem tables --data-root R maintain` too
+    typer.echo(json.dumps(maintain_tables(cfg.lance_uri, timedelta(hours=keep_hours), only=table), indent=2))
+

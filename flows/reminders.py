@@ -49,6 +49,7 @@ from tasks.reminders import (
     shard_results_storage,
     slots_dir,
     sort_out,
+    table_version,
     validate_task,
     write_task,
 )
@@ -146,6 +147,7 @@ def reminders_flow(config: RemindersConfig) -> dict:
     t0 = time.perf_counter()
     run = run_id()
     cache = ResponseCache(config.lance_uri, config.cache_dir / "llm_journal")
+    llm_before = table_version(config.lance_uri, "llm_responses")  # what this run merges is tagged with it
     recovered = recover_task(cache)
     free_dead_slots_task(config)
     prompts, plan_rejections, read_versions = plan_task(config)
@@ -175,7 +177,7 @@ def reminders_flow(config: RemindersConfig) -> dict:
     publish_markdown("reminders-validation", report.markdown(), "Great Expectations: reminders")
     if not report.success:
         raise ValidationFailed("reminders validation failed:\n" + report.markdown())
-    written = write_task(config.lance_uri, quote(outcome), run)
+    written = write_task(config.lance_uri, quote(outcome), run, llm_before)
     summary = run_summary(len(prompts) + len(plan_rejections), cache_hits, stats, outcome,
                           time.perf_counter() - t0, gen_s, backend)
     summary.update(outcome.counts())

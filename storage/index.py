@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import IvfHnswSq
 
-from storage.lance import open_table, sql_in
+from storage.lance import open_table, sql_in, table_lock
 
 # index_stats would otherwise warn on every call that it returns the centroids too; we never read them
 os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
@@ -62,6 +62,41 @@ def ensure_vector_index(db: lancedb.DBConnection, name: str, *, min_rows: int = 
         return IndexState(name, rows, "created", INDEX_TYPE)
     index_new_rows(tbl, column)
     return IndexState(name, rows, "updated", str(idx.index_type))
+
+
+# The keys other tables join on: turns -> images/dialogs by image_id, turns -> text_embeddings by
+# text_hash, dialogs -> text_embeddings by caption_hash. Lance scans a small table faster than it
+# reads an index, so the BTREE indexes come once a table is past ``SCALAR_MIN_ROWS``.
+JOIN_KEYS: dict[str, tuple[str, ...]] = {"turns": ("image_id", "text_hash"), "dialogs": ("caption_hash",)}
+SCALAR_MIN_ROWS = 100_000
+
+
+def ensure_scalar_indexes(db: lancedb.DBConnection, name: str, columns: tuple[str, ...] | None = None, *,
+                          min_rows: int = SCALAR_MIN_ROWS) -> dict[str, str]:
+    """A BTREE index on each join key of ``name`` once the table has ``min_rows``, with the rows
+    written since folded in; per column: "none" (too small), "created", "updated" or "current"."""
+    columns = JOIN_KEYS.get(name, ()) if columns is None else columns
+    tbl = open_table(db, name)
+    rows = tbl.count_rows()
+    have = {i.columns[0]: i for i in tbl.list_indices() if len(i.columns) == 1}
+    out, stale = {}, []
+    if rows < min_rows and not any(c in have for c in columns):
+        return dict.fromkeys(columns, "none")
+    with table_lock(db, name):  # one writer per table: an index build is a commit too
+        for col in columns:
+            idx = have.get(col)
+            if idx is None:
+                tbl.create_scalar_index(col, index_type="BTREE", replace=True)
+                out[col] = "created"
+                continue
+            stats = tbl.index_stats(idx.name)
+            out[col] = "updated" if stats is not None and stats.num_unindexed_rows else "current"
+            if out[col] == "updated":
+                stale.append(idx.name)
+        if stale:
+            tbl.to_lance().optimize.optimize_indices(index_names=stale)
+            tbl.checkout_latest()
+    return out
 
 
 def index_new_rows(tbl: lancedb.table.Table, column: str = "vector") -> int:
@@ -123,8 +158,8 @@ def search(
     q = tbl.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector").distance_type(METRIC).limit(k)
     if where:
         q = q.where(where, prefilter=True)
-    if columns:
-        q = q.select(columns)
+    if columns:  # asked for by name: Lance warns that it will stop adding the distance by itself
+        q = q.select([*columns, "_distance"] if "_distance" not in columns else columns)
     if exact:
         q = q.bypass_vector_index()
     elif vector_index(tbl) is not None:

@@ -21,6 +21,10 @@ import pyarrow.compute as pc
 
 from schemas.tables import TableSpec, spec
 
+# The Lance file format tables are created in, named rather than left to the library's default (a
+# newer lancedb would otherwise change it silently). 2.2 is what pyproject's pylance floor reads.
+STORAGE_VERSION = "2.2"
+
 
 def connect(uri: str | Path) -> lancedb.DBConnection:
     return lancedb.connect(str(uri))
@@ -43,7 +47,7 @@ def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
     except (ValueError, FileNotFoundError):
         pass
     with table_lock(db, name):
-        return db.create_table(name, schema=spec(name).schema, exist_ok=True)
+        return db.create_table(name, schema=spec(name).schema, exist_ok=True, data_storage_version=STORAGE_VERSION)
 
 
 @contextmanager
@@ -222,4 +226,35 @@ def tag(db: lancedb.DBConnection, name: str, label: str, version: int | None = N
     existing = tbl.tags.list()
     if label not in existing:
         tbl.tags.create(label, version or tbl.version)
+    return label
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
+
+
+def tag_run(db: lancedb.DBConnection, name: str, label: str, version: int | None = None) -> str:
+    """Tag the version a run's last write left (default: the latest) with the run's label, moving
+    the tag there when an earlier write of the same run holds it: the run's writes are lineage."""
+    tbl = open_table(db, name)
+    label = _label(label)
+    target = version or tbl.version
+    existing = tbl.tags.list()
+    if label not in existing:
+        tbl.tags.create(label, target)
+    elif existing[label]["version"] != target:
+        tbl.tags.update(label, target)
+    return label
+
+
+PIN_PREFIX = "pinned-v"
+
+
+def pin(db: lancedb.DBConnection, name: str, version: int) -> str:
+    """Keep ``version`` of ``name`` for as long as something names it (an artifact's manifest): a tag
+    per version, shared by every manifest that names it, which cleanup never removes."""
+    tbl = open_table(db, name)
+    label = f"{PIN_PREFIX}{int(version)}"
+    if label not in tbl.tags.list():
+        tbl.tags.create(label, int(version))
     return label

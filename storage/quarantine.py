@@ -10,7 +10,7 @@ import lancedb
 import pyarrow as pa
 
 from schemas.quarantine import QUARANTINE, Rejection
-from storage.lance import MergeResult, merge
+from storage.lance import MergeResult, merge, tag_run
 
 
 def rejection_rows(stage: str, rejections: Iterable[Rejection], run_id: str | None = None) -> pa.Table:
@@ -34,8 +34,12 @@ def rejection_rows(stage: str, rejections: Iterable[Rejection], run_id: str | No
 def quarantine(
     db: lancedb.DBConnection, stage: str, rejections: list[Rejection], run_id: str | None = None
 ) -> MergeResult:
-    """Write rejections (idempotently: the same record and reason is one row across re-runs)."""
-    return merge(db, "quarantine", rejection_rows(stage, rejections, run_id), update=False)
+    """Write rejections (idempotently: the same record and reason is one row across re-runs); a
+    write of a run is tagged with it (``<stage>-<run id>``, or the run id where it names the stage)."""
+    res = merge(db, "quarantine", rejection_rows(stage, rejections, run_id), update=False)
+    if run_id and res.inserted:
+        tag_run(db, "quarantine", run_id if run_id.startswith(stage) else f"{stage}-{run_id}", res.version)
+    return res
 
 
 def reason_counts(rejections: Iterable[Rejection]) -> dict[str, int]:

@@ -37,7 +37,7 @@ from schemas.evaluate import DEFAULT_BATCH, EVALUATIONS, MEMORY_CUDA_BATCH, Eval
 from schemas.quarantine import Reason, Rejection
 from schemas.reminders import ANY_TAG_RE, REMINDER_RE, RemindersConfig, load_prompt_data
 from storage.artifacts import ArtifactError, ArtifactStore, file_hashes, fingerprint
-from storage.lance import connect, merge, open_table, read, table_exists
+from storage.lance import connect, merge, open_table, read, table_exists, tag_run
 from storage.quarantine import quarantine
 from tasks.llm_client import OK, ImageRef, Journal, LLMRequest, LLMResult, ResponseCache
 from tasks.llm_slots import hold_slots
@@ -605,6 +605,8 @@ def metric_rows(run: str, variant: Variant, model: ResolvedModel, dataset_versio
 def write(lance_uri: str, rows: list[dict], rejections: list[Rejection], run: str) -> dict[str, int]:
     db = connect(lance_uri)
     res = merge(db, "evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS.schema))
+    if res.inserted or res.updated:  # the run's rows, as lineage (quarantine tags its own writes)
+        tag_run(db, "evaluations", f"{STAGE}-{run}", res.version)
     # nothing to quarantine: no merge (storage.lance.merge of 0 rows into a non-empty table fails on
     # an untyped empty mask, and there is nothing to write anyway)
     if rejections:

@@ -40,7 +40,7 @@ from schemas.reminders import (
     RemindersConfig,
     load_prompt_data,
 )
-from storage.lance import connect, merge, open_table, read, resolve_versions, table_exists
+from storage.lance import connect, merge, open_table, read, resolve_versions, table_exists, tag_run
 from storage.quarantine import quarantine
 from tasks.llm_client import (
     ERROR,
@@ -333,8 +333,16 @@ def validate_rows(rows: list[dict]) -> ValidationReport:
     return validate(pa.Table.from_pylist(rows, schema=REMINDERS.schema), reminders_suite(), table_name=STAGE)
 
 
-def write(lance_uri: str, outcome: Outcome, run: str) -> dict:
-    """Merge valid rows, drop stale rows of dialogs now quarantined, quarantine the rejects."""
+def table_version(lance_uri: str, name: str) -> int | None:
+    """The table's latest version now (None where it does not exist yet)."""
+    db = connect(lance_uri)
+    return open_table(db, name).version if table_exists(db, name) else None
+
+
+def write(lance_uri: str, outcome: Outcome, run: str, llm_before: int | None = None) -> dict:
+    """Merge valid rows, drop stale rows of dialogs now quarantined, quarantine the rejects; tag what
+    this run wrote with ``reminders-<run>`` (``llm_responses`` too when it moved past ``llm_before``,
+    its version when the run started)."""
     db = connect(lance_uri)
     res = merge(db, "reminders", pa.Table.from_pylist(outcome.rows, schema=REMINDERS.schema))
     bad = {int(r.key) for r in outcome.rejections if r.key.isdigit()}
@@ -344,6 +352,11 @@ def write(lance_uri: str, outcome: Outcome, run: str) -> dict:
     q = quarantine(db, STAGE, outcome.rejections, run)
     versions = {"reminders": open_table(db, "reminders").version, "quarantine": q.version,
                 "llm_responses": open_table(db, "llm_responses").version}
+    label = f"{STAGE}-{run}"
+    if res.inserted or res.updated or stale:
+        tag_run(db, "reminders", label, versions["reminders"])
+    if versions["llm_responses"] != llm_before:  # this run's calls were merged
+        tag_run(db, "llm_responses", label, versions["llm_responses"])
     return {"versions": versions, "inserted": res.inserted, "updated": res.updated}
 
 

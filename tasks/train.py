@@ -29,7 +29,7 @@ from prefect.events import emit_event
 
 from schemas.train import ARTIFACT_CREATED_EVENT, MemoryTrainConfig, SftConfig
 from storage.artifacts import ArtifactStore, ArtifactVersion, code_version, fingerprint
-from storage.lance import connect, open_table, read, resolve_versions, table_exists
+from storage.lance import connect, open_table, pin, read, resolve_versions, table_exists
 from storage.quarantine import quarantine, reason_counts
 from tasks.runtime import Progress, artifact_key, in_prefect_run, logger, publish_markdown, run_id
 from tasks.validate import ValidationFailed, ValidationReport, validate
@@ -55,7 +55,22 @@ class TrainPlan:
         return config.checkpoints_dir / self.fingerprint
 
 
+def pin_inputs(lance_uri: str, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each input version tagged (``pinned-v<N>``) so that cleanup keeps it for as long as a manifest
+    names it, with the tag and its row count recorded beside the version."""
+    db = connect(lance_uri)
+    out = {}
+    for name, info in inputs.items():
+        version = int(info["version"])
+        rows = info.get("rows")
+        if rows is None:
+            rows = open_table(db, name).to_lance().checkout_version(version).count_rows()
+        out[name] = {**info, "rows": rows, "tag": pin(db, name, version)}
+    return out
+
+
 def _plan(config: SftConfig | MemoryTrainConfig, inputs: dict[str, dict[str, Any]], sources: list[Path]) -> TrainPlan:
+    inputs = pin_inputs(config.lance_uri, inputs)
     code = code_version(sources=sources)
     fp = fingerprint(config.fingerprint_fields(), {k: v["version"] for k, v in inputs.items()}, code["source_hash"])
     existing = None if config.force else ArtifactStore(config.artifacts_dir).find(config.artifact, fp)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from schemas.config import ROOT_FILE, record_root_choice
 from schemas.embed import EmbedConfig
 from schemas.memory import MemoryConfig
 from schemas.reminders import RemindersConfig
+from storage.artifacts import ArtifactStore
+from storage.lance import connect, open_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -46,11 +50,31 @@ def test_the_demos_printed_commands_and_the_readme_memory_section_run_on_its_roo
     for cmd in printed:
         assert "--tiny" not in cmd
         _run(cmd[1:])
+    query = subprocess.run([str(Path(sys.executable).with_name("mmem")), "--data-root", str(root), "query", "--text",
+                            "a red circle", "-k", "2"], capture_output=True, text=True, check=False, timeout=300)
+    assert query.returncode == 0, query.stderr[-2000:]
+    assert "warn" not in query.stderr.lower(), query.stderr  # no deprecation warnings in a normal command
     recalled = _run(["--data-root", str(root), "memory", "recall", "--owner", "demo", "--text", "a red circle"])
     assert recalled.startswith(" 1. "), recalled
     for cmd in _readme_block("### Memory"):
         assert cmd[0] == "mmem"
         _run(["--data-root", str(root), *cmd[1:]])
+
+    # lineage: every table the flows wrote carries its runs' tags; after compaction and a cleanup of
+    # everything older than now, each manifest's inputs open at their versions with their rows
+    db = connect(root / "lance")
+    for name in ("images", "dialogs", "turns", "reminders", "llm_responses", "evaluations"):
+        labels = open_table(db, name).tags.list()
+        assert any(not t.startswith("pinned-") for t in labels), (name, labels)
+    manifests = ArtifactStore(root / "artifacts").list()
+    assert {a.manifest["kind"] for a in manifests} == {"lora-adapter", "memory-model"}
+    _run(["--data-root", str(root), "tables", "maintain", "--keep-hours", "0"])
+    db = connect(root / "lance")
+    for art in manifests:
+        for name, info in art.manifest["inputs"].items():
+            ds = open_table(db, name).to_lance()
+            assert ds.checkout_version(info["version"]).count_rows() == info["rows"], (art.ref, name, info)
+            assert open_table(db, name).tags.list()[info["tag"]]["version"] == info["version"]
 
 
 def test_recorded_choices_are_defaults_below_every_explicit_setting(tmp_path, monkeypatch):
