@@ -607,11 +607,15 @@ def speed_table(workdir: Path, **overrides):
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
-    result = speed(args) if args.what == "speed" else quality(args)
-    print(json.dumps(result, indent=2))
+    emit(speed(args) if args.what == "speed" else quality(args), args.json)
+
+
+def emit(result: dict, json_path: Path | None) -> None:
+    """Print the figures and the command that reproduces them (and keep them as JSON)."""
+    print(json.dumps(result, indent=2, default=float))
     print(f"command: {command_line()}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memory_bench import FixedEmbedder, command_line, percentiles, speed_table
+from memory_bench import FixedEmbedder, emit, percentiles, speed_table
 
 from schemas.memory import MemoryConfig
 
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     every = [m for w in ws for m in w["ms"]]
     out["under_load"] = {
         "adds_per_s": round(sum(adds) / args.seconds, 1), "adds_per_writer": adds,
-        "fairness_max_dev_from_mean": round(max(abs(a - np.mean(adds)) for a in adds) / np.mean(adds), 3),
+        "fairness_max_dev_from_mean": round(float(max(abs(a - np.mean(adds)) for a in adds) / np.mean(adds)), 3),
         "remember": {**percentiles(every), "max_ms": round(max(every), 1)},
         "exceptions": sum(len(w["errors"]) for w in ws), "exception_examples": [e for w in ws for e in w["errors"]][:3],
         "recall": {**percentiles(rd["ms"]), "recall_at_10": round(rd["recall_at_10"], 4), "n": len(rd["ms"])},
@@ -261,10 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for log in logs:
         log.unlink(missing_ok=True)
-    print(json.dumps(out, indent=2))
-    print(f"command: {command_line()}")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

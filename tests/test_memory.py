@@ -48,6 +48,19 @@ def stored_vector(store, memory_id: str) -> bytes:
     return np.asarray(t.column("vector")[0].values, np.float32).tobytes()
 
 
+def add_facts(store, rows: int, seed: int) -> np.ndarray:
+    """``rows`` durable facts of ann (ids m0.., vectors ``unit(seed + i)``) in one bulk insert."""
+    vecs = np.stack([unit(seed + i) for i in range(rows)])
+    store.add_rows(pa.table({
+        "memory_id": [f"m{i}" for i in range(rows)], "owner": ["ann"] * rows, "modality": ["text"] * rows,
+        "text": [f"fact {i}" for i in range(rows)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
+        "model": [store.fingerprint] * rows, "created_at": [T0] * rows, "last_accessed_at": [T0] * rows,
+        "access_count": [0] * rows, "saliency": [0.5] * rows, "kind": ["durable"] * rows,
+    }))
+    return vecs
+
+
 def files_containing(root, needles: dict[str, bytes]) -> dict[str, list[str]]:
     """Which files under ``root`` hold each needle's bytes (data, deletion, index, manifest: all)."""
     found: dict[str, list[str]] = {name: [] for name in needles}
@@ -327,17 +340,8 @@ def test_forget_removes_text_and_vector_from_every_file(store):
 def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
     config = MemoryConfig(data_root=tmp_path, index_min_rows=256, index_partitions=2, candidates=16)
     store = MemoryStore(config, embedder)
-    import pyarrow as pa
-
     rows = 300
-    vecs = np.stack([unit(100 + i) for i in range(rows)])
-    store.add_rows(pa.table({
-        "memory_id": [f"m{i}" for i in range(rows)], "owner": ["ann"] * rows, "modality": ["text"] * rows,
-        "text": [f"fact {i}" for i in range(rows)],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
-        "model": [store.fingerprint] * rows, "created_at": [T0] * rows, "last_accessed_at": [T0] * rows,
-        "access_count": [0] * rows, "saliency": [0.5] * rows, "kind": ["durable"] * rows,
-    }))
+    vecs = add_facts(store, rows, seed=100)
     m42 = stored_vector(store, "m42")
     assert files_containing(config.lance_uri, {"v": m42})["v"]
     built = store.maintain()
@@ -367,14 +371,7 @@ def test_an_open_store_indexes_new_rows_in_the_background(tmp_path, embedder):
                           refresh_seconds=0)
     store = MemoryStore(config, embedder)
     rows = 300
-    vecs = np.stack([unit(700 + i) for i in range(rows)])
-    store.add_rows(pa.table({
-        "memory_id": [f"m{i}" for i in range(rows)], "owner": ["ann"] * rows, "modality": ["text"] * rows,
-        "text": [f"fact {i}" for i in range(rows)],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
-        "model": [store.fingerprint] * rows, "created_at": [T0] * rows, "last_accessed_at": [T0] * rows,
-        "access_count": [0] * rows, "saliency": [0.5] * rows, "kind": ["durable"] * rows,
-    }))
+    add_facts(store, rows, seed=700)
     store.maintain()
     for i in range(12):
         store.remember("ann", f"new {i}", vector=unit(1700 + i), now=T0)
