@@ -113,6 +113,7 @@ def stage_config(args, root: Path) -> EmbedConfig:
     return EmbedConfig(
         data_root=root, tiny=args.tiny, random_weights=not args.tiny, device=args.device, batch_size=args.batch_size,
         shard_rows=args.shard_rows, decode_workers=args.decode_workers, decode_pool=args.decode_pool, concurrent_shards=args.concurrent_shards,
+        image_decode=args.image_decode,
         compile=args.compile, image_roots={"train": images}, index_min_rows=args.index_min_rows,
     )
 
@@ -300,6 +301,7 @@ def main() -> None:
     ap.add_argument("--decode-images", type=int, default=16384, help="images in the decode-only timing")
     ap.add_argument("--decode-pool", choices=["process", "thread"], default="process")
     ap.add_argument("--concurrent-shards", type=int, default=3)
+    ap.add_argument("--image-decode", choices=["cpu", "gpu"], default="cpu", help="gpu: nvJPEG + resize on the GPU")
     ap.add_argument("--index-min-rows", type=int, default=100_000)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compiled before timing)")
     ap.add_argument("--model-seconds", type=float, default=15.0, help="length of each model-only timing loop")
@@ -340,6 +342,7 @@ def main() -> None:
         "command": command,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}",
         "model": c["model"], "dtype": "bfloat16" if dev.type == "cuda" else "float32", "compile": args.compile,
+        "image_decode": args.image_decode,
         "data": "flat scenes" if args.flat else "photo-like", **shape,
         "images": c["images"], "turns": n_turns, "distinct_texts": c["texts"],
         "stage_wall_s": round(stage["wall_s"], 2), "stage_images_per_s": round(c["images"] / stage["wall_s"], 1),

@@ -87,7 +87,7 @@ def embed_shards_flow(config: EmbedConfig) -> dict:
     logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",
                   p.fingerprint, p.images, p.texts, p.shards, len(p.todo))
     shard_task = embed_shard_task.with_options(result_storage=results_storage(config))
-    futures = [shard_task.submit(s, p.model, config.decode_workers, config.decode_pool) for s in p.todo]
+    futures = [shard_task.submit(s, p.model, config.decode_workers, config.decode_pool, config.image_decode) for s in p.todo]
     done = collect(futures, Writer(db, config.merge_rows), sum(len(s.rows) for s in p.todo))
     label = f"embed-{run_id()}"
     for name in done.writer.merged:

@@ -85,6 +85,9 @@ class EmbedConfig(StageConfig):
     decode_pool: Literal["process", "thread"] = Field(
         default="process", description="Decode images in worker processes, or in threads of the process that feeds "
         "the GPU (PIL releases the GIL while decoding and resizing; no pixels cross a pipe).")
+    image_decode: Literal["cpu", "gpu"] = Field(
+        default="cpu", description="Where JPEGs decode and resize: worker processes (PIL), or the model's GPU "
+        "(nvJPEG; the workers only read files; other formats and CMYK still on the CPU). CPU-only runs ignore gpu.")
     concurrent_shards: int = Field(default=2, ge=1, le=MAX_WORKERS, description="Shards in flight per flow (local runner).")
     merge_rows: int = Field(default=65536, ge=1, le=10_000_000, description="Rows buffered before each merge into Lance.")
     index_min_rows: int = Field(default=100_000, ge=1, le=10**12, description="Build a vector index once a table has this many rows.")

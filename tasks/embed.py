@@ -386,8 +386,13 @@ FAILURE_REASONS = {"missing": Reason.IMAGE_MISSING, "unreadable": Reason.IMAGE_U
                    "outside": Reason.IMAGE_OUTSIDE_ROOT}
 
 
-def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process") -> ShardResult:
-    """Decode, preprocess and embed one shard of images; undecodable ones become rejections."""
+def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process",
+                      decode: str = "cpu") -> ShardResult:
+    """Decode, preprocess and embed one shard of images; undecodable ones become rejections.
+
+    ``decode="gpu"`` on a CUDA model: the workers only read the files, JPEGs decode and resize on
+    the GPU (:mod:`training.jpeg`), anything else on the CPU; otherwise the workers decode and resize.
+    """
     t0 = time.perf_counter()
     rows = shard.rows
     paths = [_full_path(r, p) for r, p in zip(rows.column("root").to_pylist(), rows.column("path").to_pylist(),
@@ -395,17 +400,29 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
     jobs = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     ok = np.ones(len(rows), dtype=bool)
     rejections: list[Rejection] = []
+    embedder = model.load()
+    on_gpu = decode == "gpu" and embedder.device.type == "cuda"
 
-    def chunks() -> Iterator[np.ndarray]:
+    def reject(j: int, failed: list[tuple[int, str, str]]) -> None:
+        for pos, kind, detail in sorted(failed):
+            i = j * DECODE_CHUNK + pos
+            ok[i] = False
+            rejections.append(Rejection(str(rows.column("image_id")[i].as_py()), FAILURE_REASONS[kind],
+                                        {k: rows.column(k)[i].as_py() for k in rows.column_names}, detail))
+
+    def chunks() -> Iterator:
+        if on_gpu:
+            from training.jpeg import decode_pixels, read_jpegs
+
+            for j, (entries, failed) in enumerate(map_ordered(read_jpegs, jobs, resolve_workers(workers), pool)):
+                pixels, bad = decode_pixels(entries, embedder.device)
+                reject(j, failed + bad)
+                yield pixels
+            return
         for j, (pixels, failed) in enumerate(map_ordered(load_pixels_many, jobs, resolve_workers(workers), pool)):
-            for pos, kind, detail in failed:
-                i = j * DECODE_CHUNK + pos
-                ok[i] = False
-                rejections.append(Rejection(str(rows.column("image_id")[i].as_py()), FAILURE_REASONS[kind],
-                                            {k: rows.column(k)[i].as_py() for k in rows.column_names}, detail))
+            reject(j, failed)
             yield pixels
 
-    embedder = model.load()
     stream = StreamStats()
     vectors = embedder.embed_stream("vision", chunks(), stream)
     kept = rows.filter(pa.array(ok))
@@ -452,9 +469,10 @@ def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
 
 
-def embed_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process") -> ShardResult:
+def embed_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process",
+                decode: str = "cpu") -> ShardResult:
     if shard.kind == "image":
-        return embed_image_shard(shard, model, workers, pool)
+        return embed_image_shard(shard, model, workers, pool, decode)
     return embed_text_shard(shard, model, workers)
 
 
@@ -615,9 +633,10 @@ def results_storage(config: EmbedConfig) -> ShardResults:
     return checked_storage(ShardResults, config.results_dir, "mmem-embed")
 
 
-def embed_shard_result(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process") -> ShardPayload:
+def embed_shard_result(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process",
+                       decode: str = "cpu") -> ShardPayload:
     """:func:`embed_shard` as JSON, the form its task persists."""
-    return embed_shard(shard, model, workers, pool).payload()
+    return embed_shard(shard, model, workers, pool, decode).payload()
 
 
 def index_tables(lance_uri: str, min_rows: int) -> dict[str, str]:

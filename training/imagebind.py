@@ -532,7 +532,7 @@ class Embedder:
                 if self.pad_batches:  # a compiled model: few distinct widths, few recompiles
                     x = x[:, : padded_width(token_widths(x).max(), 16)]
                 stats.widths[x.shape[1]] = stats.widths.get(x.shape[1], 0) + len(x)
-            if cuda:
+            if cuda and x.device.type == "cpu":
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
             x = x.long() if modality == "text" else normalise_pixels(x).to(self.dtype)
@@ -578,10 +578,19 @@ def _rebatch(chunks: Iterable[np.ndarray | torch.Tensor], size: int) -> Iterator
             pending.append(take)
             have += len(take)
             if have == size:
-                yield pending[0] if len(pending) == 1 else np.concatenate([np.asarray(p) for p in pending])
+                yield _concat(pending)
                 pending, have = [], 0
     if have:
-        yield pending[0] if len(pending) == 1 else np.concatenate([np.asarray(p) for p in pending])
+        yield _concat(pending)
+
+
+def _concat(parts: list) -> np.ndarray | torch.Tensor:
+    """One batch of host arrays, or of device tensors (decoded on the GPU) where they stay."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], torch.Tensor) and parts[0].device.type != "cpu":
+        return torch.cat(parts)
+    return np.concatenate([np.asarray(p) for p in parts])
 
 
 def load_embedder(
