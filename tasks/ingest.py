@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas.expectations import dialogs_suite, images_suite, turns_suite
 from schemas.ingest import IMAGES, NUM_TURNS, IngestConfig
 from schemas.quarantine import Reason, Rejection
+from storage.index import JOIN_KEYS, SCALAR_MIN_ROWS, ensure_scalar_indexes
 from storage.lance import connect, merge, open_table, tag
 from storage.quarantine import quarantine
 from tasks.images import ImageInfo, check_images, coco_file_names, index_image_folder
@@ -122,8 +123,9 @@ def _dialog_json(parsed: ParsedVisdial, i: int) -> dict:
     }
 
 
-def write(lance_uri: str, out: IngestOutput, run_label: str) -> dict[str, int]:
-    """Merge every table (writes only what changed) and tag the resulting versions."""
+def write(lance_uri: str, out: IngestOutput, run_label: str, scalar_min_rows: int = SCALAR_MIN_ROWS) -> dict[str, int]:
+    """Merge every table (writes only what changed), tag the resulting versions, and index the join
+    keys of tables past ``scalar_min_rows``."""
     db = connect(lance_uri)
     t0 = time.perf_counter()
     results = {"images": [merge(db, "images", out.images)], "dialogs": [], "turns": []}
@@ -139,6 +141,10 @@ def write(lance_uri: str, out: IngestOutput, run_label: str) -> dict[str, int]:
             tag(db, name, run_label)
         versions[name] = version
     versions["quarantine"] = quarantine(db, "ingest", out.rejections, run_label).version
+    for name in JOIN_KEYS:  # the join keys' BTREE indexes, once the tables are large enough
+        if state := {c: a for c, a in ensure_scalar_indexes(db, name, min_rows=scalar_min_rows).items()
+                     if a != "none"}:
+            logger().info("%s scalar indexes: %s", name, state)
     out.seconds["write"] = time.perf_counter() - t0
     return versions
 

@@ -124,11 +124,14 @@ def build_prompts(config: RemindersConfig, dialogs: pa.Table, turns: pa.Table,
     images = images.filter(pc.is_in(images.column("image_id"), ids))
     roots = _columns(images, ["root"])[0] if "root" in images.column_names else [None] * len(images)
     where = {i: (p, h, r) for i, p, h, r in zip(*_columns(images, ["image_id", "path", "sha256"]), roots, strict=True)}
-    prompts, rejections = [], []
+    prompts, rejections, absent_roots = [], [], {}
     for image_id, split in zip(*_columns(dialogs, ["image_id", "split"]), strict=True):
         rel, sha, stored_root = where.get(image_id, (None, None, None))
         root = config.image_roots.get(split) or stored_root
         path = os.path.abspath(os.path.join(root, rel)) if rel and root else None
+        if root and not os.path.isdir(root):
+            absent_roots.setdefault(str(root), split)
+            continue
         if path is None or not os.path.isfile(path):
             rejections.append(Rejection(str(image_id), Reason.IMAGE_MISSING, {"image_id": image_id, "split": split},
                                         f"no image file for {image_id} (root {root}); set image_roots"))
@@ -141,7 +144,19 @@ def build_prompts(config: RemindersConfig, dialogs: pa.Table, turns: pa.Table,
         user = {"role": "user", "content": f"conversation:\n{conv}", "images": (ImageRef(path, sha),)}
         prompts.append(Prompt(image_id, split, conv, target, "file://" + urllib.parse.quote(path),
                               LLMRequest(config.model, (system, user), config.options)))
+    if absent_roots:
+        raise ImageRootMissing(absent_roots)
     return prompts, rejections
+
+
+class ImageRootMissing(FileNotFoundError):
+    """A whole image folder is gone (the data root or the images moved): the run stops before it
+    writes, rather than quarantine every dialog as ``image_missing`` and drop their reminders."""
+
+    def __init__(self, roots: dict[str, str]) -> None:
+        example = json.dumps({split: "/new/folder" for split in dict.fromkeys(roots.values())})
+        super().__init__(f"image folder(s) {sorted(roots)} do not exist (moved?); nothing was written. Point "
+                         f"the reminders config's image_roots at them, e.g. MMEM_REMINDERS_IMAGE_ROOTS='{example}'")
 
 
 def repair_request(req: LLMRequest, bad_answer: str) -> LLMRequest:

@@ -10,7 +10,7 @@ import pytest
 from flows.reminders import reminders_flow
 from schemas.quarantine import Reason
 from schemas.reminders import RemindersConfig, load_prompt_data
-from storage.lance import connect, read
+from storage.lance import connect, open_table, read
 from tasks.llm_client import OK, Journal, LLMResult, ResponseCache
 from tasks.reminders import ShardFailed, build_prompts, conversation_text, load_inputs, parse_response
 from training.llm_server import Faults, make_state, running_server
@@ -158,3 +158,18 @@ def test_repair_reask_and_exports(data_root, tmp_path):
     assert res.exit_code == 0, res.output
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
     assert sum(len(d) for d in ds.values()) == repaired["valid"] and "reminder" in ds["train"].column_names
+
+
+def test_a_moved_image_folder_stops_the_run_before_it_writes(data_root, tmp_path):
+    """Nothing quarantined as image_missing, no reminder dropped: a clear error naming the folder."""
+    from tasks.reminders import ImageRootMissing
+
+    db = connect(data_root / "lance")
+    before = {n: (open_table(db, n).version if n in db.list_tables().tables else None)
+              for n in ("reminders", "quarantine", "llm_responses")}
+    gone = tmp_path / "moved-away"
+    config = _config(data_root, "http://127.0.0.1:9", image_roots={"train": gone}, splits=["train"])
+    with pytest.raises(ImageRootMissing, match="moved-away.*MMEM_REMINDERS_IMAGE_ROOTS"):
+        reminders_flow(config)
+    db = connect(data_root / "lance")
+    assert {n: (open_table(db, n).version if n in db.list_tables().tables else None) for n in before} == before
