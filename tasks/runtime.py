@@ -12,7 +12,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
@@ -60,7 +65,8 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
 
 
 class Progress:
-    """A terminal progress bar plus a Prefect log line every ``log_every`` fraction of the work."""
+    """A terminal progress bar, a Prefect log line every ``log_every`` fraction of the work, and,
+    inside a Prefect run, a progress artifact the UI shows on the run's page, updated as often."""
 
     def __init__(self, total: int, desc: str, *, log_every: float = 0.1, enabled: bool = True) -> None:
         from tqdm import tqdm
@@ -69,17 +75,32 @@ class Progress:
         self._next_log = log_every
         self._log_every = log_every
         self._bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+        self._artifact = None
+        if enabled and in_prefect_run():
+            try:
+                self._artifact = create_progress_artifact(0.0, key=artifact_key(desc) or None, description=desc)
+            except Exception as exc:  # noqa: BLE001 -- the UI's view of progress is not worth failing the work
+                logging.getLogger("mmem").debug("no progress artifact for %s: %s", desc, exc)
 
     def __call__(self, n: int = 1) -> None:
         self.done += n
         self._bar.update(n)
         if self.total and self.done / self.total >= self._next_log:
             logger().info("%s: %d/%d (%.0f%%)", self.desc, self.done, self.total, 100 * self.done / self.total)
+            self._show()
             while self._next_log <= self.done / self.total:
                 self._next_log += self._log_every
 
+    def _show(self) -> None:
+        if self._artifact is not None and self.total:
+            try:
+                update_progress_artifact(self._artifact, progress=min(100.0, 100.0 * self.done / self.total))
+            except Exception as exc:  # noqa: BLE001 -- as above
+                logging.getLogger("mmem").debug("progress artifact of %s not updated: %s", self.desc, exc)
+
     def close(self) -> None:
         self._bar.close()
+        self._show()
 
     def __enter__(self) -> Self:
         return self
