@@ -27,6 +27,7 @@ from lancedb.index import FTS, Bitmap, BTree, IvfFlat, IvfHnswSq, IvfPq
 
 from memory import visibility as vis
 from memory.table import MemoryTable
+from memory.writes import FRAGMENT_ROWS
 from schemas.embed import EMBED_DIM
 from schemas.memory import MemoryConfig
 from storage.index import index_new_rows, partitions_for
@@ -69,7 +70,8 @@ def purge(mt: MemoryTable, where: pc.Expression, *, dry_run: bool = False) -> Fo
         rewrite = frags & live  # fragments deleted whole are gone already
         if rewrite:
             ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0,
-                                      excluded_fragment_ids=sorted(live - rewrite))
+                                      excluded_fragment_ids=sorted(live - rewrite),
+                                      target_rows_per_fragment=FRAGMENT_ROWS)
             report.fragments_rewritten = len(rewrite)
             ds = mt.own()
         report.indexes_rebuilt = drop_stale_index_rows(tbl, ds, frags - live)
