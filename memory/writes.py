@@ -53,12 +53,15 @@ def _stored(mt: MemoryTable, memory_id: str) -> dict[str, Any] | None:
 def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, Any]:
     """Append one new memory (a durable one with a key supersedes the owner's current fact on it,
     in the same commit). With ``check_id`` (the caller chose the id) a stored id is returned as is."""
-    new = rows_table([row])  # built before the turn: others wait only for the commit
-    with mt.writing() as tbl:
+    # the row's data file is written before the turn (others wait only for the check and the
+    # commit); a file whose commit does not happen is referenced by no version and never read
+    key = row.get("subject_key")
+    staged = None if key and row["kind"] == DURABLE else write_fragments(rows_table([row]), mt.dataset(),
+                                                                          schema=mt.dataset().schema)
+    with mt.writing():
         if check_id and (old := _stored(mt, row["memory_id"])) is not None:
             return old
-        key = row.get("subject_key")
-        if key and row["kind"] == DURABLE:
+        if staged is None:
             where = (vis.owned(row["owner"]) & (pc.field("subject_key") == key) & vis.current()
                      & (pc.field("kind") == DURABLE))
             ds = mt.dataset(fresh=True)
@@ -69,7 +72,9 @@ def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, An
                     r["superseded_by"] = row["memory_id"]
                 replace_rows(ds, old, rows_table([row, *flagged]))
                 return public(row)
-        tbl.add(new)
+            staged = write_fragments(rows_table([row]), ds, schema=ds.schema)
+        latest = mt.dataset(fresh=True).version
+        lance.LanceDataset.commit(mt.dataset().uri, lance.LanceOperation.Append(staged), read_version=latest)
     return public(row)
 
 
