@@ -238,12 +238,14 @@ def tag_run(db: lancedb.DBConnection, name: str, label: str, version: int | None
     the tag there when an earlier write of the same run holds it: the run's writes are lineage."""
     tbl = open_table(db, name)
     label = _label(label)
-    target = version or tbl.version
-    existing = tbl.tags.list()
-    if label not in existing:
-        tbl.tags.create(label, target)
-    elif existing[label]["version"] != target:
-        tbl.tags.update(label, target)
+    with table_lock(db, name):  # parallel tasks of one run tag the same label: read and move as one step
+        tbl.checkout_latest()
+        target = version or tbl.version
+        existing = tbl.tags.list()
+        if label not in existing:
+            tbl.tags.create(label, target)
+        elif existing[label]["version"] < target:  # never back: the later write holds the earlier rows
+            tbl.tags.update(label, target)
     return label
 
 
@@ -255,6 +257,7 @@ def pin(db: lancedb.DBConnection, name: str, version: int) -> str:
     per version, shared by every manifest that names it, which cleanup never removes."""
     tbl = open_table(db, name)
     label = f"{PIN_PREFIX}{int(version)}"
-    if label not in tbl.tags.list():
-        tbl.tags.create(label, int(version))
+    with table_lock(db, name):  # two runs that plan on the same version pin it once
+        if label not in tbl.tags.list():
+            tbl.tags.create(label, int(version))
     return label
