@@ -22,6 +22,35 @@ VARIANTS_DIR = Path(__file__).parent / "variants"
 DEFAULT_BATCH = 64  # generate() batch of in-process variants without a setting
 MEMORY_CUDA_BATCH = 512  # ... and of memory variants on CUDA (benchmarks/eval_bench.py)
 
+DATASET_VERSION = pa.list_(pa.struct([pa.field("table", pa.string()), pa.field("version", pa.int64())]))
+
+
+def parse_dataset_version(text: str | None) -> list[dict] | None:
+    """``dialogs@v3,turns@v3`` (how logs name versions, and the column's text before schema 2) ->
+    ``[{"table": "dialogs", "version": 3}, ...]``."""
+    if text is None:
+        return None
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        table, _, version = part.partition("@")
+        out.append({"table": table, "version": int(version.lstrip("v"))})
+    return out
+
+
+def format_dataset_version(value: list[dict] | str | None) -> str:
+    """The column's value as ``dialogs@v3,turns@v3`` again (reports, logs)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    return ",".join(f"{v['table']}@v{v['version']}" for v in value)
+
+
+def _evaluations_v2(rows: pa.Table) -> pa.Table:
+    """Schema 1 -> 2: ``dataset_version`` text -> list<struct<table, version>>."""
+    i = rows.schema.get_field_index("dataset_version")
+    typed = pa.array([parse_dataset_version(t) for t in rows.column(i).to_pylist()], DATASET_VERSION)
+    return rows.set_column(i, pa.field("dataset_version", DATASET_VERSION), typed)
+
+
 EVALUATIONS = register(
     "evaluations",
     pa.schema(
@@ -32,7 +61,7 @@ EVALUATIONS = register(
             pa.field("value", pa.float64(), nullable=False),
             pa.field("n", pa.int64(), nullable=False),
             pa.field("model_artifact", pa.string()),  # <artifact>/v<N>, or the served model / checkpoint
-            pa.field("dataset_version", pa.string()),  # e.g. turns@v3 (the Lance version read)
+            pa.field("dataset_version", DATASET_VERSION),  # the Lance version of each table read
             pa.field("backbone", pa.string()),  # BERTScore's model and layer; null for other metrics
             pa.field("created_at", pa.timestamp("us", tz="UTC")),
             pa.field("split", pa.string()),
@@ -42,6 +71,8 @@ EVALUATIONS = register(
     ),
     key=("run_id", "variant", "metric"),
     doc="One metric value of one model variant in one evaluation run.",
+    version=2,
+    upgrade=_evaluations_v2,
 )
 
 

@@ -5,6 +5,7 @@ Expectations suite share, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from importlib import resources
@@ -18,6 +19,68 @@ from pydantic_settings import SettingsConfigDict
 from schemas.config import StageConfig, Trusted, default_ollama_host, llm_trusted
 from schemas.tables import register
 
+# Typed, so the options and the messages can be filtered and joined on without parsing JSON. The
+# options Ollama callers here set have their own fields; any other key (a variant's own option) goes
+# to ``other`` as JSON, as do any message keys beyond role, content and images.
+OPTIONS = pa.struct([pa.field("temperature", pa.float64()), pa.field("seed", pa.int64()),
+                     pa.field("num_predict", pa.int64()), pa.field("num_ctx", pa.int64()),
+                     pa.field("top_p", pa.float64()), pa.field("top_k", pa.int64()),
+                     pa.field("repeat_penalty", pa.float64()), pa.field("stop", pa.list_(pa.string())),
+                     pa.field("other", pa.string())])
+PROMPT = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string()),
+                             pa.field("images", pa.list_(pa.string())), pa.field("other", pa.string())]))
+_MESSAGE_KEYS = ("role", "content", "images")
+
+
+def _other(extra: dict) -> str | None:
+    return json.dumps(extra, sort_keys=True, ensure_ascii=False) if extra else None
+
+
+def _unfold(value: dict) -> dict:
+    """``value`` with the keys its ``other`` JSON holds put back (a record given again is unchanged)."""
+    value = dict(value)
+    other = value.pop("other", None)
+    return {**value, **json.loads(other)} if other else value
+
+
+def options_record(options: dict | str | None) -> dict | None:
+    """Generation options (a dict, an ``OPTIONS`` value, or the JSON text of schema 1) as an
+    ``OPTIONS`` value."""
+    if options is None:
+        return None
+    options = _unfold(json.loads(options) if isinstance(options, str) else options)
+    known = [f.name for f in OPTIONS if f.name != "other"]
+    return {**{k: options.get(k) for k in known}, "other": _other({k: v for k, v in options.items() if k not in known})}
+
+
+def prompt_records(messages: list[dict] | str | None) -> list[dict] | None:
+    """Messages (a list, a ``PROMPT`` value, or the JSON text of schema 1) as a ``PROMPT`` value."""
+    if messages is None:
+        return None
+    messages = [_unfold(m) for m in (json.loads(messages) if isinstance(messages, str) else messages)]
+    return [{"role": m.get("role"), "content": m.get("content"), "images": m.get("images"),
+             "other": _other({k: v for k, v in m.items() if k not in _MESSAGE_KEYS})} for m in messages]
+
+
+def prompt_messages(records: list[dict] | None) -> list[dict] | None:
+    """A ``PROMPT`` value as the messages it records (the inverse of :func:`prompt_records`)."""
+    if records is None:
+        return None
+    out = []
+    for r in records:
+        m = {k: r[k] for k in _MESSAGE_KEYS if r.get(k) is not None}
+        out.append({**m, **json.loads(r["other"])} if r.get("other") else m)
+    return out
+
+
+def _llm_responses_v2(rows: pa.Table) -> pa.Table:
+    """Schema 1 -> 2: ``options`` and ``prompt`` JSON text -> typed."""
+    for name, typ, fn in (("options", OPTIONS, options_record), ("prompt", PROMPT, prompt_records)):
+        i = rows.schema.get_field_index(name)
+        rows = rows.set_column(i, pa.field(name, typ), pa.array([fn(v) for v in rows.column(i).to_pylist()], typ))
+    return rows
+
+
 LLM_RESPONSES = register(
     "llm_responses",
     pa.schema(
@@ -25,8 +88,8 @@ LLM_RESPONSES = register(
             pa.field("request_hash", pa.string(), nullable=False),
             pa.field("model", pa.string(), nullable=False),
             pa.field("host", pa.string()),
-            pa.field("options", pa.string()),  # JSON
-            pa.field("prompt", pa.string()),  # the messages as JSON, images replaced by their content hash
+            pa.field("options", OPTIONS),  # the generation options (part of the cache key)
+            pa.field("prompt", PROMPT),  # the messages, each image replaced by "sha256:<content hash>"
             pa.field("response", pa.string()),
             pa.field("status", pa.string(), nullable=False),  # ok | error
             pa.field("error", pa.string()),
@@ -40,6 +103,8 @@ LLM_RESPONSES = register(
     ),
     key=("request_hash",),
     doc="Every LLM call, written through as a response cache.",
+    version=2,
+    upgrade=_llm_responses_v2,
 )
 
 REMINDERS = register(

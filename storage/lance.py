@@ -19,7 +19,7 @@ import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.tables import TableSpec, spec
+from schemas.tables import SCHEMA_VERSION_KEY, TableSpec, spec
 
 # The Lance file format tables are created in, named rather than left to the library's default (a
 # newer lancedb would otherwise change it silently). 2.2 is what pyproject's pylance floor reads.
@@ -43,11 +43,37 @@ def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
     worst (found by ``test_readers_see_whole_commits_only`` on CI).
     """
     try:
-        return db.open_table(name)
+        return upgraded(db, name, db.open_table(name))
     except (ValueError, FileNotFoundError):
         pass
     with table_lock(db, name):
         return db.create_table(name, schema=spec(name).schema, exist_ok=True, data_storage_version=STORAGE_VERSION)
+
+
+def stored_schema_version(tbl: lancedb.table.Table) -> int:
+    return int((tbl.schema.metadata or {}).get(SCHEMA_VERSION_KEY, b"1"))
+
+
+def upgraded(db: lancedb.DBConnection, name: str, tbl: lancedb.table.Table) -> lancedb.table.Table:
+    """``tbl``, first rewritten in its declared schema when it was written with an older one (its
+    spec's ``upgrade``). The rewrite is a new version of the same table: older versions, and the
+    tags that pin them, stay readable in the schema they were written in."""
+    try:
+        table_spec = spec(name)
+    except KeyError:
+        return tbl
+    if table_spec.upgrade is None or stored_schema_version(tbl) >= table_spec.schema_version:
+        return tbl
+    import lance
+
+    with table_lock(db, name):
+        tbl.checkout_latest()
+        if stored_schema_version(tbl) < table_spec.schema_version:  # nobody upgraded it while we waited
+            ds = tbl.to_lance()
+            rows = conform(table_spec.upgrade(ds.to_table()), table_spec)
+            lance.write_dataset(rows, ds.uri, mode="overwrite", data_storage_version=STORAGE_VERSION)
+            tbl.checkout_latest()
+    return tbl
 
 
 @contextmanager

@@ -33,7 +33,15 @@ from evaluation.generation import generate, load_causal_lm, pick_device, render
 from evaluation.report import bar_charts, markdown_table, reference_table
 from evaluation.samples import Sample, build_samples, held_out
 from schemas.config import Trusted
-from schemas.evaluate import DEFAULT_BATCH, EVALUATIONS, MEMORY_CUDA_BATCH, EvaluateConfig, Variant
+from schemas.evaluate import (
+    DEFAULT_BATCH,
+    EVALUATIONS,
+    MEMORY_CUDA_BATCH,
+    EvaluateConfig,
+    Variant,
+    format_dataset_version,
+    parse_dataset_version,
+)
 from schemas.quarantine import Reason, Rejection
 from schemas.reminders import ANY_TAG_RE, REMINDER_RE, RemindersConfig, load_prompt_data
 from storage.artifacts import ArtifactError, ArtifactStore, file_hashes, fingerprint
@@ -604,7 +612,8 @@ def metric_rows(run: str, variant: Variant, model: ResolvedModel, dataset_versio
 
 def write(lance_uri: str, rows: list[dict], rejections: list[Rejection], run: str) -> dict[str, int]:
     db = connect(lance_uri)
-    res = merge(db, "evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS.schema))
+    typed = [{**r, "dataset_version": parse_dataset_version(r["dataset_version"])} for r in rows]
+    res = merge(db, "evaluations", pa.Table.from_pylist(typed, schema=EVALUATIONS.schema))
     if res.inserted or res.updated:  # the run's rows, as lineage (quarantine tags its own writes)
         tag_run(db, "evaluations", f"{STAGE}-{run}", res.version)
     # nothing to quarantine: no merge (storage.lance.merge of 0 rows into a non-empty table fails on
@@ -662,7 +671,8 @@ def read_runs(lance_uri: str, runs: list[str] | None = None, latest: int = 1) ->
     db = connect(lance_uri)
     if not table_exists(db, "evaluations"):
         raise FileNotFoundError(f"no evaluations table under {lance_uri}: run `mmem evaluate run` first")
-    rows = read(db, "evaluations").to_pylist()
+    rows = [{**r, "dataset_version": format_dataset_version(r["dataset_version"])}  # as the report names it
+            for r in read(db, "evaluations").to_pylist()]
     started: dict[str, datetime] = {}
     for r in rows:
         started[r["run_id"]] = min(started.get(r["run_id"], r["created_at"]), r["created_at"])

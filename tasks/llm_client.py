@@ -25,7 +25,6 @@ import asyncio
 import fcntl
 import hashlib
 import hmac
-import json
 import logging
 import os
 import stat
@@ -44,7 +43,7 @@ import pyarrow as pa
 import pydantic
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from schemas.reminders import LLM_RESPONSES
+from schemas.reminders import LLM_RESPONSES, options_record, prompt_records
 from storage.lance import conform, connect, dedupe, open_table, table_exists
 from tasks.secrets import AUTH_ENV, HostAuth
 
@@ -111,7 +110,7 @@ class LLMResult:
         """The ``llm_responses`` row of this call."""
         return {
             "request_hash": self.request_hash, "model": req.model, "host": host,
-            "options": json.dumps(req.options, sort_keys=True), "prompt": req.prompt_json,
+            "options": options_record(req.options), "prompt": prompt_records(orjson.loads(req.prompt_json)),
             "response": self.response, "status": self.status, "error": self.error, "attempts": self.attempts,
             "latency_s": self.latency_s, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "backend": self.backend,
@@ -393,7 +392,10 @@ class ResponseCache:
         if rows:
             for r in rows:
                 r["created_at"] = datetime.fromisoformat(r["created_at"])
-            table = dedupe(conform(pa.Table.from_pylist(rows), LLM_RESPONSES), LLM_RESPONSES.key)
+                r["options"] = options_record(r.get("options"))  # a journal of the previous release: JSON text
+                r["prompt"] = prompt_records(r.get("prompt"))
+            table = dedupe(conform(pa.Table.from_pylist(rows, schema=LLM_RESPONSES.schema), LLM_RESPONSES),
+                           LLM_RESPONSES.key)
             tbl = open_table(connect(self.lance_uri), "llm_responses")
             (tbl.merge_insert("request_hash").when_matched_update_all().when_not_matched_insert_all()
              .execute(table))

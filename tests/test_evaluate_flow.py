@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from evaluation.metrics import GENERATION_METRICS
 from evaluation.ranking import RANKING_METRICS
-from schemas.evaluate import EvaluateConfig, Variant, load_variants
+from schemas.evaluate import EvaluateConfig, Variant, format_dataset_version, load_variants
+from schemas.reminders import prompt_messages
 from storage.lance import connect, merge, open_table, read
 from training.llm_server import make_state, running_server
 
@@ -138,7 +139,8 @@ def test_rows_for_every_metric_with_provenance(evaluated):
         for metric in (*GENERATION_METRICS, "reminder_format_rate"):
             row = by[(variant, metric)]
             assert row["n"] == LIMIT and row["split"] == "val"
-            assert row["dataset_version"] == first["dataset_version"] and row["dataset_version"].startswith("dialogs@v")
+            assert format_dataset_version(row["dataset_version"]) == first["dataset_version"]
+            assert row["dataset_version"][0]["table"] == "dialogs" and row["dataset_version"][0]["version"] >= 1
             assert (row["backbone"] is not None) == (metric == "bertscore_f1")
     assert by[("tiny_base", "bertscore_f1")]["backbone"].startswith("all-MiniLM-L6-v2@L6 (")
     for metric in RANKING_METRICS:  # ranking: every round of the two dialogs
@@ -148,7 +150,7 @@ def test_rows_for_every_metric_with_provenance(evaluated):
         assert by[("memory", metric)]["n"] == LIMIT * 10
         assert by[("memory", metric)]["model_artifact"] == "memory-model:v1"
         # the memory model answers from the stored embeddings: their versions are part of what it read
-        version = by[("memory", metric)]["dataset_version"]
+        version = format_dataset_version(by[("memory", metric)]["dataset_version"])
         assert version.startswith(first["dataset_version"] + ",image_embeddings@v") and ",text_embeddings@v" in version
     assert list(first["skipped"]) == ["missing_sft"] and "no-such-artifact" in first["skipped"]["missing_sft"]
 
@@ -191,7 +193,8 @@ def test_generations_are_in_the_response_cache(evaluated):
     assert backends.count("memory:memory-model:v1") == LIMIT * 10
     hf = next(r for r in responses if r["backend"].startswith("hf:"))
     assert hf["model"].startswith("hf:llama-seed0@") and hf["host"] == "in-process" and hf["status"] == "ok"
-    assert json.loads(hf["options"]) == {"temperature": 0.0, "seed": 0, "num_predict": 8}
+    assert {k: v for k, v in hf["options"].items() if v is not None} == {"temperature": 0.0, "seed": 0,
+                                                                         "num_predict": 8}  # typed, not JSON
 
 
 def test_a_shared_server_is_guarded_by_a_prefect_concurrency_limit(evaluated):
@@ -212,7 +215,7 @@ def test_dialogs_an_artifact_trained_on_are_quarantined(evaluated):
     q = read(db, "quarantine", where="stage = 'evaluate'").to_pylist()
     assert [(r["key"], r["reason"]) for r in q] == [(str(val_ids[0]), "seen_in_training")]
     assert "memory-model:v1" in q[0]["detail"]
-    memory_turns = {json.loads(r["prompt"])[0]["memory"] for r in read(db, "llm_responses").to_pylist()
+    memory_turns = {prompt_messages(r["prompt"])[0]["memory"] for r in read(db, "llm_responses").to_pylist()
                     if r["backend"].startswith("memory:")}
     assert not any(m.startswith(f"visdial:{val_ids[0]}:") for m in memory_turns)  # never asked about it
 

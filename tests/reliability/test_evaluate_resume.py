@@ -136,7 +136,7 @@ def reference(ingested_root, tmp_path_factory, server):
     start = len(backend.asked)
     evaluate_flow(cfg)
     asked = settled(backend, start)
-    served = {json.loads(r["prompt"])[-1]["content"]: h for h, r in responses(cfg).items()
+    served = {r["prompt"][-1]["content"]: h for h, r in responses(cfg).items()
               if r["backend"] == "teacher"}
     assert Counter(asked) == Counter(list(served))  # every served prompt asked once, and they are distinct
     assert len(served) >= 40  # the demo's val dialogs x 10 turns: room for a kill part-way
