@@ -50,3 +50,11 @@ def safe_child(base: Path | str, name: object, param: str) -> Path:
     if real != root and root not in real.parents:
         raise UnsafeName(f"{param}={name!r}: {path} leads out of {base} (to {real}); refusing to follow it")
     return path
+
+
+def stored_root(root: str | None, data_root: str | Path) -> str | None:
+    """An image folder as the ``images`` table records it, as a path: a relative one is relative to
+    the data root (so a root moved whole keeps its images), an absolute one is taken as it is."""
+    if not root:
+        return root
+    return root if Path(root).is_absolute() else str(Path(data_root) / root)

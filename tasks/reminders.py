@@ -41,6 +41,7 @@ from schemas.reminders import (
     load_prompt_data,
 )
 from storage.lance import connect, merge, open_table, read, resolve_versions, table_exists, tag_run
+from storage.paths import stored_root as stored_root_of
 from storage.quarantine import quarantine
 from tasks.llm_client import (
     ERROR,
@@ -127,7 +128,7 @@ def build_prompts(config: RemindersConfig, dialogs: pa.Table, turns: pa.Table,
     prompts, rejections, absent_roots = [], [], {}
     for image_id, split in zip(*_columns(dialogs, ["image_id", "split"]), strict=True):
         rel, sha, stored_root = where.get(image_id, (None, None, None))
-        root = config.image_roots.get(split) or stored_root
+        root = config.image_roots.get(split) or stored_root_of(stored_root, config.data_root)
         path = os.path.abspath(os.path.join(root, rel)) if rel and root else None
         if root and not os.path.isdir(root):
             absent_roots.setdefault(str(root), split)

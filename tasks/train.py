@@ -30,6 +30,7 @@ from prefect.events import emit_event
 from schemas.train import ARTIFACT_CREATED_EVENT, MemoryTrainConfig, SftConfig
 from storage.artifacts import ArtifactStore, ArtifactVersion, code_version, fingerprint
 from storage.lance import connect, open_table, pin, read, resolve_versions, table_exists
+from storage.paths import stored_root
 from storage.quarantine import quarantine, reason_counts
 from tasks.runtime import Progress, artifact_key, in_prefect_run, logger, publish_markdown, run_id
 from tasks.validate import ValidationFailed, ValidationReport, validate
@@ -148,8 +149,9 @@ def stored_image_paths(lance_uri: str, image_ids: list[int]) -> dict[int, Path]:
     tbl = read(db, "images", where=f"image_id IN ({', '.join(map(str, image_ids))})")
     if "root" not in tbl.column_names:
         return {}
-    return {r["image_id"]: Path(r["root"]) / r["path"] for r in tbl.select(["image_id", "root", "path"]).to_pylist()
-            if r["root"]}
+    data_root = Path(lance_uri).parent
+    return {r["image_id"]: Path(stored_root(r["root"], data_root)) / r["path"]
+            for r in tbl.select(["image_id", "root", "path"]).to_pylist() if r["root"]}
 
 
 def run_sft(config: SftConfig, plan: TrainPlan) -> ArtifactVersion:

@@ -173,3 +173,18 @@ def test_a_moved_image_folder_stops_the_run_before_it_writes(data_root, tmp_path
         reminders_flow(config)
     db = connect(data_root / "lance")
     assert {n: (open_table(db, n).version if n in db.list_tables().tables else None) for n in before} == before
+
+
+def test_an_image_root_recorded_relative_to_the_data_root_moves_with_it(data_root, tmp_path, demo_dir):
+    """images.root relative to the data root: the whole root moved elsewhere still finds its images."""
+    import shutil
+
+    shutil.copytree(demo_dir / "images" / "train2014", data_root / "imgs" / "train2014")
+    open_table(connect(data_root / "lance"), "images").update(where="split = 'train'",
+                                                              values={"root": "imgs/train2014"})
+    moved = tmp_path / "elsewhere" / "root"
+    shutil.move(data_root, moved)
+    config = RemindersConfig(data_root=moved, splits=["train"])
+    prompts, rejections = build_prompts(config, *load_inputs(config.lance_uri))
+    assert len(prompts) == 20 and not rejections
+    assert all(p.request.messages[1]["images"][0].path.startswith(str(moved)) for p in prompts)
