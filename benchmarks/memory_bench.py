@@ -174,11 +174,12 @@ def speed(args) -> dict:
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     exact_ms, agree = [], []
+    ds = store.mt.dataset(fresh=True)
     for i in range(args.exact_queries):
-        where = store.visible_filter(owners[i], None, now)
+        where = store.visible(owners[i], None, now)
         t0 = time.perf_counter()
-        res = (store.table.search(q[i]).distance_type("cosine").where(where, prefilter=True)
-               .select(["memory_id"]).limit(args.k).bypass_vector_index().to_arrow())
+        res = ds.to_table(columns=["memory_id"], filter=where, prefilter=True,
+                          nearest={"column": "vector", "q": q[i], "k": args.k, "metric": "cosine", "use_index": False})
         exact_ms.append((time.perf_counter() - t0) * 1e3)
         agree.append(len(set(res.column("memory_id").to_pylist()) & truth[i]) / args.k)
 
@@ -186,9 +187,8 @@ def speed(args) -> dict:
         store.recall(owners[i], vector=q[i], k=args.k, now=now, touch=False)
     search_ms, recall_ms, hits = [], [], []
     for i in range(args.queries):
-        where = store.visible_filter(owners[i], None, now)
         t0 = time.perf_counter()
-        cands = store._vector_candidates(q[i], owners[i], None, now, args.k)
+        cands = store.candidates(q[i], owners[i], None, now, args.k)
         search_ms.append((time.perf_counter() - t0) * 1e3)
         hits.append(len(set(cands.column("memory_id").to_pylist()) & truth[i]) / args.k)
         t0 = time.perf_counter()
@@ -415,8 +415,8 @@ def store_ranks(memories, events, vectors, qvectors, config: MemoryConfig, weigh
             order = [to_id[h.memory["memory_id"]] for h in got]
             hit = [i for i, mid in enumerate(order) if mid in item["relevant"]]
             ranks.append(hit[0] + 1 if hit else None)
-            if got:
-                store._touch([h.memory["memory_id"] for h in got[:touch_k]], item["at"])
+            if got and store.stats.touch([h.memory["memory_id"] for h in got[:touch_k]], item["at"]):
+                store.flush()
             if qi % 250 == 0:
                 store.maintain()
     return ranks
