@@ -14,7 +14,7 @@ from storage.lance import connect, dedupe, merge, read, tag
 def test_config_layers_defaults_profile_env_overrides(tmp_path, monkeypatch):
     profile = tmp_path / "p.toml"
     profile.write_text('data_root = "/from/profile"\n[ingest]\nworkers = 3\nmax_image_pixels = 10\n')
-    base = dict(visdial=Path("v.json"), images=Path("imgs"))
+    base = {"visdial": Path("v.json"), "images": Path("imgs")}
     c = IngestConfig.load(profile, **base)
     assert (c.data_root, c.workers, c.max_image_pixels) == (Path("/from/profile"), 3, 10)
     monkeypatch.setenv("MMEM_INGEST_WORKERS", "5")
