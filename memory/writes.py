@@ -56,8 +56,9 @@ def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, An
     # the row's data file is written before the turn (others wait only for the check and the
     # commit); a file whose commit does not happen is referenced by no version and never read
     key = row.get("subject_key")
-    staged = None if key and row["kind"] == DURABLE else write_fragments(rows_table([row]), mt.dataset(),
-                                                                          schema=mt.dataset().schema)
+    new = rows_table([row])
+    ds = mt.dataset()
+    staged = None if key and row["kind"] == DURABLE else write_fragments(new, ds, schema=ds.schema)
     with mt.writing():
         if check_id and (old := _stored(mt, row["memory_id"])) is not None:
             return old
@@ -72,9 +73,9 @@ def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, An
                     r["superseded_by"] = row["memory_id"]
                 replace_rows(ds, old, rows_table([row, *flagged]))
                 return public(row)
-            staged = write_fragments(rows_table([row]), ds, schema=ds.schema)
-        latest = mt.dataset(fresh=True).version
-        lance.LanceDataset.commit(mt.dataset().uri, lance.LanceOperation.Append(staged), read_version=latest)
+            staged = write_fragments(new, ds, schema=ds.schema)
+        ds = mt.dataset(fresh=True)
+        lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(staged), read_version=ds.version)
     return public(row)
 
 
