@@ -231,3 +231,26 @@ def use_local_server_auth(data_root: Path) -> bool:
 
         refresh_global_settings_context()
     return True
+
+
+def run_flow(flow: Any, config: StageConfig, errors: tuple[type[BaseException], ...] = ()) -> Any:
+    """Run ``flow(config)`` and print its result's JSON (a stage result, or plain data) on stdout;
+    one of ``errors`` becomes a one-line error and exit code 1, not a traceback."""
+    try:
+        result = flow(config)
+    except errors as exc:
+        fail(str(exc))
+    echo(result)
+    return result
+
+
+def echo(result: Any) -> None:
+    """The one way a command prints a result: pydantic results by their own JSON, the rest as JSON."""
+    import json
+
+    from pydantic import BaseModel
+
+    if isinstance(result, BaseModel):
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        typer.echo(json.dumps(result, indent=2, default=str, ensure_ascii=False))

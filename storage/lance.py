@@ -226,10 +226,27 @@ def version_ref(version: int | str | None) -> int | str | None:
     return int(version) if isinstance(version, str) and version.isdigit() else version
 
 
+class TablesMissing(FileNotFoundError):
+    """Tables a step reads are not there; the message names them and the command that makes them."""
+
+
+def require(db: lancedb.DBConnection, names: Iterable[str], hint: str) -> None:
+    """Raise :class:`TablesMissing` naming every table of ``names`` that ``db`` lacks and ``hint``
+    (what to run first): the one "run X first" error of every stage."""
+    missing = [n for n in names if not table_exists(db, n)]
+    if missing:
+        what = f"table {missing[0]} is" if len(missing) == 1 else f"tables {', '.join(missing)} are"
+        raise TablesMissing(f"{what} missing under {db.uri}: {hint}")
+
+
 def resolve_versions(db: lancedb.DBConnection, names: Iterable[str],
-                     pins: dict[str, int | str] | None = None) -> dict[str, int]:
+                     pins: dict[str, int | str] | None = None, hint: str | None = None) -> dict[str, int]:
     """The version of each table a run reads: its pin (a number, or a tag resolved to its number),
-    else the latest now, so that every read of one run sees the same commit of each input."""
+    else the latest now, so that every read of one run sees the same commit of each input. With
+    ``hint``, missing tables raise :class:`TablesMissing` (see :func:`require`) first."""
+    names = list(names)
+    if hint is not None:
+        require(db, names, hint)
     out = {}
     for name in names:
         tbl = open_table(db, name)
