@@ -11,7 +11,7 @@ manifest says what went in (tables and their Lance versions, the full config, th
 what came out (file hashes) and how well (metrics); its ``fingerprint`` lets a re-run with the
 same inputs, config and code find the version it would produce instead of training again.
 
-Names come from flow parameters, so every one passes ``storage.paths.safe_child`` (no absolute
+Names come from flow parameters, so every one passes ``schemas.paths.safe_child`` (no absolute
 path, ``..`` or symlink out of the store). Claiming a number and moving ``latest`` happen under one
 lock per artifact (an flock on ``<name>/.lock``), and ``latest`` is moved to the highest complete
 version, so two concurrent publishers can never leave it naming the older one.
@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from storage.paths import NAME_PATTERN, safe_child
+from schemas.paths import NAME_PATTERN, safe_child
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
