@@ -1,8 +1,8 @@
 """What recall filters and re-ranks on, held in memory per Lance fragment (:class:`RecallColumns`).
 
-After the vector search Lance reads each further column of the ~100 candidates by random
-access: ~1.3 ms per column per query at 827,830 memories on 2 cores, and recall's filter and
-score need nine. These columns are small (~40 bytes a row as numpy arrays and codes), and a
+After the vector search Lance reads each further column of the candidates by random access, a
+cost paid per column and per query, and recall's filter and score need nine columns (the figures
+are in benchmarks/memory_bench.py's printout). These columns are small (~40 bytes a row as numpy arrays and codes), and a
 fragment's data files never change (an update deletes the row and writes it into a new
 fragment; an in-place column rewrite changes the fragment's file list, which is part of the
 cache key), so each fragment's columns are read once per process and, when the table moves on,

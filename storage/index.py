@@ -3,8 +3,8 @@ of what a search found.
 
 Small tables are searched exactly (a flat scan of 100k x 1024 float32 is fast enough and exact);
 past ``min_rows`` a table gets an IVF_HNSW_SQ index (cosine: the vectors are L2-normalised),
-which DESIGN.md measured at recall@10 ~0.88 and 12-19 ms p50 over 827k vectors, where IVF_PQ
-was faster but far less accurate. Rows added later are folded into the index by ``optimize``;
+which kept recall@10 high at VisDial scale where IVF_PQ alone lost accuracy (DESIGN.md has the
+figures). Rows added later are folded into the index by ``optimize``;
 the index is rebuilt only when most of the table is outside it.
 """
 
@@ -105,10 +105,9 @@ def index_new_rows(tbl: lancedb.table.Table, column: str = "vector") -> int:
     trained partitions; returns how many vector index segments were merged into one.
 
     lance's default ``optimize_indices()`` (which lancedb's ``Table.optimize()`` runs) re-partitions
-    an IVF index by its own target partition size when it folds new rows in: measured, 910
-    partitions became 26 at 827,830 memories (a search with 8 probes then scanned a third of the
-    table: 2.6 -> 12 ms), and 200 became 2 at 60,500 rows. New rows are indexed as a delta
-    segment instead, and segments are merged, which keeps the partitions (tests/test_memory.py)."""
+    an IVF index by its own target partition size when it folds new rows in: a large index falls to
+    a few dozen partitions, and a search with a few probes then scans a large share of the table.
+    New rows are indexed as a delta segment instead, and segments are merged, which keeps the partitions (tests/test_memory.py)."""
     ds = tbl.to_lance()
     idx = vector_index(tbl, column)
     others = [i.name for i in tbl.list_indices() if idx is None or i.name != idx.name]
@@ -124,9 +123,8 @@ def merge_index_deltas(tbl: lancedb.table.Table, column: str = "vector") -> int:
     """Fold the vector index's delta segments into one; returns how many there were.
 
     ``optimize()`` indexes new rows as a separate delta segment each time, and a query probes
-    ``nprobes`` partitions of every segment: at 827,830 memories, 3 segments cost ~10% more per
-    search than 1 (measured with ``benchmarks/memory_bench.py``). Merging keeps the trained
-    partitions (no retraining)."""
+    ``nprobes`` partitions of every segment, so every extra segment makes each search dearer.
+    Merging keeps the trained partitions (no retraining)."""
     idx = vector_index(tbl, column)
     stats = tbl.index_stats(idx.name) if idx is not None else None
     segments = getattr(stats, "num_indices", None) or 1
