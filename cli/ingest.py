@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import DataRootOpt, fail, load
+from cli.common import DataRootOpt, echo, load, run_flow
 
 
 def register(app: typer.Typer) -> None:
@@ -26,11 +25,11 @@ def demo_data(
                                                "shape (benchmarks), not answers true about the images.")] = False,
 ) -> None:
     """Write the deterministic demo dataset: JPEG scenes, VisDial v1.0 JSON and COCO captions."""
-    from tasks.demo_data import write_demo
+    from ingest.demo_data import write_demo
 
     paths = write_demo(out, dialogs, seed=seed, val_dialogs=val_dialogs, workers=workers, progress=True,
                        photos=photos)
-    typer.echo(json.dumps({s: {k: str(v) for k, v in p.items()} for s, p in paths.items()}, indent=2))
+    echo({s: {k: str(v) for k, v in p.items()} for s, p in paths.items()})
 
 
 def ingest(
@@ -42,15 +41,11 @@ def ingest(
 ) -> None:
     """Clean a VisDial split into the Lance tables images, dialogs, turns and quarantine."""
     from flows.ingest import ingest_flow
-    from tasks.validate import ValidationFailed
-    from tasks.visdial import VisdialFormatError
+    from ingest.visdial import VisdialFormatError
+    from schemas.validate import ValidationFailed
 
     config = load(_ingest_config(), data_root, visdial=visdial, images=images, coco=coco, workers=workers)
-    try:
-        result = ingest_flow(config)
-    except (VisdialFormatError, FileNotFoundError, ValidationFailed) as exc:
-        fail(str(exc))
-    typer.echo(json.dumps(result, indent=2, default=str))
+    run_flow(ingest_flow, config, errors=(VisdialFormatError, FileNotFoundError, ValidationFailed))
 
 
 def _ingest_config():

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from schemas.ingest import IngestConfig
-from tasks.ingest import clean_task, counts_markdown, validate_task, write_task
+from ingest.clean import counts_markdown
+from schemas.ingest import IngestConfig, IngestResult
+from schemas.validate import ValidationFailed
+from tasks.ingest import clean_task, validate_task, write_task
 from tasks.runtime import logger, publish_markdown, run_id
-from tasks.validate import ValidationFailed
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(config: IngestConfig) -> dict:
+def ingest_flow(config: IngestConfig) -> IngestResult:
     """Clean ``config.visdial`` + ``config.images`` into ``images``/``dialogs``/``turns``.
 
     Returns the table versions written and the counts kept and dropped per reason.
@@ -23,7 +24,7 @@ def ingest_flow(config: IngestConfig) -> dict:
     if failed:
         raise ValidationFailed("ingest validation failed:\n" + "\n".join(r.markdown() for r in failed))
     versions = write_task(config.lance_uri, out, f"ingest-{run_id()}")
-    counts = out.counts()
-    publish_markdown("ingest-counts", counts_markdown(counts), "Rows kept and dropped per reason")
-    logger().info("ingest done: %s; versions %s", counts, versions)
-    return {"versions": versions, "counts": counts}
+    result = IngestResult(versions=versions, counts=out.counts())
+    publish_markdown("ingest-counts", counts_markdown(result.counts), "Rows kept and dropped per reason")
+    logger().info("ingest done: %s; versions %s", result.counts, result.versions)
+    return result

@@ -1,7 +1,7 @@
 """Great Expectations suites: the data contracts each stage's output must meet.
 
 Suites are built by functions because some expectations depend on the run (a turns table must
-have ten rows per dialog written). ``tasks.validate`` runs them; a failed suite stops the
+have ten rows per dialog written). ``schemas.validate`` runs them; a failed suite stops the
 stages downstream.
 """
 

@@ -11,6 +11,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig
+from schemas.results import StageResult
 from schemas.tables import register
 
 NUM_TURNS = 10
@@ -94,3 +95,10 @@ class IngestConfig(StageConfig):
         default=50_000_000, ge=1, le=MAX_IMAGE_BYTES,
         description="Image files larger than this are quarantined unread (a COCO JPEG is well under 1 MB).",
     )
+
+
+class IngestResult(StageResult):
+    """What an ingest run did: the versions it wrote (``images``, ``dialogs``, ``turns``,
+    ``quarantine``) and the rows kept and dropped, per reason. Ingest reads no table."""
+
+    counts: dict[str, int] = Field(default_factory=dict, description="Rows in, kept, and dropped per reason.")

@@ -10,7 +10,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from tasks.demo_data import COLORS, make_scene, write_split
+from ingest.demo_data import COLORS, make_scene, write_split
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from ingest.images import ImageInfo, check_image, check_images, index_image_folder
 from schemas.quarantine import Reason
-from tasks.images import ImageInfo, check_image, check_images, index_image_folder
 
 
 def _jpeg(path, size=(64, 48), mode="RGB"):
@@ -63,7 +63,7 @@ def test_hash_is_of_content_and_process_pool_matches_serial(tmp_path):
 def test_only_regular_files_within_the_byte_limit_are_read(tmp_path):
     import os
 
-    from tasks.images import read_bounded
+    from ingest.images import read_bounded
 
     root = tmp_path / "imgs"
     root.mkdir()
@@ -94,7 +94,7 @@ def test_only_regular_files_within_the_byte_limit_are_read(tmp_path):
 def test_coco_file_names_rejects_bad_entries_and_keeps_the_rest(tmp_path):
     import json
 
-    from tasks.images import coco_file_names
+    from ingest.images import coco_file_names
 
     images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b\0.jpg"}, {"id": 3, "file_name": 3},
               {"id": 4, "file_name": None}, {"id": "5", "file_name": "e.jpg"}, {"id": True, "file_name": "f.jpg"},
@@ -116,8 +116,8 @@ def test_broken_coco_file_is_a_clear_error_naming_file_and_position(tmp_path):
 
     import pytest
 
-    from tasks.images import CocoFormatError, coco_file_names
-    from tasks.visdial import VisdialFormatError
+    from ingest.images import CocoFormatError, coco_file_names
+    from ingest.visdial import VisdialFormatError
 
     raw = json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(50)]}).encode()
     p = tmp_path / "captions.json"

@@ -9,8 +9,8 @@ import pytest
 
 from flows.ingest import ingest_flow
 from schemas.ingest import IngestConfig
+from schemas.validate import ValidationFailed
 from storage.lance import connect, read
-from tasks.validate import ValidationFailed
 
 
 def _config(root, demo, **kw):
@@ -34,19 +34,22 @@ def test_rerun_writes_nothing_and_changed_input_writes_a_new_version(tmp_path, d
     root = tmp_path / "root"
     first = ingest_flow(_config(root, demo_dir))
     again = ingest_flow(_config(root, demo_dir))
-    assert again["versions"] == first["versions"]
+    assert again.versions == first.versions
+    shown = json.loads(first.to_json())  # what `mmem ingest` prints: today's keys
+    assert set(shown) == {"read_versions", "versions", "counts"} and shown["read_versions"] == {}
+    assert set(shown["versions"]) == {"images", "dialogs", "turns", "quarantine"} and shown["counts"]["dialogs_kept"] == 20
 
     doc = json.loads((demo_dir / "visdial_1.0_train.json").read_text())
     doc["data"]["dialogs"][0]["caption"] = "a changed caption"
     changed_file = tmp_path / "visdial_1.0_train.json"
     changed_file.write_text(json.dumps(doc))
     changed = ingest_flow(_config(root, demo_dir).model_copy(update={"visdial": changed_file}))
-    assert changed["versions"]["dialogs"] == first["versions"]["dialogs"] + 1
-    assert changed["versions"]["images"] == first["versions"]["images"]
+    assert changed.versions["dialogs"] == first.versions["dialogs"] + 1
+    assert changed.versions["images"] == first.versions["images"]
     db = connect(root / "lance")
     assert read(db, "dialogs", where=f"image_id = {doc['data']['dialogs'][0]['image_id']}").column("caption")[0].as_py() == "a changed caption"
     assert len(read(db, "dialogs")) == 20  # updated in place, not appended
-    old = read(db, "dialogs", version=first["versions"]["dialogs"])
+    old = read(db, "dialogs", version=first.versions["dialogs"])
     assert "a changed caption" not in old.column("caption").to_pylist()
 
 
@@ -68,7 +71,7 @@ def test_bad_records_are_quarantined_with_reasons(tmp_path, demo_dir):
     (demo / "captions_train2014.json").write_text(json.dumps(coco))
 
     result = ingest_flow(_config(tmp_path / "root", demo))
-    counts = result["counts"]
+    counts = result.counts
     assert counts["dialogs_in"] == 21 and counts["dialogs_kept"] == 16 and counts["turns_kept"] == 160
     q = read(connect(tmp_path / "root" / "lance"), "quarantine").to_pylist()
     by_key = {(r["key"], r["reason"]) for r in q}
@@ -79,7 +82,7 @@ def test_bad_records_are_quarantined_with_reasons(tmp_path, demo_dir):
     }
     assert all(r["stage"] == "ingest" and r["record"] for r in q)
     again = ingest_flow(_config(tmp_path / "root", demo))
-    assert again["versions"] == result["versions"]  # quarantine rows are not written twice
+    assert again.versions == result.versions  # quarantine rows are not written twice
 
 
 def test_counts_artifact_published(tmp_path, demo_dir, flow_run_artifacts):
@@ -98,7 +101,7 @@ def test_validation_gate_fails_with_report():
     import pyarrow as pa
 
     from schemas.expectations import dialogs_suite
-    from tasks.validate import validate
+    from schemas.validate import validate
 
     report = validate(pa.table({"image_id": [1, 1], "caption": ["a", "b"]}), dialogs_suite(), table_name="dialogs")
     with pytest.raises(ValidationFailed, match="expect_column_values_to_be_unique"):
@@ -126,7 +129,7 @@ def test_bad_coco_entries_are_quarantined_and_their_dialogs_kept(tmp_path, demo_
     bad = [str(coco["images"][i]["id"]) for i in (0, 1)]
 
     result = ingest_flow(_config(tmp_path / "root", demo))
-    assert result["counts"]["dialogs_kept"] == 20  # the image folder still names both images
+    assert result.counts["dialogs_kept"] == 20  # the image folder still names both images
     q = read(connect(tmp_path / "root" / "lance"), "quarantine").to_pylist()
     assert sorted((r["key"], r["reason"]) for r in q) == sorted((k, "bad_record") for k in bad)
     details = {r["key"]: r["detail"] for r in q}

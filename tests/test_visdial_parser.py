@@ -1,20 +1,18 @@
 """VisDial parsing: every bad dialog is rejected with its reason, every good one survives, and the
-fast path gives exactly what the reference (slow) path gives."""
+bulk option-list parser proves each list held exactly 100 integers."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ingest.options import parse_joined, parse_options
+from ingest.visdial import VisdialFormatError, dialog_columns, parse_visdial
 from schemas.quarantine import Reason
-from tasks import visdial, visdial_options
-from tasks.visdial import VisdialFormatError, dialog_columns, parse_visdial
-from tasks.visdial_options import FileBytes, OptionsHelper, OptionsJob
 
 
 def _round(q=0, a=0, gt=0, n_answers=3):
@@ -117,14 +115,22 @@ def test_image_id_past_int64_is_a_bad_record_and_the_others_survive(tmp_path, im
     assert [(r.key, r.reason) for r in parsed.rejections] == [(str(image_id), Reason.BAD_RECORD)]
 
 
-# --- the fast path against the reference (slow) path ----------------------------------------------
+# --- many kinds of dialog in one file, against a model of the checks -------------------------------
 
 QS = ["is it red", "any dogs", "how many", " "]  # index 3 is blank
 ANS = ["yes", "no", "two", "maybe"]
-SEMANTIC = ["ok", "short", "empty", "blank_caption", "blank_question", "question_oob", "answer_neg",
-            "option_oob", "gt_oob", "gt_mismatch", "dup"]
-TYPED = ["string_index", "float_option", "nested_options", "null_options", "count_99", "minus_one_option",
-         "escaped_key", "private_key_text"]  # the fast path hands these files to the slow path
+# kind -> the reason its dialog is rejected (None: kept). "dup" repeats the previous dialog's id.
+EXPECTED = {
+    "ok": None, "short": Reason.WRONG_TURN_COUNT, "empty": Reason.WRONG_TURN_COUNT,
+    "blank_caption": Reason.EMPTY_TEXT, "blank_question": Reason.EMPTY_TEXT,
+    "question_oob": Reason.INDEX_OUT_OF_RANGE, "answer_neg": Reason.INDEX_OUT_OF_RANGE,
+    "option_oob": Reason.INDEX_OUT_OF_RANGE, "minus_one_option": Reason.INDEX_OUT_OF_RANGE,
+    "gt_oob": Reason.GT_INDEX_OUT_OF_RANGE, "gt_mismatch": Reason.GT_INDEX_OUT_OF_RANGE,
+    "string_index": Reason.BAD_RECORD, "float_option": Reason.BAD_RECORD, "nested_options": Reason.BAD_RECORD,
+    "null_options": Reason.BAD_RECORD, "count_99": Reason.BAD_RECORD,
+    "escaped_bracket": None, "bracket_caption": None, "dup": None,
+}
+DIALOG_LEVEL = {Reason.WRONG_TURN_COUNT, Reason.DUPLICATE_ID}  # checked before the rounds
 
 
 def _dialog(image_id, rng, kind, shuffle):
@@ -165,60 +171,66 @@ def _dialog(image_id, rng, kind, shuffle):
     elif kind == "count_99":
         r["answer_options"] = r["answer_options"][:99]
     elif kind == "minus_one_option":
-        r["answer_options"][int(rng.integers(100))] = -1
-    elif kind == "escaped_key":
-        d["caption"] = "tab["  # the bracket written as a \u escape below: it could spell the private key
-    elif kind == "private_key_text":
-        d["caption"] = "["  # the string the fast path uses as its private key
+        r["answer_options"][int(rng.integers(100))] = -1  # looks like a separator of the bulk parser
+    elif kind == "escaped_bracket":
+        d["caption"] = "tab["  # the bracket written as a \u escape below
+    elif kind == "bracket_caption":
+        d["caption"] = "["
     if shuffle:
         d["dialog"] = [dict(sorted(x.items(), key=lambda kv: rng.random())) for x in d["dialog"]]
     return d
 
 
-def _same(a, b):
-    assert a.split == b.split and a.questions.equals(b.questions) and a.answers.equals(b.answers)
-    for name in ("image_ids", "q_idx", "a_idx", "gt_index", "options"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
-    assert a.captions == b.captions
-    assert [(r.key, r.reason, r.record_json(), r.detail) for r in a.rejections] == \
-        [(r.key, r.reason, r.record_json(), r.detail) for r in b.rejections]
-    ta, tb = dialog_columns(a), dialog_columns(b)
-    assert all(ta[k].equals(tb[k]) for k in ta)
+def _expected(dialogs, kinds):
+    """(kept dialogs in file order, sorted (key, reason) of the rejections): the checks' order."""
+    kept, rejected, seen = [], [], set()
+    for d, kind in zip(dialogs, kinds, strict=True):
+        reason = EXPECTED[kind]
+        if kind != "string_index" and reason not in DIALOG_LEVEL and d["image_id"] in seen:
+            reason = Reason.DUPLICATE_ID
+        if reason is None:
+            kept.append(d)
+        else:
+            rejected.append((str(d["image_id"]), reason))
+        if reason not in DIALOG_LEVEL and kind not in ("string_index", "blank_caption"):
+            seen.add(d["image_id"])  # passed the dialog checks: a later copy is a duplicate
+    return kept, sorted(rejected)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(kinds=st.lists(st.sampled_from(SEMANTIC + TYPED), min_size=1, max_size=8), seed=st.integers(0, 2**32 - 1),
-       indent=st.sampled_from([None, None, 1]), compact=st.booleans(), shuffle=st.booleans(), extra_list=st.booleans())
-def test_fast_path_gives_what_the_reference_path_gives(tmp_path, kinds, seed, indent, compact, shuffle, extra_list):
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(sorted(EXPECTED)), min_size=1, max_size=8), seed=st.integers(0, 2**32 - 1),
+       indent=st.sampled_from([None, None, 1]), compact=st.booleans(), shuffle=st.booleans(),
+       extra_list=st.booleans())
+def test_each_kind_of_dialog_gets_its_reason_and_the_rest_survive(tmp_path, kinds, seed, indent, compact, shuffle,
+                                                                 extra_list):
     rng = np.random.default_rng(seed)
     dialogs = []
     for i, kind in enumerate(kinds):
         dialogs.append(_dialog(dialogs[-1]["image_id"] if kind == "dup" and dialogs else 100 + i, rng, kind, shuffle))
-    if extra_list:  # an answer_options list outside any round
+    if extra_list:  # an answer_options list outside any round: not a round's, ignored
         dialogs[0]["answer_options"] = [1, 2, 3]
     doc = {"version": "1.0", "split": "val", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}}
     text = json.dumps(doc, indent=indent, ensure_ascii=False, separators=(",", ":") if compact else None)
-    raw = text.replace("tab[", "tab\\u005b").encode()
     p = tmp_path / "visdial_1.0_val.json"
-    p.write_bytes(raw)
+    p.write_bytes(text.replace("tab[", "tab\\u005b").encode())
 
     parsed = parse_visdial(p)
-    _same(parsed, visdial._parse_slow(p, raw))
-    source = FileBytes(p)
-    try:
-        visdial._parse_fast(source, None)
-        took_fast = True
-    except visdial._NotFast:
-        took_fast = False
-    finally:
-        source.close()
-    has_lists = any(d.get("dialog") for d in dialogs)  # a file without any falls back too
-    assert took_fast == (indent is None and not extra_list and has_lists and not set(kinds) & set(TYPED))
+    kept, rejected = _expected(dialogs, kinds)
+    assert parsed.image_ids.tolist() == [d["image_id"] for d in kept]
+    assert sorted((r.key, r.reason) for r in parsed.rejections) == rejected
+    assert all(r.record_json() for r in parsed.rejections)
+    for row, source in enumerate(kept):
+        assert parsed.captions[row] == source["caption"]
+        rounds = source["dialog"]
+        assert parsed.options[row].tolist() == [r["answer_options"] for r in rounds]
+        assert parsed.gt_index[row].tolist() == [r["gt_index"] for r in rounds]
+    turns = dialog_columns(parsed)["turns"]
+    assert len(turns) == 10 * len(kept)
 
 
 @pytest.mark.parametrize("tamper", ["moved_list", "duplicate_key"])
-def test_lists_that_are_not_exactly_the_rounds_lists_go_to_the_slow_path(tmp_path, tamper):
+def test_a_round_without_its_own_list_is_a_bad_record(tmp_path, tamper):
     # As many "answer_options" lists as rounds, but one round has none: counting alone would pass.
     rng = np.random.default_rng(5)
     dialogs = [_dialog(1, rng, "ok", False), _dialog(2, rng, "ok", False)]
@@ -230,74 +242,35 @@ def test_lists_that_are_not_exactly_the_rounds_lists_go_to_the_slow_path(tmp_pat
     text = json.dumps({"split": "val", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}})
     p = tmp_path / "visdial_1.0_val.json"
     p.write_text(text.replace('"DUP"', '"answer_options"'))
-    source = FileBytes(p)
-    with pytest.raises(visdial._NotFast):
-        visdial._parse_fast(source, None)
-    source.close()
     parsed = parse_visdial(p)
-    _same(parsed, visdial._parse_slow(p, p.read_bytes()))
     assert parsed.image_ids.tolist() == [1] and [r.reason for r in parsed.rejections] == [Reason.BAD_RECORD]
 
 
-def test_helper_process_gives_the_same_tables(tmp_path):  # the helper starts; here the caller may outrun it
-    rng = np.random.default_rng(7)
-    kinds = ["ok"] * 1500 + ["gt_mismatch", "short", "dup", "option_oob"]
-    dialogs = [_dialog(10_000 + i if k != "dup" else 10_000, rng, k, False) for i, k in enumerate(kinds)]
-    raw = json.dumps({"split": "train", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}}).encode()
-    p = tmp_path / "visdial_1.0_train.json"
-    p.write_bytes(raw)
-    parsed = parse_visdial(p, helper_min_bytes=0)
-    _same(parsed, visdial._parse_slow(p, raw))
-    assert len(parsed.rejections) == 4
+def test_many_chunks_of_lists_parse_in_bulk_and_a_bad_list_marks_only_its_round():
+    rows = np.random.default_rng(1).integers(0, 300_000, size=(2500, 100))
+    raws = [json.dumps(r.tolist()).encode() for r in rows]
+    raws[1700] = json.dumps(list(range(99))).encode()
+    raws[2100] = b"[" + b",".join([b"1"] * 99) + b",-1]"  # 100 values, one of them -1: still a list of 100
+    values, bad, lowest, highest = parse_options(raws, 100)
+    assert np.flatnonzero(bad).tolist() == [1700]
+    ok = np.ones(len(rows), bool)
+    ok[[1700, 2100]] = False
+    assert np.array_equal(values[ok], rows[ok]) and values[2100, -1] == -1
+    assert lowest == -1 and highest == np.iinfo(np.int32).max  # a chunk went list by list: look at all
 
 
-def _lists_file(tmp_path, rows):
-    texts = [b"[" + b", ".join(str(x).encode() for x in r) + b"]" for r in rows]
-    p = tmp_path / "lists.json"
-    p.write_bytes(b" ".join(texts))
-    ends = np.cumsum([len(t) + 1 for t in texts]) - 2  # the "]" of each list
-    starts = ends - np.array([len(t) for t in texts]) + 2
-    return p, starts, ends
+@pytest.mark.parametrize("doc, ok", [
+    (b"[[1,2,3],-1,[4,5,6],-1]", True),
+    (b"[1,2,3,-1,4,5,6,-1]", True),  # bare lists
+    (b"[[1,2],-1,[3,4,5,6],-1]", False),  # the counts differ: a separator out of place
+    (b"[[1,2,-1],-1,[4,5,6],-1]", False),  # a -1 where a separator should be
+    (b"[[1,2,3],-1,[4,5.5,6],-1]", False),
+    (b"[[1,2,3],-1,[4,5,6]]", False),
+])
+def test_parse_joined_proves_every_list_has_its_width(doc, ok):
+    import simdjson
 
-
-def _job(path, starts, ends, helper, chunk=16):
-    source = FileBytes(path, helper.data_fd if helper else None)
-    job = OptionsJob(source.buf, len(starts), 100, helper, chunk=chunk)
-    for lo, hi in source.pieces(4096):  # hand the spans over as their bytes arrive
-        whole = (ends < hi) & (ends >= lo)
-        job.add(starts[whole], ends[whole])
-    source.close()
-    return job
-
-
-@pytest.mark.parametrize("kill", [False, True])
-def test_helper_takes_chunks_from_the_front_and_a_dead_one_costs_nothing(tmp_path, kill):
-    rows = np.random.default_rng(1).integers(0, 300_000, size=(640, 100))
-    p, starts, ends = _lists_file(tmp_path, rows)
-    helper = OptionsHelper.spawn()
-    assert helper is not None, "needs two cores and memfd"
-    try:
-        job = _job(p, starts, ends, helper)
-        if kill:
-            helper.proc.kill()
-        deadline = time.monotonic() + 30
-        while not kill and job.work.states[0] == 0 and time.monotonic() < deadline:  # the helper has begun
-            time.sleep(0.01)
-        values, lowest, highest = job.finish()
-        assert np.array_equal(values, rows) and (lowest, highest) == (rows.min(), rows.max())
-        if not kill:
-            assert job.work.states[0] == visdial_options._HELPER_DONE
-    finally:
-        helper.close()
-
-
-def test_a_malformed_list_fails_the_job_wherever_it_is(tmp_path):
-    rows = [list(range(100))] * 300
-    rows[5] = list(range(99))
-    p, starts, ends = _lists_file(tmp_path, rows)
-    helper = OptionsHelper.spawn()
-    try:
-        assert _job(p, starts, ends, helper).finish() is None
-    finally:
-        helper.close()
-    assert _job(p, starts, ends, None).finish() is None
+    out, span = np.zeros((2, 3), np.int32), np.zeros(2, np.int32)
+    assert parse_joined(simdjson.Parser(), doc, out, span) is ok
+    if ok:
+        assert out.tolist() == [[1, 2, 3], [4, 5, 6]] and span.tolist() == [1, 6]

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from ingest.images import ImageInfo, ImageProblem, check_image
+from ingest.visdial import VisdialFormatError, parse_visdial
 from schemas.quarantine import Reason
-from tasks.images import ImageInfo, ImageProblem, check_image
-from tasks.visdial import VisdialFormatError, parse_visdial
 
 QUESTIONS = ["is it red", "any dogs", "how many"]
 ANSWERS = ["yes", "no", "two", "maybe"]
@@ -201,7 +201,7 @@ import json, sys, threading, time
 import psutil
 from flows.ingest import ingest_flow
 from schemas.ingest import IngestConfig
-from tasks.images import check_image
+from ingest.images import check_image
 
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
@@ -229,7 +229,7 @@ def watched(config):
 _, warm_up = watched(args["warm_up"])
 result, growth = watched(args["config"])
 print("RESULT " + json.dumps({"fifo_reason": str(fifo.reason), "fifo_seconds": fifo_seconds,
-                              "rss_growth": growth, "warm_up_growth": warm_up, "counts": result["counts"]}))
+                              "rss_growth": growth, "warm_up_growth": warm_up, "counts": result.counts}))
 """
 
 
