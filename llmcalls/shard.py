@@ -1,0 +1,133 @@
+"""One shard of LLM calls: ``workers`` requests in flight, each finished call journaled at once.
+
+The caller says where to send them (an :class:`Endpoint`, or any object with its attributes, such
+as a ``RemindersConfig``) and which host gets which token (a :class:`~llmcalls.auth.HostAuth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from llmcalls.auth import HostAuth
+from llmcalls.cache import Journal
+from llmcalls.client import LLMClient
+from llmcalls.requests import ERROR, OK, REJECTED, LLMRequest
+from storage.progress import Progress
+
+
+class ClientOptions(Protocol):
+    """Where requests go and how they are retried (``RemindersConfig`` has these attributes)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def backoff_s(self) -> float: ...
+    @property
+    def backoff_max_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A plain :class:`ClientOptions`."""
+
+    host: str
+    timeout_s: float = 300.0
+    max_attempts: int = 4
+    backoff_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+
+class ShardStats(BaseModel):
+    """What a shard did (a task's result, persisted as JSON by the caller's orchestration)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shard: int
+    requests: int = 0
+    skipped: int = 0  # already answered in this shard's journal (a retried shard)
+    ok: int = 0
+    failed: int = 0  # retryable, still failing after the retries
+    rejected: int = 0  # 4xx / unreadable image: not retried
+    retries: int = 0
+    latencies: list[float] = []
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+
+    def __init__(self, shard: int | None = None, /, **data) -> None:
+        if shard is not None:
+            data["shard"] = shard
+        super().__init__(**data)
+
+
+class ShardFailed(RuntimeError):
+    """A shard still had failed requests after their retries: re-run the flow to retry only those."""
+
+    def __init__(self, message: str, stats: ShardStats) -> None:
+        super().__init__(message, stats)
+        self.stats = stats
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def client_for(options: ClientOptions, auth: HostAuth, backend: str | None = None) -> LLMClient:
+    return LLMClient(options.host, timeout_s=options.timeout_s, max_attempts=options.max_attempts,
+                     backoff_s=options.backoff_s, backoff_max_s=options.backoff_max_s, backend=backend,
+                     auth=auth)
+
+
+async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptions, journal_path: Path,
+                    workers: int, backend: str | None = None, *, auth: HostAuth) -> ShardStats:
+    """Make the shard's calls, ``workers`` at a time, appending each finished one to the journal
+    (requests the journal already answered are skipped). ``auth``: which host gets which token."""
+    stats = ShardStats(shard, requests=len(requests))
+    t0 = time.perf_counter()
+    with Journal(journal_path) as journal, Progress(len(requests), f"shard {shard}", log_every=0.5,
+                                                    enabled=False) as progress:
+        done = journal.done()
+        todo = [r for r in requests if r.request_hash not in done]
+        stats.skipped = len(requests) - len(todo)
+        queue: asyncio.Queue[LLMRequest] = asyncio.Queue()
+        for r in todo:
+            queue.put_nowait(r)
+
+        def retried() -> None:
+            stats.retries += 1
+
+        async with client_for(options, auth, backend) as client:
+
+            async def worker() -> None:
+                while not queue.empty():
+                    req = queue.get_nowait()
+                    res = await client.chat(req, on_retry=retried)
+                    journal.append(res.row(req, options.host))
+                    stats.latencies.append(res.latency_s)
+                    stats.ok += res.status == OK
+                    stats.failed += res.status == ERROR
+                    stats.rejected += res.status == REJECTED
+                    stats.completion_tokens += res.completion_tokens or 0
+                    progress()
+
+            await asyncio.gather(*(worker() for _ in range(min(workers, len(todo)) or 1)))
+    stats.wall_s = time.perf_counter() - t0
+    return stats
+
+
+def check_server(options: ClientOptions, model: str, *, auth: HostAuth) -> str:
+    """Fail fast (``LLMUnavailable``, saying what to run) unless ``options.host`` answers and has
+    ``model``; returns the backend that will answer."""
+    async def _check() -> str:
+        async with LLMClient(options.host, timeout_s=options.timeout_s, auth=auth) as client:
+            return await client.check(model)
+
+    return asyncio.run(_check())
