@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import DataRootOpt, fail, load
+from cli.common import DataRootOpt, echo, fail, load, run_flow
 
 
 class ExportFormat(StrEnum):
@@ -32,7 +31,8 @@ def _config():
 
 def reminders(
     ctx: typer.Context,
-    ollama_host: Annotated[str | None, typer.Option(help="Ollama server (default $OLLAMA_HOST or 127.0.0.1:11434).")] = None,
+    ollama_host: Annotated[str | None, typer.Option(
+        help="Ollama server (default $OLLAMA_HOST or 127.0.0.1:11434).")] = None,
     model: Annotated[str | None, typer.Option(help="Model name on that server (default gemma3:27b).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N dialogs.")] = None,
     data_root: DataRootOpt = None,
@@ -46,21 +46,19 @@ def reminders(
     from tasks.validate import ValidationFailed
 
     config = load(_config(), data_root, ollama_host=ollama_host, model=model, limit=limit)
-    try:
-        result = reminders_flow(config)
-    except (LLMUnavailable, FileNotFoundError, ValidationFailed, ShardFailed) as exc:
-        fail(str(exc))
-    typer.echo(json.dumps(result, indent=2, default=str))
+    run_flow(reminders_flow, config,
+             errors=(LLMUnavailable, FileNotFoundError, ValidationFailed, ShardFailed))
 
 
 def export(
-    format: Annotated[ExportFormat, typer.Option("--format", help="report-json (the report's sample list) or hf.")],
+    format: Annotated[ExportFormat, typer.Option(
+        "--format", help="report-json (the report's sample list) or hf.")],
     out: Annotated[Path, typer.Option(help="A .json file (report-json) or a folder (hf).")],
     version: Annotated[str | None, typer.Option(help="Table version number or tag (default latest).")] = None,
     data_root: DataRootOpt = None,
 ) -> None:
     """Export the reminders table at a version: the report's JSON, or a datasets.load_from_disk folder."""
-    from tasks.reminders import export_hf, export_report_json, read_reminders
+    from reminders.export import export_hf, export_report_json, read_reminders
 
     config = load(_config(), data_root)
     try:
@@ -68,6 +66,6 @@ def export(
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     if format == ExportFormat.report_json:
-        typer.echo(json.dumps({"out": str(out), "samples": export_report_json(table, out)}))
+        echo({"out": str(out), "samples": export_report_json(table, out)})
     else:
-        typer.echo(json.dumps({"out": str(out), "splits": export_hf(table, out)}))
+        echo({"out": str(out), "splits": export_hf(table, out)})

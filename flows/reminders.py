@@ -27,12 +27,15 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 
-from schemas.reminders import RemindersConfig
+from reminders.outcome import Outcome, repaired, sort_out, to_repair
+from reminders.prompts import repair_request
+from reminders.summary import run_summary
+from reminders.write import table_version
+from schemas.reminders import RemindersConfig, RemindersResult
 from storage.lance import versions_text
 from tasks.llm_client import LLMRequest, ResponseCache
 from tasks.llm_slots import hold_slots
 from tasks.reminders import (
-    Outcome,
     ShardFailed,
     ShardStats,
     check_server_task,
@@ -43,13 +46,9 @@ from tasks.reminders import (
     merge_journal_task,
     plan_task,
     recover_task,
-    repair_request,
-    run_summary,
     shard_errors,
     shard_results_storage,
     slots_dir,
-    sort_out,
-    table_version,
     validate_task,
     write_task,
 )
@@ -137,10 +136,10 @@ def fan_out(config: RemindersConfig, cache: ResponseCache, requests: list[LLMReq
 
 
 @flow(name="reminders", log_prints=True)
-def reminders_flow(config: RemindersConfig) -> dict:
+def reminders_flow(config: RemindersConfig) -> RemindersResult:
     """Generate, cache, validate and write ``<reminder>`` samples for every dialog in ``config``.
 
-    Returns the run summary; raises (after writing everything it has) when a shard failed, so a
+    Returns the run's result; raises (after writing everything it has) when a shard failed, so a
     re-run, which makes no call for a cached key, finishes the job.
     """
     enforce_trust(config)
@@ -166,55 +165,44 @@ def reminders_flow(config: RemindersConfig) -> dict:
     outcome = sort_out(prompts, answers, gen.errors)
     rounds = [gen]
     if config.repair and outcome.rejections:
-        outcome, more = _repair(config, cache, prompts, answers, outcome, backend, run)
+        outcome, more = _repair(config, cache, prompts, outcome, backend, run)
         rounds.append(more)
-    outcome = Outcome(outcome.rows, plan_rejections + outcome.rejections, outcome.failed)
-    stats = [s for r in rounds for s in r.stats]
+    outcome = Outcome([], plan_rejections, []) + outcome
     failed_shards = [i for r in rounds for i in r.failed]
-    gen_s = sum(r.seconds for r in rounds)
 
     report = validate_task(quote(outcome.rows))
     publish_markdown("reminders-validation", report.markdown(), "Great Expectations: reminders")
     if not report.success:
         raise ValidationFailed("reminders validation failed:\n" + report.markdown())
     written = write_task(config.lance_uri, quote(outcome), run, llm_before)
-    summary = run_summary(len(prompts) + len(plan_rejections), cache_hits, stats, outcome,
-                          time.perf_counter() - t0, gen_s, backend)
-    summary.update(outcome.counts())
-    summary.update(shards=sum(r.shards for r in rounds), shards_cached=sum(r.cached for r in rounds))
-    summary.update(written)  # "versions": the table versions this run wrote (SFT trains on that one)
-    summary["read_versions"] = read_versions
-    if summary["valid"] + summary["quarantined"] + summary["failures"] != summary["prompts"]:
-        raise RuntimeError(f"reminders counts do not reconcile: {summary}")
-    flat = {**{k: v for k, v in summary.items() if k not in ("versions", "read_versions")},
-            **{f"read_{k}": v for k, v in read_versions.items()},
-            **{f"version_{k}": v for k, v in summary["versions"].items()}}
-    publish_table("reminders-run", [{"count": k, "value": v} for k, v in flat.items()],
+    result = run_summary(len(prompts) + len(plan_rejections), cache_hits, [s for r in rounds for s in r.stats],
+                         outcome, time.perf_counter() - t0, sum(r.seconds for r in rounds), backend,
+                         shards=sum(r.shards for r in rounds), shards_cached=sum(r.cached for r in rounds),
+                         read_versions=read_versions, **written)
+    if not result.reconciles():
+        raise RuntimeError(f"reminders counts do not reconcile: {result.to_json()}")
+    publish_table("reminders-run", result.artifact_rows(),
                   "Reminders run: prompts, cache hits, calls, retries, failures, quarantined, latency, tokens/s")
     log.info("reminders read %s; wrote %s (+%d inserted, %d updated)", versions_text(read_versions),
-             versions_text(summary["versions"]), written["inserted"], written["updated"])
-    log.info("reminders: %s", summary)
+             versions_text(result.versions), result.inserted, result.updated)
+    log.info("reminders: %s", result.flat())
     if failed_shards:
         raise ShardFailed(f"{len(outcome.failed)} prompts still failed in shards {sorted(failed_shards)}; "
                           "re-run `mmem reminders`: cached answers are not requested again", ShardStats(-1))
-    return summary
+    return result
 
 
-def _repair(config, cache, prompts, answers, outcome, backend, run):
+def _repair(config, cache, prompts, outcome, backend, run):
     """One bounded re-ask for each answer that broke the format; the re-ask's verdict is final."""
     by_id = {p.image_id: p for p in prompts}
-    bad = {int(r.key): r for r in outcome.rejections if r.record.get("response")}
-    fixes = {i: repair_request(by_id[i].request, r.record["response"]) for i, r in bad.items()}
-    fixed_answers = lookup_task(cache, quote([f.request_hash for f in fixes.values()]))
+    fixes = {i: repair_request(by_id[i].request, bad) for i, bad in to_repair(outcome).items()}
+    fix_hashes = [f.request_hash for f in fixes.values()]
+    fixed_answers = lookup_task(cache, quote(fix_hashes))
     todo = [f for f in fixes.values() if f.request_hash not in fixed_answers]
     if todo:
         backend = backend or check_server_task(config)
     more = fan_out(config, cache, list(fixes.values()), set(fixed_answers), backend, f"{run}-repair")
     if todo:
-        fixed_answers = lookup_task(cache, quote([f.request_hash for f in fixes.values()]))
-    repaired = [replace(by_id[i], request=fixes[i]) for i in fixes]
-    second = sort_out(repaired, fixed_answers, more.errors)
-    kept = [r for r in outcome.rejections if int(r.key) not in bad]
-    return Outcome(outcome.rows + second.rows, kept + second.rejections, outcome.failed + second.failed), more
-
-
+        fixed_answers = lookup_task(cache, quote(fix_hashes))
+    second = sort_out([replace(by_id[i], request=fixes[i]) for i in fixes], fixed_answers, more.errors)
+    return repaired(outcome, second), more

@@ -17,6 +17,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig, Trusted, default_ollama_host, llm_trusted
+from schemas.results import StageResult
 from schemas.tables import register
 
 # Typed, so the options and the messages can be filtered and joined on without parsing JSON. The
@@ -50,7 +51,8 @@ def options_record(options: dict | str | None) -> dict | None:
         return None
     options = _unfold(json.loads(options) if isinstance(options, str) else options)
     known = [f.name for f in OPTIONS if f.name != "other"]
-    return {**{k: options.get(k) for k in known}, "other": _other({k: v for k, v in options.items() if k not in known})}
+    other = _other({k: v for k, v in options.items() if k not in known})
+    return {**{k: options.get(k) for k in known}, "other": other}
 
 
 def prompt_records(messages: list[dict] | str | None) -> list[dict] | None:
@@ -77,7 +79,8 @@ def _llm_responses_v2(rows: pa.Table) -> pa.Table:
     """Schema 1 -> 2: ``options`` and ``prompt`` JSON text -> typed."""
     for name, typ, fn in (("options", OPTIONS, options_record), ("prompt", PROMPT, prompt_records)):
         i = rows.schema.get_field_index(name)
-        rows = rows.set_column(i, pa.field(name, typ), pa.array([fn(v) for v in rows.column(i).to_pylist()], typ))
+        values = pa.array([fn(v) for v in rows.column(i).to_pylist()], typ)
+        rows = rows.set_column(i, pa.field(name, typ), values)
     return rows
 
 
@@ -135,12 +138,13 @@ class RemindersConfig(StageConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_REMINDERS_")
     section: ClassVar[str] = "reminders"
 
-    ollama_host: str | None = Field(default=None, description="Ollama server; default: $OLLAMA_HOST or 127.0.0.1:11434.")
+    ollama_host: str | None = Field(default=None,
+                                    description="Ollama server; default: $OLLAMA_HOST or 127.0.0.1:11434.")
     auth_secret_block: str | None = Field(
         default=None,
         description="Name of a Prefect Secret block holding the Authorization header value of `ollama_host` "
-        "only, e.g. 'Bearer <token>' (the name only, never the value); without it, $MMEM_OLLAMA_AUTH (sent to "
-        "$MMEM_OLLAMA_AUTH_HOST, else to this host); without that, none.",
+        "only, e.g. 'Bearer <token>' (the name only, never the value); without it, $MMEM_OLLAMA_AUTH (sent "
+        "to $MMEM_OLLAMA_AUTH_HOST, else to this host); without that, none.",
     )
     ollama_auth: dict[str, str] = Field(
         default_factory=dict, description="Per-host Authorization: Ollama host -> name of the Prefect Secret "
@@ -152,22 +156,30 @@ class RemindersConfig(StageConfig):
     num_ctx: int = Field(default=4096, ge=256, le=262_144)
     limit: int | None = Field(default=None, ge=1, le=10**9, description="Only the first N dialogs.")
     shard_size: int = Field(default=256, ge=1, le=100_000)
-    concurrency: int = Field(default=8, ge=1, le=1024, description="Requests in flight per Ollama host. Set it about 1.5x the server's parallel slots (OLLAMA_NUM_PARALLEL): the server queues the extra requests, so no slot idles for a round trip (8 slots: 12 in flight gave 94% of the server's capacity, 8 gave 82%).")
+    concurrency: int = Field(
+        default=8, ge=1, le=1024, description="Requests in flight per Ollama host. Set it about 1.5x the "
+        "server's parallel slots (OLLAMA_NUM_PARALLEL): the server queues the extra requests, so no slot "
+        "idles for a round trip between two generations.")
     timeout_s: float = Field(default=300.0, gt=0, le=86_400)
-    max_attempts: int = Field(default=4, ge=1, le=100, description="Tries per request (5xx, timeouts, dropped connections).")
-    backoff_s: float = Field(default=1.0, gt=0, le=3600, description="First retry delay; doubles per try, with jitter.")
+    max_attempts: int = Field(default=4, ge=1, le=100,
+                              description="Tries per request (5xx, timeouts, dropped connections).")
+    backoff_s: float = Field(default=1.0, gt=0, le=3600,
+                             description="First retry delay; doubles per try, with jitter.")
     backoff_max_s: float = Field(default=60.0, gt=0, le=86_400)
-    shard_retries: int = Field(default=1, ge=0, le=100, description="Prefect retries of a failed shard (cached calls are not re-made).")
+    shard_retries: int = Field(
+        default=1, ge=0, le=100,
+        description="Prefect retries of a failed shard (cached calls are not re-made).")
     shard_retry_delay_s: float = Field(default=30.0, ge=0, le=86_400)
-    repair: bool = Field(default=False, description="Re-ask once, with the format reminder, when an answer is invalid.")
+    repair: bool = Field(default=False,
+                         description="Re-ask once, with the format reminder, when an answer is invalid.")
     splits: list[str] | None = Field(default=None, description="Dialog splits to use; default all.")
     image_roots: dict[str, Path] = Field(
         default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
     )
     examples: Path | None = Field(default=None, description="Few-shot TOML; default the packaged examples.")
     table_versions: dict[str, int | str] = Field(
-        default_factory=dict, description="Pinned Lance versions (number or tag) of dialogs/turns/images to read; "
-        "default the latest. The pipeline pins the versions ingest wrote.",
+        default_factory=dict, description="Pinned Lance versions (number or tag) of dialogs/turns/images to "
+        "read; default the latest. The pipeline pins the versions ingest wrote.",
     )
 
     @property
@@ -183,6 +195,53 @@ class RemindersConfig(StageConfig):
         """Ollama generation options; part of every request's cache key."""
         return {"temperature": self.temperature, "seed": self.seed, "num_predict": self.num_predict,
                 "num_ctx": self.num_ctx}
+
+
+class RemindersResult(StageResult):
+    """What a reminders run did: its prompts' fates (``valid + quarantined + failures == prompts``),
+    the quarantined ones per reason, the calls it made and how fast, and the table versions.
+    ``versions`` are those it wrote (SFT trains on that ``reminders`` version)."""
+
+    prompts: int = 0
+    cache_hits: int = 0
+    calls: int = 0
+    retries: int = 0
+    failures: int = 0
+    quarantined: int = 0
+    valid: int = 0
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    tokens_per_s: float | None = None
+    requests_per_s: float | None = None
+    wall_s: float = 0.0
+    backend: str | None = None
+    # quarantined per reason (the reasons a reminders run gives)
+    quarantined_image_missing: int = 0
+    quarantined_empty_text: int = 0
+    quarantined_no_reminder: int = 0
+    quarantined_multiple_reminders: int = 0
+    quarantined_empty_reminder: int = 0
+    quarantined_empty_answer: int = 0
+    quarantined_too_long: int = 0
+    quarantined_too_short: int = 0
+    quarantined_echoed_dialog: int = 0
+    quarantined_llm_error: int = 0
+    shards: int = Field(default=0, description="Shards of every round (generation, repair).")
+    shards_cached: int = Field(default=0, description="Shards Prefect served from their persisted result.")
+    inserted: int = 0
+    updated: int = 0
+
+    def reconciles(self) -> bool:
+        return self.valid + self.quarantined + self.failures == self.prompts
+
+    def __getitem__(self, key: str):
+        """Read like the dict the flow returned before it was typed (``result["valid"]``)."""
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in type(self).model_fields else default
 
 
 # --- the answer format --------------------------------------------------------------------

@@ -21,7 +21,7 @@ def _drop_first_dialog(root) -> tuple[dict[str, int], int]:
 
 
 def test_reminders_plan_reads_the_pinned_versions(data_root):
-    from tasks.reminders import plan
+    from reminders.prompts import plan
 
     cfg = RemindersConfig(data_root=data_root, model="m", ollama_host="http://127.0.0.1:9")
     before, gone = _drop_first_dialog(data_root)

@@ -8,11 +8,13 @@ import json
 import pytest
 
 from flows.reminders import reminders_flow
+from reminders.parse import parse_response
+from reminders.prompts import build_prompts, conversation_text, load_inputs
 from schemas.quarantine import Reason
 from schemas.reminders import RemindersConfig, load_prompt_data
 from storage.lance import connect, open_table, read
 from tasks.llm_client import OK, Journal, LLMResult, ResponseCache
-from tasks.reminders import ShardFailed, build_prompts, conversation_text, load_inputs, parse_response
+from tasks.reminders import ShardFailed
 from training.llm_server import Faults, make_state, running_server
 
 GOOD = "<reminder>We saw a red ball on a table and counted two cups; now the cup color.</reminder>\nThe cups are blue."
@@ -71,18 +73,18 @@ def test_flow_with_faults_reconciles_and_a_rerun_makes_no_calls(data_root):
         second = reminders_flow(config)
         assert sum(state.requests.values()) == calls_after_first  # zero calls for cached keys
         assert db.open_table("reminders").version == version  # nothing written twice
-    assert first["prompts"] == 14 and first["calls"] == 14 and first["retries"] > 0
-    assert first["valid"] + first["quarantined"] + first["failures"] == 14 and first["failures"] == 0
-    assert first["quarantined"] == first.get("quarantined_no_reminder", 0) > 0  # the untagged answers
-    assert second["cache_hits"] == 14 and second["calls"] == 0 and second["valid"] == first["valid"]
+    assert first.prompts == 14 and first.calls == 14 and first.retries > 0
+    assert first.valid + first.quarantined + first.failures == 14 and first.failures == 0
+    assert first.quarantined == first.quarantined_no_reminder > 0  # the untagged answers
+    assert second.cache_hits == 14 and second.calls == 0 and second.valid == first.valid
     responses = read(db, "llm_responses")
     assert responses.num_rows == 14 and set(responses.column("backend").to_pylist()) == {"teacher"}
     assert set(responses.column("status").to_pylist()) == {OK}
     reminders = read(db, "reminders")
-    assert reminders.num_rows == first["valid"] and set(reminders.column("backend").to_pylist()) == {"teacher"}
+    assert reminders.num_rows == first.valid and set(reminders.column("backend").to_pylist()) == {"teacher"}
     assert all(r["response"].startswith("<reminder>") for r in reminders.to_pylist())
     q = read(db, "quarantine", where="stage = 'reminders'")
-    assert q.num_rows == first["quarantined"] and set(q.column("reason").to_pylist()) == {"no_reminder"}
+    assert q.num_rows == first.quarantined and set(q.column("reason").to_pylist()) == {"no_reminder"}
 
 
 def test_failed_shard_fails_and_a_rerun_makes_only_the_missing_calls(data_root):
@@ -98,8 +100,8 @@ def test_failed_shard_fails_and_a_rerun_makes_only_the_missing_calls(data_root):
     healthy = make_state(teacher=True)
     with running_server(healthy) as url:
         result = reminders_flow(config.model_copy(update={"ollama_host": url}))
-    assert sum(healthy.requests.values()) == failed == result["calls"]
-    assert result["cache_hits"] == 12 - failed and result["valid"] == 12 and result["failures"] == 0
+    assert sum(healthy.requests.values()) == failed == result.calls
+    assert result.cache_hits == 12 - failed and result.valid == 12 and result.failures == 0
 
 
 def test_a_killed_runs_journal_is_recovered_and_not_asked_again(data_root):
@@ -113,7 +115,7 @@ def test_a_killed_runs_journal_is_recovered_and_not_asked_again(data_root):
     state = make_state(teacher=True)
     with running_server(state) as url:
         result = reminders_flow(config.model_copy(update={"ollama_host": url}))
-    assert result["cache_hits"] == 3 and sum(state.requests.values()) == 2 == result["calls"]
+    assert result.cache_hits == 3 and sum(state.requests.values()) == 2 == result.calls
     assert not list((config.cache_dir / "llm_journal").glob("*.jsonl"))
 
 
@@ -141,8 +143,8 @@ def test_repair_reask_and_exports(data_root, tmp_path):
         plain = reminders_flow(_config(data_root, url, limit=8))
         v1 = connect(_config(data_root, url).lance_uri).open_table("reminders").version
         repaired = reminders_flow(_config(data_root, url, limit=8, repair=True))
-    assert plain["quarantined"] > 0 and repaired["valid"] > plain["valid"]
-    assert repaired["calls"] == plain["quarantined"]  # one re-ask each, the first answers came from the cache
+    assert plain.quarantined > 0 and repaired.valid > plain.valid
+    assert repaired.calls == plain.quarantined  # one re-ask each, the first answers came from the cache
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -152,17 +154,17 @@ def test_repair_reask_and_exports(data_root, tmp_path):
                                    "--version", str(v1), "--data-root", str(data_root)])
     assert res.exit_code == 0, res.output
     samples = json.loads(out.read_text())
-    assert len(samples) == plain["valid"] and set(samples[0]) == {"image_id", "image_url", "conversation", "response"}
+    assert len(samples) == plain.valid and set(samples[0]) == {"image_id", "image_url", "conversation", "response"}
     res = CliRunner().invoke(app, ["reminders", "export", "--format", "hf", "--out", str(tmp_path / "hf"),
                                    "--data-root", str(data_root)])
     assert res.exit_code == 0, res.output
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
-    assert sum(len(d) for d in ds.values()) == repaired["valid"] and "reminder" in ds["train"].column_names
+    assert sum(len(d) for d in ds.values()) == repaired.valid and "reminder" in ds["train"].column_names
 
 
 def test_a_moved_image_folder_stops_the_run_before_it_writes(data_root, tmp_path):
     """Nothing quarantined as image_missing, no reminder dropped: a clear error naming the folder."""
-    from tasks.reminders import ImageRootMissing
+    from reminders.prompts import ImageRootMissing
 
     db = connect(data_root / "lance")
     before = {n: (open_table(db, n).version if n in db.list_tables().tables else None)
