@@ -56,9 +56,9 @@ def serve(
     --max-requests the answer is 503."""
     import os
 
-    from tasks.secrets import AUTH_ENV
-    from training.llm_server import Faults, Limits, MiB, make_state
-    from training.llm_server import serve as run
+    from llmcalls.auth import AUTH_ENV
+    from llmcalls.server import Faults, Limits, MiB, make_state
+    from llmcalls.server import serve as run
 
     auth = os.environ.get(AUTH_ENV, "").strip() or None
     if require_auth and auth is None:

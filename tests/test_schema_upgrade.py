@@ -72,8 +72,8 @@ def test_a_new_table_is_created_in_the_current_schema(tmp_path):
 def test_llm_responses_of_the_previous_release_are_upgraded_and_its_journals_still_merge(tmp_path):
     import json
 
+    from llmcalls.cache import Journal, ResponseCache
     from schemas.reminders import LLM_RESPONSES, OPTIONS, PROMPT, prompt_messages
-    from tasks.llm_client import Journal, ResponseCache
 
     old_schema = pa.schema([pa.field(f.name, pa.string()) if f.name in ("options", "prompt") else f
                             for f in LLM_RESPONSES.schema]).remove_metadata()

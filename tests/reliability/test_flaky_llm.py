@@ -13,10 +13,10 @@ import itertools
 from prefect.states import State
 
 from flows.reminders import reminders_flow
+from llmcalls.requests import ERROR, OK
+from llmcalls.server import Faults, make_state, running_server
 from schemas.reminders import RemindersConfig
 from storage.lance import connect, read
-from tasks.llm_client import ERROR, OK
-from training.llm_server import Faults, make_state, running_server
 
 MIX = Faults(error_rate=0.20, stall_rate=0.05, drop_rate=0.05, untagged_rate=0.05, stall_s=2.0, seed=3)
 

@@ -27,9 +27,9 @@ import httpx
 import psutil
 import pytest
 
+from llmcalls.server import make_state, running_server
 from schemas.reminders import RemindersConfig
-from tasks.secrets import AUTH_ENV, SecretUnavailable
-from training.llm_server import make_state, running_server
+from tasks.runtime.secrets import AUTH_ENV, SecretUnavailable
 
 TOKEN = f"tok-{uuid.uuid4().hex}-mmem-secret"
 HEADER = f"Bearer {TOKEN}"
@@ -183,8 +183,8 @@ def test_token_reaches_the_server_and_nothing_else(data_root, monkeypatch, capfd
     from prefect.blocks.system import Secret
 
     from flows.reminders import reminders_flow
+    from llmcalls.requests import LLMUnavailable
     from storage.lance import connect, read
-    from tasks.llm_client import LLMUnavailable
 
     caplog.set_level(logging.DEBUG)  # httpx/httpcore/ollama debug records too: a header there would show
     monkeypatch.delenv(AUTH_ENV, raising=False)
@@ -233,7 +233,8 @@ def test_token_reaches_the_server_and_nothing_else(data_root, monkeypatch, capfd
 
 def test_wrong_header_and_missing_block_say_so_without_the_value(monkeypatch):
     """A refused header names where it came from; a missing block names the block; neither the value."""
-    from tasks.llm_client import LLMClient, LLMUnavailable
+    from llmcalls.client import LLMClient
+    from llmcalls.requests import LLMUnavailable
 
     wrong = f"Bearer wrong-{uuid.uuid4().hex}"
     monkeypatch.setenv(AUTH_ENV, wrong)
