@@ -8,17 +8,22 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DataRootOpt, fail, load
+from cli.common import DataRootOpt, fail, load, run_flow
 from schemas.config import StageConfig
 
 train_app = typer.Typer(no_args_is_help=True, help="Train models into versioned artifacts.")
 artifacts_app = typer.Typer(no_args_is_help=True, help="The model artifact store.")
 
-TinyOpt = Annotated[bool, typer.Option("--tiny", help="Tiny random-weight model of the same architecture (demo, tests).")]
+TinyOpt = Annotated[
+    bool, typer.Option("--tiny", help="Tiny random-weight model of the same architecture (demo, tests).")
+]
 MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after N optimiser steps.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Only the first N train dialogs.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Train again even if this exact run has a version.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cuda or cpu.")]
+# What a training command reports as one line: missing inputs or models, a refused option, a
+# missing optional package, a failed run or data-quality gate.
+TRAIN_ERRORS = (FileNotFoundError, ValueError, ImportError, RuntimeError)
 
 
 def register(app: typer.Typer) -> None:
@@ -46,7 +51,9 @@ def sft(
     base: Annotated[Path | None, typer.Option(help="Local gemma-3-4b-it folder (HF layout).")] = None,
     tiny: TinyOpt = False,
     backend: Annotated[str | None, typer.Option(help="auto (unsloth on CUDA), unsloth or peft.")] = None,
-    reminders_version: Annotated[str | None, typer.Option(help="Pinned reminders version (number or tag).")] = None,
+    reminders_version: Annotated[
+        str | None, typer.Option(help="Pinned reminders version (number or tag).")
+    ] = None,
     max_steps: MaxStepsOpt = None,
     limit: LimitOpt = None,
     device: DeviceOpt = None,
@@ -57,26 +64,26 @@ def sft(
     from flows.train import train_sft_flow
     from schemas.train import SftConfig
     from storage.lance import version_ref
-    from tasks.validate import ValidationFailed
 
     _exclusive(base, tiny, "--base")
     config = _load(SftConfig, data_root, base=base, tiny=tiny or None, backend=backend, max_steps=max_steps,
                   limit=limit, device=device, force=force or None,
                   reminders_version=version_ref(reminders_version))
-    try:
-        result = train_sft_flow(config)
-    except (FileNotFoundError, ValidationFailed, ValueError, ImportError, RuntimeError) as exc:
-        fail(str(exc))
-    typer.echo(json.dumps(result, indent=2, default=str))
+    # a failed data-quality gate (ValidationFailed) is a RuntimeError
+    run_flow(train_sft_flow, config, errors=TRAIN_ERRORS)
 
 
 @train_app.command("memory")
 def memory(
     llm: Annotated[Path | None, typer.Option(help="Local LLaMA-3.2-1B folder (HF layout).")] = None,
     tiny: TinyOpt = False,
-    load_in_4bit: Annotated[bool | None, typer.Option("--4bit/--no-4bit", help="Frozen LM in 4-bit (CUDA).")] = None,
+    load_in_4bit: Annotated[
+        bool | None, typer.Option("--4bit/--no-4bit", help="Frozen LM in 4-bit (CUDA).")
+    ] = None,
     train_qformer: Annotated[bool | None, typer.Option("--train-qformer/--freeze-qformer")] = None,
-    infonce_weight: Annotated[float | None, typer.Option(help="Weight of the multi-positive InfoNCE loss.")] = None,
+    infonce_weight: Annotated[
+        float | None, typer.Option(help="Weight of the multi-positive InfoNCE loss.")
+    ] = None,
     max_steps: MaxStepsOpt = None,
     limit: LimitOpt = None,
     device: DeviceOpt = None,
@@ -88,14 +95,20 @@ def memory(
     from schemas.train import MemoryTrainConfig
 
     _exclusive(llm, tiny, "--llm")
-    config = _load(MemoryTrainConfig, data_root, llm=llm, tiny=tiny or None, load_in_4bit=load_in_4bit,
-                  train_qformer=train_qformer, infonce_weight=infonce_weight, max_steps=max_steps, limit=limit,
-                  device=device, force=force or None)
-    try:
-        result = train_memory_flow(config)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
-        fail(str(exc))
-    typer.echo(json.dumps(result, indent=2, default=str))
+    config = _load(
+        MemoryTrainConfig,
+        data_root,
+        llm=llm,
+        tiny=tiny or None,
+        load_in_4bit=load_in_4bit,
+        train_qformer=train_qformer,
+        infonce_weight=infonce_weight,
+        max_steps=max_steps,
+        limit=limit,
+        device=device,
+        force=force or None,
+    )
+    run_flow(train_memory_flow, config, errors=TRAIN_ERRORS)
 
 
 @artifacts_app.command("list")

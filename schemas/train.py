@@ -3,11 +3,11 @@
 Every hyperparameter of a run is a field here, so a TOML profile (``schemas/profiles/train-*.toml``)
 shows all of it and the artifact manifest records all of it. ``tiny=True`` swaps in tiny
 random-weight models of the same architectures and the sizes in ``TINY_*`` below, unless a field
-is given explicitly: the tests and the demo run the real code path in seconds.
+is given explicitly: the tests and the demo run the real code path, quickly.
 
 A flow run's parameters can come from anyone who reaches the Prefect API, so every number has an
 upper bound (a typo or a hostile ``batch_size=10**9`` is refused with a 409 before any work) and
-``artifact``, which becomes a folder name, must be a plain name (``storage.paths``).
+``artifact``, which becomes a folder name, must be a plain name (``schemas.paths``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig
-from storage.paths import SafeName, safe_child
+from schemas.paths import SafeName, safe_child
+from schemas.results import StageResult
 
 Device = Literal["auto", "cuda", "cpu"]
 
@@ -41,8 +42,10 @@ TINY_MEMORY: dict[str, Any] = {"qformer_hidden": 32, "qformer_layers": 2, "qform
 class _TrainConfig(StageConfig):
     """Fields both training flows share."""
 
-    tiny: bool = Field(default=False, description="Tiny random-weight models of the same architectures (tests, demo).")
-    artifact: SafeName = Field(description="Artifact name in the store: <data_root>/artifacts/<artifact>/v<N>/ "
+    tiny: bool = Field(default=False,
+                       description="Tiny random-weight models of the same architectures (tests, demo).")
+    artifact: SafeName = Field(description="Artifact name in the store: "
+                               "<data_root>/artifacts/<artifact>/v<N>/ "
                                "(letters, digits, '.', '_', '-'; at most 64).")
     device: Device = "auto"
     seed: int = Field(default=0, ge=0, le=SEED_MAX,
@@ -51,12 +54,15 @@ class _TrainConfig(StageConfig):
     weight_decay: float = Field(default=0.0, ge=0, le=1)
     warmup_steps: int = Field(default=0, ge=0, le=BIG)
     epochs: float = Field(default=1.0, gt=0, le=1000)
-    max_steps: int | None = Field(default=None, ge=1, le=BIG, description="Stop after this many optimiser steps.")
+    max_steps: int | None = Field(default=None, ge=1, le=BIG,
+                                  description="Stop after this many optimiser steps.")
     batch_size: int = Field(default=16, ge=1, le=65536)
     limit: int | None = Field(default=None, ge=1, le=BIG,
                               description="Only the first N dialogs (by id) of the train split.")
-    keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Checkpoints kept on disk (the newest).")
-    force: bool = Field(default=False, description="Train again even if an artifact with the same fingerprint exists.")
+    keep_checkpoints: int = Field(default=2, ge=1, le=100,
+                                  description="Checkpoints kept on disk (the newest).")
+    force: bool = Field(default=False,
+                        description="Train again even if an artifact with the same fingerprint exists.")
 
     tiny_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -95,15 +101,18 @@ class SftConfig(_TrainConfig):
     version_selectors: ClassVar[set[str]] = {"reminders_version"}
 
     artifact: SafeName = "gemma3-4b-reminders-lora"
-    base: Path | None = Field(default=None, description="Local Gemma3-4B-it folder (HF layout); never downloaded.")
+    base: Path | None = Field(default=None,
+                              description="Local Gemma3-4B-it folder (HF layout); never downloaded.")
     backend: Literal["auto", "unsloth", "peft"] = Field(
         default="auto", description="auto: unsloth FastVisionModel on CUDA, transformers+peft+trl otherwise."
     )
     reminders_version: int | str | None = Field(
-        default=None, description="Pinned Lance version (number or tag) of reminders; default the latest validated."
+        default=None,
+        description="Pinned Lance version (number or tag) of reminders; default the latest validated."
     )
     images_root: dict[str, Path] = Field(
-        default_factory=dict, description="split -> image folder, for rows whose image_url is not a local file."
+        default_factory=dict,
+        description="split -> image folder, for rows whose image_url is not a local file."
     )
     system_prompt: str = (
         "You are a helpful assistant that looks at an image and the conversation about it. First write a "
@@ -125,11 +134,14 @@ class SftConfig(_TrainConfig):
     weight_decay: float = Field(default=0.01, ge=0, le=1)
     warmup_steps: int = Field(default=5, ge=0, le=BIG)
     lr_scheduler: str = "linear"
-    optim: str = Field(default="adamw_torch", description="transformers optimiser name (adamw_8bit needs bitsandbytes).")
+    optim: str = Field(default="adamw_torch",
+                       description="transformers optimiser name (adamw_8bit needs bitsandbytes).")
     batch_size: int = Field(default=2, ge=1, le=1024, description="Per-device batch.")
     grad_accum: int = Field(default=4, ge=1, le=1024)
-    max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Gemma3's context is 128k tokens.")
-    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="Train dialogs held out (by id hash) for eval loss.")
+    max_seq_length: int = Field(default=2048, ge=16, le=131072,
+                                description="Gemma3's context is 128k tokens.")
+    val_fraction: float = Field(default=0.05, ge=0, lt=1,
+                                description="Train dialogs held out (by id hash) for eval loss.")
     save_steps: int = Field(default=100, ge=1, le=BIG, description="Checkpoint every N optimiser steps.")
     logging_steps: int = Field(default=1, ge=1, le=BIG)
     seed: int = Field(default=3407, ge=0, le=SEED_MAX)
@@ -144,16 +156,20 @@ class MemoryTrainConfig(_TrainConfig):
     version_selectors: ClassVar[set[str]] = {"table_versions"}
 
     artifact: SafeName = "memory-model"
-    llm: Path | None = Field(default=None, description="Local causal LM folder (LLaMA-3.2-1B); never downloaded.")
+    llm: Path | None = Field(default=None,
+                             description="Local causal LM folder (LLaMA-3.2-1B); never downloaded.")
     load_in_4bit: bool = Field(default=False, description="Frozen LM in 4-bit (bitsandbytes NF4); CUDA only.")
     init_from: Path | None = Field(
-        default=None, description="Warm start: a memory-model artifact folder or .safetensors (e.g. a Q-Former)."
+        default=None,
+        description="Warm start: a memory-model artifact folder or .safetensors (e.g. a Q-Former)."
     )
     table_versions: dict[str, int | str] = Field(
-        default_factory=dict, description="Pinned Lance versions of turns/dialogs/image_embeddings/text_embeddings."
+        default_factory=dict,
+        description="Pinned Lance versions of turns/dialogs/image_embeddings/text_embeddings."
     )
     split: str = "train"
-    eval_split: str = Field(default="val", description="Split whose turns give the eval loss (first eval_limit).")
+    eval_split: str = Field(default="val",
+                            description="Split whose turns give the eval loss (first eval_limit).")
     eval_limit: int = Field(default=1024, ge=0, le=BIG)
     # architecture (the report's, after MA-LMM / BLIP-2)
     num_query_tokens: int = Field(default=32, ge=1, le=1024)
@@ -162,9 +178,11 @@ class MemoryTrainConfig(_TrainConfig):
     qformer_heads: int = Field(default=12, ge=1, le=128)
     qformer_intermediate: int = Field(default=3072, ge=1, le=32768)
     qformer_cross_attention_frequency: int = Field(default=2, ge=1, le=48)
-    qformer_dropout: float = Field(default=0.1, ge=0, lt=1, description="Active only when the Q-Former trains.")
+    qformer_dropout: float = Field(default=0.1, ge=0, lt=1,
+                                   description="Active only when the Q-Former trains.")
     train_qformer: bool = Field(default=False, description="Also train the Q-Former and its query tokens.")
-    train_llm_proj: bool = Field(default=False, description="Also train llm_proj (the report kept it frozen).")
+    train_llm_proj: bool = Field(default=False,
+                                 description="Also train llm_proj (the report kept it frozen).")
     prompt_template: str = "Question: {question} Answer:"
     max_prompt_tokens: int = Field(default=48, ge=4, le=8192)
     max_answer_tokens: int = Field(default=24, ge=2, le=8192)
@@ -179,5 +197,32 @@ class MemoryTrainConfig(_TrainConfig):
     weight_decay: float = Field(default=0.05, ge=0, le=1)
     warmup_steps: int = Field(default=100, ge=0, le=BIG)
     grad_clip: float = Field(default=1.0, gt=0, le=1000)
-    dtype: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 on CUDA, fp32 on CPU.")
-    checkpoint_every: int = Field(default=1000, ge=1, le=BIG, description="Checkpoint every N optimiser steps.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(default="auto",
+                                                   description="auto: bf16 on CUDA, fp32 on CPU.")
+    checkpoint_every: int = Field(default=1000, ge=1, le=BIG,
+                                  description="Checkpoint every N optimiser steps.")
+
+
+class TrainResult(StageResult):
+    """What a training flow hands back (``mmem train sft`` / ``mmem train memory`` print it): the
+    artifact version, whether this run created it or found it up to date, and what it was trained
+    on. ``read_versions`` are the input tables' Lance versions; a training run writes no table."""
+
+    artifact: str = Field(description="The version's reference, ``<name>:v<N>``.")
+    name: str
+    version: int
+    path: str
+    created: bool = Field(description="False when a version with the same fingerprint already existed.")
+    fingerprint: str
+    inputs: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                              description="The manifest's pinned inputs.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, art: Any, created: bool, fingerprint: str) -> TrainResult:
+        """The result for artifact version ``art`` (a ``storage.artifacts.ArtifactVersion``)."""
+        inputs = art.manifest.get("inputs") or {}
+        read = {k: int(v["version"]) for k, v in inputs.items() if isinstance(v, dict) and "version" in v}
+        return cls(artifact=art.ref, name=art.name, version=art.version, path=str(art.path), created=created,
+                   fingerprint=fingerprint, inputs=inputs, metrics=art.manifest.get("metrics") or {},
+                   read_versions=read)

@@ -1,35 +1,24 @@
-"""The memory model: architecture facts, what it sees, the loop's resume after a kill, the flow."""
+"""The memory model: architecture facts, what it sees, saving and loading (test_memory_model_train.py:
+the loop's resume after a kill, the flow, the command)."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from killing import sigkill_when
 
 from schemas.embed import EMBED_DIM, IMAGE_EMBEDDINGS, TEXT_EMBEDDINGS
 from schemas.train import MemoryTrainConfig
 from storage.lance import connect, merge, read
-from training.memory_loop import list_checkpoints, train_memory, trainable_state
-from training.memory_model import (
-    MemoryData,
-    build_memory_data,
-    build_memory_model,
-    load_memory_model,
-    multi_positive_infonce,
-    read_memory_inputs,
-    tokenize,
-)
+from training.memory_data import build_memory_data, read_memory_inputs, tokenize
+from training.memory_model import build_memory_model, load_memory_model
+from training.memory_net import multi_positive_infonce
 from training.tiny_llama import tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,15 +31,17 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _embedding_rows(spec, key: str, keys: list, rng: np.random.Generator) -> pa.Table:
     """Rows for an embedding table: the key, random unit vectors, a marker in other string columns."""
-    cols = {key: keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(_unit(rng, len(keys)).ravel()), EMBED_DIM)}
+    cols = {
+        key: keys,
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(_unit(rng, len(keys)).ravel()), EMBED_DIM),
+    }
     for f in spec.schema:
         if f.name not in cols and pa.types.is_string(f.type):
             cols[f.name] = ["random-test-vectors"] * len(keys)
     return pa.table(cols)
 
 
-@pytest.fixture(scope="module")
-def embedded_root(tmp_path_factory, ingested_root) -> Path:
+def make_embedded_root(tmp_path_factory, ingested_root) -> Path:
     """The ingested demo root plus random ImageBind-shaped vectors; one train dialog lacks its image
     vector (it must be quarantined, not silently dropped)."""
     root = tmp_path_factory.mktemp("memory") / "root"
@@ -65,6 +56,11 @@ def embedded_root(tmp_path_factory, ingested_root) -> Path:
     hashes |= set(read(db, "dialogs", columns=["caption_hash"]).column("caption_hash").to_pylist())
     merge(db, "text_embeddings", _embedding_rows(TEXT_EMBEDDINGS, "text_hash", sorted(hashes), rng))
     return root
+
+
+@pytest.fixture(scope="module")
+def embedded_root(tmp_path_factory, ingested_root) -> Path:
+    return make_embedded_root(tmp_path_factory, ingested_root)
 
 
 def tiny_config(root: Path, **kw) -> MemoryTrainConfig:
@@ -86,7 +82,11 @@ def test_tiny_llama_is_deterministic_and_loads(tmp_path):
     def digest(p: Path) -> str:
         return hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
 
-    a, b, c = tiny_llama(tmp_path / "a", seed=0), tiny_llama(tmp_path / "b", seed=0), tiny_llama(tmp_path / "c", seed=1)
+    a, b, c = (
+        tiny_llama(tmp_path / "a", seed=0),
+        tiny_llama(tmp_path / "b", seed=0),
+        tiny_llama(tmp_path / "c", seed=1),
+    )
     assert digest(a) == digest(b) != digest(c)
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     tok = AutoTokenizer.from_pretrained(a, local_files_only=True)
@@ -95,7 +95,9 @@ def test_tiny_llama_is_deterministic_and_loads(tmp_path):
     text = "is there a dog in the picture? no, only 2 cats — café"
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
     assert len(tok("is there a person in the picture")["input_ids"]) < 12  # BPE merges, not characters
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
@@ -157,7 +159,9 @@ def test_loss_does_not_depend_on_padding(model_and_data):
     assert lens[i] != lens[j]
     pair = model(data.batch(torch.tensor([i, j])))
     one, two = model(data.batch(torch.tensor([i]))), model(data.batch(torch.tensor([j])))
-    weighted = (one.ce * one.answer_tokens + two.ce * two.answer_tokens) / (one.answer_tokens + two.answer_tokens)
+    weighted = (one.ce * one.answer_tokens + two.ce * two.answer_tokens) / (
+        one.answer_tokens + two.answer_tokens
+    )
     assert pair.answer_tokens == one.answer_tokens + two.answer_tokens
     assert torch.allclose(pair.ce, weighted, atol=1e-5)
 
@@ -270,7 +274,8 @@ def test_older_artifact_layout_still_loads(model_and_data, tmp_path):
 
     from safetensors.torch import save_file
 
-    from training.memory_model import LEGACY_ARCH, LEGACY_WEIGHTS, LLM_DIR
+    from training.memory_llm import LLM_DIR
+    from training.memory_net import LEGACY_ARCH, LEGACY_WEIGHTS
 
     _, model, data, _ = model_and_data
     old = tmp_path / "v1"
@@ -292,191 +297,3 @@ def test_older_artifact_layout_still_loads(model_and_data, tmp_path):
     shutil.rmtree(old / LLM_DIR)
     with pytest.raises(FileNotFoundError, match="retrain"):
         load_memory_model(old, device="cpu")
-
-
-def _wait_for_event(client, ref: str, timeout: float = 30.0):
-    """The ``mmem.artifact.created`` event for ``ref``, as the Prefect server stored it."""
-    from prefect.events.filters import EventFilter, EventNameFilter
-
-    deadline = time.monotonic() + timeout
-    while True:
-        page = client.read_events(EventFilter(event=EventNameFilter(name=["mmem.artifact.created"])), limit=50)
-        found = [e for e in page.events if e.resource.get("mmem.artifact.ref") == ref]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, f"no mmem.artifact.created event for {ref}"
-        time.sleep(0.5)
-
-
-def _covers(trigger, event) -> bool:
-    """Whether the Prefect server's trigger matcher would fire ``trigger`` on ``event``."""
-    from prefect.server.events.schemas.automations import EventTrigger
-    from prefect.server.events.schemas.events import ReceivedEvent
-
-    server = EventTrigger(**trigger.model_dump(include={"match", "match_related", "after", "expect", "for_each",
-                                                        "posture", "threshold", "within"}))
-    return server.covers(ReceivedEvent(**event.model_dump()))
-
-
-RUN_SCRIPT = """
-import sys, time, torch
-from pathlib import Path
-from schemas.train import MemoryTrainConfig
-from training.memory_loop import train_memory
-from training.memory_model import build_memory_data, build_memory_model, read_memory_inputs
-root, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
-torch.set_num_threads(int(sys.argv[3]))  # the parent's: a float sum's order depends on it
-config = MemoryTrainConfig(data_root=root, tiny=True, device="cpu", max_steps=8, checkpoint_every=2, batch_size=2)
-model = build_memory_model(config, torch.device("cpu"))
-data, _ = build_memory_data(read_memory_inputs(config.lance_uri, ["train"], {}), "train", model.tokenizer, model.arch)
-print("ready", flush=True)
-train_memory(model, data, None, config, ckpt, device=torch.device("cpu"), on_step=lambda s, o: time.sleep(0.3))
-"""
-
-
-def test_loop_resumes_after_sigkill_with_the_same_data_order(embedded_root, tmp_path):
-    """Kill a training process after a checkpoint; resuming ends with exactly the weights of a run
-    that never stopped."""
-    config = tiny_config(embedded_root, max_steps=8, checkpoint_every=2, batch_size=2)
-    cpu = torch.device("cpu")
-
-    def fresh():
-        model = build_memory_model(config, cpu)
-        loaded = read_memory_inputs(config.lance_uri, ["train"], {})
-        return model, build_memory_data(loaded, "train", model.tokenizer, model.arch)[0]
-
-    model, data = fresh()
-    straight = train_memory(model, data, None, config, tmp_path / "straight", device=cpu)
-    assert straight.resumed_from == 0 and straight.steps == 8
-    reference = trainable_state(model)
-
-    ckpt = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(embedded_root), str(ckpt),
-                             str(torch.get_num_threads())], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sigkill_when(proc, lambda: any(p.name.endswith("0004") for p in list_checkpoints(ckpt)), "checkpoint at step 4")
-    steps = [int(p.name.split("-")[1]) for p in list_checkpoints(ckpt)]
-    assert 4 <= max(steps) < 8  # killed after a checkpoint, before the end
-
-    model, data = fresh()
-    resumed = train_memory(model, data, None, config, ckpt, device=cpu)
-    assert resumed.resumed_from == max(steps)
-    state = trainable_state(model)
-    assert state.keys() == reference.keys()
-    for k in state:
-        assert torch.equal(state[k], reference[k]), k
-
-
-def test_train_memory_flow_publishes_and_skips_rerun(embedded_root):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
-
-    from flows.train import train_memory_flow
-    from storage.artifacts import ArtifactStore
-
-    config = tiny_config(embedded_root, max_steps=3, eval_limit=8, artifact="memory-flow-test")
-    first = train_memory_flow(config)
-    assert first["created"] and first["artifact"] == "memory-flow-test:v1"
-    db = connect(embedded_root / "lance")
-    versions = {n: db.open_table(n).version for n in ("turns", "dialogs", "image_embeddings", "text_embeddings")}
-    art = ArtifactStore(config.artifacts_dir).get("memory-flow-test", verify=True)
-    m = art.manifest
-    assert {k: v["version"] for k, v in m["inputs"].items()} == versions
-    assert m["config"]["infonce_weight"] == 0.0 and m["kind"] == "memory-model"
-    assert m["trainable"] == ["imagebind_fc", "turn_pe"] and m["metrics"]["steps"] == 3
-    assert m["data"]["quarantined"] == 1 and m["metrics"]["eval_samples"] == 8
-    assert set(m["code"]) == {"commit", "dirty", "source_hash"}
-    q = read(db, "quarantine", where="stage = 'train_memory'")
-    assert q.column("reason").to_pylist() == ["embedding_missing"]
-
-    again = train_memory_flow(config)
-    assert not again["created"] and again["artifact"] == first["artifact"]
-    assert ArtifactStore(config.artifacts_dir).versions("memory-flow-test") == [1]
-
-    with get_client(sync_client=True) as client:
-        published = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-memory-flow-test",
-                                                                        "model-memory-flow-test-manifest"])),
-            flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), limit=10, offset=0, sort="CREATED_DESC")
-        kinds = {a.key: a for a in published}
-        link = kinds["model-memory-flow-test"].data  # Prefect stores a link artifact as markdown
-        assert link.startswith("[memory-flow-test:v1](file://") and link.endswith("/memory-flow-test/v1)")
-        assert "memory-flow-test:v1" in kinds["model-memory-flow-test-manifest"].data
-        event = _wait_for_event(client, "memory-flow-test:v1")
-    # the evaluation trigger fires on exactly this event; the SFT trigger does not
-    from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
-
-    assert _covers(evaluate_on_new_artifact(), event) and _covers(evaluate_on_new_artifact(artifacts="memory-flow-test"), event)
-    assert not _covers(evaluate_on_new_artifact(artifacts="gemma3-4b-reminders-lora"), event)
-    assert not _covers(sft_on_new_reminders(), event)
-
-    loaded = load_memory_model(art.path, device="cpu")
-    data, _ = build_memory_data(read_memory_inputs(config.lance_uri, ["val"], {}), "val", loaded.tokenizer,
-                                loaded.arch, limit_samples=3)
-    answers = loaded.generate(data.batch(torch.arange(3)), max_new_tokens=3)
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    assert isinstance(data, MemoryData)
-
-
-def _lock_waiters(lock: Path) -> int:
-    """Processes or threads blocked on ``lock`` (Linux /proc/locks marks them with ``->``)."""
-    inode = f":{os.stat(lock).st_ino} "
-    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
-
-
-def test_concurrent_runs_of_one_fingerprint_train_once(embedded_root):
-    """Two runs with the same inputs at the same time (a pipeline's own training and the one a trigger
-    started): one trains and publishes, the other waits and reuses its version."""
-    import threading
-
-    from flows.train import train_memory_flow
-    from storage.artifacts import ArtifactStore
-    from tasks.train import exclusive, plan_memory
-
-    config = tiny_config(embedded_root, max_steps=2, eval_limit=0, artifact="memory-concurrent-test")
-    plan = plan_memory(config)
-    pinned = plan_memory(config.model_copy(update={"table_versions": {n: i["version"] for n, i in plan.inputs.items()}}))
-    assert pinned.fingerprint == plan.fingerprint  # pinning the versions it would pick anyway is the same run
-    results, errors = [], []
-
-    def run() -> None:
-        try:
-            results.append(train_memory_flow(config))
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    lock = config.checkpoints_dir / f"{plan.fingerprint}.lock"
-    with exclusive(config, plan) as held:  # both runs plan, then queue on the lock behind this one
-        assert held.existing is None
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while _lock_waiters(lock) < 2:
-            assert time.monotonic() < deadline and all(t.is_alive() for t in threads), errors
-            time.sleep(0.05)
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors and len(results) == 2
-    assert sorted(r["created"] for r in results) == [False, True]
-    assert {r["artifact"] for r in results} == {"memory-concurrent-test:v1"}
-    assert ArtifactStore(config.artifacts_dir).versions("memory-concurrent-test") == [1]
-
-
-def test_cli_train_memory_tiny(embedded_root):
-    """`mmem train memory --tiny` trains, prints the version, and `mmem artifacts list` shows it."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from cli.main import app
-
-    root = ["--data-root", str(embedded_root)]
-    res = CliRunner().invoke(app, [*root, "train", "memory", "--tiny", "--max-steps", "2", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    result = json.loads(res.output[res.output.index("{\n"):])
-    assert result["created"] and result["artifact"] == "memory-model:v1" and result["metrics"]["steps"] == 2
-    listed = CliRunner().invoke(app, [*root, "artifacts", "list", "memory-model", "--json"])
-    assert listed.exit_code == 0, listed.output
-    assert [r["artifact"] for r in json.loads(listed.output)] == ["memory-model:v1"]

@@ -40,14 +40,16 @@ def reminder_rows(db) -> pa.Table:
     rows = []
     for image_id, ts in sorted(dialogs.items()):
         ts.sort(key=lambda t: t["turn"])
-        conv = "\n".join(f"Q: {t['question']}" + (f"\nA: {t['answer']}" if i < 3 else "") for i, t in enumerate(ts[:4]))
+        conv = "\n".join(f"Q: {t['question']}" + (f"\nA: {t['answer']}" if i < 3 else "")
+                          for i, t in enumerate(ts[:4]))
         reminder = f"Earlier the user asked {ts[0]['question']} and the answer was {ts[0]['answer']}."
         final = ts[3]["answer"].capitalize() + "."
         rows.append({"image_id": image_id, "split": ts[0]["split"], "image_url": images[image_id].as_uri(),
                      "conversation": conv, "response": f"<reminder>{reminder}</reminder> {final}",
                      "reminder": reminder, "final_answer": final, "target_answer": ts[3]["answer"],
                      "request_hash": f"req-{image_id}", "model": "teacher"})
-    gone = dict(rows[0], image_id=MISSING_ID, image_url="file:///nowhere/missing.jpg", request_hash="req-gone")
+    gone = dict(rows[0], image_id=MISSING_ID, image_url="file:///nowhere/missing.jpg",
+                request_hash="req-gone")
     return pa.Table.from_pylist(rows + [gone], schema=REMINDERS.schema)
 
 
@@ -69,7 +71,8 @@ def test_chat_format_and_split_by_dialog(sft_root):
     data = build_examples(rows, config)
     train_split = {r["image_id"] for r in rows.to_pylist() if r["split"] == "train"}
     ids = [e.image_id for e in data.train + data.held_out]
-    assert set(ids) == train_split - {MISSING_ID} and len(ids) == len(set(ids))  # val dialogs never trained on
+    # val dialogs are never trained on
+    assert set(ids) == train_split - {MISSING_ID} and len(ids) == len(set(ids))
     assert data.train and data.held_out
     assert [(r.key, str(r.reason)) for r in data.rejections] == [(str(MISSING_ID), "image_missing")]
 
@@ -82,7 +85,8 @@ def test_chat_format_and_split_by_dialog(sft_root):
     # the held-out set is a function of the dialog id alone: shuffling or subsetting rows moves nothing
     held = {e.image_id for e in data.held_out}
     shuffled = build_examples(rows.take(list(reversed(range(len(rows))))).slice(0, len(rows) // 2), config)
-    assert {e.image_id for e in shuffled.held_out} == held & {e.image_id for e in shuffled.train + shuffled.held_out}
+    kept = {e.image_id for e in shuffled.train + shuffled.held_out}
+    assert {e.image_id for e in shuffled.held_out} == held & kept
     assert held == {i for i in ids if held_out(i, 0.3)}
     frac = sum(held_out(i, 0.3) for i in range(20_000)) / 20_000
     assert 0.28 < frac < 0.32
@@ -97,7 +101,8 @@ def test_lora_on_attention_and_mlp_of_vision_and_language(sft_root):
 
     full = wrapped(tiny(sft_root))
     assert full == {("vision", m) for m in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")} | \
-        {("language", m) for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+        {("language", m) for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                   "down_proj")}
     language_attention = wrapped(tiny(sft_root, finetune_vision_layers=False, finetune_mlp_modules=False))
     assert language_attention == {("language", m) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
     model, _ = load_peft_model(tiny(sft_root), base_path(tiny(sft_root)), cuda=False)
@@ -199,16 +204,17 @@ def test_chat_messages_shape():
 
 def test_train_sft_flow_versions_and_validated_input(sft_root):
     from flows.train import train_sft_flow
+    from schemas.validate import ValidationFailed
     from storage.artifacts import ArtifactStore
-    from tasks.train import plan_sft
-    from tasks.validate import ValidationFailed
+    from training.plan import plan_sft
     from training.sft import SPLIT_FILE, load_sft_model
 
     config = tiny(sft_root, max_steps=2, val_fraction=0.2, artifact="sft-flow-test")
     db = connect(config.lance_uri)
     good = db.open_table("reminders").version
     first = train_sft_flow(config)
-    assert first["created"] and first["artifact"] == "sft-flow-test:v1"
+    assert first.created and first.artifact == "sft-flow-test:v1"
+    assert first.read_versions == {"reminders": good} and first.versions == {}
     art = ArtifactStore(config.artifacts_dir).get("sft-flow-test", verify=True)
     m = art.manifest
     assert m["inputs"]["reminders"]["version"] == good and m["backend"] == "peft"
@@ -219,10 +225,10 @@ def test_train_sft_flow_versions_and_validated_input(sft_root):
     q = read(db, "quarantine", where="stage = 'train_sft'").column("reason").to_pylist()
     assert "image_missing" in q
 
-    assert not train_sft_flow(config)["created"]  # same inputs, config and code: nothing to do
+    assert not train_sft_flow(config).created  # same inputs, config and code: nothing to do
     # the pipeline pins the version reminders wrote; a trigger picks the newest validated: one run
     pinned = config.model_copy(update={"reminders_version": good})
-    assert plan_sft(pinned).fingerprint == first["fingerprint"]
+    assert plan_sft(pinned).fingerprint == first.fingerprint
 
     model, processor = load_sft_model(art.path)
     ex = build_examples(read(db, "reminders"), config).train[0]
@@ -258,7 +264,9 @@ def test_cli_train_sft_tiny(sft_root):
     assert first.exit_code == 0, first.output
     result = json.loads(first.output[first.output.index("{\n"):])
     assert result["created"] and result["artifact"] == "gemma3-4b-reminders-lora:v1"
-    assert result["metrics"]["train_examples"] > 0 and Path(result["path"], "adapter_model.safetensors").is_file()
+    assert set(result["read_versions"]) == {"reminders"} and result["inputs"]["reminders"]["tag"]
+    assert result["metrics"]["train_examples"] > 0
+    assert Path(result["path"], "adapter_model.safetensors").is_file()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert json.loads(again.output[again.output.index("{\n"):])["created"] is False

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from training.memory_model import load_llm
+from training.memory_llm import load_llm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,13 +86,17 @@ def test_an_artifact_name_that_is_a_path_is_refused_by_the_options(tmp_path, art
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "checkpoints").exists()
 
 
+LE = "Input should be less than or equal to"
+
+
 @pytest.mark.parametrize("var, value, message", [
-    ("MMEM_TRAIN_MEMORY_BATCH_SIZE", "1000000000", "batch_size: Input should be less than or equal to 65536"),
-    ("MMEM_TRAIN_MEMORY_QFORMER_LAYERS", "100000", "qformer_layers: Input should be less than or equal to 48"),
-    ("MMEM_TRAIN_MEMORY_MAX_STEPS", "10000000000", "max_steps: Input should be less than or equal to 10000000"),
+    ("MMEM_TRAIN_MEMORY_BATCH_SIZE", "1000000000", f"batch_size: {LE} 65536"),
+    ("MMEM_TRAIN_MEMORY_QFORMER_LAYERS", "100000", f"qformer_layers: {LE} 48"),
+    ("MMEM_TRAIN_MEMORY_MAX_STEPS", "10000000000", f"max_steps: {LE} 10000000"),
 ])
 def test_numbers_have_upper_bounds(tmp_path, var, value, message):
-    res = CliRunner().invoke(app, ["--data-root", str(tmp_path), "train", "memory", "--tiny"], env={var: value})
+    res = CliRunner().invoke(app, ["--data-root", str(tmp_path), "train", "memory", "--tiny"],
+                             env={var: value})
     assert res.exit_code == 1 and message in res.output, res.output
 
 
@@ -117,8 +121,8 @@ def test_an_artifact_name_that_is_a_path_gets_409_from_the_prefect_api(tmp_path)
                 assert res.status_code == 409, (bad, res.status_code, res.text)
                 assert "artifact" in res.text and "does not match" in res.text, res.text
             for _ in range(10):  # the control: a plain name is taken (503: SQLite busy on a loaded machine)
-                ok = httpx.post(url, json={"parameters": {"config": {**params["config"], "artifact": "ok-name.v2"}}},
-                                timeout=30)
+                good = {**params["config"], "artifact": "ok-name.v2"}
+                ok = httpx.post(url, json={"parameters": {"config": good}}, timeout=30)
                 if ok.status_code != 503:
                     break
                 time.sleep(2)

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from training.memory_model import MemoryData, MemoryModel, MemoryOutput
+from training.memory_data import MemoryData
+from training.memory_net import MemoryModel, MemoryOutput
 
 CKPT_PREFIX = "step-"
 STATE = "state.pt"
@@ -35,7 +36,7 @@ class LoopResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@lru_cache(maxsize=2)  # a permutation of 827k costs ~20 ms: once per epoch, not once per step
+@lru_cache(maxsize=2)  # a permutation of the whole set: once per epoch, not once per step
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch: depends on nothing but the seed and the epoch number.
     Callers must not modify the returned tensor (it is shared)."""
@@ -60,7 +61,9 @@ def make_optimizer(model: MemoryModel, config: Any, steps: int):
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return opt, get_cosine_schedule_with_warmup(opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
+    return opt, get_cosine_schedule_with_warmup(
+        opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps
+    )
 
 
 def autocast(device: torch.device, dtype: str):
@@ -71,7 +74,9 @@ def autocast(device: torch.device, dtype: str):
 def train_step(model: MemoryModel, opt, sched, data: MemoryData, idx: torch.Tensor, config: Any,
                device: torch.device) -> MemoryOutput:
     with autocast(device, config.dtype):
-        out = model(data.batch(idx), infonce_weight=config.infonce_weight, temperature=config.infonce_temperature)
+        out = model(
+            data.batch(idx), infonce_weight=config.infonce_weight, temperature=config.infonce_temperature
+        )
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
     opt.step()
@@ -81,7 +86,9 @@ def train_step(model: MemoryModel, opt, sched, data: MemoryData, idx: torch.Tens
 
 
 @torch.no_grad()
-def evaluate_loss(model: MemoryModel, data: MemoryData, config: Any, device: torch.device) -> dict[str, float]:
+def evaluate_loss(
+    model: MemoryModel, data: MemoryData, config: Any, device: torch.device
+) -> dict[str, float]:
     """Token-weighted answer cross-entropy (and its perplexity) over ``data``."""
     if len(data) == 0:
         return {}
@@ -107,14 +114,19 @@ def trainable_state(model: MemoryModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
 
 
-def save_checkpoint(folder: Path, step: int, model: MemoryModel, opt, sched, history: list, keep: int) -> Path:
+def save_checkpoint(
+    folder: Path, step: int, model: MemoryModel, opt, sched, history: list, keep: int
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{CKPT_PREFIX}{step:09d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     state = {
-        "step": step, "model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "step": step,
+        "model": trainable_state(model),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "history": history,

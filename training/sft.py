@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 
 from schemas.quarantine import Reason, Rejection
 
-log = logging.getLogger("mmem.train.sft")
+log = logging.getLogger("mmem." + __name__)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")  # Gemma3 text: o_proj; SigLIP: out_proj
 MLP = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")  # Gemma3 text: gated MLP; SigLIP: fc1/fc2
@@ -101,12 +101,14 @@ def build_examples(rows: Any, config: Any, stored_images: dict[int, Path] | None
         records = records[: config.limit]
     train, held, rejections = [], [], []
     for r in records:
-        path = resolve_image(r.get("image_url"), r.get("split"), r["image_id"], config.images_root, stored_images)
+        path = resolve_image(r.get("image_url"), r.get("split"), r["image_id"], config.images_root,
+                             stored_images)
         if path is None:
             rejections.append(Rejection(str(r["image_id"]), Reason.IMAGE_MISSING, r,
                                         f"no local image for {r.get('image_url')!r}; set images_root"))
             continue
-        ex = SftExample(r["image_id"], chat_messages(r["conversation"], r["response"], config.system_prompt), path)
+        ex = SftExample(r["image_id"], chat_messages(r["conversation"], r["response"], config.system_prompt),
+                        path)
         (held if held_out(r["image_id"], config.val_fraction) else train).append(ex)
     return SftData(train, held, rejections)
 
@@ -175,7 +177,8 @@ def lora_target_regex(config: Any) -> str:
     """peft ``target_modules`` equal to unsloth's finetune_{vision,language}_layers x {attention,mlp}."""
     layers = [LAYERS[k] for k, on in (("vision", config.finetune_vision_layers),
                                       ("language", config.finetune_language_layers)) if on]
-    modules = (ATTENTION if config.finetune_attention_modules else ()) + (MLP if config.finetune_mlp_modules else ())
+    modules = ((ATTENTION if config.finetune_attention_modules else ())
+               + (MLP if config.finetune_mlp_modules else ()))
     if not layers or not modules:
         raise ValueError("LoRA needs at least one of vision/language layers and one of attention/MLP modules")
     return rf".*\.({'|'.join(layers)})\..*\.({'|'.join(modules)})"
@@ -221,9 +224,11 @@ def load_peft_model(config: Any, base: Path, cuda: bool):
         log.info("load_in_4bit ignored: no CUDA device, the base stays in float32")
     model = AutoModelForImageTextToText.from_pretrained(base, local_files_only=True, **kwargs)
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model,
+                                                use_gradient_checkpointing=config.gradient_checkpointing)
     torch.manual_seed(config.seed)  # the LoRA A matrices are drawn here
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      bias="none",
                       target_modules=lora_target_regex(config), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     processor = AutoProcessor.from_pretrained(base, local_files_only=True)
@@ -233,7 +238,8 @@ def load_peft_model(config: Any, base: Path, cuda: bool):
 def load_unsloth_model(config: Any, base: Path):
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only; unsloth must not look for hub variants
+    # a local folder only; unsloth must not look for hub variants
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from unsloth import FastVisionModel  # lazy: patches transformers, CUDA only
 
     model, processor = FastVisionModel.from_pretrained(
@@ -246,7 +252,8 @@ def load_unsloth_model(config: Any, base: Path):
         finetune_language_layers=config.finetune_language_layers,
         finetune_attention_modules=config.finetune_attention_modules,
         finetune_mlp_modules=config.finetune_mlp_modules, r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, bias="none", random_state=config.seed, use_rslora=False, loftq_config=None,
+        lora_dropout=config.lora_dropout, bias="none", random_state=config.seed, use_rslora=False,
+        loftq_config=None,
     )
     FastVisionModel.for_training(model)
     return model, processor
@@ -265,7 +272,8 @@ def sft_arguments(config: Any, output_dir: Path, backend: str, cuda: bool):
         output_dir=str(output_dir), per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
-        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler,
         optim=config.optim, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.keep_checkpoints,
         eval_strategy="no", report_to=[], max_length=config.max_seq_length, remove_unused_columns=False,
@@ -309,7 +317,8 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+    found = sorted((int(p.name.rsplit("-", 1)[1]), p)
+                   for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                    if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
     for _, path in reversed(found):
         if (path / TRAINER_STATE_NAME).is_file():
@@ -338,7 +347,8 @@ def train_sft(config: Any, data: SftData, output_dir: Path, *, callbacks: Sequen
     if backend == "unsloth":
         from unsloth.trainer import UnslothVisionDataCollator
 
-        kwargs["data_collator"] = UnslothVisionDataCollator(model, processor, max_seq_length=config.max_seq_length)
+        kwargs["data_collator"] = UnslothVisionDataCollator(model, processor,
+                                                            max_seq_length=config.max_seq_length)
     trainer = trainer_class(cuda)(
         model=model, args=args, train_dataset=chat_dataset(data.train),
         eval_dataset=chat_dataset(data.held_out) if data.held_out else None,
@@ -355,7 +365,8 @@ def train_sft(config: Any, data: SftData, output_dir: Path, *, callbacks: Sequen
     metrics["train_examples"] = float(len(data.train))
     if data.held_out:
         metrics |= {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
-    return SftRun(trainer.model, processor, backend, why, base, metrics, resumed, list(trainer.state.log_history))
+    return SftRun(trainer.model, processor, backend, why, base, metrics, resumed,
+                  list(trainer.state.log_history))
 
 
 def base_reference(base: Path, *, bundled: bool) -> str:
@@ -427,6 +438,7 @@ def load_sft_model(folder: Path, base: Path | None = None, device: str = "cpu"):
     source = Path(base) if base else adapter_base(folder)
     local = isinstance(source, Path)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=local, dtype=dtype).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=local,
+                                                        dtype=dtype).to(device)
     model = PeftModel.from_pretrained(model, folder, local_files_only=True).eval()
     return model, AutoProcessor.from_pretrained(folder, local_files_only=True)

@@ -76,12 +76,15 @@ def tiny_gemma3_config(vocab: dict[str, int], hidden: int = 32, layers: int = 2)
 
     text = {
         "vocab_size": len(vocab), "hidden_size": hidden, "intermediate_size": 2 * hidden,
-        "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": hidden // 2,
+        "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": hidden // 2,
         "query_pre_attn_scalar": hidden // 2, "max_position_embeddings": 2048, "sliding_window": 64,
-        "pad_token_id": vocab[PAD], "eos_token_id": [vocab[EOS], vocab[END_OF_TURN]], "bos_token_id": vocab[BOS],
+        "pad_token_id": vocab[PAD], "eos_token_id": [vocab[EOS], vocab[END_OF_TURN]],
+        "bos_token_id": vocab[BOS],
     }
     vision = {
-        "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+        "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": 2,
         "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "vision_use_head": False,
     }
     return Gemma3Config(
