@@ -62,7 +62,8 @@ def main() -> None:
     write(config.lance_uri, out, "bench")
     total_s = time.perf_counter() - t
     n, json_s = out.parsed.num_dialogs + len(out.parsed.rejections), out.seconds["parse"]
-    print(f"file: {visdial.stat().st_size / 2**20:.0f} MiB, {n} dialogs, {out.counts()['turns_kept']} turns kept")
+    print(f"file: {visdial.stat().st_size / 2**20:.0f} MiB, {n} dialogs, "
+          f"{out.counts()['turns_kept']} turns kept")
     print(f"JSON phase (parse + checks to columns): {json_s:.2f} s = {n / json_s:,.0f} dialogs/s")
     print(f"image checks + hashing on {args.workers} processes: {out.seconds['images']:.1f} s")
     print(f"clean total: {clean_s:.1f} s; Lance writes (row building + merges): {out.seconds['write']:.1f} s")

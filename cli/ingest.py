@@ -18,11 +18,18 @@ def register(app: typer.Typer) -> None:
 def demo_data(
     out: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path("mmem-data/demo"),
     dialogs: Annotated[int, typer.Option(help="Train dialogs (one image each).")] = 40,
-    val_dialogs: Annotated[int | None, typer.Option(help="Val dialogs (default: a fifth of --dialogs).")] = None,
+    val_dialogs: Annotated[
+        int | None, typer.Option(help="Val dialogs (default: a fifth of --dialogs).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Everything is a function of the seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes drawing images.")] = 2,
-    photos: Annotated[bool, typer.Option(help="Photo-like JPEGs and diverse dialogs: the real data's cost "
-                                               "shape (benchmarks), not answers true about the images.")] = False,
+    photos: Annotated[
+        bool,
+        typer.Option(
+            help="Photo-like JPEGs and diverse dialogs: the real data's cost "
+            "shape (benchmarks), not answers true about the images."
+        ),
+    ] = False,
 ) -> None:
     """Write the deterministic demo dataset: JPEG scenes, VisDial v1.0 JSON and COCO captions."""
     from ingest.demo_data import write_demo

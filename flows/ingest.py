@@ -19,7 +19,9 @@ def ingest_flow(config: IngestConfig) -> IngestResult:
     """
     out = clean_task(config)
     reports = validate_task(out)
-    publish_markdown("ingest-validation", "\n".join(r.markdown() for r in reports), "Great Expectations: ingest")
+    publish_markdown(
+        "ingest-validation", "\n".join(r.markdown() for r in reports), "Great Expectations: ingest"
+    )
     failed = [r for r in reports if not r.success]
     if failed:
         raise ValidationFailed("ingest validation failed:\n" + "\n".join(r.markdown() for r in failed))

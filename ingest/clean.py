@@ -68,7 +68,9 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
     parsed = parse_visdial(config.visdial)
     t1 = time.perf_counter()
     dialogs_in = parsed.num_dialogs + len(parsed.rejections)
-    log.info("parsed %s: %d dialogs, %d rejected by the parser", config.visdial, dialogs_in, len(parsed.rejections))
+    log.info(
+        "parsed %s: %d dialogs, %d rejected by the parser", config.visdial, dialogs_in, len(parsed.rejections)
+    )
     rejections = list(parsed.rejections)
     if not config.images.is_dir():
         raise FileNotFoundError(f"image folder {config.images} does not exist")
@@ -83,8 +85,14 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
         else:
             items.append((image_id, rel))
     with Progress(len(items), "check images", enabled=progress) as bar:
-        checked = check_images(config.images, items, workers=config.workers, max_pixels=config.max_image_pixels,
-                               max_bytes=config.max_image_bytes, progress=bar)
+        checked = check_images(
+            config.images,
+            items,
+            workers=config.workers,
+            max_pixels=config.max_image_pixels,
+            max_bytes=config.max_image_bytes,
+            progress=bar,
+        )
     infos = [c for c in checked if isinstance(c, ImageInfo)]
     ok_ids = np.array([c.image_id for c in infos], dtype=np.int64)
     t2 = time.perf_counter()
@@ -96,8 +104,11 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
     for i, image_id in enumerate(parsed.image_ids.tolist()):
         p = problems.get(image_id)
         if p is not None:
-            rejections.append(Rejection(str(image_id), p.reason, {"path": p.path, "dialog": _dialog_json(parsed, i)},
-                                        p.detail))
+            rejections.append(
+                Rejection(
+                    str(image_id), p.reason, {"path": p.path, "dialog": _dialog_json(parsed, i)}, p.detail
+                )
+            )
     images = pa.Table.from_pylist(
         [{"split": parsed.split, "root": str(config.images.resolve()), **info.__dict__} for info in infos],
         schema=IMAGES.schema,

@@ -32,7 +32,8 @@ COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
     "purple": (140, 60, 170), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
 }
-BACKGROUNDS = {"gray": (128, 128, 128), "light blue": (170, 200, 230), "beige": (225, 210, 180), "dark green": (30, 80, 50)}
+BACKGROUNDS = {"gray": (128, 128, 128), "light blue": (170, 200, 230), "beige": (225, 210, 180),
+               "dark green": (30, 80, 50)}
 SHAPES = ("circle", "square", "triangle")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
@@ -136,8 +137,10 @@ def question_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str
     """Every (question, answer) that is true about the scene, VisDial style (lower case, no '?')."""
     qa: list[tuple[str, str]] = []
     n = len(scene.shapes)
-    qa.append(("how many shapes are there", f"{NUMBERS[n]}" if rng.random() < 0.5 else f"there are {n}" if n > 1 else "just one"))
-    qa.append(("what color is the background", scene.background if rng.random() < 0.5 else f"it is {scene.background}"))
+    qa.append(("how many shapes are there",
+               f"{NUMBERS[n]}" if rng.random() < 0.5 else f"there are {n}" if n > 1 else "just one"))
+    qa.append(("what color is the background",
+               scene.background if rng.random() < 0.5 else f"it is {scene.background}"))
     qa.append(("is this a photo", "no, it looks like a drawing"))
     qa.append(("are there any people", "no"))
     qa.append(("any animals", "no, just shapes"))
@@ -148,7 +151,8 @@ def question_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str
         qa.append((f"how many {kind}s are there", NUMBERS[k]))
     for color in COLORS:
         k = sum(s.color == color for s in scene.shapes)
-        qa.append((f"is there anything {color}", f"yes, {NUMBERS[k]} {color} {_plural('shape', k)}" if k else "no"))
+        qa.append((f"is there anything {color}",
+                   f"yes, {NUMBERS[k]} {color} {_plural('shape', k)}" if k else "no"))
     for s in scene.shapes:
         same = [t for t in scene.shapes if t.kind == s.kind]
         if len(same) == 1:
@@ -202,11 +206,13 @@ def _noise_bank() -> np.ndarray:
     """Luminance grain (shared by the channels) plus per-channel sensor noise, drawn once per process."""
     rng = np.random.default_rng(20261207)
     side = (NOISE_BANK, NOISE_BANK)
-    return rng.standard_normal((*side, 1), dtype=np.float32) * 11 + rng.standard_normal((*side, 3), dtype=np.float32) * 5
+    grain = rng.standard_normal((*side, 1), dtype=np.float32) * 11
+    return grain + rng.standard_normal((*side, 3), dtype=np.float32) * 5
 
 
 # luminance + two opponent colour axes, then scaled: a natural image's colours vary mostly in brightness
-_COLOUR_MIX = np.array([[1, 0.25, 0.1], [1, -0.15, 0.2], [1, 0.05, -0.3]], np.float32) * np.float32([38, 14, 14])
+_COLOUR_MIX = (np.array([[1, 0.25, 0.1], [1, -0.15, 0.2], [1, 0.05, -0.3]], np.float32)
+               * np.float32([38, 14, 14]))
 
 
 def draw_photo(scene: Scene, seed: int) -> Image.Image:
@@ -239,31 +245,36 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 # Word lists for VisDial-like turns. Questions average ~5 words and answers ~3, as in VisDial.
-NOUNS = _words("""man woman boy girl child person people dog cat horse cow sheep bird elephant giraffe zebra bear
-car bus truck train bike motorcycle plane boat kite umbrella bench table chair couch bed tv laptop phone book
-clock vase bowl cup bottle plate pizza sandwich cake banana apple orange broccoli carrot donut sign light
-pole fence tree grass road street sidewalk building window door wall floor ceiling sky cloud water ocean
-beach sand snow mountain hill field river lake bridge tower roof shirt hat jacket helmet glasses shoes bag
-backpack ball racket bat glove skateboard surfboard skis frisbee toilet sink mirror towel counter oven fridge
-stove kitchen room picture lamp curtain rug pillow blanket shelf box basket flower plant tent flag wheel
-seat desk keyboard mouse screen remote cord fork knife spoon napkin tray menu bread meat cheese egg salad
-rice soup pot pan cone tire track platform station crowd player team goal net court""")
-ADJECTIVES = _words("""big small large tiny tall short old young new clean dirty wet dry open closed empty full bright dark
+NOUNS = _words("""
+man woman boy girl child person people dog cat horse cow sheep bird elephant giraffe zebra bear car bus
+truck train bike motorcycle plane boat kite umbrella bench table chair couch bed tv laptop phone book
+clock vase bowl cup bottle plate pizza sandwich cake banana apple orange broccoli carrot donut sign
+light pole fence tree grass road street sidewalk building window door wall floor ceiling sky cloud water
+ocean beach sand snow mountain hill field river lake bridge tower roof shirt hat jacket helmet glasses
+shoes bag backpack ball racket bat glove skateboard surfboard skis frisbee toilet sink mirror towel
+counter oven fridge stove kitchen room picture lamp curtain rug pillow blanket shelf box basket flower
+plant tent flag wheel seat desk keyboard mouse screen remote cord fork knife spoon napkin tray menu
+bread meat cheese egg salad rice soup pot pan cone tire track platform station crowd player team goal
+net court""")
+ADJECTIVES = _words("""
+big small large tiny tall short old young new clean dirty wet dry open closed empty full bright dark
 sunny cloudy shiny wooden metal plastic striped spotted busy quiet modern fancy plain round square long
 thick thin soft heavy light happy smiling standing sitting walking running parked moving broken visible""")
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "brown", "gray", "orange", "pink", "purple",
            "silver", "tan", "beige", "navy", "dark blue", "light green", "gold")
 PLACES = ("on the left", "on the right", "in the background", "in the middle", "near the front", "behind it",
           "next to the table", "at the top", "at the bottom", "in the corner", "by the window", "outside")
-VERBS = ("holding", "wearing", "eating", "riding", "carrying", "watching", "playing", "using", "pushing", "pulling",
-         "reading", "throwing", "catching", "drinking", "cutting", "touching", "sitting on", "standing by",
-         "looking at", "walking toward")
-COUNTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "a few", "several", "many", "lots", "about 5",
-          "maybe 3", "more than 10", "just 1", "only 2", "zero", "one", "two", "three", "four", "five")
+VERBS = ("holding", "wearing", "eating", "riding", "carrying", "watching", "playing", "using", "pushing",
+         "pulling", "reading", "throwing", "catching", "drinking", "cutting", "touching", "sitting on",
+         "standing by", "looking at", "walking toward")
+COUNTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "a few", "several", "many", "lots",
+          "about 5", "maybe 3", "more than 10", "just 1", "only 2", "zero", "one", "two", "three", "four",
+          "five")
 Q_TEMPLATES = (
     "is the {n} {a}", "what color is the {n}", "how many {n}s are there", "is there a {n} {p}",
     "is the {n} {v} a {n2}", "what is the {n} {v}", "can you see any {n}s", "is the {n} {c}",
-    "does the {n} look {a}", "are there any {n}s {p}", "what color is the {n2} {p}", "is the {n} near the {n2}",
+    "does the {n} look {a}", "are there any {n}s {p}", "what color is the {n2} {p}",
+    "is the {n} near the {n2}",
     "what kind of {n} is it", "is anyone {v} a {n}", "is the {n} in the {n2}", "how big is the {n}",
     "do you see a {n2}", "is it a {a} {n}", "what is on the {n}", "is there more than one {n}",
 )
@@ -274,17 +285,18 @@ A_TEMPLATES = (
     "yes, {v} a {n}", "{a} and {a2}", "there is a {n} {p}", "the {n} is {c}",
 )
 COMMON_QA = (("is it sunny", "yes"), ("is it sunny", "no"), ("is this in color", "yes"), ("any people", "no"),
-             ("is it daytime", "yes"), ("is it indoors", "no"), ("is it outside", "yes"), ("any animals", "no"),
-             ("can you see the sky", "yes"), ("can you see the sky", "no"), ("is it a close up", "no"),
-             ("is this a photo", "yes"), ("any other people", "no"), ("is it raining", "no"))
+             ("is it daytime", "yes"), ("is it indoors", "no"), ("is it outside", "yes"),
+             ("any animals", "no"), ("can you see the sky", "yes"), ("can you see the sky", "no"),
+             ("is it a close up", "no"), ("is this a photo", "yes"), ("any other people", "no"),
+             ("is it raining", "no"))
 
 
 def _fill(template: str, rng: np.random.Generator) -> str:
     def pick(words: tuple[str, ...]) -> str:
         return words[int(rng.integers(len(words)))]
 
-    return template.format(n=pick(NOUNS), n2=pick(NOUNS), a=pick(ADJECTIVES), a2=pick(ADJECTIVES), c=pick(COLOURS),
-                           c2=pick(COLOURS), p=pick(PLACES), v=pick(VERBS), k=pick(COUNTS))
+    return template.format(n=pick(NOUNS), n2=pick(NOUNS), a=pick(ADJECTIVES), a2=pick(ADJECTIVES),
+                           c=pick(COLOURS), c2=pick(COLOURS), p=pick(PLACES), v=pick(VERBS), k=pick(COUNTS))
 
 
 def photo_dialog(scene: Scene, seed: int) -> list[tuple[str, str]]:
@@ -316,7 +328,8 @@ def _draw_and_save(args: tuple[int, str, int, str, bool]) -> None:
         draw(scene).save(path, "JPEG", quality=85)
 
 
-def _chunks(seed: int, split: str, n: int, folder: str, photos: bool) -> Iterator[tuple[int, str, int, str, bool]]:
+def _chunks(seed: int, split: str, n: int, folder: str,
+            photos: bool) -> Iterator[tuple[int, str, int, str, bool]]:
     for i in range(n):
         yield (seed, split, i, folder, photos)
 
@@ -356,21 +369,25 @@ def write_split(out: Path, split: str, n: int, seed: int, workers: int = 1, prog
                     f'{{"question": {questions.index[q]}, "answer": {gt}, "gt_index": {gt_index}, '
                     f'"answer_options": [{",".join(map(str, opts.tolist()))}]}}'
                 )
-            fh.write(("," if di else "") + json.dumps({"image_id": scene.image_id, "caption": captions[di]})[:-1])
+            head = json.dumps({"image_id": scene.image_id, "caption": captions[di]})[:-1]  # without its "}"
+            fh.write(("," if di else "") + head)
             fh.write(', "dialog": [' + ",".join(rounds) + "]}")
         fh.write("]}}")
     coco = out / f"captions_{SPLIT_FOLDERS[split]}.json"
     coco.write_text(
         json.dumps(
             {
-                "info": {"description": "multimodal-memory demo " + ("photos" if photos else "scenes"), "version": "1.0"},
+                "info": {"description": "multimodal-memory demo " + ("photos" if photos else "scenes"),
+                         "version": "1.0"},
                 "licenses": [],
                 "images": [
-                    {"id": s.image_id, "file_name": image_name(split, s.image_id), "width": s.width, "height": s.height}
+                    {"id": s.image_id, "file_name": image_name(split, s.image_id), "width": s.width,
+                     "height": s.height}
                     for s in scenes
                 ],
                 "annotations": [
-                    {"id": i + 1, "image_id": s.image_id, "caption": captions[i]} for i, s in enumerate(scenes)
+                    {"id": i + 1, "image_id": s.image_id, "caption": captions[i]}
+                    for i, s in enumerate(scenes)
                 ],
             }
         )

@@ -201,10 +201,13 @@ def check_image(root: str, image_id: int, rel: str, max_pixels: int,
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                return ImageProblem(image_id, rel, Reason.IMAGE_TOO_LARGE, f"{width}x{height} > {max_pixels} pixels")
+                return ImageProblem(
+                    image_id, rel, Reason.IMAGE_TOO_LARGE, f"{width}x{height} > {max_pixels} pixels"
+                )
             mode = img.mode
             if img.format == "JPEG":
-                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))  # decodes every block, 64x fewer pixels
+                # decodes every block, 64x fewer pixels
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageProblem(image_id, rel, Reason.IMAGE_TOO_LARGE, f"{type(exc).__name__}: {exc}")

@@ -127,7 +127,9 @@ def _record(d: _Dialog) -> str:
     return msgspec.json.encode(d).decode("utf-8")
 
 
-def _decode(path: Path, raw: bytes) -> tuple[str, list[str], list[str], list[_Dialog | None], list[Rejection]]:
+def _decode(
+    path: Path, raw: bytes
+) -> tuple[str, list[str], list[str], list[_Dialog | None], list[Rejection]]:
     """The whole file typed at once; if one dialog is malformed, dialog by dialog."""
     try:
         f = msgspec.json.decode(raw, type=_File)
@@ -188,7 +190,9 @@ def _check(split: str, questions: list[str], answers: list[str], dialogs: list[_
     kept = _dialog_checks(dialogs, image_ids, captions, rejections)
     n, n_q, n_a = len(kept), len(questions), len(answers)
     rounds = list(chain.from_iterable(map(attrgetter("dialog"), map(dialogs.__getitem__, kept.tolist()))))
-    q_idx, a_idx, gt = (_ints(rounds, name).reshape(n, NUM_TURNS) for name in ("question", "answer", "gt_index"))
+    q_idx, a_idx, gt = (
+        _ints(rounds, name).reshape(n, NUM_TURNS) for name in ("question", "answer", "gt_index")
+    )
     questions, answers = pa.array(questions, pa.string()), pa.array(answers, pa.string())
     q_blank, a_blank = _is_blank(questions), _is_blank(answers)
     index_out = (q_idx < 0).any(1) | (q_idx >= n_q).any(1) | (a_idx < 0).any(1) | (a_idx >= n_a).any(1)
@@ -315,7 +319,9 @@ def dialog_columns(parsed: ParsedVisdial, sel: np.ndarray | None = None, *,
         "question": q,
         "answer": a,
         "gt_index": pa.array(parsed.gt_index[sel].ravel().astype(np.int16), pa.int16()),
-        "text_hash": pa.array([text_hash(turn_text(x, y)) for x, y in zip(qs, as_, strict=True)], pa.string()),
+        "text_hash": pa.array(
+            [text_hash(turn_text(x, y)) for x, y in zip(qs, as_, strict=True)], pa.string()
+        ),
     }
     if options:
         opts = parsed.answers.take(pa.array(parsed.options[sel].ravel()))

@@ -14,7 +14,9 @@ from storage.quarantine import quarantine
 log = logging.getLogger("mmem." + __name__)
 
 
-def write(lance_uri: str, out: IngestOutput, run_label: str, scalar_min_rows: int = SCALAR_MIN_ROWS) -> dict[str, int]:
+def write(
+    lance_uri: str, out: IngestOutput, run_label: str, scalar_min_rows: int = SCALAR_MIN_ROWS
+) -> dict[str, int]:
     """Merge every table (writes only what changed), tag the resulting versions, and index the join
     keys of tables past ``scalar_min_rows``."""
     db = connect(lance_uri)

@@ -54,7 +54,9 @@ def turns_suite(num_dialogs: int) -> gx.ExpectationSuite:
 def reminders_suite() -> gx.ExpectationSuite:
     """A reminder answer: exactly one non-empty <reminder> block, then a final answer; both within
     length bounds; no copied ``Q:``/``A:`` dialog lines."""
-    one_block = r"(?is)^(?:(?!<reminder>).)*<reminder>(?:(?!</?reminder>).)+</reminder>(?:(?!</?reminder>).)+$"
+    one_block = (
+        r"(?is)^(?:(?!<reminder>).)*<reminder>(?:(?!</?reminder>).)+</reminder>(?:(?!</?reminder>).)+$"
+    )
     return gx.ExpectationSuite(
         name="reminders",
         expectations=[

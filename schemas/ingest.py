@@ -86,7 +86,9 @@ class IngestConfig(StageConfig):
     visdial: Path = Field(description="A VisDial v1.0 JSON file (visdial_1.0_<split>.json).")
     images: Path = Field(description="The folder holding that split's images.")
     coco: Path | None = Field(default=None, description="Optional COCO annotation file (file names by id).")
-    workers: int = Field(default=2, ge=1, le=MAX_WORKERS, description="Processes that decode and hash images.")
+    workers: int = Field(
+        default=2, ge=1, le=MAX_WORKERS, description="Processes that decode and hash images."
+    )
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, le=MAX_IMAGE_PIXELS,
         description="Decompression-bomb guard: larger images are quarantined.",

@@ -24,10 +24,12 @@ class ValidationReport:
         return [r for r in self.results if not r["success"]]
 
     def markdown(self) -> str:
-        head = f"### `{self.table}` — suite `{self.suite}`: {'passed' if self.success else 'FAILED'} ({self.rows} rows)\n\n"
+        verdict = "passed" if self.success else "FAILED"
+        head = f"### `{self.table}` — suite `{self.suite}`: {verdict} ({self.rows} rows)\n\n"
         lines = ["| expectation | column | success | unexpected |", "| --- | --- | --- | --- |"]
         for r in self.results:
-            lines.append(f"| {r['expectation']} | {r['column'] or ''} | {'yes' if r['success'] else '**no**'} | {r['unexpected']} |")
+            ok = "yes" if r["success"] else "**no**"
+            lines.append(f"| {r['expectation']} | {r['column'] or ''} | {ok} | {r['unexpected']} |")
         return head + "\n".join(lines) + "\n"
 
     def raise_if_failed(self) -> None:
@@ -58,7 +60,9 @@ def validate(table: pa.Table | pd.DataFrame, suite, *, table_name: str | None = 
                 "expectation": cfg.type,
                 "column": kw.get("column") or ",".join(kw.get("column_list", []) or []),
                 "success": bool(r.success),
-                "unexpected": (r.result or {}).get("unexpected_count", (r.result or {}).get("observed_value", "")),
+                "unexpected": (r.result or {}).get(
+                    "unexpected_count", (r.result or {}).get("observed_value", "")
+                ),
             }
         )
     return ValidationReport(suite.name, table_name or suite.name, len(df), bool(result.success), results)

@@ -58,7 +58,9 @@ def test_answers_are_true_about_the_image(demo_dir):
     for i, d in enumerate(doc["data"]["dialogs"]):
         scene = make_scene(0, "train", i)
         assert scene.image_id == d["image_id"]
-        img = np.asarray(Image.open(demo_dir / "images" / "train2014" / f"COCO_train2014_{d['image_id']:012d}.jpg"))
+        img = np.asarray(
+            Image.open(demo_dir / "images" / "train2014" / f"COCO_train2014_{d['image_id']:012d}.jpg")
+        )
         assert img.shape[:2] == (scene.height, scene.width)
         for r in d["dialog"]:
             question, answer = q[r["question"]], a[r["answer"]]
@@ -75,7 +77,8 @@ def test_answers_are_true_about_the_image(demo_dir):
 
 
 def test_photos_have_the_real_data_cost_shape(tmp_path):
-    """--photos: photo-sized progressive JPEGs of COCO sizes, deterministic, and mostly distinct turn texts."""
+    """--photos: photo-sized progressive JPEGs of COCO sizes, deterministic, and mostly distinct turn
+    texts."""
     from schemas.embed import turn_text
 
     paths = write_split(tmp_path / "p", "train", 30, seed=0, photos=True)
@@ -95,4 +98,10 @@ def test_photos_have_the_real_data_cost_shape(tmp_path):
     texts = [turn_text(doc["questions"][r["question"]], doc["answers"][r["answer"]])
              for d in doc["dialogs"] for r in d["dialog"]]
     assert len(texts) == 300 and len(set(texts)) >= 0.6 * len(texts)
-    assert 3 <= np.mean([len(doc["questions"][r["question"]].split()) for d in doc["dialogs"] for r in d["dialog"]]) <= 7
+    assert (
+        3
+        <= np.mean(
+            [len(doc["questions"][r["question"]].split()) for d in doc["dialogs"] for r in d["dialog"]]
+        )
+        <= 7
+    )

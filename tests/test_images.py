@@ -28,7 +28,8 @@ def test_reasons_for_each_kind_of_bad_image(tmp_path):
     outside = _jpeg(tmp_path / "outside.jpg")
     (root / "COCO_x_000000000004.jpg").symlink_to(outside)  # symlink leaving the root
     _jpeg(root / "COCO_x_000000000005.jpg", size=(400, 400))  # too many pixels for the limit below
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "COCO_x_000000000006.jpg", "PNG")  # PNG named .jpg
+    png_named_jpg = root / "COCO_x_000000000006.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png_named_jpg, "PNG")
     _jpeg(root / "COCO_x_000000000007.jpg", mode="CMYK")
     _jpeg(root / "COCO_x_000000000008.jpg", mode="L")
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "COCO_x_000000000009.png")  # 16-bit
@@ -77,8 +78,15 @@ def test_only_regular_files_within_the_byte_limit_are_read(tmp_path):
     items = sorted(index_image_folder(root).items()) + [(6, "COCO_x_\0.jpg"), (7, 7)]
     results = {r.image_id: r for r in check_images(root, items, max_pixels=10**8, max_bytes=limit)}
     reasons = {i: (None if isinstance(r, ImageInfo) else r.reason) for i, r in results.items()}
-    assert reasons == {1: None, 2: Reason.IMAGE_FILE_TOO_LARGE, 3: Reason.IMAGE_NOT_A_FILE, 4: Reason.IMAGE_NOT_A_FILE,
-                       5: Reason.IMAGE_FILE_TOO_LARGE, 6: Reason.BAD_RECORD, 7: Reason.BAD_RECORD}
+    assert reasons == {
+        1: None,
+        2: Reason.IMAGE_FILE_TOO_LARGE,
+        3: Reason.IMAGE_NOT_A_FILE,
+        4: Reason.IMAGE_NOT_A_FILE,
+        5: Reason.IMAGE_FILE_TOO_LARGE,
+        6: Reason.BAD_RECORD,
+        7: Reason.BAD_RECORD,
+    }
     assert results[1].num_bytes == limit
     assert "a FIFO" in results[4].detail and "a folder" in results[3].detail
     assert f"{2**40} bytes > {limit} bytes" in results[5].detail
@@ -86,7 +94,10 @@ def test_only_regular_files_within_the_byte_limit_are_read(tmp_path):
 
     # A name that became a symlink after it was resolved is not followed (opened with O_NOFOLLOW).
     (root / "swapped.jpg").symlink_to(exact)
-    assert read_bounded(root / "swapped.jpg", limit) == (Reason.IMAGE_OUTSIDE_ROOT, "became a symlink while checked")
+    assert read_bounded(root / "swapped.jpg", limit) == (
+        Reason.IMAGE_OUTSIDE_ROOT,
+        "became a symlink while checked",
+    )
     assert read_bounded(exact, limit) == exact.read_bytes()
     assert read_bounded(exact, limit - 1)[0] == Reason.IMAGE_FILE_TOO_LARGE
 
@@ -96,9 +107,17 @@ def test_coco_file_names_rejects_bad_entries_and_keeps_the_rest(tmp_path):
 
     from ingest.images import coco_file_names
 
-    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b\0.jpg"}, {"id": 3, "file_name": 3},
-              {"id": 4, "file_name": None}, {"id": "5", "file_name": "e.jpg"}, {"id": True, "file_name": "f.jpg"},
-              "not an object", {"id": 8, "file_name": ""}, {"id": 9, "file_name": "../i.jpg"}]
+    images = [
+        {"id": 1, "file_name": "a.jpg"},
+        {"id": 2, "file_name": "b\0.jpg"},
+        {"id": 3, "file_name": 3},
+        {"id": 4, "file_name": None},
+        {"id": "5", "file_name": "e.jpg"},
+        {"id": True, "file_name": "f.jpg"},
+        "not an object",
+        {"id": 8, "file_name": ""},
+        {"id": 9, "file_name": "../i.jpg"},
+    ]
     p = tmp_path / "captions.json"
     p.write_text(json.dumps({"images": images, "annotations": [{"broken": True}]}))
     names, rejections = coco_file_names(p)
@@ -128,6 +147,7 @@ def test_broken_coco_file_is_a_clear_error_naming_file_and_position(tmp_path):
         with pytest.raises(CocoFormatError) as err:
             coco_file_names(p)
         assert str(p) in str(err.value) and fragment in str(err.value), (content, str(err.value))
-        assert isinstance(err.value, VisdialFormatError)  # the CLI reports it as it reports a bad VisDial file
+        # the CLI reports it as it reports a bad VisDial file
+        assert isinstance(err.value, VisdialFormatError)
     with pytest.raises(CocoFormatError, match="cannot read: No such file"):
         coco_file_names(tmp_path / "nope.json")

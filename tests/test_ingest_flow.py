@@ -14,8 +14,14 @@ from storage.lance import connect, read
 
 
 def _config(root, demo, **kw):
-    return IngestConfig(data_root=root, visdial=demo / "visdial_1.0_train.json", images=demo / "images" / "train2014",
-                        coco=demo / "captions_train2014.json", workers=1, **kw)
+    return IngestConfig(
+        data_root=root,
+        visdial=demo / "visdial_1.0_train.json",
+        images=demo / "images" / "train2014",
+        coco=demo / "captions_train2014.json",
+        workers=1,
+        **kw,
+    )
 
 
 def test_ingested_tables(ingested_root):
@@ -37,7 +43,10 @@ def test_rerun_writes_nothing_and_changed_input_writes_a_new_version(tmp_path, d
     assert again.versions == first.versions
     shown = json.loads(first.to_json())  # what `mmem ingest` prints: today's keys
     assert set(shown) == {"read_versions", "versions", "counts"} and shown["read_versions"] == {}
-    assert set(shown["versions"]) == {"images", "dialogs", "turns", "quarantine"} and shown["counts"]["dialogs_kept"] == 20
+    assert (
+        set(shown["versions"]) == {"images", "dialogs", "turns", "quarantine"}
+        and shown["counts"]["dialogs_kept"] == 20
+    )
 
     doc = json.loads((demo_dir / "visdial_1.0_train.json").read_text())
     doc["data"]["dialogs"][0]["caption"] = "a changed caption"
@@ -47,7 +56,12 @@ def test_rerun_writes_nothing_and_changed_input_writes_a_new_version(tmp_path, d
     assert changed.versions["dialogs"] == first.versions["dialogs"] + 1
     assert changed.versions["images"] == first.versions["images"]
     db = connect(root / "lance")
-    assert read(db, "dialogs", where=f"image_id = {doc['data']['dialogs'][0]['image_id']}").column("caption")[0].as_py() == "a changed caption"
+    assert (
+        read(db, "dialogs", where=f"image_id = {doc['data']['dialogs'][0]['image_id']}")
+        .column("caption")[0]
+        .as_py()
+        == "a changed caption"
+    )
     assert len(read(db, "dialogs")) == 20  # updated in place, not appended
     old = read(db, "dialogs", version=first.versions["dialogs"])
     assert "a changed caption" not in old.column("caption").to_pylist()
@@ -103,7 +117,9 @@ def test_validation_gate_fails_with_report():
     from schemas.expectations import dialogs_suite
     from schemas.validate import validate
 
-    report = validate(pa.table({"image_id": [1, 1], "caption": ["a", "b"]}), dialogs_suite(), table_name="dialogs")
+    report = validate(
+        pa.table({"image_id": [1, 1], "caption": ["a", "b"]}), dialogs_suite(), table_name="dialogs"
+    )
     with pytest.raises(ValidationFailed, match="expect_column_values_to_be_unique"):
         report.raise_if_failed()
 

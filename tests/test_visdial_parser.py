@@ -49,10 +49,19 @@ def test_good_file_parses(tmp_path):
         ({**_good(9), "dialog": _good(9)["dialog"][:9]}, Reason.WRONG_TURN_COUNT),
         ({**_good(9), "dialog": [_round(q=7)] + _good(9)["dialog"][1:]}, Reason.INDEX_OUT_OF_RANGE),
         ({**_good(9), "dialog": [_round(a=-1)] + _good(9)["dialog"][1:]}, Reason.INDEX_OUT_OF_RANGE),
-        ({**_good(9), "dialog": [{**_round(), "gt_index": 100}] + _good(9)["dialog"][1:]}, Reason.GT_INDEX_OUT_OF_RANGE),
+        (
+            {**_good(9), "dialog": [{**_round(), "gt_index": 100}] + _good(9)["dialog"][1:]},
+            Reason.GT_INDEX_OUT_OF_RANGE,
+        ),
         ({**_good(9), "dialog": [{**_round(), "question": "0"}] + _good(9)["dialog"][1:]}, Reason.BAD_RECORD),
-        ({**_good(9), "dialog": [{**_round(), "answer_options": [0] * 99}] + _good(9)["dialog"][1:]}, Reason.BAD_RECORD),
-        ({**_good(9), "dialog": [{**_round(), "answer_options": ["x"] * 100}] + _good(9)["dialog"][1:]}, Reason.BAD_RECORD),
+        (
+            {**_good(9), "dialog": [{**_round(), "answer_options": [0] * 99}] + _good(9)["dialog"][1:]},
+            Reason.BAD_RECORD,
+        ),
+        (
+            {**_good(9), "dialog": [{**_round(), "answer_options": ["x"] * 100}] + _good(9)["dialog"][1:]},
+            Reason.BAD_RECORD,
+        ),
         ({"image_id": 9, "dialog": _good(9)["dialog"]}, Reason.BAD_RECORD),
         ({**_good(9), "caption": "  "}, Reason.EMPTY_TEXT),
         (_good(1), Reason.DUPLICATE_ID),
@@ -78,7 +87,10 @@ def test_empty_question_text_is_rejected(tmp_path):
     [
         ('{"version": "1.0", "split": "train", "data": {"questions": [', "line 1"),
         (b'{"version": "1.0", "split": "tr\xffain"}', "not UTF-8 at byte"),
-        ('{"version": "1.0", "split": "train", "data": {"questions": "x", "answers": [], "dialogs": []}}', "not VisDial"),
+        (
+            '{"version": "1.0", "split": "train", "data": {"questions": "x", "answers": [], "dialogs": []}}',
+            "not VisDial",
+        ),
         ("[1, 2]", "not VisDial"),
         ('{"version": "1.0", "split": NaN}', "invalid JSON: JSON is malformed: invalid character (byte 28)"),
     ],
@@ -93,9 +105,18 @@ def test_malformed_file_names_file_and_position(tmp_path, content, fragment):
 
 def test_empty_question_and_answer_lists_reject_every_dialog_with_a_reason(tmp_path):
     rounds = [{"question": 0, "answer": 0, "gt_index": 0, "answer_options": [0] * 100}] * 10
-    doc = {"version": "1.0", "split": "train",
-           "data": {"questions": [], "answers": [], "dialogs": [{"image_id": 7, "caption": "c", "dialog": rounds},
-                                                                {"image_id": 2**70, "caption": "c", "dialog": []}]}}
+    doc = {
+        "version": "1.0",
+        "split": "train",
+        "data": {
+            "questions": [],
+            "answers": [],
+            "dialogs": [
+                {"image_id": 7, "caption": "c", "dialog": rounds},
+                {"image_id": 2**70, "caption": "c", "dialog": []},
+            ],
+        },
+    }
     p = tmp_path / "v.json"
     p.write_text(json.dumps(doc))
     parsed = parse_visdial(p)
@@ -106,10 +127,20 @@ def test_empty_question_and_answer_lists_reject_every_dialog_with_a_reason(tmp_p
 @pytest.mark.parametrize("image_id", [2**63, -(2**63) - 1, 2**70])
 def test_image_id_past_int64_is_a_bad_record_and_the_others_survive(tmp_path, image_id):
     rounds = [{"question": 0, "answer": 0, "gt_index": 0, "answer_options": [0] * 100}] * 10
-    dialogs = [{"image_id": image_id, "caption": "c", "dialog": rounds}, {"image_id": 5, "caption": "c", "dialog": rounds}]
+    dialogs = [
+        {"image_id": image_id, "caption": "c", "dialog": rounds},
+        {"image_id": 5, "caption": "c", "dialog": rounds},
+    ]
     p = tmp_path / "v.json"
-    p.write_text(json.dumps({"version": "1.0", "split": "train", "data": {"questions": ["q"], "answers": ["a"],
-                                                                           "dialogs": dialogs}}))
+    p.write_text(
+        json.dumps(
+            {
+                "version": "1.0",
+                "split": "train",
+                "data": {"questions": ["q"], "answers": ["a"], "dialogs": dialogs},
+            }
+        )
+    )
     parsed = parse_visdial(p)
     assert parsed.image_ids.tolist() == [5]
     assert [(r.key, r.reason) for r in parsed.rejections] == [(str(image_id), Reason.BAD_RECORD)]
@@ -199,15 +230,23 @@ def _expected(dialogs, kinds):
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(kinds=st.lists(st.sampled_from(sorted(EXPECTED)), min_size=1, max_size=8), seed=st.integers(0, 2**32 - 1),
-       indent=st.sampled_from([None, None, 1]), compact=st.booleans(), shuffle=st.booleans(),
-       extra_list=st.booleans())
-def test_each_kind_of_dialog_gets_its_reason_and_the_rest_survive(tmp_path, kinds, seed, indent, compact, shuffle,
-                                                                 extra_list):
+@given(
+    kinds=st.lists(st.sampled_from(sorted(EXPECTED)), min_size=1, max_size=8),
+    seed=st.integers(0, 2**32 - 1),
+    indent=st.sampled_from([None, None, 1]),
+    compact=st.booleans(),
+    shuffle=st.booleans(),
+    extra_list=st.booleans(),
+)
+def test_each_kind_of_dialog_gets_its_reason_and_the_rest_survive(
+    tmp_path, kinds, seed, indent, compact, shuffle, extra_list
+):
     rng = np.random.default_rng(seed)
     dialogs = []
     for i, kind in enumerate(kinds):
-        dialogs.append(_dialog(dialogs[-1]["image_id"] if kind == "dup" and dialogs else 100 + i, rng, kind, shuffle))
+        dialogs.append(
+            _dialog(dialogs[-1]["image_id"] if kind == "dup" and dialogs else 100 + i, rng, kind, shuffle)
+        )
     if extra_list:  # an answer_options list outside any round: not a round's, ignored
         dialogs[0]["answer_options"] = [1, 2, 3]
     doc = {"version": "1.0", "split": "val", "data": {"questions": QS, "answers": ANS, "dialogs": dialogs}}
