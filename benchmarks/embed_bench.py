@@ -43,12 +43,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from embed.compute import resolve_workers
+from embed.model import load_embedder
+from embed.plan import OUTPUT, ModelArgs
+from embed.preprocess import normalise_pixels
+from ingest.demo_data import write_split
 from schemas.embed import EmbedConfig, turn_text
 from schemas.ingest import IngestConfig
 from storage.lance import connect, read, table_exists
-from tasks.demo_data import write_split
-from tasks.embed import OUTPUT, ModelArgs, resolve_workers
-from training.imagebind import load_embedder, normalise_pixels
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4,
@@ -69,7 +71,8 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def prepare(args) -> Path:
     """Generate the demo set and ingest it once; later runs reuse both."""
-    from tasks.ingest import clean, write
+    from ingest.clean import clean
+    from ingest.write import write
 
     data = args.data / str(args.dialogs)
     if not (data / ".complete").exists():
@@ -146,7 +149,8 @@ def sync(device: torch.device) -> None:
 def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
     """Images/s of decode + resize + crop alone, in worker processes and in threads (the stage's
     own pools): what the stage can feed the GPU whatever the model's speed."""
-    from tasks.embed import DECODE_CHUNK, load_pixels_many, map_ordered, resolve_workers
+    from embed.compute import DECODE_CHUNK, map_ordered, resolve_workers
+    from embed.preprocess import load_pixels_many
 
     rows = read(connect(cfg.lance_uri), "images", columns=["path"]).slice(0, images)
     folder = Path((root / ".ingested").read_text())
@@ -190,7 +194,7 @@ def _timed(model, modality: str, batches: list[torch.Tensor], seconds: float, de
 
 def real_texts(cfg: EmbedConfig, n: int) -> list[str]:
     """``n`` distinct texts of the ingested set (turns and captions), as the stage embeds them."""
-    from tasks.embed import text_items
+    from embed.plan import text_items
 
     items = text_items(connect(cfg.lance_uri), cfg)
     pick = np.random.default_rng(0).choice(len(items), size=min(n, len(items)), replace=False)
@@ -202,7 +206,7 @@ def model_only(cfg: EmbedConfig, seconds: float) -> dict:
     """Throughput and FLOPs of the model alone, inputs already on the device (what MFU is about):
     images; texts at the full 77 positions; and the data's own texts as the stage runs them
     (shortest first, token-budget batches cut to their longest text: the FLOPs actually needed)."""
-    from training.imagebind import CONTEXT_LENGTH, length_order, token_batches, tokenize
+    from embed.preprocess import CONTEXT_LENGTH, length_order, token_batches, tokenize
 
     emb = ModelArgs.from_config(cfg).load()  # the same cached model the stage used
     bs, dev = emb.batch_size, emb.device
@@ -249,7 +253,7 @@ def stage_flops(cfg: EmbedConfig, images: int, widths: dict) -> tuple[float, flo
 @torch.inference_mode()
 def baseline(cfg: EmbedConfig, root: Path, samples: int, out_dir: Path) -> dict:
     """The report's loop: fp32, one sample at a time through ImageBind's helpers, one .pt per sample."""
-    from training.compat import import_imagebind
+    from embed.compat import import_imagebind
 
     ib = import_imagebind()
     from imagebind.models.multimodal_preprocessors import SimpleTokenizer

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from training.imagebind import load_embedder, normalise_pixels
+from embed.model import load_embedder
+from embed.preprocess import normalise_pixels
 
 
 def inputs(batch: int, device: torch.device, dtype: torch.dtype, width: int) -> dict[str, torch.Tensor]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import DataRootOpt, fail, load
+from cli.common import DataRootOpt, echo, fail, load, run_flow
 
 CheckpointOpt = Annotated[Path | None, typer.Option(help="Local imagebind_huge.pth (never downloaded).")]
 TinyOpt = Annotated[bool | None, typer.Option("--tiny", help="Tiny random-weight ImageBind (tests, demo).",
@@ -41,21 +40,16 @@ def embed(
     data_root: DataRootOpt = None,
 ) -> None:
     """Embed every ingested image and distinct turn text / caption with ImageBind into Lance."""
+    from embed.weights import CheckpointError
     from flows.embed import embed_flow
-    from training.imagebind import CheckpointError
+    from schemas.config import record_root_choice
 
     config = _config(data_root, checkpoint, tiny, device, dask_address=dask_address, shard_rows=shard_rows,
                      batch_size=batch_size)
-    try:
-        result = embed_flow(config)
-    except (FileNotFoundError, CheckpointError, ValueError) as exc:
-        fail(str(exc))
-    from schemas.config import record_root_choice
-
+    run_flow(embed_flow, config, errors=(FileNotFoundError, CheckpointError, ValueError))
     # later commands on this root (query, memory) embed with the same model without flags
     record_root_choice(config.data_root, "imagebind",
                        {"tiny": config.tiny, "checkpoint": config.checkpoint, "seed": config.seed})
-    typer.echo(json.dumps(result, indent=2, default=str))
 
 
 def query(
@@ -68,8 +62,8 @@ def query(
     data_root: DataRootOpt = None,
 ) -> None:
     """The nearest images and turns/captions to a text or an image, with their dialog context."""
-    from tasks.embed import query as run_query
-    from training.imagebind import CheckpointError
+    from embed.query import query as run_query
+    from embed.weights import CheckpointError
 
     if (text is None) == (image is None):
         fail("give exactly one of --text or --image")
@@ -78,4 +72,4 @@ def query(
         result = run_query(config, text=text, image=image, k=k)
     except (FileNotFoundError, CheckpointError, LookupError, ValueError, OSError) as exc:
         fail(str(exc))
-    typer.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    echo(result)

@@ -15,20 +15,14 @@ import os
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from schemas.embed import EmbedConfig
-from storage.lance import connect, tag, versions_text
-from storage.quarantine import quarantine
-from tasks.embed import (
-    Writer,
-    collect,
-    embed_shard_task,
-    index_task,
-    output_versions,
-    plan,
-    prestart,
-    results_storage,
-    summary,
-)
+from embed.compute import prestart
+from embed.plan import Plan
+from embed.shard import ShardResult
+from embed.write import Collected, Writer, summary
+from schemas.embed import EmbedConfig, EmbedResult
+from storage.lance import connect, versions_text
+from storage.progress import Progress
+from tasks.embed import embed_shard_task, finish_task, index_task, merge_task, plan_task, results_storage
 from tasks.runtime import enforce_trust, logger, publish_table, run_id
 
 
@@ -45,10 +39,11 @@ def task_runner(config: EmbedConfig):
         from prefect_dask import DaskTaskRunner
 
         if config.dask_address == "local":
-            return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1,
-                                                  "processes": True, "host": "127.0.0.1", "dashboard_address": None,
-                                                  "security": True, "protocol": "tls://"})
-        return DaskTaskRunner(address=config.dask_address, client_kwargs={"security": remote_security(config)})
+            return DaskTaskRunner(cluster_kwargs={
+                "n_workers": config.dask_workers, "threads_per_worker": 1, "processes": True,
+                "host": "127.0.0.1", "dashboard_address": None, "security": True, "protocol": "tls://"})
+        return DaskTaskRunner(address=config.dask_address,
+                              client_kwargs={"security": remote_security(config)})
     return ThreadPoolTaskRunner(max_workers=config.concurrent_shards)
 
 
@@ -59,9 +54,9 @@ def remote_security(config: EmbedConfig):
     from distributed.security import Security
 
     if not config.dask_address.startswith("tls://"):
-        raise DaskSecurityError(f"dask_address {config.dask_address!r}: a remote Dask scheduler must be reached "
-                                "over tls:// (plain tcp lets anyone on the network run code in its workers and "
-                                "answer this process with pickles)")
+        raise DaskSecurityError(f"dask_address {config.dask_address!r}: a remote Dask scheduler must be "
+                                "reached over tls:// (plain tcp lets anyone on the network run code in its "
+                                "workers and answer this process with pickles)")
     def setting(name: str) -> str | None:  # variables exported after dask was imported count too
         env = "DASK_DISTRIBUTED__COMM__TLS__" + name.upper().replace(".", "__").replace("-", "_")
         return os.environ.get(env) or dask.config.get(f"distributed.comm.tls.{name}", None)
@@ -76,42 +71,46 @@ def remote_security(config: EmbedConfig):
     return security
 
 
+def collect(futures: list, writer: Writer, total_rows: int) -> Collected:
+    """Merge shard results as they finish (the flow is the one writer), counting cached ones."""
+    from prefect.futures import as_completed
+
+    out = Collected(writer)
+    with Progress(total_rows, "embed") as bar:
+        for fut in as_completed(futures):
+            bar(out.add(ShardResult.from_payload(fut.result()), cached=fut.state.name == "Cached"))
+    writer.flush()
+    return out
+
+
 @flow(name="embed-shards", log_prints=True)
-def embed_shards_flow(config: EmbedConfig) -> dict:
+def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
     """Plan the shards, run those not in the tables yet (cached ones are not recomputed), merge."""
     enforce_trust(config)
     prestart(config)
     db = connect(config.lance_uri)
-    p = plan(db, config)
+    p: Plan = plan_task(config)
     logger().info("embed read %s", versions_text(p.read_versions))
     logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",
                   p.fingerprint, p.images, p.texts, p.shards, len(p.todo))
     shard_task = embed_shard_task.with_options(result_storage=results_storage(config))
-    futures = [shard_task.submit(s, p.model, config.decode_workers, config.decode_pool, config.image_decode) for s in p.todo]
-    done = collect(futures, Writer(db, config.merge_rows), sum(len(s.rows) for s in p.todo))
-    label = f"embed-{run_id()}"
-    for name in done.writer.merged:
-        if done.writer.inserted[name] or done.writer.updated[name]:
-            tag(db, name, label)
-    q = quarantine(db, "embed", done.rejections, label)
-    written = {**output_versions(db), "quarantine": q.version}
-    logger().info("embed read %s; wrote %s (%s)", versions_text(p.read_versions), versions_text(written),
-                  ", ".join(f"{n} +{done.writer.inserted.get(n, 0)} inserted, {done.writer.updated.get(n, 0)} updated"
-                            for n in written if n != "quarantine"))
+    futures = [shard_task.submit(s, p.model, config.decode_workers, config.decode_pool, config.image_decode)
+               for s in p.todo]
+    done = collect(futures, Writer(db, config.merge_rows, merge_task), sum(len(s.rows) for s in p.todo))
+    w = done.writer
+    merged = {name: (w.inserted.get(name, 0), w.updated.get(name, 0)) for name in w.merged}
+    written = finish_task(config.lance_uri, merged, done.rejections, f"embed-{run_id()}")
     return summary(p, done, written)
 
 
 @flow(name="embed", log_prints=True)
-def embed_flow(config: EmbedConfig) -> dict:
+def embed_flow(config: EmbedConfig) -> EmbedResult:
     """Embed every ingested image and distinct text with ImageBind into Lance; returns the counts."""
     enforce_trust(config)
-    counts = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
-    counts["index"] = index_task(config.lance_uri, config.index_min_rows)
-    counts["versions"].update(output_versions(connect(config.lance_uri)))  # an index build is a new version
-    flat = {**{k: v for k, v in counts.items() if k not in ("versions", "read_versions")},
-            **{f"read_{k}": v for k, v in counts["read_versions"].items()},
-            **{f"version_{k}": v for k, v in counts["versions"].items()}}
-    publish_table("embed-counts", [{"count": k, "value": str(v)} for k, v in flat.items()],
+    result = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
+    result.index, after = index_task(config.lance_uri, config.index_min_rows)
+    result.versions.update(after)  # an index build is a new version
+    publish_table("embed-counts", result.artifact_rows(),
                   "Embed: rows, shards (up to date / cached / computed), merges, quarantine, table versions")
-    logger().info("embed done: %s", counts)
-    return counts
+    logger().info("embed done: %s", result.flat())
+    return result

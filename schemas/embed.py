@@ -12,6 +12,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import MAX_WORKERS, StageConfig, Trusted
+from schemas.results import StageResult
 from schemas.tables import register
 
 EMBED_DIM = 1024  # ImageBind-Huge's joint space, both towers
@@ -70,40 +71,50 @@ class EmbedConfig(StageConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_EMBED_")
     section: ClassVar[str] = "embed"
 
-    checkpoint: Path | None = Field(default=None, description="imagebind_huge.pth; unset: MMEM_IMAGEBIND_CHECKPOINT, the cache, else downloaded once.")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="imagebind_huge.pth; unset: MMEM_IMAGEBIND_CHECKPOINT, the cache, else downloaded once.")
     tiny: bool = Field(default=False, description="Use a tiny random-weight ImageBind (tests, demo).")
     seed: int = Field(default=0, ge=0, lt=2**32, description="Seed of the tiny model's random weights.")
-    random_weights: bool = Field(default=False, description="Benchmarks only: ImageBind-Huge with random weights.")
-    compile: bool = Field(default=False, description="torch.compile the model (CUDA; batches padded to one shape).")
+    random_weights: bool = Field(default=False,
+                                 description="Benchmarks only: ImageBind-Huge with random weights.")
+    compile: bool = Field(default=False,
+                          description="torch.compile the model (CUDA; batches padded to one shape).")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU.")
-    shard_rows: int = Field(default=4096, ge=1, le=1_000_000, description="Rows per shard (one Prefect task each).")
+    shard_rows: int = Field(default=4096, ge=1, le=1_000_000,
+                            description="Rows per shard (one Prefect task each).")
     batch_size: int = Field(default=256, ge=1, le=65_536, description="Images or texts per forward pass.")
     decode_workers: int = Field(default=0, ge=0, le=MAX_WORKERS,
                                 description="Processes decoding images per worker; 0 = one per core.")
     decode_pool: Literal["process", "thread"] = Field(
-        default="process", description="Decode images in worker processes, or in threads of the process that feeds "
-        "the GPU (PIL releases the GIL while decoding and resizing; no pixels cross a pipe).")
+        default="process", description="Decode images in worker processes, or in threads of the process "
+        "that feeds the GPU (PIL releases the GIL while decoding and resizing; no pixels cross a pipe).")
     image_decode: Literal["cpu", "gpu"] = Field(
-        default="cpu", description="Where JPEGs decode and resize: worker processes (PIL), or the model's GPU "
-        "(nvJPEG; the workers only read files; other formats and CMYK still on the CPU). CPU-only runs ignore gpu.")
-    concurrent_shards: int = Field(default=2, ge=1, le=MAX_WORKERS, description="Shards in flight per flow (local runner).")
-    merge_rows: int = Field(default=65536, ge=1, le=10_000_000, description="Rows buffered before each merge into Lance.")
-    index_min_rows: int = Field(default=100_000, ge=1, le=10**12, description="Build a vector index once a table has this many rows.")
+        default="cpu", description="Where JPEGs decode and resize: worker processes (PIL), or the model's "
+        "GPU (nvJPEG; the workers only read files; other formats and CMYK still on the CPU). CPU-only runs "
+        "ignore gpu.")
+    concurrent_shards: int = Field(default=2, ge=1, le=MAX_WORKERS,
+                                   description="Shards in flight per flow (local runner).")
+    merge_rows: int = Field(default=65536, ge=1, le=10_000_000,
+                            description="Rows buffered before each merge into Lance.")
+    index_min_rows: int = Field(default=100_000, ge=1, le=10**12,
+                                description="Build a vector index once a table has this many rows.")
     splits: list[str] | None = Field(default=None, description="Splits to embed; default all.")
     image_roots: dict[str, Path] = Field(
         default_factory=dict, description="split -> image folder, overriding the root stored by ingest."
     )
     dask_address: str | None = Field(
-        default=None, description="Run shards on the Dask cluster at this `tls://` address (one worker per GPU; "
-        "credentials from DASK_DISTRIBUTED__COMM__TLS__*), or `local` for a LocalCluster of `dask_workers` "
-        "processes on this machine (127.0.0.1, temporary TLS credentials). A served run may name only an "
-        "address its `mmem serve` allows.")
-    dask_workers: int = Field(default=1, ge=1, le=MAX_WORKERS, description="Worker processes of a `local` Dask cluster.")
+        default=None, description="Run shards on the Dask cluster at this `tls://` address (one worker per "
+        "GPU; credentials from DASK_DISTRIBUTED__COMM__TLS__*), or `local` for a LocalCluster of "
+        "`dask_workers` processes on this machine (127.0.0.1, temporary TLS credentials). A served run may "
+        "name only an address its `mmem serve` allows.")
+    dask_workers: int = Field(default=1, ge=1, le=MAX_WORKERS,
+                              description="Worker processes of a `local` Dask cluster.")
     table_versions: dict[str, int | str] = Field(
-        default_factory=dict, description="Pinned Lance versions (number or tag) of images/dialogs/turns to read; "
-        "default the latest. The pipeline pins the versions ingest wrote.",
+        default_factory=dict, description="Pinned Lance versions (number or tag) of images/dialogs/turns to "
+        "read; default the latest. The pipeline pins the versions ingest wrote.",
     )
 
     def trusted_values(self) -> Trusted:
@@ -118,3 +129,45 @@ class EmbedConfig(StageConfig):
     def results_dir(self) -> Path:
         """Where shard results persist, so a killed run resumes from the last finished shard."""
         return self.cache_dir / "embed"
+
+
+class EmbedResult(StageResult):
+    """What an embed run did: the model, the rows and shards (up to date in the tables, served from
+    their persisted result, computed), the rows merged per table, where the computed shards' time
+    went per stream, and the images quarantined per reason. ``versions`` are the embeddings tables
+    (what train_memory reads) and the quarantine after the run."""
+
+    model: str = Field(description="Fingerprint of the model that made (or would make) the vectors.")
+    images: int = 0
+    texts: int = Field(default=0, description="Distinct turn texts and captions.")
+    shards: int = 0
+    shards_up_to_date: int = Field(default=0, description="Shards whose rows were in the tables already.")
+    shards_cached: int = Field(default=0, description="Shards Prefect served from their persisted result.")
+    shards_computed: int = 0
+    workers: int = Field(default=0, description="Distinct processes that computed shards.")
+    image_embeddings_inserted: int = 0
+    text_embeddings_inserted: int = 0
+    image_embeddings_updated: int = 0
+    text_embeddings_updated: int = 0
+    merge_seconds: float = 0.0
+    # per stream, the computed shards only: blocked on input vs running forwards (seconds)
+    image_input_wait_s: float = 0.0
+    image_forward_s: float = 0.0
+    text_input_wait_s: float = 0.0
+    text_forward_s: float = 0.0
+    text_widths: dict[int, int] = Field(default_factory=dict, description="Texts run at each token width.")
+    quarantined: int = 0
+    # quarantined per reason (the reasons an embed run gives)
+    quarantined_image_missing: int = 0
+    quarantined_image_unreadable: int = 0
+    quarantined_image_outside_root: int = 0
+    index: dict[str, str] = Field(default_factory=dict, description="Vector index action per table.")
+
+    def __getitem__(self, key: str):
+        """Read like the dict the flow returned before it was typed (``result["images"]``)."""
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in type(self).model_fields else default

@@ -17,17 +17,11 @@ from PIL import Image
 from prefect import flow
 from typer.testing import CliRunner
 
+from embed.model import load_embedder
+from embed.preprocess import load_pixels, normalise_pixels, tokenize
+from embed.weights import CheckpointError, build_random, model_fingerprint
 from schemas.embed import EmbedConfig, normalise_text, text_hash, turn_text
 from storage.lance import connect, merge, open_table, read
-from training.imagebind import (
-    CheckpointError,
-    build_random,
-    load_embedder,
-    load_pixels,
-    model_fingerprint,
-    normalise_pixels,
-    tokenize,
-)
 
 
 def roots(demo_dir: Path) -> dict[str, Path]:
@@ -61,7 +55,7 @@ def some_images(demo_dir: Path, tmp_path: Path) -> list[Path]:
 
 
 def test_preprocessing_is_imagebinds(demo_dir, tmp_path):
-    from training.compat import import_imagebind
+    from embed.compat import import_imagebind
 
     ib = import_imagebind()
     paths = some_images(demo_dir, tmp_path)
@@ -97,7 +91,7 @@ def test_tiny_model_is_imagebind_shrunk_deterministic_and_normalised(demo_dir, t
 
 @torch.inference_mode()
 def test_batch_first_attention_computes_what_imagebinds_own_does(demo_dir, tmp_path):
-    from training.attention import BatchFirstAttention, make_batch_first
+    from embed.attention import BatchFirstAttention, make_batch_first
 
     original, patched = build_random("imagebind_tiny", seed=3), make_batch_first(build_random("imagebind_tiny", seed=3))
     for modality in ("vision", "text"):
@@ -117,8 +111,9 @@ def test_batch_first_attention_computes_what_imagebinds_own_does(demo_dir, tmp_p
 def test_length_bucketed_texts_equal_the_77_token_path():
     """Texts run shortest first, each batch cut to its longest text (a multiple of 8 positions): every
     vector equals ImageBind's own 77-token forward (fp32), whatever the lengths and the input order."""
-    from tasks.demo_data import make_scene, photo_dialog
-    from training.imagebind import StreamStats, token_batches, token_widths
+    from embed.model import StreamStats
+    from embed.preprocess import token_batches, token_widths
+    from ingest.demo_data import make_scene, photo_dialog
 
     texts = [normalise_text(turn_text(q, a)) for i in range(40) for q, a in photo_dialog(make_scene(0, "train", i), 0)]
     texts += ["", "a", "Q: ünïcödé café? A: ✓ sí", "Q: " + "a very long question about the scene " * 12 + "A: yes"]
@@ -149,11 +144,11 @@ def test_length_bucketed_texts_equal_the_77_token_path():
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_device_jpeg_decode_matches_the_cpu_path(tmp_path, device):
-    """training.jpeg (nvJPEG on CUDA; libjpeg through torchvision on CPU) + resize/crop on the device:
+    """embed.jpeg (nvJPEG on CUDA; libjpeg through torchvision on CPU) + resize/crop on the device:
     within a few levels of ImageBind's PIL path on photo-like and flat JPEGs; greyscale on the device
     too; CMYK and PNG take the CPU path exactly; truncated, missing and outside files fail as before."""
-    from tasks.demo_data import write_split
-    from training.jpeg import decode_pixels, read_jpegs
+    from embed.jpeg import decode_pixels, read_jpegs
+    from ingest.demo_data import write_split
 
     photos = sorted(write_split(tmp_path / "p", "train", 6, seed=0, photos=True)["images"].iterdir())
     flat = sorted(write_split(tmp_path / "f", "train", 3, seed=0)["images"].iterdir())
@@ -257,8 +252,9 @@ def test_flow_embeds_every_image_and_distinct_text_once_and_reruns_nothing(data_
 
 
 def test_killed_run_resumes_from_cached_shards_and_model_change_recomputes(data_root, demo_dir):
+    from embed.plan import ModelArgs, image_items, plan_shards
     from flows.embed import embed_flow
-    from tasks.embed import ModelArgs, embed_shard_task, image_items, plan_shards, results_storage
+    from tasks.embed import embed_shard_task, results_storage
 
     cfg = config(data_root, demo_dir, shard_rows=8)
 
@@ -314,8 +310,8 @@ def test_images_that_fail_to_decode_are_quarantined(data_root, demo_dir, tmp_pat
 
 def test_query_finds_the_image_and_the_turn_with_context(data_root, demo_dir, monkeypatch):
     from cli.main import app
+    from embed.query import query
     from flows.embed import embed_flow
-    from tasks.embed import query
 
     cfg = config(data_root, demo_dir)
     embed_flow(cfg)

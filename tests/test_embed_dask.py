@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 
+from embed.model import load_embedder
 from schemas.embed import EmbedConfig
 from storage.lance import connect, read
-from training.imagebind import load_embedder
 
 
 def tls_env(security, folder) -> dict[str, str]:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.imagebind import (
+from embed.model import load_embedder
+from embed.weights import (
     CHECKPOINT_ENV,
     SHA256_ENV,
     SIZE_ENV,
@@ -19,7 +20,6 @@ from training.imagebind import (
     CheckpointError,
     build_random,
     checkpoint_cache_dir,
-    load_embedder,
     resolve_checkpoint,
 )
 

@@ -3,14 +3,14 @@ math, without the layout copies.
 
 ImageBind runs its trunks sequence-first (``b l d -> l b d`` before the blocks, back after) through
 ``nn.MultiheadAttention``, whose non-batch-first path reshapes q/k/v and the output between
-layouts. On one H100 those copies were 16% of the vision tower's device time (``aten::copy_`` in
-``benchmarks/embed_profile.py``), more than attention itself. Here the two rearranges become
+layouts: copies that cost more device time than attention itself (``aten::copy_`` in
+``benchmarks/embed_profile.py``). Here the two rearranges become
 identities and each attention module computes q/k/v with its own ``in_proj`` weights straight in
 ``(batch, heads, tokens, head_dim)`` for ``scaled_dot_product_attention``. Trunks with learned
 key/value biases (audio, depth, thermal, IMU) are left as they are; the embed stage uses neither.
 The text trunk's mask is ImageBind's additive causal mask; it is recognised once, when the trunk is
 rewritten, and attention then runs with ``is_causal=True``: the flash kernel skips the masked half
-instead of reading a mask (attention was 19% of the text tower's device time with the mask).
+instead of reading a mask.
 
 The text tower is also made length-aware (:class:`ShortTextPreprocessor`): a batch of token ids
 may be cut to fewer than 77 positions. Attention is causal and the head reads the end-of-text
@@ -49,7 +49,9 @@ class BatchFirstAttention(nn.Module):
         if self.causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+            mask = attn_mask
+            if mask is not None and mask.is_floating_point():
+                mask = mask.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
 

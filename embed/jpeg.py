@@ -1,11 +1,11 @@
 """Images decoded where the model runs: nvJPEG (``torchvision.io.decode_jpeg`` on CUDA, a batch
 per call) and the resize and crop on the same device, with PIL on the CPU as the fallback.
 
-Photos cost a CPU core ~5-8 ms each to decode and resize; on a machine with few cores per GPU
-that, not the model, bounds the image stream. Here the worker processes only read the files and
+Decoding and resizing photos is CPU work; on a machine with few cores per GPU it, not the
+model, bounds the image stream. Here the worker processes only read the files and
 look at their headers (:func:`read_jpegs`); baseline and progressive RGB or greyscale JPEGs go to
 the GPU, anything else (PNG, CMYK, a file nvJPEG refuses) takes ImageBind's CPU path
-(:func:`training.imagebind.load_pixels`), so every file embeds as before or is quarantined as before.
+(:func:`embed.preprocess.load_pixels`), so every file embeds as before or is quarantined as before.
 
 The transform is ImageBind's: the short side to 224 with antialiased bicubic (torchvision's tensor
 resize follows PIL's filter), centre crop 224, uint8. Decoders differ in their IDCT and chroma
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.imagebind import IMAGE_SIZE, load_pixels
+from embed.preprocess import IMAGE_SIZE, load_pixels
 
 _DECODE_LOCK = threading.Lock()
 JPEG_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB as PIL does; CMYK/YCCK and the rest stay on the CPU

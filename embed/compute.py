@@ -1,0 +1,203 @@
+"""Computing one shard: images decoded and resized ahead in worker processes (or read there and
+decoded on the GPU), texts tokenized there, the model fed as a stream; the rows come back as Arrow
+in the output table's schema, undecodable images as rejections. Nothing here writes a table.
+
+On CUDA a shard streams: processes decode and resize images ahead, the main thread queues bf16
+forwards, one copy back per shard. A text shard is tokenized in the same processes, then run in
+order of token length, each batch only as wide as its longest text (exact: the text tower is causal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+
+from embed.model import StreamStats
+from embed.plan import ModelArgs, Shard
+from embed.preprocess import (
+    CONTEXT_LENGTH,
+    PREPROCESS_VERSION,
+    load_pixels_many,
+    tokenize,
+    warm_preprocessing,
+)
+from embed.shard import ShardResult
+from ingest.images import resolve_inside
+from schemas.embed import EmbedConfig
+from schemas.quarantine import Reason, Rejection
+
+log = logging.getLogger("mmem." + __name__)
+
+DECODE_CHUNK = 32  # images per job sent to a decoding process
+TOKENIZE_CHUNK = 512
+# What the decoding processes import before they fork (torch, PIL, ImageBind's code; was training.imagebind).
+PRELOAD = "embed.model"
+
+
+# --- decoding workers --------------------------------------------------------------------------
+
+_POOL_LOCK = threading.Lock()
+
+
+def worker_pool(workers: int, kind: str = "process") -> Executor:
+    """The process's decoding pool of this size and kind (made once, also when shards ask at once)."""
+    with _POOL_LOCK:
+        return _new_pool(workers, kind)
+
+
+@lru_cache(maxsize=4)
+def _new_pool(workers: int, kind: str) -> Executor:
+    """Decoding/tokenizing workers, one pool per process, size and kind, reused by every shard
+    (its size never depends on a shard's length: each new size would start new processes).
+
+    Processes (forkserver: no fork of a threaded, CUDA-holding parent) where allowed; threads
+    inside a daemonic process such as a Dask worker, where PIL still decodes in parallel
+    because it releases the GIL. Process workers are warmed at once, all together: each loads
+    ImageBind's tokenizer (imports pytorchvideo, reads the BPE vocabulary) before any shard waits on it.
+    """
+    if kind == "thread" or mp.current_process().daemon:
+        return ThreadPoolExecutor(workers, thread_name_prefix="embed-decode")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([PRELOAD])  # workers fork with torch/PIL already imported
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=warm_preprocessing)
+    for _ in range(workers):  # starts every process now, not one by one as shards queue jobs
+        pool.submit(int)
+    return pool
+
+
+def prestart(config: EmbedConfig) -> None:
+    """Start the decoding processes and load the model in the background while the run plans, so
+    that the first shards do not pay for both, one after the other. A failure here is ignored: the
+    shard that needs the model raises it again. Shards on Dask workers start their own."""
+    if config.dask_address:
+        return
+    model = ModelArgs.from_config(config)
+
+    def start() -> None:
+        workers = resolve_workers(config.decode_workers)
+        if workers > 1:
+            worker_pool(workers, config.decode_pool)  # returns at once; the processes warm up meanwhile
+        with contextlib.suppress(Exception):
+            model.load()
+
+    threading.Thread(target=start, name="embed-prestart", daemon=True).start()
+
+
+def resolve_workers(requested: int) -> int:
+    """``requested`` processes (0: all cores but the one that feeds the GPU)."""
+    return max(1, requested or (os.cpu_count() or 2) - 1)
+
+
+def map_ordered(fn: Callable, jobs: list, workers: int, kind: str = "process") -> Iterator:
+    """``map(fn, jobs)`` in order, ahead of the consumer in ``workers`` processes or threads (inline if 1)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return map(fn, jobs)
+    return worker_pool(workers, kind).map(fn, jobs)
+
+
+# --- one shard ---------------------------------------------------------------------------------
+
+FAILURE_REASONS = {"missing": Reason.IMAGE_MISSING, "unreadable": Reason.IMAGE_UNREADABLE,
+                   "outside": Reason.IMAGE_OUTSIDE_ROOT}
+
+
+def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process",
+                      decode: str = "cpu") -> ShardResult:
+    """Decode, preprocess and embed one shard of images; undecodable ones become rejections.
+
+    ``decode="gpu"`` on a CUDA model: the workers only read the files, JPEGs decode and resize on
+    the GPU (:mod:`embed.jpeg`), anything else on the CPU; otherwise the workers decode and resize.
+    """
+    t0 = time.perf_counter()
+    rows = shard.rows
+    roots, rels = rows.column("root").to_pylist(), rows.column("path").to_pylist()
+    paths = [_full_path(r, p) for r, p in zip(roots, rels, strict=True)]
+    jobs = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    ok = np.ones(len(rows), dtype=bool)
+    rejections: list[Rejection] = []
+    embedder = model.load()
+    on_gpu = decode == "gpu" and embedder.device.type == "cuda"
+
+    def reject(j: int, failed: list[tuple[int, str, str]]) -> None:
+        for pos, kind, detail in sorted(failed):
+            i = j * DECODE_CHUNK + pos
+            ok[i] = False
+            rejections.append(Rejection(str(rows.column("image_id")[i].as_py()), FAILURE_REASONS[kind],
+                                        {k: rows.column(k)[i].as_py() for k in rows.column_names}, detail))
+
+    def chunks() -> Iterator:
+        if on_gpu:
+            from embed.jpeg import decode_pixels, read_jpegs
+
+            reads = map_ordered(read_jpegs, jobs, resolve_workers(workers), pool)
+            for j, (entries, failed) in enumerate(reads):
+                pixels, bad = decode_pixels(entries, embedder.device)
+                reject(j, failed + bad)
+                yield pixels
+            return
+        decoded = map_ordered(load_pixels_many, jobs, resolve_workers(workers), pool)
+        for j, (pixels, failed) in enumerate(decoded):
+            reject(j, failed)
+            yield pixels
+
+    stream = StreamStats()
+    vectors = embedder.embed_stream("vision", chunks(), stream)
+    kept = rows.filter(pa.array(ok))
+    out = pa.table({
+        "image_id": kept.column("image_id"),
+        "vector": _vectors(vectors),
+        "model": pa.array([embedder.fingerprint] * len(kept), pa.string()),
+        "preprocess": pa.array([PREPROCESS_VERSION] * len(kept), pa.string()),
+        "image_sha256": kept.column("image_sha256"),
+    })
+    return ShardResult("image", shard.index, shard.key, out, rejections, time.perf_counter() - t0, stream)
+
+
+def _full_path(root: str, rel: str) -> str | None:
+    full = resolve_inside(root, rel)
+    return None if full is None else str(full)
+
+
+def embed_text_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> ShardResult:
+    """Tokenize (in worker processes when there is enough) and embed one shard of distinct texts,
+    shortest first (:meth:`Embedder.embed_tokens`: narrow batches), the rows kept in shard order."""
+    t0 = time.perf_counter()
+    texts = shard.rows.column("text").to_pylist()
+    jobs = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
+    embedder = model.load()
+    stream = StreamStats()
+    tokens = list(map_ordered(tokenize, jobs, resolve_workers(workers)))
+    tokens = np.concatenate(tokens) if tokens else np.zeros((0, CONTEXT_LENGTH), np.int32)
+    stream.input_wait_s = time.perf_counter() - t0
+    vectors = embedder.embed_tokens(tokens, stream)
+    out = pa.table({
+        "text_hash": shard.rows.column("text_hash"),
+        "text": shard.rows.column("text"),
+        "vector": _vectors(vectors),
+        "model": pa.array([embedder.fingerprint] * len(texts), pa.string()),
+        "preprocess": pa.array([PREPROCESS_VERSION] * len(texts), pa.string()),
+    })
+    return ShardResult("text", shard.index, shard.key, out, [], time.perf_counter() - t0, stream)
+
+
+def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    if not np.isfinite(vectors).all():
+        raise FloatingPointError("the model produced non-finite embeddings")
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
+
+
+def embed_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process",
+                decode: str = "cpu") -> ShardResult:
+    if shard.kind == "image":
+        return embed_image_shard(shard, model, workers, pool, decode)
+    return embed_text_shard(shard, model, workers)
