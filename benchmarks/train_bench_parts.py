@@ -126,14 +126,14 @@ def part_memory(args, wd: Path, cuda: bool) -> dict:
 
     from benchmarks.eval_bench import PRESETS as LM_PRESETS
     from benchmarks.eval_bench import build_llm, build_tokenizer
-    from schemas.train import MemoryTrainConfig
+    from schemas.train import BIG, MemoryTrainConfig
     from training.memory_loop import train_memory
     from training.memory_net import MemoryArch, MemoryModel
 
     device = torch.device("cuda" if cuda else "cpu")
     tiny, lm = args.preset == "tiny", PRESETS[args.preset]["lm"]
     common = {"data_root": wd, "tiny": tiny, "device": "cuda" if cuda else "cpu", "seed": args.seed,
-              "checkpoint_every": 10**9, "keep_checkpoints": 1, "max_steps": args.warmup + args.steps + 1}
+              "checkpoint_every": BIG, "keep_checkpoints": 1, "max_steps": args.warmup + args.steps + 1}
     stage(f"build the memory model (LLaMA-3.2 {lm} architecture, random weights)")
     torch.manual_seed(args.seed)
     tok = build_tokenizer(LM_PRESETS[lm]["llm"]["vocab_size"])
@@ -387,14 +387,14 @@ def part_sft(args, wd: Path, cuda: bool, backend: str) -> dict:
 
     import torch
 
-    from schemas.train import SftConfig
+    from schemas.train import BIG, SftConfig
     from training.sft import SftData, train_sft
 
     info = json.loads((wd / "model_info.json").read_text())
     load_in_4bit = not args.bf16_base
     config = SftConfig(
         data_root=wd, base=wd / "gemma3", backend=backend, device="cuda" if cuda else "cpu", seed=args.seed,
-        batch_size=args.sft_batch_size, grad_accum=1, max_steps=args.warmup + args.steps, save_steps=10**9,
+        batch_size=args.sft_batch_size, grad_accum=1, max_steps=args.warmup + args.steps, save_steps=BIG,
         warmup_steps=0, val_fraction=0.0, load_in_4bit=load_in_4bit, system_prompt=SYSTEM_PROMPT,
     )
     stage("synthetic chat samples")
