@@ -18,7 +18,8 @@ from llmcalls.requests import ERROR, OK, REJECTED, ImageRef, LLMRequest, LLMUnav
 from llmcalls.server import Faults, Limits, make_state, running_server, teacher_response
 from reminders.parse import parse_response
 
-CONV = "conversation:\nQ: is the photo in color\nA: yes\nQ: how many circles are there\nA: two\nQ: what color is the circle"
+CONV = ("conversation:\nQ: is the photo in color\nA: yes\nQ: how many circles are there\nA: two\n"
+        "Q: what color is the circle")
 ATTACK_S = 1.0  # every attack is answered or refused within this (also a long generation's fair share)
 
 
@@ -85,13 +86,15 @@ def test_request_hash_covers_model_options_messages_and_image_content(tmp_path):
 
     def req(path, model="m", options=None, text=CONV):
         ref = ImageRef(str(path), hashlib.sha256(path.read_bytes()).hexdigest())
-        return LLMRequest(model, ({"role": "user", "content": text, "images": (ref,)},), options or {"seed": 0})
+        message = {"role": "user", "content": text, "images": (ref,)}
+        return LLMRequest(model, (message,), options or {"seed": 0})
 
     base = req(a).request_hash
     assert base == req(a).request_hash
-    assert len({base, req(b).request_hash, req(a, model="n").request_hash, req(a, options={"seed": 1}).request_hash,
-                req(a, text=CONV + "?").request_hash}) == 5
-    assert "sha256:" in req(a).prompt_json and base64.b64encode(a.read_bytes()).decode() not in req(a).prompt_json
+    assert len({base, req(b).request_hash, req(a, model="n").request_hash,
+                req(a, options={"seed": 1}).request_hash, req(a, text=CONV + "?").request_hash}) == 5
+    assert "sha256:" in req(a).prompt_json
+    assert base64.b64encode(a.read_bytes()).decode() not in req(a).prompt_json
     # an image that changed after ingest is refused, not sent under a stale key
     r = req(a)
     a.write_bytes(_png((1, 2, 3)))
@@ -132,7 +135,8 @@ def test_fault_draws_are_seeded_and_independent_of_arrival_order():
     assert draws == [f.draw(f"body{i}".encode(), 0) for i in range(2000)]
     share = {k: draws.count(k) / len(draws) for k in ("error", "drop", "untagged")}
     assert abs(share["error"] - 0.2) < 0.04 and abs(share["drop"] - 0.1) < 0.03
-    assert any(f.draw(f"b{i}".encode(), 0) != f.draw(f"b{i}".encode(), 1) for i in range(50))  # a retry draws anew
+    # a retry draws anew
+    assert any(f.draw(f"b{i}".encode(), 0) != f.draw(f"b{i}".encode(), 1) for i in range(50))
     assert not is_retryable(ollama.ResponseError("bad", 400)) and is_retryable(ollama.ResponseError("x", 503))
 
 
@@ -142,11 +146,13 @@ def test_hf_checkpoint_backend_serves_a_tiny_gemma3_with_images(tiny_checkpoint)
         async def go():
             c = ollama.AsyncClient(host=url)
             shown = await c.show("tiny-gemma3")
-            msgs = [{"role": "system", "content": "Summarise."}, {"role": "user", "content": CONV, "images": [_png()]}]
+            msgs = [{"role": "system", "content": "Summarise."},
+                    {"role": "user", "content": CONV, "images": [_png()]}]
             opts = {"temperature": 0, "num_predict": 6, "seed": 0}
             one = await c.chat(model="tiny-gemma3", messages=msgs, options=opts)
             two = await c.chat(model="tiny-gemma3", messages=msgs, options=opts)
-            streamed = [p async for p in await c.chat(model="tiny-gemma3", messages=msgs, options=opts, stream=True)]
+            chunks = await c.chat(model="tiny-gemma3", messages=msgs, options=opts, stream=True)
+            streamed = [p async for p in chunks]
             return shown, one, two, streamed
 
         shown, one, two, streamed = _run(go())
@@ -161,8 +167,10 @@ def test_requests_past_the_in_flight_limit_get_503():
     with running_server(state) as url:
         async def go():
             async with httpx.AsyncClient(base_url=url, timeout=10) as c:
-                body = {"model": "mmem-teacher", "stream": False, "messages": [{"role": "user", "content": CONV}]}
-                return [r.status_code for r in await asyncio.gather(*(c.post("/api/chat", json=body) for _ in range(4)))]
+                body = {"model": "mmem-teacher", "stream": False,
+                        "messages": [{"role": "user", "content": CONV}]}
+                answers = await asyncio.gather(*(c.post("/api/chat", json=body) for _ in range(4)))
+                return [r.status_code for r in answers]
 
         codes = _run(go())
     assert sorted(codes) == [200, 200, 503, 503] and state.refused["busy"] == 2
@@ -185,7 +193,8 @@ def test_checkpoint_prompt_is_fitted_to_num_ctx_and_turns_are_fair(tiny_checkpoi
     with running_server(state) as url:
         async def go():
             c = ollama.AsyncClient(host=url)
-            await c.chat(model="tiny-gemma3", messages=[{"role": "user", "content": "warm up"}], options={"num_predict": 2})
+            await c.chat(model="tiny-gemma3", messages=[{"role": "user", "content": "warm up"}],
+                         options={"num_predict": 2})
 
             async def timed(content, opts, delay=0.0, images=None):
                 await asyncio.sleep(delay)
@@ -199,10 +208,12 @@ def test_checkpoint_prompt_is_fitted_to_num_ctx_and_turns_are_fair(tiny_checkpoi
                 timed("Q: hi", {"num_predict": 2}))
             capped, _ = await timed("Q: hi", {"num_predict": 10**9, "num_ctx": 10**9})
             (long, long_s), (short, short_s) = await asyncio.gather(
-                timed("Q: tell me everything", {"num_predict": 160}), timed("Q: hi", {"num_predict": 2}, delay=0.2))
+                timed("Q: tell me everything", {"num_predict": 160}),
+                timed("Q: hi", {"num_predict": 2}, delay=0.2))
             with pytest.raises(ollama.ResponseError) as refused:
                 await c.chat(model="tiny-gemma3", options={"num_ctx": 256}, messages=[
-                    {"role": "user", "content": "look", "images": [_png()]}, {"role": "user", "content": "y" * 40_000}])
+                    {"role": "user", "content": "look", "images": [_png()]},
+                    {"role": "user", "content": "y" * 40_000}])
             return big, big_s, small_s, capped, long, long_s, short, short_s, refused.value
 
         big, big_s, small_s, capped, long, long_s, short, short_s, refused = _run(go())

@@ -17,7 +17,8 @@ import pytest
 
 from llmcalls.server import teacher_response
 
-CONV = "conversation:\nQ: is the photo in color\nA: yes\nQ: how many circles are there\nA: two\nQ: what color is the circle"
+CONV = ("conversation:\nQ: is the photo in color\nA: yes\nQ: how many circles are there\nA: two\n"
+        "Q: what color is the circle")
 
 
 ATTACK_S = 1.0  # every attack is answered or refused within this
@@ -33,7 +34,8 @@ def guarded():
     env = {**os.environ, "MMEM_LLM_ORIGINS": "http://*.trusted.test"}
     proc = subprocess.Popen(
         [str(mmem), "llm", "serve", "--teacher", "--port", "0", "--max-body-mb", str(MAX_BODY / (1 << 20)),
-         "--read-timeout-s", str(READ_TIMEOUT_S), "--max-requests", "200", "--origin", "https://app.example.org"],
+         "--read-timeout-s", str(READ_TIMEOUT_S), "--max-requests", "200",
+         "--origin", "https://app.example.org"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = proc.stdout.readline()
@@ -101,7 +103,8 @@ def _status(sock: socket.socket, within: float) -> int | None:
 
 
 def _head(path: str, extra: str = "") -> bytes:
-    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}\r\n".encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{extra}\r\n").encode()
 
 
 def test_oversized_bodies_get_413_without_being_read(guarded):
@@ -131,11 +134,13 @@ def test_oversized_bodies_get_413_without_being_read(guarded):
 def test_not_an_object_and_bad_options_get_400(guarded):
     url, _ = guarded
     not_objects = [b"[1, 2]", b'"text"', b"null", b"3", b"{nope"]
-    bad_fields = [b'{"model": "mmem-teacher", "messages": "hi"}', b'{"model": "mmem-teacher", "messages": [1]}',
+    bad_fields = [b'{"model": "mmem-teacher", "messages": "hi"}',
+                  b'{"model": "mmem-teacher", "messages": [1]}',
                   b'{"model": ["mmem-teacher"]}', b'{"model": "mmem-teacher", "options": [1]}',
                   b'{"model": "mmem-teacher", "messages": [], "options": {"num_ctx": "huge"}}',
                   b'{"model": "mmem-teacher", "messages": [{"role": "user", "content": {"a": 1}}]}',
-                  b'{"model": "mmem-teacher", "messages": [{"role": "user", "content": "Q: x", "images": [1]}]}']
+                  (b'{"model": "mmem-teacher", "messages": [{"role": "user", "content": "Q: x", '
+                   b'"images": [1]}]}')]
     with httpx.Client(base_url=url, timeout=5) as c:
         for path in ("/api/chat", "/api/generate", "/api/show"):
             for body in not_objects:
@@ -230,12 +235,13 @@ def test_foreign_host_and_origin_get_403(guarded):
     with httpx.Client(base_url=url, timeout=5) as c:
         for headers, expected in cases.items():
             t0 = time.perf_counter()
-            r = c.post("/api/chat", headers=dict(headers),
-                       json={"model": "mmem-teacher", "stream": False, "messages": [{"role": "user", "content": CONV}]})
+            body = {"model": "mmem-teacher", "stream": False, "messages": [{"role": "user", "content": CONV}]}
+            r = c.post("/api/chat", headers=dict(headers), json=body)
             assert r.status_code == expected and time.perf_counter() - t0 < ATTACK_S, (headers, r.status_code)
             if expected == 403:
                 assert "reminder" not in r.text and "evil" not in r.text
-        ok = c.options("/api/chat", headers={"origin": "https://app.example.org", "access-control-request-method": "POST"})
+        ok = c.options("/api/chat", headers={"origin": "https://app.example.org",
+                                             "access-control-request-method": "POST"})
         assert ok.headers["access-control-allow-origin"] in ("*", "https://app.example.org")
         assert c.options("/api/chat", headers={"origin": "https://evil.example",
                                                "access-control-request-method": "POST"}).status_code == 403

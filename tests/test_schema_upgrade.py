@@ -32,7 +32,8 @@ def _old_rows() -> pa.Table:
 
 def test_parse_and_format_round_trip():
     text = "dialogs@v3,turns@v12,image_embeddings@v2"
-    assert parse_dataset_version(text) == [{"table": "dialogs", "version": 3}, {"table": "turns", "version": 12},
+    assert parse_dataset_version(text) == [{"table": "dialogs", "version": 3},
+                                           {"table": "turns", "version": 12},
                                            {"table": "image_embeddings", "version": 2}]
     assert format_dataset_version(parse_dataset_version(text)) == text
 
@@ -89,9 +90,10 @@ def test_llm_responses_of_the_previous_release_are_upgraded_and_its_journals_sti
     tbl = open_table(db, "llm_responses")
     assert tbl.schema.field("options").type == OPTIONS and tbl.schema.field("prompt").type == PROMPT
     row = read(db, "llm_responses").to_pylist()[0]
-    assert (row["options"]["temperature"], row["options"]["num_predict"], json.loads(row["options"]["other"])) == (
-        0.0, 8, {"mirostat": 2})
-    assert [m["role"] for m in row["prompt"]] == ["system", "user"] and row["prompt"][1]["images"] == ["sha256:ab"]
+    opts = row["options"]
+    assert (opts["temperature"], opts["num_predict"], json.loads(opts["other"])) == (0.0, 8, {"mirostat": 2})
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert row["prompt"][1]["images"] == ["sha256:ab"]
     assert prompt_messages(row["prompt"]) == messages  # nothing lost
 
     # a journal a killed run of the previous release left (JSON text columns) merges into the new schema
