@@ -1,8 +1,10 @@
 """The Prefect glue every task wrapper shares: run context and artifacts (``context``), typed result
 storage (``results``), the LLM hosts' global slots (``slots``) and Secret-block auth (``secrets``).
-Importing it bridges the stage packages' logs and progress into Prefect runs."""
+Importing it bridges the stage packages' logs and progress into Prefect runs, and makes Prefect
+Secret blocks readable as LLM hosts' auth sources."""
 
 from storage.progress import Progress, ProgressFn, track
+from tasks.runtime import secrets as _secrets  # noqa: F401 -- registers the Secret-block reader
 from tasks.runtime.context import (
     artifact_key,
     bridge_stage_logs,
