@@ -53,7 +53,14 @@ def _dialog(image_id: int, rng: np.random.Generator) -> dict:
         opts = [int(x) for x in rng.integers(len(ANSWERS), size=100)]
         gt = int(rng.integers(100))
         opts[gt] = a
-        rounds.append({"question": int(rng.integers(len(QUESTIONS))), "answer": a, "gt_index": gt, "answer_options": opts})
+        rounds.append(
+            {
+                "question": int(rng.integers(len(QUESTIONS))),
+                "answer": a,
+                "gt_index": gt,
+                "answer_options": opts,
+            }
+        )
     return {"image_id": image_id, "caption": f"picture {image_id}", "dialog": rounds}
 
 
@@ -92,8 +99,11 @@ def _corrupt(d: dict, kind: str, rng: np.random.Generator) -> dict:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kinds=st.lists(st.sampled_from(sorted(CORRUPTIONS)), min_size=1, max_size=12), seed=st.integers(0, 2**32 - 1),
-       dup=st.booleans())
+@given(
+    kinds=st.lists(st.sampled_from(sorted(CORRUPTIONS)), min_size=1, max_size=12),
+    seed=st.integers(0, 2**32 - 1),
+    dup=st.booleans(),
+)
 def test_every_bad_dialog_has_a_reason_and_good_ones_survive(kinds, seed, dup):
     rng = np.random.default_rng(seed)
     dialogs, expected_kept, expected_reasons = [], [], []
@@ -107,7 +117,11 @@ def test_every_bad_dialog_has_a_reason_and_good_ones_survive(kinds, seed, dup):
     if dup and expected_kept:
         dialogs.append(_dialog(expected_kept[0], rng))
         expected_reasons.append(Reason.DUPLICATE_ID)
-    doc = {"version": "1.0", "split": "train", "data": {"questions": QUESTIONS, "answers": ANSWERS, "dialogs": dialogs}}
+    doc = {
+        "version": "1.0",
+        "split": "train",
+        "data": {"questions": QUESTIONS, "answers": ANSWERS, "dialogs": dialogs},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "v.json"
         p.write_text(json.dumps(doc))
@@ -118,12 +132,19 @@ def test_every_bad_dialog_has_a_reason_and_good_ones_survive(kinds, seed, dup):
 
 
 @settings(max_examples=30, deadline=None)
-@given(cut=st.floats(0.0, 0.999), seed=st.integers(0, 1000), byte=st.sampled_from([b"\xff", b"\xc3", b"\x80"]),
-       mode=st.sampled_from(["truncate", "non_utf8"]))
+@given(
+    cut=st.floats(0.0, 0.999),
+    seed=st.integers(0, 1000),
+    byte=st.sampled_from([b"\xff", b"\xc3", b"\x80"]),
+    mode=st.sampled_from(["truncate", "non_utf8"]),
+)
 def test_broken_file_is_a_clear_error_naming_the_file(cut, seed, byte, mode):
     rng = np.random.default_rng(seed)
-    doc = {"version": "1.0", "split": "train",
-           "data": {"questions": QUESTIONS, "answers": ANSWERS, "dialogs": [_dialog(i, rng) for i in range(3)]}}
+    doc = {
+        "version": "1.0",
+        "split": "train",
+        "data": {"questions": QUESTIONS, "answers": ANSWERS, "dialogs": [_dialog(i, rng) for i in range(3)]},
+    }
     raw = json.dumps(doc).encode()
     pos = int(cut * len(raw))
     if mode == "truncate":
@@ -241,7 +262,9 @@ def test_sparse_4gb_image_and_fifo_are_quarantined_unread(tmp_path, demo_dir):
     demo = tmp_path / "demo"
     shutil.copytree(demo_dir, demo)
     images = demo / "images" / "train2014"
-    ids = [d["image_id"] for d in json.loads((demo / "visdial_1.0_train.json").read_text())["data"]["dialogs"]]
+    ids = [
+        d["image_id"] for d in json.loads((demo / "visdial_1.0_train.json").read_text())["data"]["dialogs"]
+    ]
     sparse, fifo = (images / f"COCO_train2014_{i:012d}.jpg" for i in ids[:2])
     sparse.unlink()
     with open(sparse, "wb") as f:
@@ -251,7 +274,11 @@ def test_sparse_4gb_image_and_fifo_are_quarantined_unread(tmp_path, demo_dir):
     root = tmp_path / "root"
     config = {"data_root": str(root), "visdial": str(demo / "visdial_1.0_train.json"), "images": str(images),
               "coco": str(demo / "captions_train2014.json"), "workers": 1}  # one process: the one measured
-    warm_up = {**config, "data_root": str(tmp_path / "warm"), "images": str(demo_dir / "images" / "train2014")}
+    warm_up = {
+        **config,
+        "data_root": str(tmp_path / "warm"),
+        "images": str(demo_dir / "images" / "train2014"),
+    }
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     args = json.dumps({"config": config, "warm_up": warm_up, "fifo": fifo.name})
     # A hang (the old behaviour on a FIFO) fails here instead of holding CI.
@@ -268,5 +295,8 @@ def test_sparse_4gb_image_and_fifo_are_quarantined_unread(tmp_path, demo_dir):
     q = {r["key"]: r for r in read(connect(root / "lance"), "quarantine").to_pylist()}
     assert {k: r["reason"] for k, r in q.items()} == {str(ids[0]): "image_file_too_large",
                                                       str(ids[1]): "image_not_a_file"}
-    assert "4294967296 bytes > 50000000 bytes" in q[str(ids[0])]["detail"] and "a FIFO" in q[str(ids[1])]["detail"]
+    assert (
+        "4294967296 bytes > 50000000 bytes" in q[str(ids[0])]["detail"]
+        and "a FIFO" in q[str(ids[1])]["detail"]
+    )
     assert sparse.stat().st_blocks == 0  # still sparse: nothing wrote to it either
