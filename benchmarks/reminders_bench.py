@@ -56,7 +56,8 @@ def synthetic_root(root: Path, n: int, image_kb: int) -> None:
     img = Image.new("RGB", (640, 480), (128, 128, 128))
     d = ImageDraw.Draw(img)
     for i in range(60):
-        d.ellipse((i * 9 % 600, i * 13 % 440, i * 9 % 600 + 40, i * 13 % 440 + 40), fill=(i * 4 % 255, 90, 200))
+        x, y = i * 9 % 600, i * 13 % 440
+        d.ellipse((x, y, x + 40, y + 40), fill=(i * 4 % 255, 90, 200))
     quality, data = 95, b""
     while quality > 5:
         buf = io.BytesIO()
@@ -71,9 +72,11 @@ def synthetic_root(root: Path, n: int, image_kb: int) -> None:
     db = connect(root / "lance")
     merge(db, "images", pa.Table.from_pylist([
         {"image_id": i, "split": "train", "path": "scene.jpg", "width": 640, "height": 480, "mode": "RGB",
-         "num_bytes": len(data), "sha256": sha, "root": str(root / "images")} for i in ids], schema=IMAGES.schema))
+         "num_bytes": len(data), "sha256": sha, "root": str(root / "images")} for i in ids],
+        schema=IMAGES.schema))
     merge(db, "dialogs", pa.Table.from_pylist([
-        {"image_id": i, "split": "train", "caption": f"scene {i}", "caption_hash": f"{i:032x}", "source": "bench"}
+        {"image_id": i, "split": "train", "caption": f"scene {i}", "caption_hash": f"{i:032x}",
+         "source": "bench"}
         for i in ids], schema=DIALOGS.schema))
     turns = [{"image_id": i, "turn": t, "split": "train",
               "question": f"is there a {COLORS[(i + t) % 6]} {SHAPES[(i * t) % 3]} near item {i}",
@@ -126,12 +129,14 @@ async def bare_client(url: str, requests, in_flight: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=5000, help="live prompts (issue: 5,000)")
-    ap.add_argument("--cached", type=int, default=50_000, help="prompts of the fully cached re-run (issue: 50,000)")
+    ap.add_argument("--cached", type=int, default=50_000,
+                    help="prompts of the fully cached re-run (issue: 50,000)")
     ap.add_argument("--latency-ms", type=float, default=50.0)
     ap.add_argument("--parallel", type=int, default=8, help="generations the server runs at once")
     ap.add_argument("--in-flight", type=int, default=None,
-                    help="requests the client keeps in flight (the flow's concurrency); default 1.5 x --parallel: "
-                    "the server queues the extra ones, so no slot idles for a round trip (8 in flight: ~82%%)")
+                    help="requests the client keeps in flight (the flow's concurrency); default 1.5 x "
+                    "--parallel: the server queues the extra ones, so no slot idles for a round trip "
+                    "(8 in flight: ~82%%)")
     ap.add_argument("--shard-size", type=int, default=512)
     ap.add_argument("--image-kb", type=int, default=48, help="JPEG size sent with every request")
     ap.add_argument("--baseline", type=int, default=1000, help="requests for the bare-client baseline")
@@ -143,26 +148,31 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.reminders import reminders_flow
-    from tasks.llm_client import LLMRequest, ResponseCache
-    from tasks.reminders import build_prompts, load_inputs
+    from llmcalls.cache import Journal, ResponseCache
+    from llmcalls.requests import OK, LLMRequest, LLMResult
+    from llmcalls.server import teacher_response
+    from reminders.prompts import build_prompts, load_inputs
 
     capacity = args.parallel / (args.latency_ms / 1000)
     root = args.work / "root"
     t = time.perf_counter()
     synthetic_root(root, max(args.prompts, args.cached), args.image_kb)
-    print(f"synthetic tables: {max(args.prompts, args.cached)} dialogs in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"synthetic tables: {max(args.prompts, args.cached)} dialogs in {time.perf_counter() - t:.1f} s",
+          flush=True)
     proc, url = start_server(args.latency_ms, args.parallel)
     results: dict = {"server_capacity_req_s": capacity}
     try:
         with prefect_test_harness(server_startup_timeout=180):
-            config = RemindersConfig(data_root=root, ollama_host=url, model="mmem-teacher", limit=args.prompts,
-                                     concurrency=in_flight, shard_size=args.shard_size, shard_retries=0)
+            config = RemindersConfig(data_root=root, ollama_host=url, model="mmem-teacher",
+                                     limit=args.prompts, concurrency=in_flight, shard_size=args.shard_size,
+                                     shard_retries=0)
             prompts, _ = build_prompts(config, *load_inputs(config.lance_uri))
             base_reqs = [LLMRequest(r.request.model, r.request.messages, {**r.request.options, "seed": 999})
                          for r in prompts[: args.baseline]]
             results["in_flight"] = in_flight
             cpu0 = time.process_time()
-            results["baseline_bare_client_req_s"] = round(asyncio.run(bare_client(url, base_reqs, in_flight)), 1)
+            bare = asyncio.run(bare_client(url, base_reqs, in_flight))
+            results["baseline_bare_client_req_s"] = round(bare, 1)
             results["baseline_bare_client_cpu_ms_per_request"] = round(
                 1000 * (time.process_time() - cpu0) / max(1, len(base_reqs)), 2)
             print(f"baseline (bare official client, {in_flight} in flight): "
@@ -172,15 +182,15 @@ def main() -> None:
             live = reminders_flow(config)
             wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             results.update({
-                "live_prompts": live["prompts"], "live_calls": live["calls"],
-                "live_req_s_generation": live["requests_per_s"],
-                "live_req_s_whole_flow": round(live["calls"] / wall, 1),
-                "live_fraction_of_capacity": round(live["requests_per_s"] / capacity, 3),
-                "client_cpu_ms_per_request": round(1000 * cpu / max(1, live["calls"]), 2),
-                "flow_fraction_of_bare_client": round(live["requests_per_s"] / results["baseline_bare_client_req_s"], 3),
-                "latency_p50_ms": round(1000 * live["latency_p50_s"], 1),
-                "latency_p95_ms": round(1000 * live["latency_p95_s"], 1),
-                "client_overhead_ms_p50_over_server": round(1000 * live["latency_p50_s"] - args.latency_ms, 1),
+                "live_prompts": live.prompts, "live_calls": live.calls,
+                "live_req_s_generation": live.requests_per_s,
+                "live_req_s_whole_flow": round(live.calls / wall, 1),
+                "live_fraction_of_capacity": round(live.requests_per_s / capacity, 3),
+                "client_cpu_ms_per_request": round(1000 * cpu / max(1, live.calls), 2),
+                "flow_fraction_of_bare_client": round(live.requests_per_s / bare, 3),
+                "latency_p50_ms": round(1000 * live.latency_p50_s, 1),
+                "latency_p95_ms": round(1000 * live.latency_p95_s, 1),
+                "client_overhead_ms_p50_over_server": round(1000 * live.latency_p50_s - args.latency_ms, 1),
                 "live_flow_wall_s": round(wall, 1),
             })
             print(json.dumps(results, indent=1), flush=True)
@@ -192,19 +202,16 @@ def main() -> None:
                 cache = ResponseCache(big.lance_uri, big.cache_dir / "llm_journal")
                 have = cache.lookup([p.request.request_hash for p in prompts])
                 path = cache.journal_path("bench-fill", 0)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                from tasks.llm_client import OK, LLMResult
-                from training.llm_server import teacher_response
-                with path.open("w") as fh:
+                with Journal(path) as journal:  # signed with the data root's key, as the flow's own are
                     for p in prompts:
                         if p.request.request_hash not in have:
-                            row = LLMResult(p.request.request_hash, OK, teacher_response(p.conversation), attempts=1,
-                                            backend="teacher").row(p.request, url)
-                            fh.write(json.dumps(row) + "\n")
+                            answer = LLMResult(p.request.request_hash, OK, teacher_response(p.conversation),
+                                               attempts=1, backend="teacher")
+                            journal.append(answer.row(p.request, url))
                 cache.merge(path)
                 t0 = time.perf_counter()
                 cached = reminders_flow(big)
-                results.update({"cached_prompts": cached["prompts"], "cached_calls": cached["calls"],
+                results.update({"cached_prompts": cached.prompts, "cached_calls": cached.calls,
                                 "cached_rerun_s": round(time.perf_counter() - t0, 1)})
     finally:
         proc.terminate()
@@ -212,8 +219,9 @@ def main() -> None:
     ok_live = results["live_fraction_of_capacity"] >= 0.9
     ok_cached = results.get("cached_calls") == 0 and results.get("cached_rerun_s", 1e9) <= 60
     print(json.dumps(results, indent=1))
-    print(f"throughput {results['live_req_s_generation']} req/s = {100 * results['live_fraction_of_capacity']:.1f}% "
-          f"of {capacity:.0f} (target >= 90%): {'PASS' if ok_live else 'FAIL'}; "
+    print(f"throughput {results['live_req_s_generation']} req/s = "
+          f"{100 * results['live_fraction_of_capacity']:.1f}% of {capacity:.0f} (target >= 90%): "
+          f"{'PASS' if ok_live else 'FAIL'}; "
           f"{100 * results['flow_fraction_of_bare_client']:.0f}% of the bare client's "
           f"{results['baseline_bare_client_req_s']} req/s in the same run")
     if args.cached:

@@ -41,9 +41,9 @@ def reminders(
     if ctx.invoked_subcommand is not None:
         return
     from flows.reminders import reminders_flow
-    from tasks.llm_client import LLMUnavailable
-    from tasks.reminders import ShardFailed
-    from tasks.validate import ValidationFailed
+    from llmcalls.requests import LLMUnavailable
+    from llmcalls.shard import ShardFailed
+    from schemas.validate import ValidationFailed
 
     config = load(_config(), data_root, ollama_host=ollama_host, model=model, limit=limit)
     run_flow(reminders_flow, config,

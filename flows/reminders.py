@@ -1,20 +1,20 @@
 """The reminders flow: every cleaned dialog -> one ``<reminder>`` self-reflection sample.
 
-Composition only. Every prompt belongs to a fixed shard (prompt order), and every shard is a
-task cached by Prefect on its requests' hashes (results persisted under the data root): on a
-re-run the shards answered before show as ``Cached`` and only those with unanswered prompts run,
-asking only for those prompts (the response cache stays the authority, so a Prefect cache miss
-asks nothing twice). The flow logs the input table versions it read and the versions it wrote.
+Composition only. The response cache is the authority on what was answered: ``llmcalls.fill``
+plans each round (the dialogs' requests, then the one bounded repair round), cuts its requests
+into fixed shards (prompt order) and merges each shard's journal as it ends. Every shard is a task
+cached by Prefect on its requests' hashes (results persisted under the data root): on a re-run
+the shards answered before show as ``Cached`` and only those with unanswered prompts run, asking
+only for those prompts. The flow logs the input table versions it read and the versions it wrote.
 
-While shards that ask the server run, the flow holds the
-Ollama host's slots of a Prefect global concurrency limit (named after the host), so several
-flow runs together never exceed what the server serves. The flow holds them once rather than a
-shard or a request at a time because each acquisition is a round trip to the Prefect API (about
-0.15 s here, and a blocked acquirer sleeps for the limit's average occupancy before asking
-again). Inside, at most two shards run at once, splitting the slots between them, so one
-shard's tail overlaps the next one's start. The slots are held through ``tasks.llm_slots``,
-which records the lease on disk so that the next run gives back the slots of a killed run
-(Prefect's own context manager would leave them taken).
+While shards that ask the server run, the flow holds the Ollama host's slots of a Prefect global
+concurrency limit (named after the host), so several flow runs together never exceed what the
+server serves. The flow holds them once rather than a shard or a request at a time because each
+acquisition is a round trip to the Prefect API, and a blocked acquirer sleeps for the limit's
+average occupancy before asking again. Inside, at most two shards run at once, splitting the
+slots between them, so one shard's tail overlaps the next one's start. The slots are held through
+``tasks.runtime.slots``, which records the lease on disk so that the next run gives back the
+slots of a killed run (Prefect's own context manager would leave them taken).
 """
 
 from __future__ import annotations
@@ -27,51 +27,50 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 
+from llmcalls.cache import ResponseCache
+from llmcalls.fill import Fill
+from llmcalls.shard import ShardFailed, ShardStats
 from reminders.outcome import Outcome, repaired, sort_out, to_repair
-from reminders.prompts import repair_request
+from reminders.prompts import Prompt, repair_request
 from reminders.summary import run_summary
-from reminders.write import table_version
 from schemas.reminders import RemindersConfig, RemindersResult
+from schemas.validate import ValidationFailed
 from storage.lance import versions_text
-from tasks.llm_client import LLMRequest, ResponseCache
-from tasks.llm_slots import hold_slots
 from tasks.reminders import (
-    ShardFailed,
-    ShardStats,
     check_server_task,
     ensure_limit_task,
     free_dead_slots_task,
     generate_shard_task,
-    lookup_task,
-    merge_journal_task,
+    lookup_again_task,
+    merge_shard_task,
+    plan_fill_task,
     plan_task,
-    recover_task,
-    shard_errors,
     shard_results_storage,
-    slots_dir,
+    table_version_task,
     validate_task,
     write_task,
 )
 from tasks.runtime import enforce_trust, logger, publish_markdown, publish_table, run_id
-from tasks.validate import ValidationFailed
+from tasks.runtime.slots import hold_slots, slots_dir
 
 
 @dataclass
 class Round:
-    """What one fan-out did: stats of the shards that ran, failed shard indexes, this round's error
-    rows, seconds spent generating, and shards served from Prefect's cache."""
+    """What one fan-out over a fill did: stats of the shards that ran, failed shard indexes, the
+    error rows of the shards that asked, the answers after it, seconds spent generating, and shards
+    served from Prefect's cache."""
 
+    fill: Fill
+    answers: dict[str, dict]
     stats: list[ShardStats] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     errors: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
-    shards: int = 0
     cached: int = 0
 
 
-def fan_out(config: RemindersConfig, cache: ResponseCache, requests: list[LLMRequest], answered: set[str],
-            backend: str | None, label: str) -> Round:
-    """Run every shard of ``requests`` (fixed by prompt order, so a shard is the same on each run).
+def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
+    """Run every shard of ``fill`` (fixed by prompt order, so a shard is the same on each run).
 
     A shard whose requests are all in the response cache is submitted as is: Prefect serves it
     from its persisted result (state ``Cached``), or, with no record, it runs and asks nothing. A
@@ -79,19 +78,17 @@ def fan_out(config: RemindersConfig, cache: ResponseCache, requests: list[LLMReq
     stale Prefect record must not hide missing answers) and asks only those, holding the host's
     slots; each one's journal is merged as it finishes.
     """
-    shards = [requests[i:i + config.shard_size] for i in range(0, len(requests), config.shard_size)]
-    paths = [cache.journal_path(label, i) for i in range(len(shards))]
     shard_task = generate_shard_task.with_options(retries=config.shard_retries,
                                                   retry_delay_seconds=config.shard_retry_delay_s,
                                                   result_storage=shard_results_storage(config))
-    need = [i for i, s in enumerate(shards) if any(r.request_hash not in answered for r in s)]
-    out = Round(shards=len(shards))
+    need = list(fill.needed)
+    out = Round(fill, fill.answers)
     log = logger()
 
     def submit(i: int, workers: int, refresh: bool):
-        done_here = frozenset(r.request_hash for r in shards[i] if r.request_hash in answered)
-        return shard_task.with_options(task_run_name=f"shard-{label}-{i:05d}", refresh_cache=refresh).submit(
-            i, quote(shards[i]), config, paths[i], workers, backend, quote(done_here))
+        named = shard_task.with_options(task_run_name=f"shard-{fill.label}-{i:05d}", refresh_cache=refresh)
+        return named.submit(i, quote(fill.shards[i]), config, fill.journal(i), workers, backend,
+                            quote(fill.answered(i)))
 
     def settle(i: int, fut) -> None:
         result = fut.result(raise_on_failure=False)
@@ -106,13 +103,13 @@ def fan_out(config: RemindersConfig, cache: ResponseCache, requests: list[LLMReq
         else:
             out.stats.append(result)
 
-    quiet = {i: submit(i, 1, False) for i in sorted(set(range(len(shards))) - set(need))}
+    quiet = {i: submit(i, 1, False) for i in sorted(set(range(len(fill.shards))) - set(need))}
     if need:
         name, slots = ensure_limit_task(config)
         window = 2 if slots >= 2 and slots % 2 == 0 and len(need) > 1 else 1
         pending, running = deque(need), {}
         # A one-minute lease, renewed while this run lives; a killed run's slots are given back by
-        # the next run on this data root (tasks.llm_slots), whatever server granted them.
+        # the next run on this data root (tasks.runtime.slots), whatever server granted them.
         with hold_slots(slots_dir(config), name, slots):
             t0 = time.perf_counter()
             while pending or running:
@@ -123,15 +120,16 @@ def fan_out(config: RemindersConfig, cache: ResponseCache, requests: list[LLMReq
                 i = next(k for k, f in running.items() if f is done)
                 del running[i]
                 settle(i, done)
-                out.errors.update(shard_errors([paths[i]]))
-                merge_journal_task(cache, paths[i])
-                log.info("%s: %d/%d shards to ask done (%d failed)", label, len(need) - len(pending) - len(running),
-                         len(need), len(out.failed))
+                out.errors.update(fill.errors(i))  # read before the merge deletes the journal
+                merge_shard_task(quote(fill), i)
+                log.info("%s: %d/%d shards to ask done (%d failed)", fill.label,
+                         len(need) - len(pending) - len(running), len(need), len(out.failed))
             out.seconds = time.perf_counter() - t0
+        out.answers = lookup_again_task(quote(fill))
     for i, fut in quiet.items():
         settle(i, fut)
-    log.info("%s: %d shards, %d asked the server, %d served from Prefect's cache", label, len(shards), len(need),
-             out.cached)
+    log.info("%s: %d shards, %d asked the server, %d served from Prefect's cache", fill.label,
+             len(fill.shards), len(need), out.cached)
     return out
 
 
@@ -146,24 +144,17 @@ def reminders_flow(config: RemindersConfig) -> RemindersResult:
     t0 = time.perf_counter()
     run = run_id()
     cache = ResponseCache(config.lance_uri, config.cache_dir / "llm_journal")
-    llm_before = table_version(config.lance_uri, "llm_responses")  # what this run merges is tagged with it
-    recovered = recover_task(cache)
+    llm_before = table_version_task(config.lance_uri, "llm_responses")  # this run's merges are tagged
     free_dead_slots_task(config)
     prompts, plan_rejections, read_versions = plan_task(config)
     log = logger()
     log.info("reminders read %s", versions_text(read_versions))
-    hashes = [p.request.request_hash for p in prompts]
-    answers = lookup_task(cache, quote(hashes))
-    cache_hits = len(answers)
-    todo = [p.request for p in prompts if p.request.request_hash not in answers]
-    log.info("%d prompts: %d cached, %d to generate (%d journal rows recovered)", len(prompts), cache_hits,
-             len(todo), recovered)
-    backend = check_server_task(config) if todo else None
-    gen = fan_out(config, cache, [p.request for p in prompts], set(answers), backend, f"{run}-gen")
-    if todo:
-        answers = lookup_task(cache, quote(hashes))
-    outcome = sort_out(prompts, answers, gen.errors)
-    rounds = [gen]
+    fill = plan_fill_task(cache, quote([p.request for p in prompts]), f"{run}-gen", config.shard_size)
+    log.info("%d prompts: %d cached, %d to generate (%d journal rows recovered)", len(prompts),
+             fill.cached, len(fill.missing()), fill.recovered)
+    backend = check_server_task(config) if fill.needed else None
+    rounds = [fan_out(config, fill, backend)]
+    outcome = sort_out(prompts, rounds[0].answers, rounds[0].errors)
     if config.repair and outcome.rejections:
         outcome, more = _repair(config, cache, prompts, outcome, backend, run)
         rounds.append(more)
@@ -175,14 +166,16 @@ def reminders_flow(config: RemindersConfig) -> RemindersResult:
     if not report.success:
         raise ValidationFailed("reminders validation failed:\n" + report.markdown())
     written = write_task(config.lance_uri, quote(outcome), run, llm_before)
-    result = run_summary(len(prompts) + len(plan_rejections), cache_hits, [s for r in rounds for s in r.stats],
-                         outcome, time.perf_counter() - t0, sum(r.seconds for r in rounds), backend,
-                         shards=sum(r.shards for r in rounds), shards_cached=sum(r.cached for r in rounds),
-                         read_versions=read_versions, **written)
+    result = run_summary(len(prompts) + len(plan_rejections), fill.cached,
+                         [s for r in rounds for s in r.stats], outcome, time.perf_counter() - t0,
+                         sum(r.seconds for r in rounds), backend,
+                         shards=sum(len(r.fill.shards) for r in rounds),
+                         shards_cached=sum(r.cached for r in rounds), read_versions=read_versions, **written)
     if not result.reconciles():
         raise RuntimeError(f"reminders counts do not reconcile: {result.to_json()}")
     publish_table("reminders-run", result.artifact_rows(),
-                  "Reminders run: prompts, cache hits, calls, retries, failures, quarantined, latency, tokens/s")
+                  "Reminders run: prompts, cache hits, calls, retries, failures, quarantined, latency, "
+                  "tokens/s")
     log.info("reminders read %s; wrote %s (+%d inserted, %d updated)", versions_text(read_versions),
              versions_text(result.versions), result.inserted, result.updated)
     log.info("reminders: %s", result.flat())
@@ -192,17 +185,15 @@ def reminders_flow(config: RemindersConfig) -> RemindersResult:
     return result
 
 
-def _repair(config, cache, prompts, outcome, backend, run):
+def _repair(config: RemindersConfig, cache: ResponseCache, prompts: list[Prompt], outcome: Outcome,
+            backend: str | None, run: str) -> tuple[Outcome, Round]:
     """One bounded re-ask for each answer that broke the format; the re-ask's verdict is final."""
     by_id = {p.image_id: p for p in prompts}
     fixes = {i: repair_request(by_id[i].request, bad) for i, bad in to_repair(outcome).items()}
-    fix_hashes = [f.request_hash for f in fixes.values()]
-    fixed_answers = lookup_task(cache, quote(fix_hashes))
-    todo = [f for f in fixes.values() if f.request_hash not in fixed_answers]
-    if todo:
+    fill = plan_fill_task(cache, quote(list(fixes.values())), f"{run}-repair", config.shard_size,
+                          recover=False)
+    if fill.needed:
         backend = backend or check_server_task(config)
-    more = fan_out(config, cache, list(fixes.values()), set(fixed_answers), backend, f"{run}-repair")
-    if todo:
-        fixed_answers = lookup_task(cache, quote(fix_hashes))
-    second = sort_out([replace(by_id[i], request=fixes[i]) for i in fixes], fixed_answers, more.errors)
+    more = fan_out(config, fill, backend)
+    second = sort_out([replace(by_id[i], request=fixes[i]) for i in fixes], more.answers, more.errors)
     return repaired(outcome, second), more

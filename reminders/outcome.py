@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from llmcalls.requests import REJECTED
 from reminders.parse import check
 from reminders.prompts import Prompt
 from schemas.quarantine import Reason, Rejection
-from tasks.llm_client import REJECTED
 
 
 @dataclass

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llmcalls.requests import ImageRef, LLMRequest
 from schemas.quarantine import Reason, Rejection
 from schemas.reminders import RemindersConfig, load_prompt_data
 from storage.lance import connect, read, require, resolve_versions
 from storage.paths import stored_root as stored_root_of
-from tasks.llm_client import ImageRef, LLMRequest
 
 log = logging.getLogger("mmem." + __name__)
 

@@ -4,25 +4,15 @@ the calls went (the ``reminders-run`` artifact and the JSON ``mmem reminders`` p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 
+from llmcalls.shard import ShardStats
 from reminders.outcome import Outcome
 from schemas.reminders import RemindersResult
 
 
-class ShardRun(Protocol):
-    """What the summary reads of a shard's stats (``llmcalls``' ``ShardStats``)."""
-
-    requests: int
-    skipped: int
-    retries: int
-    latencies: list[float]
-    completion_tokens: int
-
-
-def run_summary(prompts: int, cache_hits: int, shard_stats: Sequence[ShardRun], outcome: Outcome,
+def run_summary(prompts: int, cache_hits: int, shard_stats: Sequence[ShardStats], outcome: Outcome,
                 wall_s: float, gen_s: float, backend: str | None, **more) -> RemindersResult:
     """The result of a run; ``more``: its other fields (shard counts, versions read and written)."""
     lat = np.array([x for s in shard_stats for x in s.latencies]) if shard_stats else np.array([])

@@ -11,9 +11,9 @@ from reminders import STAGE
 from reminders.outcome import Outcome
 from schemas.expectations import reminders_suite
 from schemas.reminders import REMINDERS
+from schemas.validate import ValidationReport, validate
 from storage.lance import connect, merge, open_table, read, sql_in, table_exists, tag_run
 from storage.quarantine import quarantine
-from tasks.validate import ValidationReport, validate
 
 log = logging.getLogger("mmem." + __name__)
 

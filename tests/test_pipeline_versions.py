@@ -34,7 +34,8 @@ def test_reminders_plan_reads_the_pinned_versions(data_root):
     prompts, _, read = plan(cfg.model_copy(update={"table_versions": pins}))
     assert read == before
     assert gone in {p.image_id for p in prompts}
-    assert next(p for p in prompts if p.image_id == gone).conversation.startswith("Q: ")  # its turns were read too
+    dropped = next(p for p in prompts if p.image_id == gone)
+    assert dropped.conversation.startswith("Q: ")  # its turns were read too
 
 
 def test_embed_plan_reads_the_pinned_versions(data_root):

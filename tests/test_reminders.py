@@ -8,21 +8,23 @@ import json
 import pytest
 
 from flows.reminders import reminders_flow
+from llmcalls.cache import Journal, ResponseCache
+from llmcalls.requests import OK, LLMResult
+from llmcalls.server import Faults, make_state, running_server
+from llmcalls.shard import ShardFailed
 from reminders.parse import parse_response
 from reminders.prompts import build_prompts, conversation_text, load_inputs
 from schemas.quarantine import Reason
 from schemas.reminders import RemindersConfig, load_prompt_data
 from storage.lance import connect, open_table, read
-from tasks.llm_client import OK, Journal, LLMResult, ResponseCache
-from tasks.reminders import ShardFailed
-from training.llm_server import Faults, make_state, running_server
 
-GOOD = "<reminder>We saw a red ball on a table and counted two cups; now the cup color.</reminder>\nThe cups are blue."
+REMINDER = "We saw a red ball on a table and counted two cups; now the cup color."
+GOOD = f"<reminder>{REMINDER}</reminder>\nThe cups are blue."
 
 
 def _config(root, url, **kw) -> RemindersConfig:
-    base = {"data_root": root, "ollama_host": url, "model": "mmem-teacher", "shard_size": 4, "shard_retries": 0,
-                "backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5, "concurrency": 4}
+    base = {"data_root": root, "ollama_host": url, "model": "mmem-teacher", "shard_size": 4,
+            "shard_retries": 0, "backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5, "concurrency": 4}
     return RemindersConfig(**{**base, **kw})
 
 
@@ -35,12 +37,13 @@ def _config(root, url, **kw) -> RemindersConfig:
     ("<reminder>We saw a red ball on a table and counted two cups.</reminder>", Reason.EMPTY_ANSWER),
     ("<reminder>" + "x" * 2001 + "</reminder>\nBlue.", Reason.TOO_LONG),
     ("<reminder>short</reminder>\nBlue.", Reason.TOO_SHORT),
-    ("<reminder>We saw a red ball\nQ: how many cups\nA: two</reminder>\nThe cups are blue.", Reason.ECHOED_DIALOG),
+    ("<reminder>We saw a red ball\nQ: how many cups\nA: two</reminder>\nThe cups are blue.",
+     Reason.ECHOED_DIALOG),
 ])
 def test_parse_response(text, expected):
     out = parse_response(text)
     if expected is None:
-        assert out == ("We saw a red ball on a table and counted two cups; now the cup color.", "The cups are blue.")
+        assert out == (REMINDER, "The cups are blue.")
     else:
         assert out[0] == expected
 
@@ -110,7 +113,8 @@ def test_a_killed_runs_journal_is_recovered_and_not_asked_again(data_root):
     cache = ResponseCache(config.lance_uri, config.cache_dir / "llm_journal")
     journal = Journal(cache.journal_path("killed-run", 0))  # what a killed shard leaves behind
     for p in prompts[:3]:
-        journal.append(LLMResult(p.request.request_hash, OK, GOOD, attempts=1, backend="teacher").row(p.request, "x"))
+        answer = LLMResult(p.request.request_hash, OK, GOOD, attempts=1, backend="teacher")
+        journal.append(answer.row(p.request, "x"))
     journal.close()
     state = make_state(teacher=True)
     with running_server(state) as url:
@@ -122,8 +126,8 @@ def test_a_killed_runs_journal_is_recovered_and_not_asked_again(data_root):
 def test_missing_model_fails_before_any_shard_and_limit_is_named_after_host(data_root):
     from prefect.client.orchestration import get_client
 
-    from tasks.llm_client import LLMUnavailable
-    from tasks.reminders import limit_name
+    from llmcalls.requests import LLMUnavailable
+    from tasks.runtime.slots import limit_name
 
     with running_server(make_state(teacher=True)) as url:
         with pytest.raises(LLMUnavailable, match="ollama pull gemma3:27b"):
@@ -154,7 +158,8 @@ def test_repair_reask_and_exports(data_root, tmp_path):
                                    "--version", str(v1), "--data-root", str(data_root)])
     assert res.exit_code == 0, res.output
     samples = json.loads(out.read_text())
-    assert len(samples) == plain.valid and set(samples[0]) == {"image_id", "image_url", "conversation", "response"}
+    assert len(samples) == plain.valid
+    assert set(samples[0]) == {"image_id", "image_url", "conversation", "response"}
     res = CliRunner().invoke(app, ["reminders", "export", "--format", "hf", "--out", str(tmp_path / "hf"),
                                    "--data-root", str(data_root)])
     assert res.exit_code == 0, res.output
@@ -174,7 +179,8 @@ def test_a_moved_image_folder_stops_the_run_before_it_writes(data_root, tmp_path
     with pytest.raises(ImageRootMissing, match="moved-away.*MMEM_REMINDERS_IMAGE_ROOTS"):
         reminders_flow(config)
     db = connect(data_root / "lance")
-    assert {n: (open_table(db, n).version if n in db.list_tables().tables else None) for n in before} == before
+    after = {n: (open_table(db, n).version if n in db.list_tables().tables else None) for n in before}
+    assert after == before
 
 
 def test_an_image_root_recorded_relative_to_the_data_root_moves_with_it(data_root, tmp_path, demo_dir):

@@ -21,10 +21,10 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
 from flows.reminders import reminders_flow
 from flows.train import train_sft_flow
+from llmcalls.server import make_state, running_server
 from schemas.evaluate import EvaluateConfig
 from schemas.reminders import RemindersConfig
 from schemas.train import ARTIFACT_CREATED_EVENT, SftConfig
-from training.llm_server import make_state, running_server
 
 TIMEOUT_S = 30
 
