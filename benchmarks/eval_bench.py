@@ -7,7 +7,7 @@ depend on their values), bf16 on CUDA:
 
 * ``--model memory`` (default): the memory model of ``training.memory_model`` (report-size
   Q-Former over an 11-position ImageBind memory, soft prompt into a LLaMA-3.2-1B-architecture LM),
-  answered through ``tasks.evaluate.generate_memory`` itself, the function the flow's ``memory``
+  answered through ``evaluation.generate.generate_memory`` itself, the function the flow's ``memory``
   variants run: response-cache lookup, shards of whole batches through
   ``evaluation.memory_eval.memory_generate`` (batched ``generate`` over ``inputs_embeds`` with the
   key/value cache), each shard journaled and merged into a fresh ``llm_responses`` table. Its
@@ -50,9 +50,11 @@ TURNS = 10
 
 # LLaMA-3.2-1B's published configuration and the report's Q-Former; "tiny" keeps the shapes' family.
 PRESETS = {
-    "1b": {"llm": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+    "1b": {"llm": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                   "num_hidden_layers": 16,
                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
-           "memory": {"num_query_tokens": 32, "qformer_hidden": 768, "qformer_layers": 12, "qformer_heads": 12,
+           "memory": {"num_query_tokens": 32, "qformer_hidden": 768, "qformer_layers": 12,
+                      "qformer_heads": 12,
                           "qformer_intermediate": 3072}},
     "tiny": {"llm": {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
@@ -83,7 +85,8 @@ def build_llm(preset: str, device: str, dtype):
     config = LlamaConfig(
         **PRESETS[preset]["llm"], max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
         hidden_act="silu", bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                         "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     )
     with torch.device(device):
@@ -91,7 +94,7 @@ def build_llm(preset: str, device: str, dtype):
 
 
 def build_memory_model(preset: str, llm, tokenizer, device: str, dtype):
-    from training.memory_model import MemoryArch, MemoryModel
+    from training.memory_net import MemoryArch, MemoryModel
 
     arch = MemoryArch(**PRESETS[preset]["memory"], qformer_dropout=0.0)
     return MemoryModel(arch, llm, tokenizer).to(device=device, dtype=dtype).eval()
@@ -107,12 +110,13 @@ def memory_data(n: int, model, tokenizer, question_words: int, answer_words: int
     import torch
 
     from schemas.embed import EMBED_DIM
-    from training.memory_model import NUM_POSITIONS, MemoryData, tokenize
+    from training.memory_data import NUM_POSITIONS, MemoryData, tokenize
 
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     dialogs = -(-n // TURNS)
     image = torch.nn.functional.normalize(torch.randn(dialogs, EMBED_DIM, generator=gen), dim=-1)
-    texts = torch.nn.functional.normalize(torch.randn(dialogs, NUM_POSITIONS, EMBED_DIM, generator=gen), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(dialogs, NUM_POSITIONS, EMBED_DIM, generator=gen),
+                                          dim=-1)
     arch, vocab = model.arch, tokenizer.vocab_size
     prompts = [arch.prompt_template.format(question=random_words(rng, vocab, rng.randint(3, question_words)))
                for _ in range(n)]
@@ -135,21 +139,15 @@ def flow_config(root: Path, device: str, batch_size: int | None, shard_size: int
     return EvaluateConfig(data_root=root, device=device, batch_size=batch_size, **extra)
 
 
-def memory_run(model, data, prompts: list[str], new_tokens: int, device: str, batch_size: int | None, shard_size: int | None,
-               work: Path):
-    """``f(indices, batch, tag) -> answers`` through ``tasks.evaluate.generate_memory`` (each call a
+def memory_run(model, data, prompts: list[str], new_tokens: int, device: str, batch_size: int | None,
+               shard_size: int | None, work: Path):
+    """``f(indices, batch, tag) -> answers`` through ``evaluation.generate.generate_memory`` (each call a
     fresh data root), and the batch and shard sizes the flow uses on ``device``."""
+    from evaluation.generate import MemoryRun, generate_memory, generation_batch_size, shard_step
+    from evaluation.models import ResolvedModel
+    from evaluation.prompts import generation_options, memory_request
+    from evaluation.rows import hypothesis
     from schemas.evaluate import load_variants
-    from tasks.evaluate import (
-        MemoryRun,
-        ResolvedModel,
-        generate_memory,
-        generation_batch_size,
-        generation_options,
-        hypothesis,
-        memory_request,
-        shard_step,
-    )
 
     variant = load_variants("memory")[0].model_copy(update={"max_new_tokens": new_tokens})
     config = flow_config(work / "probe", device, batch_size, shard_size)
@@ -157,7 +155,8 @@ def memory_run(model, data, prompts: list[str], new_tokens: int, device: str, ba
     options = generation_options(config, variant)
     resolved = ResolvedModel("memory:bench-random@0", artifact="bench-random:v1", label="random weights")
     embeddings = "image_embeddings@v1,text_embeddings@v1"
-    requests = [memory_request(resolved.request_model, prompt, int(data.image_ids[d]), int(t), embeddings, options)
+    requests = [memory_request(resolved.request_model, prompt, int(data.image_ids[d]), int(t), embeddings,
+                               options)
                 for prompt, d, t in zip(prompts, data.dialog.tolist(), data.turn.tolist(), strict=True)]
 
     def run(indices, batch, tag):
@@ -189,18 +188,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="memory", choices=["memory", "lm"])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                    help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--preset", default="1b", choices=sorted(PRESETS))
     ap.add_argument("--samples", type=int, default=20640)
-    ap.add_argument("--batch-size", type=int, default=None, help="default: the evaluate flow's for the variant "
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="default: the evaluate flow's for the variant "
                     "on this device (memory.toml: 512)")
-    ap.add_argument("--shard-size", type=int, default=None, help="--model memory: default the flow's shard_size "
+    ap.add_argument("--shard-size", type=int, default=None,
+                    help="--model memory: default the flow's shard_size "
                     "(rounded up to whole batches)")
-    ap.add_argument("--work-dir", type=Path, default=None, help="--model memory: where the timed runs' response "
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="--model memory: where the timed runs' response "
                     "caches go (default: a temporary folder, removed at the end)")
     ap.add_argument("--baseline-batch-size", type=int, default=16, help="the report's batch size")
-    ap.add_argument("--baseline-samples", type=int, default=320, help="timed at the baseline batch size, extrapolated")
-    ap.add_argument("--new-tokens", type=int, default=24, help="tokens generated per answer (memory model: its "
+    ap.add_argument("--baseline-samples", type=int, default=320,
+                    help="timed at the baseline batch size, extrapolated")
+    ap.add_argument("--new-tokens", type=int, default=24,
+                    help="tokens generated per answer (memory model: its "
                     "max_answer_tokens)")
     ap.add_argument("--question-words", type=int, default=16, help="--model memory: longest question")
     ap.add_argument("--prompt-words", type=int, nargs=2, default=(64, 160), metavar=("MIN", "MAX"),
@@ -235,20 +240,21 @@ def main(argv: list[str] | None = None) -> None:
         model = build_memory_model(args.preset, llm, tok, args.device, dtype)
         data, refs, prompts = memory_data(args.samples, model, tok, args.question_words, args.answer_words,
                                           args.seed, dtype)
-        run, batch_size, shard = memory_run(model, data, prompts, args.new_tokens, args.device, args.batch_size,
-                                            args.shard_size, work)
+        run, batch_size, shard = memory_run(model, data, prompts, args.new_tokens, args.device,
+                                            args.batch_size, args.shard_size, work)
         what = (f"memory model (Q-Former {model.arch.qformer_layers}x{model.arch.qformer_hidden}, "
                 f"{model.arch.num_query_tokens} query tokens) + ")
-        path = "tasks.evaluate.generate_memory (cache lookup, journal, merge into llm_responses)"
+        path = "evaluation.generate.generate_memory (cache lookup, journal, merge into llm_responses)"
         params = sum(p.numel() for p in model.parameters())
     else:
+        from evaluation.generate import generation_batch_size
         from schemas.evaluate import Variant
-        from tasks.evaluate import generation_batch_size
 
-        prompts, refs = lm_data(args.samples, tok.vocab_size, tuple(args.prompt_words), args.answer_words, args.seed)
+        prompts, refs = lm_data(args.samples, tok.vocab_size, tuple(args.prompt_words), args.answer_words,
+                                args.seed)
         hf = Variant(name="bench", backend="hf", model="bench")
-        batch_size = generation_batch_size(flow_config(work / "probe", args.device, args.batch_size, None), hf,
-                                           args.device)
+        batch_size = generation_batch_size(flow_config(work / "probe", args.device, args.batch_size, None),
+                                           hf, args.device)
         shard = None
 
         def run(indices, batch, tag):
@@ -286,10 +292,12 @@ def main(argv: list[str] | None = None) -> None:
           f"({params / 1e6:.0f}M params, random weights, {dtype_name}); setup {setup_s:.1f} s")
     print(f"work: {args.samples} samples, {args.new_tokens} new tokens each, greedy, KV cache; corpus BLEU-4")
     print(f"timed code: {path}; batch {batch_size}" + (f", journal shards of {shard}" if shard else ""))
-    print(f"baseline (batch {args.baseline_batch_size}, timed on {base_n} samples, extrapolated): {base_total:.1f} s "
-          f"for {args.samples} ({(b_gen + b_score) / base_n * args.baseline_batch_size:.3f} s/batch)")
-    print(f"batched  (batch {batch_size}, {batches} batches): generation {gen_s:.1f} s + BLEU-4 {score_s:.2f} s "
-          f"= {total:.1f} s ({args.samples / total:.0f} samples/s, {gen_s / batches:.3f} s/batch); peak GPU memory {peak}")
+    print(f"baseline (batch {args.baseline_batch_size}, timed on {base_n} samples, extrapolated): "
+          f"{base_total:.1f} s for {args.samples} "
+          f"({(b_gen + b_score) / base_n * args.baseline_batch_size:.3f} s/batch)")
+    print(f"batched  (batch {batch_size}, {batches} batches): generation {gen_s:.1f} s + BLEU-4 "
+          f"{score_s:.2f} s = {total:.1f} s ({args.samples / total:.0f} samples/s, "
+          f"{gen_s / batches:.3f} s/batch); peak GPU memory {peak}")
     print(f"speed-up vs baseline: {base_total / total:.1f}x; vs the report's {REPORT_SECONDS} s "
           f"({REPORT_SECONDS_PER_BATCH} s/batch of 16): {REPORT_SECONDS / total:.1f}x")
     full = args.preset == "1b" and args.samples == 20640

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import DataRootOpt, fail, load
+from cli.common import DataRootOpt, fail, load, run_flow
 
 evaluate_app = typer.Typer(no_args_is_help=True,
                            help="Evaluate model variants on the held-out split (the evaluations table).")
@@ -21,50 +20,59 @@ def register(app: typer.Typer) -> None:
 @evaluate_app.command("run")
 def run(
     variants: Annotated[Path | None, typer.Option(
-        help="TOML file of [[variant]] tables; `report` (default: the report's five) or `demo` name the packaged ones.")
+        help="TOML file of [[variant]] tables; `report` (default: the report's five) or `demo` name the "
+        "packaged ones.")
     ] = None,
     only: Annotated[list[str] | None, typer.Option(help="Only this variant (repeatable).")] = None,
     split: Annotated[str | None, typer.Option(help="The held-out split (default val).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N held-out dialogs.")] = None,
-    run_label: Annotated[str | None, typer.Option(help="Run id to record (re-using one replaces its rows).")] = None,
-    ollama_host: Annotated[str | None, typer.Option(help="Default Ollama server for served variants.")] = None,
-    bertscore_model: Annotated[Path | None, typer.Option(help="Local BERTScore backbone (e.g. roberta-large).")] = None,
-    dense_annotations: Annotated[Path | None, typer.Option(help="VisDial dense annotations JSON (adds NDCG).")] = None,
+    run_label: Annotated[str | None,
+                         typer.Option(help="Run id to record (re-using one replaces its rows).")] = None,
+    ollama_host: Annotated[str | None,
+                           typer.Option(help="Default Ollama server for served variants.")] = None,
+    bertscore_model: Annotated[Path | None,
+                               typer.Option(help="Local BERTScore backbone (e.g. roberta-large).")] = None,
+    dense_annotations: Annotated[Path | None,
+                                 typer.Option(help="VisDial dense annotations JSON (adds NDCG).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu.")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help="Samples per generate() call of in-process and memory variants, for every variant (default: "
+        min=1,
+        help="Samples per generate() call of in-process and memory variants, for every variant (default: "
         "the variant's batch_size, else 512 for memory variants on CUDA and 64 otherwise).")] = None,
     data_root: DataRootOpt = None,
 ) -> None:
     """Generate with every variant over the held-out dialogs, score, and write the evaluations table."""
+    from evaluation.models import VariantUnavailable
     from flows.evaluate import evaluate_flow
+    from llmcalls.fill import FillIncomplete
+    from llmcalls.requests import LLMUnavailable
     from schemas.evaluate import EvaluateConfig, load_variants
-    from tasks.evaluate import GenerationIncomplete, VariantUnavailable
-    from tasks.llm_client import LLMUnavailable
 
+    errors = (FileNotFoundError, ValueError, KeyError, VariantUnavailable, LLMUnavailable, FillIncomplete)
     try:
-        config = load(EvaluateConfig, data_root, variants=variants, only=only or None, split=split, limit=limit,
-                      run_label=run_label, ollama_host=ollama_host, bertscore_model=bertscore_model,
+        config = load(EvaluateConfig, data_root, variants=variants, only=only or None, split=split,
+                      limit=limit, run_label=run_label, ollama_host=ollama_host,
+                      bertscore_model=bertscore_model,
                       dense_annotations=dense_annotations, device=device, batch_size=batch_size)
         load_variants(config.variants)  # a bad file fails here, before a flow run starts
-        result = evaluate_flow(config)
-    except (FileNotFoundError, ValueError, KeyError, VariantUnavailable, LLMUnavailable, GenerationIncomplete) as exc:
+    except errors as exc:
         fail(str(exc))
-    typer.echo(json.dumps(result, indent=2, default=str))
+    run_flow(evaluate_flow, config, errors=errors)
 
 
 @evaluate_app.command("report")
 def report(
     runs: Annotated[list[str] | None, typer.Option(
-        "--runs", help="Run ids (or unique prefixes) to compare side by side, first = baseline (repeatable).")] = None,
+        "--runs",
+        help="Run ids (or unique prefixes) to compare side by side, first = baseline (repeatable).")] = None,
     latest: Annotated[int, typer.Option(help="Without --runs: the latest N runs.")] = 1,
     out: Annotated[Path | None, typer.Option(help="Folder for the Markdown and PNG charts.")] = None,
     data_root: DataRootOpt = None,
 ) -> None:
     """Print the Markdown table of a run, or of several runs side by side, and write PNG charts."""
     from evaluation.report import bar_charts, comparison_table, markdown_table, reference_table
+    from evaluation.rows import read_runs
     from schemas.evaluate import EvaluateConfig
-    from tasks.evaluate import read_runs
 
     config = load(EvaluateConfig, data_root)
     try:

@@ -13,15 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from embed.device import resolve_device
+
 Messages = list[dict[str, Any]]
-
-
-def pick_device(device: str | None = None) -> str:
-    import torch
-
-    if device and device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_causal_lm(path: Path | str, device: str | None = None):
@@ -32,7 +26,7 @@ def load_causal_lm(path: Path | str, device: str | None = None):
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face checkpoint at {folder} (config.json missing)")
-    device = pick_device(device)
+    device = str(resolve_device(device))
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
@@ -72,7 +66,8 @@ def generate(
     out: list[str] = [""] * len(prompts)
     for lo in range(0, len(order), batch_size):
         idx = order[lo : lo + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.inference_mode():
             ids = model.generate(

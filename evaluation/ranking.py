@@ -31,7 +31,8 @@ def scores_to_ranks(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, axis=-1, kind="stable")
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(1, scores.shape[-1] + 1)[None, :].repeat(len(scores), 0), axis=-1)
+    positions = np.arange(1, scores.shape[-1] + 1)[None, :].repeat(len(scores), 0)
+    np.put_along_axis(ranks, order, positions, axis=-1)
     return ranks
 
 
@@ -127,7 +128,8 @@ def lm_option_scorer(model, tokenizer, *, option_batch: int = 100, device: str |
     return score
 
 
-def option_logliks(model, tokenizer, prefix: dict, options: Sequence[str], option_batch: int = 100) -> np.ndarray:
+def option_logliks(model, tokenizer, prefix: dict, options: Sequence[str],
+                   option_batch: int = 100) -> np.ndarray:
     """Summed log-likelihood of each option after one prefix (``{"input_ids": (1, L)}`` or
     ``{"inputs_embeds": (1, L, H)}``): the prefix runs once, its cache is repeated for each chunk
     of ``option_batch`` right-padded options, and the first option token is scored from the

@@ -26,7 +26,8 @@ Row = Mapping[str, Any]
 
 # (chart title, metrics, y-axis label); a metric absent from the rows is left out of its chart.
 CHARTS = (
-    ("overlap", ("rouge1_f1", "rouge2_f1", "rougeL_f1", "bleu", "bleu_sentence_mean", "bertscore_f1"), "score (0..1)"),
+    ("overlap", ("rouge1_f1", "rouge2_f1", "rougeL_f1", "bleu", "bleu_sentence_mean", "bertscore_f1"),
+     "score (0..1)"),
     ("bleu4", ("bleu4",), "corpus BLEU-4 (0..100)"),
     ("ranking", ("r@1", "r@5", "r@10", "mrr", "ndcg"), "VisDial ranking (0..1)"),
     ("mean_rank", ("mean_rank",), "mean rank of the ground truth (1..100, lower is better)"),
@@ -35,9 +36,12 @@ METRIC_ORDER = (*GENERATION_METRICS, *RANKING_METRICS, "ndcg")
 
 # The report's Table 1 and Table 2 (seed report, section 5.2), for side-by-side reading.
 REPORT_REFERENCE = {
-    "4b_base": {"rouge1_f1": 0.0807, "rouge2_f1": 0.0133, "rougeL_f1": 0.0775, "bleu": 0.0036, "bertscore_f1": 0.8404},
-    "4b_prompt": {"rouge1_f1": 0.1964, "rouge2_f1": 0.0235, "rougeL_f1": 0.1939, "bleu": 0.0081, "bertscore_f1": 0.8630},
-    "27b_base": {"rouge1_f1": 0.1650, "rouge2_f1": 0.0264, "rougeL_f1": 0.1614, "bleu": 0.0053, "bertscore_f1": 0.8412},
+    "4b_base": {"rouge1_f1": 0.0807, "rouge2_f1": 0.0133, "rougeL_f1": 0.0775, "bleu": 0.0036,
+                "bertscore_f1": 0.8404},
+    "4b_prompt": {"rouge1_f1": 0.1964, "rouge2_f1": 0.0235, "rougeL_f1": 0.1939, "bleu": 0.0081,
+                  "bertscore_f1": 0.8630},
+    "27b_base": {"rouge1_f1": 0.1650, "rouge2_f1": 0.0264, "rougeL_f1": 0.1614, "bleu": 0.0053,
+                 "bertscore_f1": 0.8412},
     "27b_prompt": {"rouge1_f1": 0.1795, "rouge2_f1": 0.0298, "rougeL_f1": 0.1730, "bleu": 0.0073,
                    "bertscore_f1": 0.8448},
     "4b_finetuned": {"rouge1_f1": 0.4847, "rouge2_f1": 0.1321, "rougeL_f1": 0.4805, "bleu": 0.0804,
@@ -96,7 +100,8 @@ def _notes(rows: Sequence[Row]) -> str:
 
 def comparison_table(rows: Sequence[Row], runs: Sequence[str]) -> str:
     """Each (variant, metric) side by side across ``runs``, with the change from the first run."""
-    by_run = {run: {(r["variant"], r["metric"]): r["value"] for r in rows if r["run_id"] == run} for run in runs}
+    by_run = {run: {(r["variant"], r["metric"]): r["value"] for r in rows if r["run_id"] == run}
+              for run in runs}
     keys: list[tuple[str, str]] = []
     for run in runs:
         for k in by_run[run]:
@@ -104,7 +109,8 @@ def comparison_table(rows: Sequence[Row], runs: Sequence[str]) -> str:
                 keys.append(k)
     order = {m: i for i, m in enumerate(METRIC_ORDER)}
     keys.sort(key=lambda k: (k[0], order.get(k[1], len(order)), k[1]))
-    head = ["variant", "metric", *[_short(r) for r in runs]] + ([f"Δ vs {_short(runs[0])}"] if len(runs) > 1 else [])
+    head = ["variant", "metric", *[_short(r) for r in runs]]
+    head += [f"Δ vs {_short(runs[0])}"] if len(runs) > 1 else []
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for v, m in keys:
         values = [by_run[run].get((v, m)) for run in runs]

@@ -47,10 +47,12 @@ def build_samples(
     limit: int | None = None,
 ) -> list[Sample]:
     """Samples of the given dialogs, ordered by (image_id, turn); ``limit`` counts dialogs."""
-    captions = dict(zip(dialogs.column("image_id").to_pylist(), dialogs.column("caption").to_pylist(), strict=True))
-    split_of = dict(zip(dialogs.column("image_id").to_pylist(), dialogs.column("split").to_pylist(), strict=True))
+    ids = dialogs.column("image_id").to_pylist()
+    captions = dict(zip(ids, dialogs.column("caption").to_pylist(), strict=True))
+    split_of = dict(zip(ids, dialogs.column("split").to_pylist(), strict=True))
     by_dialog: dict[int, list[dict]] = {}
-    for row in turns.select(["image_id", "turn", "question", "answer", "gt_index", "answer_options"]).to_pylist():
+    for row in turns.select(["image_id", "turn", "question", "answer", "gt_index",
+                             "answer_options"]).to_pylist():
         if row["image_id"] in captions:
             by_dialog.setdefault(row["image_id"], []).append(row)
     samples = []

@@ -7,54 +7,52 @@ from __future__ import annotations
 
 from prefect import flow
 
-from evaluation.generation import pick_device
+from embed.device import resolve_device
+from evaluation.data import EvalData, samples_for, without_training_data
+from evaluation.generate import generation_batch_size
 from evaluation.metrics import Backbone, resolve_backbone
+from evaluation.models import ResolvedModel, VariantUnavailable, served
 from evaluation.report import run_folder
-from schemas.evaluate import EvaluateConfig, Variant, load_variants
+from evaluation.rows import hypothesis, metric_rows
+from schemas.evaluate import EvaluateConfig, EvaluateResult, Variant, load_variants
 from tasks.evaluate import (
-    EvalData,
-    ResolvedModel,
-    VariantUnavailable,
     generate_in_process_task,
     generate_memory_task,
     generate_ollama_task,
-    generation_batch_size,
-    hypothesis,
     load_task,
-    metric_rows,
     prepare_memory_task,
     rank_memory_task,
     rank_task,
-    ranking_inputs,
+    ranking_inputs_task,
     report_task,
     requests_task,
     resolve_task,
-    samples_for,
     score_task,
     scoring_code_version,
-    served,
-    served_version,
-    without_training_data,
+    served_version_task,
     write_task,
 )
 from tasks.runtime import logger, publish_markdown, publish_table, run_id
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(config: EvaluateConfig) -> dict:
+def evaluate_flow(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate the variants of ``config.variants`` on the held-out ``config.split``.
 
-    Returns the run id, each variant's metrics, the variants skipped, and where the report is.
+    Returns the run id, each variant's metrics, the variants skipped, where the report is, and the
+    table versions read and written.
     """
     run = config.run_label or run_id()
     reports = run_folder(config.reports_dir, run)  # refuses a label that is no plain name, before any work
     log = logger()
     variants = _select(load_variants(config.variants), config.only)
     data = load_task(config)
-    log.info("held-out split %r read at %s (%d dialogs)", config.split, data.dataset_version, len(data.dialogs))
+    log.info("held-out split %r read at %s (%d dialogs)", config.split, data.dataset_version,
+             len(data.dialogs))
     backbone = resolve_backbone(config.bertscore_model, config.bertscore_layers) if config.bertscore else None
     code = scoring_code_version()
     rows, rejections, skipped, results = [], list(data.rejections), {}, {}
+    read_versions = dict(data.versions)
     for v in variants:
         try:
             model = resolve_task(config, v)
@@ -64,10 +62,12 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
             log.warning("skipping variant %s: %s", v.name, exc)
             skipped[v.name] = str(exc)
             continue
-        values, n, dropped, model, read_at = _evaluate_variant(config, v, model, data, backbone, code,
-                                                               f"{run}-{v.name}")
+        values, n, dropped, model, read_at, also_read = _evaluate_variant(config, v, model, data, backbone,
+                                                                          code, f"{run}-{v.name}")
+        read_versions |= also_read
         rejections += dropped
-        rows += metric_rows(run, v, model, read_at, config.split, values, n, backbone.label if backbone else None)
+        rows += metric_rows(run, v, model, read_at, config.split, values, n,
+                            backbone.label if backbone else None)
         results[v.name] = values
         log.info("%s (model %s, data %s): %s", v.name, model.version or model.label, read_at,
                  {k: round(x, 4) for k, x in values.items()})
@@ -76,25 +76,31 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     publish_markdown("evaluation", md, f"Evaluation run {run}: metrics per variant")
     publish_table("evaluation-rows", [{k: r[k] for k in ("variant", "metric", "value", "n", "backbone")}
                                       for r in rows], f"evaluations rows of run {run}")
-    return {"run_id": run, "flow_run_id": run_id(), "metrics": results, "skipped": skipped,
-            "quarantined": len(rejections), "dataset_version": data.dataset_version,
-            "report": str(reports / "evaluation.md"), "charts": [str(p) for p in charts], **versions}
+    return EvaluateResult(
+        run_id=run, flow_run_id=run_id(), metrics=results, skipped=skipped, quarantined=len(rejections),
+        dataset_version=data.dataset_version, report=str(reports / "evaluation.md"),
+        charts=[str(p) for p in charts], **versions, read_versions=read_versions,
+        versions={"evaluations": versions["evaluations_version"],
+                  "quarantine": versions["quarantine_version"]})
 
 
 def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, data: EvalData,
-                      backbone: Backbone | None, code: str, label: str) -> tuple[dict, dict, list, ResolvedModel, str]:
+                      backbone: Backbone | None, code: str,
+                      label: str) -> tuple[dict, dict, list, ResolvedModel, str, dict[str, int]]:
     """(metric values, samples behind each metric, rejections, the model with its recorded version,
-    the dataset versions read) of one variant."""
+    the dataset versions read, the tables it read besides the held-out data's) of one variant."""
     dense = str(config.dense_annotations) if config.dense_annotations else None
     data = without_training_data(data, model)
     ranked: dict[str, float] = {}
-    read_at = data.dataset_version
+    read_at, also_read = data.dataset_version, {}
     if v.backend == "memory":
         prepared = prepare_memory_task(config, v, model, data)
         read_at = f"{read_at},{prepared.dataset_version}"  # its answers come from the stored embeddings
+        also_read = dict(prepared.versions or {})
         logger().info("%s reads %s", v.name, read_at)
         answers = generate_memory_task(config, model, prepared, label)
-        requests, samples, dropped = prepared.requests, prepared.samples, data.rejections + prepared.rejections
+        requests, samples = prepared.requests, prepared.samples
+        dropped = data.rejections + prepared.rejections
         if v.ranking:
             ranked = rank_memory_task(prepared, model.request_model, dense, config.option_batch, code)
             rounds = len(samples)
@@ -102,24 +108,24 @@ def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, 
         with served(config, v, model) as model_at:
             prompts = requests_task(config, v, model_at, samples_for(data, v, config.limit), data.images)
             if v.backend == "hf":
-                batch = generation_batch_size(config, v, pick_device(config.device))
+                batch = generation_batch_size(config, v, str(resolve_device(config.device)))
                 answers = generate_in_process_task(config, model_at, prompts.requests, label, batch)
             else:
                 answers = generate_ollama_task(config, model_at, prompts.requests, label)
-                model = served_version(config, model_at)  # the digest of what answered
+                model = served_version_task(config, model_at)  # the digest of what answered
         requests, samples, dropped = prompts.requests, prompts.samples, data.rejections + prompts.rejections
         if v.ranking:  # VisDial ranks every round of a dialog, whatever turns the generation used
             every = samples_for(data, v.model_copy(update={"turns": "all"}), config.limit)
-            contexts, options = ranking_inputs(model, every)
+            contexts, options = ranking_inputs_task(model, every)
             ranked = rank_task(str(model.path), model.request_model, contexts, options,
-                               [s.gt_index for s in every], [s.key for s in every], dense, config.option_batch,
-                               config.device, code)
+                               [s.gt_index for s in every], [s.key for s in every], dense,
+                               config.option_batch, config.device, code)
             rounds = len(every)
     parsed = [hypothesis(answers[r.request_hash]) for r in requests]
     hyps, refs = [h for h, _ in parsed], [s.answer for s in samples]
     values = dict(score_task(hyps, refs, str(backbone.path) if backbone else None,
-                             backbone.num_layers if backbone else None, config.bertscore_batch_size, config.device,
-                             code))
+                             backbone.num_layers if backbone else None, config.bertscore_batch_size,
+                             config.device, code))
     values["reminder_format_rate"] = sum(ok for _, ok in parsed) / max(len(parsed), 1)
     n = dict.fromkeys(values, len(hyps))
     if ranked:
@@ -127,7 +133,7 @@ def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, 
         ndcg_rounds = int(ranked.pop("ndcg_rounds", 0))
         values |= ranked
         n |= dict.fromkeys(ranked, rounds) | ({"ndcg": ndcg_rounds} if "ndcg" in ranked else {})
-    return values, n, dropped, model, read_at
+    return values, n, dropped, model, read_at, also_read
 
 
 def _select(variants: list[Variant], only: list[str] | None) -> list[Variant]:

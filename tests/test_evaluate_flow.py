@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from evaluation.metrics import GENERATION_METRICS
 from evaluation.ranking import RANKING_METRICS
+from llmcalls.server import make_state, running_server
 from schemas.evaluate import EvaluateConfig, Variant, format_dataset_version, load_variants
 from schemas.reminders import prompt_messages
 from storage.lance import connect, merge, open_table, read
-from training.llm_server import make_state, running_server
 
 VARIANTS = """
 [[variant]]
@@ -76,8 +76,8 @@ def _random_embeddings(root) -> None:
     def rows(name: str, cols: dict) -> pa.Table:
         n = len(next(iter(cols.values())))
         v = rng.standard_normal((n, EMBED_DIM)).astype(np.float32)
-        cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array((v / np.linalg.norm(v, axis=1)[:, None]).ravel()),
-                                                           EMBED_DIM)
+        unit = v / np.linalg.norm(v, axis=1)[:, None]
+        cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(unit.ravel()), EMBED_DIM)
         for f in spec(name).schema:  # provenance columns (model fingerprint ...) get a test label
             if f.name not in cols and not f.nullable and pa.types.is_string(f.type):
                 cols[f.name] = ["test-random"] * n
@@ -85,7 +85,8 @@ def _random_embeddings(root) -> None:
 
     dialogs, turns = read(db, "dialogs", where="split = 'val'"), read(db, "turns", where="split = 'val'")
     merge(db, "image_embeddings", rows("image_embeddings", {"image_id": dialogs.column("image_id")}))
-    hashes = sorted(set(turns.column("text_hash").to_pylist()) | set(dialogs.column("caption_hash").to_pylist()))
+    hashes = sorted(set(turns.column("text_hash").to_pylist())
+                    | set(dialogs.column("caption_hash").to_pylist()))
     merge(db, "text_embeddings", rows("text_embeddings", {"text_hash": hashes, "text": hashes}))
 
 
@@ -116,7 +117,8 @@ def evaluated(tmp_path_factory, ingested_root):
     root = tmp_path_factory.mktemp("eval") / "root"
     shutil.copytree(ingested_root, root, symlinks=True)
     _random_embeddings(root)
-    val_ids = sorted(read(connect(root / "lance"), "dialogs", where="split = 'val'").column("image_id").to_pylist())
+    val_ids = sorted(read(connect(root / "lance"), "dialogs",
+                          where="split = 'val'").column("image_id").to_pylist())
     _memory_artifact(root, trained_on=[val_ids[0]])  # a leak the flow must catch
     variants = root / "variants.toml"
     with running_server(make_state(teacher=True)) as url:  # a shared server, as Ollama would be
@@ -139,8 +141,9 @@ def test_rows_for_every_metric_with_provenance(evaluated):
         for metric in (*GENERATION_METRICS, "reminder_format_rate"):
             row = by[(variant, metric)]
             assert row["n"] == LIMIT and row["split"] == "val"
-            assert format_dataset_version(row["dataset_version"]) == first["dataset_version"]
-            assert row["dataset_version"][0]["table"] == "dialogs" and row["dataset_version"][0]["version"] >= 1
+            assert format_dataset_version(row["dataset_version"]) == first.dataset_version
+            first_table = row["dataset_version"][0]
+            assert first_table["table"] == "dialogs" and first_table["version"] >= 1
             assert (row["backbone"] is not None) == (metric == "bertscore_f1")
     assert by[("tiny_base", "bertscore_f1")]["backbone"].startswith("all-MiniLM-L6-v2@L6 (")
     for metric in RANKING_METRICS:  # ranking: every round of the two dialogs
@@ -151,8 +154,16 @@ def test_rows_for_every_metric_with_provenance(evaluated):
         assert by[("memory", metric)]["model_artifact"] == "memory-model:v1"
         # the memory model answers from the stored embeddings: their versions are part of what it read
         version = format_dataset_version(by[("memory", metric)]["dataset_version"])
-        assert version.startswith(first["dataset_version"] + ",image_embeddings@v") and ",text_embeddings@v" in version
-    assert list(first["skipped"]) == ["missing_sft"] and "no-such-artifact" in first["skipped"]["missing_sft"]
+        assert version.startswith(first.dataset_version + ",image_embeddings@v")
+        assert ",text_embeddings@v" in version
+    assert list(first.skipped) == ["missing_sft"] and "no-such-artifact" in first.skipped["missing_sft"]
+    # the typed result names what the run read (the memory variant also read the embeddings) and wrote
+    assert set(first.read_versions) == {"dialogs", "turns", "image_embeddings", "text_embeddings"}
+    held = first.read_versions
+    assert first.dataset_version == f"dialogs@v{held['dialogs']},turns@v{held['turns']}"
+    assert first.versions == {"evaluations": first.evaluations_version,
+                              "quarantine": first.quarantine_version}
+    assert first.versions["evaluations"] == open_table(connect(config.lance_uri), "evaluations").version
 
 
 def test_model_artifact_names_what_answered(evaluated):
@@ -175,10 +186,10 @@ def test_model_artifact_names_what_answered(evaluated):
 
 def test_scores_are_honest(evaluated):
     _, first, _, _, _ = evaluated
-    teacher, tiny = first["metrics"]["teacher_prompt"], first["metrics"]["tiny_base"]
+    teacher, tiny = first.metrics["teacher_prompt"], first.metrics["tiny_base"]
     assert teacher["reminder_format_rate"] == 1.0  # the teacher always writes the format
     assert tiny["reminder_format_rate"] == 0.0  # a random model never does
-    for random_model in (tiny, first["metrics"]["memory"]):
+    for random_model in (tiny, first.metrics["memory"]):
         assert random_model["bleu4"] < 1.0 and random_model["rouge1_f1"] < 0.2  # near zero: random weights
         assert 1 <= random_model["mean_rank"] <= 100
         assert random_model["r@1"] <= random_model["r@5"] <= random_model["r@10"]
@@ -200,7 +211,7 @@ def test_generations_are_in_the_response_cache(evaluated):
 def test_a_shared_server_is_guarded_by_a_prefect_concurrency_limit(evaluated):
     from prefect.client.orchestration import get_client
 
-    from tasks.reminders import limit_name
+    from tasks.runtime.slots import limit_name
 
     config, _, _, _, url = evaluated
     with get_client(sync_client=True) as client:
@@ -223,22 +234,23 @@ def test_dialogs_an_artifact_trained_on_are_quarantined(evaluated):
 def test_rerun_makes_no_calls_and_writes_nothing(evaluated):
     config, first, again, versions, _ = evaluated
     db = connect(config.lance_uri)
-    assert open_table(db, "llm_responses").version == versions["llm_responses"]  # every answer came from the cache
+    # every answer came from the cache
+    assert open_table(db, "llm_responses").version == versions["llm_responses"]
     assert open_table(db, "evaluations").version == versions["evaluations"]  # same run label, same values
-    assert again["inserted"] == 0 and again["updated"] == 0
-    assert again["metrics"] == first["metrics"]
+    assert again.inserted == 0 and again.updated == 0
+    assert again.metrics == first.metrics
 
 
 def test_report_files_and_artifacts(evaluated, flow_run_artifacts):
     _, first, _, _, _ = evaluated
-    assert len(first["charts"]) == 4  # overlap, bleu4, ranking, mean rank
-    for path in first["charts"]:
+    assert len(first.charts) == 4  # overlap, bleu4, ranking, mean rank
+    for path in first.charts:
         with open(path, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    md = Path(first["report"]).read_text(encoding="utf-8")
+    md = Path(first.report).read_text(encoding="utf-8")
     assert "| teacher_prompt |" in md and "| tiny_base |" in md and "r@10" in md
 
-    artifacts = flow_run_artifacts(first["flow_run_id"])
+    artifacts = flow_run_artifacts(first.flow_run_id)
     assert "data:image/png;base64," in artifacts["evaluation"]["data"]  # the charts travel inline
     assert "| tiny_base |" in artifacts["evaluation"]["data"]
     assert artifacts["evaluation-rows"]["type"] == "table"
@@ -246,13 +258,13 @@ def test_report_files_and_artifacts(evaluated, flow_run_artifacts):
 
 def test_leaked_dialog_is_quarantined_not_scored(data_root):
     """A val dialog that training data also holds is dropped with a reason, and n shrinks."""
-    from tasks.evaluate import load_eval_data
+    from evaluation.data import load_eval_data
 
     db = connect(data_root / "lance")
     val_ids = sorted(read(db, "dialogs", where="split = 'val'").column("image_id").to_pylist())
     merge(db, "reminders", pa.Table.from_pylist([{
-        "image_id": val_ids[0], "split": "train", "conversation": "Q: x", "response": "<reminder>r</reminder> a",
-        "reminder": "r", "final_answer": "a", "request_hash": "h"}]))
+        "image_id": val_ids[0], "split": "train", "conversation": "Q: x",
+        "response": "<reminder>r</reminder> a", "reminder": "r", "final_answer": "a", "request_hash": "h"}]))
     data = load_eval_data(EvaluateConfig(data_root=data_root))
     assert [r.key for r in data.rejections] == [str(val_ids[0])]
     assert data.rejections[0].reason == "seen_in_training"
@@ -278,14 +290,15 @@ def test_cli_report_compares_runs(evaluated):
     rows = read(db, "evaluations", where="run_id = 'first'").to_pylist()
     merge(db, "evaluations", pa.Table.from_pylist(
         [{**r, "run_id": "second", "value": r["value"] + 0.5} for r in rows]))
-    out = CliRunner().invoke(app, ["--data-root", str(config.data_root), "evaluate", "report", "--runs", "first",
-                                   "--runs", "sec", "--out", str(config.data_root / "cmp")])
+    out = CliRunner().invoke(app, ["--data-root", str(config.data_root), "evaluate", "report", "--runs",
+                                   "first", "--runs", "sec", "--out", str(config.data_root / "cmp")])
     assert out.exit_code == 0, out.output
     assert "| teacher_prompt | rouge1_f1 |" in out.output and "Δ vs first" in out.output
     line = next(x for x in out.output.splitlines() if x.startswith("| teacher_prompt | rouge1_f1 |"))
     assert line.rstrip(" |").endswith("0.5000")  # the change from the first run
     assert (config.data_root / "cmp" / "report-overlap.png").is_file()
-    bad = CliRunner().invoke(app, ["--data-root", str(config.data_root), "evaluate", "report", "--runs", "nope"])
+    bad = CliRunner().invoke(app, ["--data-root", str(config.data_root), "evaluate", "report", "--runs",
+                                   "nope"])
     assert bad.exit_code == 1 and "matches 0 runs" in bad.output
 
 
@@ -308,15 +321,16 @@ def test_dense_annotations_add_ndcg_over_the_annotated_rounds(evaluated):
     dense = _dense_file(config.data_root / "dense.json", val_ids, rounds)
     out = evaluate_flow(config.model_copy(update={"dense_annotations": dense, "run_label": "dense",
                                                   "only": ["tiny_base", "memory"], "bertscore": False}))
-    rows = {(r["variant"], r["metric"]): r for r in read(db, "evaluations", where="run_id = 'dense'").to_pylist()}
+    rows = {(r["variant"], r["metric"]): r for r in read(db, "evaluations",
+                                                         where="run_id = 'dense'").to_pylist()}
     for variant in ("tiny_base", "memory"):
         ndcg = rows[(variant, "ndcg")]
         assert ndcg["n"] == LIMIT * len(rounds)  # the annotated rounds among the LIMIT dialogs ranked
-        assert 0.0 <= ndcg["value"] <= 1.0 and ndcg["value"] == out["metrics"][variant]["ndcg"]
+        assert 0.0 <= ndcg["value"] <= 1.0 and ndcg["value"] == out.metrics[variant]["ndcg"]
         for metric in RANKING_METRICS:  # the same scores as the run without annotations
-            assert rows[(variant, metric)]["value"] == pytest.approx(first["metrics"][variant][metric])
+            assert rows[(variant, metric)]["value"] == pytest.approx(first.metrics[variant][metric])
             assert rows[(variant, metric)]["n"] == LIMIT * 10
-    assert "ndcg_rounds" not in out["metrics"]["tiny_base"]
+    assert "ndcg_rounds" not in out.metrics["tiny_base"]
     assert ("tiny_base", "ndcg") not in {(r["variant"], r["metric"]) for r in
                                          read(db, "evaluations", where="run_id = 'first'").to_pylist()}
 
@@ -332,11 +346,11 @@ def test_cli_run_variants_only_and_bad_files(evaluated):
     assert out.exit_code == 0, out.output
     result = json.loads(out.output[out.output.index("{"):])
     assert result["run_id"] == "cli-demo" and list(result["metrics"]) == ["teacher_prompt"]
-    assert result["metrics"]["teacher_prompt"] == first["metrics"]["teacher_prompt"]  # the same prompts, cached
+    assert result["metrics"]["teacher_prompt"] == first.metrics["teacher_prompt"]  # the same prompts, cached
     # a file of ours, two of its variants (repeatable --only)
     out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", str(config.variants), "--only",
-                                   "teacher_base", "--only", "tiny_base", "--limit", str(LIMIT), "--run-label",
-                                   "cli-file"])
+                                   "teacher_base", "--only", "tiny_base", "--limit", str(LIMIT),
+                                   "--run-label", "cli-file"])
     assert out.exit_code == 0, out.output
     assert sorted(json.loads(out.output[out.output.index("{"):])["metrics"]) == ["teacher_base", "tiny_base"]
     db = connect(config.lance_uri)
@@ -356,9 +370,11 @@ def test_cli_run_variants_only_and_bad_files(evaluated):
     for variants, needle in cases.items():
         out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", variants])
         assert out.exit_code == 1, (variants, out.output)
-        assert "error:" in out.output and needle in out.output and Path(variants).name in out.output, out.output
+        assert "error:" in out.output and needle in out.output, out.output
+        assert Path(variants).name in out.output, out.output
         assert "Traceback" not in out.output
-    out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", "demo", "--only", "no_such_variant"])
+    out = CliRunner().invoke(app, [*root, "evaluate", "run", "--variants", "demo", "--only",
+                                   "no_such_variant"])
     assert out.exit_code == 1 and "unknown variant(s) ['no_such_variant']" in out.output, out.output
     out = CliRunner().invoke(app, [*root, "evaluate", "run", "--batch-size", "0"])
     assert out.exit_code == 2  # refused by the option parser
@@ -367,13 +383,13 @@ def test_cli_run_variants_only_and_bad_files(evaluated):
 def test_artifact_versions_pin_what_a_variant_loads(tmp_path):
     """The pipeline and the new-artifact triggers hand over the version just trained: a variant
     loads that one even when a newer one exists, and its own pin otherwise."""
+    from evaluation.models import resolve_model
     from storage.artifacts import ArtifactStore
-    from tasks.evaluate import resolve_model
 
     store = ArtifactStore(EvaluateConfig(data_root=tmp_path).artifacts_dir)
     for _ in range(3):
-        store.publish("memory-model", lambda folder: (folder / "w.bin").write_bytes(b"w"), kind="memory-model",
-                      inputs={}, config={}, code={}, metrics={})
+        store.publish("memory-model", lambda folder: (folder / "w.bin").write_bytes(b"w"),
+                      kind="memory-model", inputs={}, config={}, code={}, metrics={})
     variant = Variant(name="m", backend="memory", artifact="memory-model", artifact_version=2)
     refs = [resolve_model(EvaluateConfig(data_root=tmp_path, artifact_versions=pins), v).artifact
             for pins, v in [({}, variant), ({"memory-model": 1}, variant),

@@ -57,7 +57,8 @@ def test_bleu_hand_checked():
     # same pair: modified n-gram precisions 5/6, 3/5, 1/4 ("on the mat") and 0/3 for 4-grams, which
     # sacrebleu's "exp" smoothing replaces by 1 / (2 * 3); equal lengths -> brevity penalty 1.
     expected = 100 * (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
-    assert corpus_bleu4(["the cat is on the mat"], ["the cat sat on the mat"]) == pytest.approx(expected, abs=0.01)
+    bleu = corpus_bleu4(["the cat is on the mat"], ["the cat sat on the mat"])
+    assert bleu == pytest.approx(expected, abs=0.01)
     # brevity penalty: a correct but short hypothesis, 4 of 8 reference words -> BP = exp(1 - 8/4)
     ref, hyp = "a man rides a horse on the beach", "a man rides a"
     assert corpus_bleu4([hyp], [ref]) == pytest.approx(100 * math.exp(1 - 8 / 4), abs=0.01)
@@ -150,7 +151,8 @@ def test_bertscore_hand_checked(backbone):
 
 def test_generation_metrics_all_names(backbone):
     out = generation_metrics(SENTS, SENTS, backbone, device="cpu")
-    assert set(out) == {"rouge1_f1", "rouge2_f1", "rougeL_f1", "bleu", "bleu4", "bleu_sentence_mean", "bertscore_f1"}
+    assert set(out) == {"rouge1_f1", "rouge2_f1", "rougeL_f1", "bleu", "bleu4", "bleu_sentence_mean",
+                        "bertscore_f1"}
 
 
 def test_empty_hypothesis_scores_zero_everywhere(backbone):
@@ -158,3 +160,28 @@ def test_empty_hypothesis_scores_zero_everywhere(backbone):
     out = generation_metrics(["", SENTS[1]], [SENTS[0], SENTS[1]], backbone, device="cpu")
     assert out["rouge1_f1"] == pytest.approx(0.5)
     assert out["bertscore_f1"] == pytest.approx(0.5, abs=1e-5)  # (0 + 1) / 2
+
+
+def test_score_caches_key_on_the_scoring_code_only(monkeypatch):
+    """The score caches' code version reads the modules that decide a score and nothing else, so
+    moving or editing the rest of ``evaluation/`` (data, prompts, reports) keeps users' cached
+    scores, while an edit of a scoring module re-scores."""
+    from pathlib import Path
+
+    from tasks.evaluate import scoring_code_version
+
+    real, read, edit = Path.read_text, [], {"name": None}
+
+    def read_text(self, *args, **kwargs):
+        if self.parent.name == "evaluation":  # (package versions come from their METADATA files)
+            read.append(f"evaluation/{self.name}")
+        text = real(self, *args, **kwargs)
+        return text + "\n# edited\n" if self.name == edit["name"] else text
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    before = scoring_code_version()
+    assert sorted(read) == ["evaluation/memory_eval.py", "evaluation/metrics.py", "evaluation/ranking.py",
+                            "evaluation/scoring.py"]
+    assert scoring_code_version() == before
+    edit["name"] = "metrics.py"
+    assert scoring_code_version() != before

@@ -128,7 +128,8 @@ def test_memory_option_scores_equal_full_sequence_loglik(tmp_path):
     from evaluation.memory_eval import memory_option_scores
     from schemas.embed import EMBED_DIM
     from schemas.train import MemoryTrainConfig
-    from training.memory_model import NUM_POSITIONS, MemoryData, build_memory_model, tokenize
+    from training.memory_data import NUM_POSITIONS, MemoryData, tokenize
+    from training.memory_model import build_memory_model
 
     model = build_memory_model(MemoryTrainConfig(data_root=tmp_path, tiny=True, device="cpu")).eval()
     tok, arch = model.tokenizer, model.arch

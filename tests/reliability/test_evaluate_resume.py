@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL
 
+from llmcalls.server import TeacherBackend, make_state, running_server
 from storage.lance import connect, read, table_exists
-from training.llm_server import TeacherBackend, make_state, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 LATENCY_S = 0.1
@@ -165,7 +165,8 @@ def test_killed_evaluation_resumes_with_only_the_missing_generations(seed, refer
     try:
         deadline = time.monotonic() + 300
         while len(backend.asked) - start < after:
-            assert proc.poll() is None, f"the run ended before the kill:\n{(tmp_path / 'killed.log').read_text()}"
+            assert proc.poll() is None, ("the run ended before the kill:\n"
+                                         + (tmp_path / "killed.log").read_text())
             assert time.monotonic() < deadline, "the run made no served requests in 300 s"
             time.sleep(0.005)
         time.sleep(rng.uniform(0, LATENCY_S))
@@ -198,7 +199,8 @@ def test_killed_evaluation_resumes_with_only_the_missing_generations(seed, refer
     assert len(twice) <= 1
     after_rows = responses(cfg)
     for h, row in before.items():  # merged answers are cache hits: not generated again, not rewritten
-        assert after_rows[h]["created_at"] == row["created_at"] and after_rows[h]["response"] == row["response"]
+        assert after_rows[h]["created_at"] == row["created_at"]
+        assert after_rows[h]["response"] == row["response"]
     assert set(after_rows) >= set(in_process) | set(hash_of.values())
     assert not list((cfg.cache_dir / "llm_journal").glob("*.jsonl"))  # the killed run's journals merged
 
