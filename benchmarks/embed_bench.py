@@ -78,15 +78,18 @@ def prepare(args) -> Path:
     if not (data / ".complete").exists():
         t = time.perf_counter()
         shutil.rmtree(data, ignore_errors=True)
-        write_split(data, "train", args.dialogs, seed=0, workers=args.workers, progress=True, photos=not args.flat)
+        write_split(data, "train", args.dialogs, seed=0, workers=args.workers, progress=True,
+                    photos=not args.flat)
         (data / ".complete").write_text("ok")
-        print(f"generated {args.dialogs} dialogs + JPEGs in {time.perf_counter() - t:.1f} s (not part of the figure)")
+        print(f"generated {args.dialogs} dialogs + JPEGs in {time.perf_counter() - t:.1f} s "
+              "(not part of the figure)")
     root = args.data / f"embed-root-{args.dialogs}"
     if not (root / ".ingested").exists():
         t = time.perf_counter()
         shutil.rmtree(root, ignore_errors=True)
-        cfg = IngestConfig(data_root=root, visdial=data / "visdial_1.0_train.json", images=data / "images" / "train2014",
-                           coco=data / "captions_train2014.json", workers=args.workers)
+        cfg = IngestConfig(data_root=root, visdial=data / "visdial_1.0_train.json",
+                           images=data / "images" / "train2014", coco=data / "captions_train2014.json",
+                           workers=args.workers)
         write(cfg.lance_uri, clean(cfg, progress=True), "bench")
         (root / ".ingested").write_text(str(data / "images" / "train2014"))
         print(f"ingested in {time.perf_counter() - t:.1f} s (not part of the figure)")
@@ -114,8 +117,9 @@ def pil_decode_per_core(root: Path, images: int = 200) -> dict:
 def stage_config(args, root: Path) -> EmbedConfig:
     images = Path((root / ".ingested").read_text())
     return EmbedConfig(
-        data_root=root, tiny=args.tiny, random_weights=not args.tiny, device=args.device, batch_size=args.batch_size,
-        shard_rows=args.shard_rows, decode_workers=args.decode_workers, decode_pool=args.decode_pool, concurrent_shards=args.concurrent_shards,
+        data_root=root, tiny=args.tiny, random_weights=not args.tiny, device=args.device,
+        batch_size=args.batch_size, shard_rows=args.shard_rows, decode_workers=args.decode_workers,
+        decode_pool=args.decode_pool, concurrent_shards=args.concurrent_shards,
         image_decode=args.image_decode,
         compile=args.compile, image_roots={"train": images}, index_min_rows=args.index_min_rows,
     )
@@ -175,7 +179,8 @@ def _flops(model, modality: str, x: torch.Tensor) -> float:
     return float(fc.get_total_flops())
 
 
-def _timed(model, modality: str, batches: list[torch.Tensor], seconds: float, dev: torch.device) -> tuple[int, float]:
+def _timed(model, modality: str, batches: list[torch.Tensor], seconds: float,
+           dev: torch.device) -> tuple[int, float]:
     """Forwards over ``batches`` (cycled) for about ``seconds``: (rows run, seconds)."""
     for x in batches[:2]:
         model({modality: x})  # warm-up (and compile, if compiled)
@@ -215,11 +220,13 @@ def model_only(cfg: EmbedConfig, seconds: float) -> dict:
     full[:, 20] = 49407  # an end-of-text token, where ImageBind's text head reads
     tokens = tokenize(real_texts(cfg, bs * 64))
     tokens = tokens[length_order(tokens)]
-    cut = list(token_batches([tokens], bs * CONTEXT_LENGTH)) if not emb.pad_batches else [tokens[i:i + bs]
-                                                                                          for i in range(0, len(tokens), bs)]
+    if emb.pad_batches:
+        cut = [tokens[i:i + bs] for i in range(0, len(tokens), bs)]
+    else:
+        cut = list(token_batches([tokens], bs * CONTEXT_LENGTH))
+    noise = torch.from_numpy(rng.integers(0, 256, (bs, 224, 224, 3), dtype=np.uint8))
     inputs = {
-        "vision": [normalise_pixels(torch.from_numpy(rng.integers(0, 256, (bs, 224, 224, 3), dtype=np.uint8)).to(dev))
-                   .to(emb.dtype)],
+        "vision": [normalise_pixels(noise.to(dev)).to(emb.dtype)],
         "text_77": [full],
         "text": [torch.from_numpy(b).long().to(dev) for b in cut],
     }
@@ -229,7 +236,8 @@ def model_only(cfg: EmbedConfig, seconds: float) -> dict:
         flops = sum(_flops(emb.model, modality, x) for x in batches)
         rows, secs = _timed(emb.model, modality, batches, seconds, dev)
         per_row = flops / sum(len(x) for x in batches)
-        out[name] = {"per_s": rows / secs, "gflop_per_sample": per_row / 1e9, "tflops": rows / secs * per_row / 1e12}
+        out[name] = {"per_s": rows / secs, "gflop_per_sample": per_row / 1e9,
+                     "tflops": rows / secs * per_row / 1e12}
     return out
 
 
@@ -258,11 +266,13 @@ def baseline(cfg: EmbedConfig, root: Path, samples: int, out_dir: Path) -> dict:
     ib = import_imagebind()
     from imagebind.models.multimodal_preprocessors import SimpleTokenizer
 
-    model = load_embedder(tiny=cfg.tiny, random_weights=not cfg.tiny, device=cfg.device, dtype=torch.float32).model
+    model = load_embedder(tiny=cfg.tiny, random_weights=not cfg.tiny, device=cfg.device,
+                          dtype=torch.float32).model
     dev = next(model.parameters()).device
     db = connect(cfg.lance_uri)
     images = read(db, "images", columns=["image_id", "path"]).slice(0, samples).to_pylist()
-    turns = read(db, "turns", columns=["image_id", "turn", "question", "answer"]).slice(0, samples).to_pylist()
+    turns = read(db, "turns", columns=["image_id", "turn", "question", "answer"])
+    turns = turns.slice(0, samples).to_pylist()
     folder = cfg.image_roots["train"]
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -297,24 +307,29 @@ def main() -> None:
                     help="default /tmp/mmem-bench/visdial-photos (/tmp/mmem-bench/visdial with --flat)")
     ap.add_argument("--flat", action="store_true", help="the flat-colour demo scenes (flatters the stage)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes generating/ingesting")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    ap.add_argument("--tiny", action="store_true", help="the tiny random ImageBind (CPU check) instead of Huge")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tiny random ImageBind (CPU check) instead of Huge")
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
     ap.add_argument("--shard-rows", type=int, default=4096)
     ap.add_argument("--decode-workers", type=int, default=0, help="0: all cores but one")
     ap.add_argument("--decode-images", type=int, default=16384, help="images in the decode-only timing")
     ap.add_argument("--decode-pool", choices=["process", "thread"], default="process")
     ap.add_argument("--concurrent-shards", type=int, default=3)
-    ap.add_argument("--image-decode", choices=["cpu", "gpu"], default="cpu", help="gpu: nvJPEG + resize on the GPU")
+    ap.add_argument("--image-decode", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: nvJPEG + resize on the GPU")
     ap.add_argument("--index-min-rows", type=int, default=100_000)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compiled before timing)")
     ap.add_argument("--model-seconds", type=float, default=15.0, help="length of each model-only timing loop")
-    ap.add_argument("--baseline-samples", type=int, default=256, help="images and turns in the baseline subset")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the GPU name)")
+    ap.add_argument("--baseline-samples", type=int, default=256,
+                    help="images and turns in the baseline subset")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="dense bf16 peak (default: from the GPU name)")
     ap.add_argument("--prepare-only", action="store_true", help="generate and ingest the data, then stop")
     args = ap.parse_args()
     args.batch_size = args.batch_size or (256 if args.device == "cuda" else 32)
-    args.data = args.data or Path("/tmp/mmem-bench/visdial" if args.flat else "/tmp/mmem-bench/visdial-photos")
+    args.data = args.data or Path("/tmp/mmem-bench/" + ("visdial" if args.flat else "visdial-photos"))
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
     root = prepare(args)
@@ -340,31 +355,37 @@ def main() -> None:
     ran, at_77 = stage_flops(cfg, c["images"], c.get("text_widths", {}))
     stage_tflops = ran / 1e12 / stage["wall_s"]  # the FLOPs actually run (texts cut to their batches' widths)
     base_full_s = c["images"] / base["images_per_s"] + (n_turns + c["images"]) / base["turns_per_s"]
-    base_rate = base["samples"] / (base["samples"] / 2 / base["images_per_s"] + base["samples"] / 2 / base["turns_per_s"])
+    half = base["samples"] / 2
+    base_rate = base["samples"] / (half / base["images_per_s"] + half / base["turns_per_s"])
     ours_rate = (c["images"] + c["texts"]) / stage["wall_s"]
     report = {
         "command": command,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}",
-        "model": c["model"], "dtype": "bfloat16" if dev.type == "cuda" else "float32", "compile": args.compile,
+        "model": c["model"], "dtype": "bfloat16" if dev.type == "cuda" else "float32",
+        "compile": args.compile,
         "image_decode": args.image_decode,
         "data": "flat scenes" if args.flat else "photo-like", **shape,
         "images": c["images"], "turns": n_turns, "distinct_texts": c["texts"],
-        "stage_wall_s": round(stage["wall_s"], 2), "stage_images_per_s": round(c["images"] / stage["wall_s"], 1),
+        "stage_wall_s": round(stage["wall_s"], 2),
+        "stage_images_per_s": round(c["images"] / stage["wall_s"], 1),
         "stage_samples_per_s": round(ours_rate, 1), "lance_merge_s": c["merge_seconds"], "index": c["index"],
         # summed over the shards in flight at once (so it can exceed the wall time)
         "stage_input_wait_s": {k: c.get(f"{k}_input_wait_s") for k in ("image", "text")},
         "stage_forward_s": {k: c.get(f"{k}_forward_s") for k in ("image", "text")},
         "rerun_nothing_changed_s": round(stage["rerun_s"], 2), "rerun_shards_run": stage["rerun_computed"],
         "decode_images_per_s": decode, "decode_workers": resolve_workers(cfg.decode_workers),
-        "model_images_per_s": round(model["vision"]["per_s"], 1), "model_texts_per_s": round(model["text"]["per_s"], 1),
+        "model_images_per_s": round(model["vision"]["per_s"], 1),
+        "model_texts_per_s": round(model["text"]["per_s"], 1),
         "model_texts_per_s_at_77": round(model["text_77"]["per_s"], 1),
         "gflop_per_image": sig(gflop["vision"]), "gflop_per_text": sig(gflop["text"]),
         "gflop_per_text_at_77": sig(gflop["text_77"]), "text_widths": c.get("text_widths"),
         "stage_tflop_run": sig(ran / 1e12), "stage_tflop_if_77": sig(at_77 / 1e12),
-        "model_tflops_vision": sig(model["vision"]["tflops"]), "model_tflops_text": sig(model["text"]["tflops"]),
+        "model_tflops_vision": sig(model["vision"]["tflops"]),
+        "model_tflops_text": sig(model["text"]["tflops"]),
         "model_tflops_text_at_77": sig(model["text_77"]["tflops"]),
         "stage_tflops": sig(stage_tflops), "peak_tflops": peak,
-        "baseline_images_per_s": round(base["images_per_s"], 2), "baseline_turns_per_s": round(base["turns_per_s"], 2),
+        "baseline_images_per_s": round(base["images_per_s"], 2),
+        "baseline_turns_per_s": round(base["turns_per_s"], 2),
         "speedup_per_sample": round(ours_rate / base_rate, 1),
         "baseline_full_set_s_extrapolated": round(base_full_s, 1),
         "speedup_full_set": round(base_full_s / stage["wall_s"], 1),
@@ -377,8 +398,9 @@ def main() -> None:
         print(f"{k:34s} {v}")
     print("targets (one H100, photo-like data): stage_wall_s <= 100; mfu_model_vision/text >= 0.40 and "
           "mfu_stage >= 0.30 on the FLOPs actually run (texts at their batches' widths); rerun <= 5 s")
-    print("speedup_per_sample: (images + distinct texts)/s of the stage vs the baseline's samples/s (half images, "
-          "half turns); speedup_full_set: the baseline's extrapolated time for every image, turn and caption "
+    print("speedup_per_sample: (images + distinct texts)/s of the stage vs the baseline's samples/s "
+          "(half images, half turns); speedup_full_set: the baseline's extrapolated time for every image, "
+          "turn and caption "
           "one at a time (no dedupe, as the report did) over the stage's wall time")
     out = args.data / f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}.json"
     out.write_text(json.dumps(report, indent=2, default=str))

@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=15, help="kernels listed per modality")
     ap.add_argument("--text-width", type=int, default=16, help="token positions of the text_short batches")
     args = ap.parse_args()
-    emb = load_embedder(random_weights=True, device=args.device, batch_size=args.batch_size, compile=args.compile)
+    emb = load_embedder(random_weights=True, device=args.device, batch_size=args.batch_size,
+                        compile=args.compile)
     dev = emb.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for name, x in inputs(args.batch_size, dev, emb.dtype, args.text_width).items():

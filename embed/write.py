@@ -102,11 +102,14 @@ def finish(db, merged: dict[str, tuple[int, int]], rejections: list[Rejection], 
         if inserted or updated:
             tag(db, name, label)
     q = quarantine(db, "embed", rejections, label)
-    written = {**output_versions(db), "quarantine": q.version}
-    log.info("embed wrote %s (%s)", versions_text(written),
-             ", ".join(f"{n} +{merged.get(n, (0, 0))[0]} inserted, {merged.get(n, (0, 0))[1]} updated"
-                       for n in written if n != "quarantine"))
-    return written
+    return {**output_versions(db), "quarantine": q.version}
+
+
+def wrote_text(read_versions: dict[str, int], written: dict[str, int], merged: dict[str, tuple[int, int]]) -> str:
+    """The run's one line of lineage: the versions read and written, and the rows merged per table."""
+    rows = ", ".join(f"{n} +{merged.get(n, (0, 0))[0]} inserted, {merged.get(n, (0, 0))[1]} updated"
+                     for n in written if n != "quarantine")
+    return f"embed read {versions_text(read_versions)}; wrote {versions_text(written)} ({rows})"
 
 
 def summary(p: Plan, c: Collected, written: dict[str, int] | None = None) -> EmbedResult:

@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from embed.compute import prestart
 from embed.plan import Plan
 from embed.shard import ShardResult
-from embed.write import Collected, Writer, summary
+from embed.write import Collected, Writer, summary, wrote_text
 from schemas.embed import EmbedConfig, EmbedResult
 from storage.lance import connect, versions_text
 from storage.progress import Progress
@@ -100,6 +100,7 @@ def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
     w = done.writer
     merged = {name: (w.inserted.get(name, 0), w.updated.get(name, 0)) for name in w.merged}
     written = finish_task(config.lance_uri, merged, done.rejections, f"embed-{run_id()}")
+    logger().info("%s", wrote_text(p.read_versions, written, merged))
     return summary(p, done, written)
 
 

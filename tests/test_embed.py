@@ -64,8 +64,9 @@ def test_preprocessing_is_imagebinds(demo_dir, tmp_path):
     assert ours.shape == theirs.shape == (len(paths), 3, 224, 224)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
-    texts = ["Q: is it red? A: yes", "a drawing of a white circle on a gray background", "", "Ünïcödé &amp; html",
-             " ".join(["word"] * 200)]  # longer than 77 tokens: truncated, end token kept
+    # the last is longer than 77 tokens: truncated, end token kept
+    texts = ["Q: is it red? A: yes", "a drawing of a white circle on a gray background", "",
+             "Ünïcödé &amp; html", " ".join(["word"] * 200)]
     assert np.array_equal(tokenize(texts), ib.data.load_and_transform_text(texts, "cpu").numpy())
 
 
@@ -93,14 +94,16 @@ def test_tiny_model_is_imagebind_shrunk_deterministic_and_normalised(demo_dir, t
 def test_batch_first_attention_computes_what_imagebinds_own_does(demo_dir, tmp_path):
     from embed.attention import BatchFirstAttention, make_batch_first
 
-    original, patched = build_random("imagebind_tiny", seed=3), make_batch_first(build_random("imagebind_tiny", seed=3))
+    original = build_random("imagebind_tiny", seed=3)
+    patched = make_batch_first(build_random("imagebind_tiny", seed=3))
     for modality in ("vision", "text"):
         assert all(isinstance(b.attn, BatchFirstAttention) for b in patched.modality_trunks[modality].blocks)
-    assert not isinstance(patched.modality_trunks["audio"].blocks[0].attn, BatchFirstAttention)  # has k/v biases
+    # audio has key/value biases: left as it is
+    assert not isinstance(patched.modality_trunks["audio"].blocks[0].attn, BatchFirstAttention)
     assert [patched.modality_trunks[m].blocks[0].attn.causal for m in ("vision", "text")] == [False, True]
     pixels = np.stack([load_pixels(p) for p in some_images(demo_dir, tmp_path)])
-    inputs = {"vision": normalise_pixels(torch.from_numpy(pixels)),
-              "text": torch.from_numpy(tokenize(["Q: is it red? A: yes", "Q: how many? A: three dogs"])).long()}
+    tokens = tokenize(["Q: is it red? A: yes", "Q: how many? A: three dogs"])
+    inputs = {"vision": normalise_pixels(torch.from_numpy(pixels)), "text": torch.from_numpy(tokens).long()}
     for modality, x in inputs.items():
         want, got = original.eval()({modality: x})[modality], patched.eval()({modality: x})[modality]
         assert not torch.allclose(want[0], want[1])
@@ -115,8 +118,10 @@ def test_length_bucketed_texts_equal_the_77_token_path():
     from embed.preprocess import token_batches, token_widths
     from ingest.demo_data import make_scene, photo_dialog
 
-    texts = [normalise_text(turn_text(q, a)) for i in range(40) for q, a in photo_dialog(make_scene(0, "train", i), 0)]
-    texts += ["", "a", "Q: ünïcödé café? A: ✓ sí", "Q: " + "a very long question about the scene " * 12 + "A: yes"]
+    texts = [normalise_text(turn_text(q, a))
+             for i in range(40) for q, a in photo_dialog(make_scene(0, "train", i), 0)]
+    texts += ["", "a", "Q: ünïcödé café? A: ✓ sí",
+              "Q: " + "a very long question about the scene " * 12 + "A: yes"]
     rng = np.random.default_rng(0)
     texts = [texts[i] for i in rng.permutation(len(texts))]
     tokens = tokenize(texts)
@@ -124,7 +129,8 @@ def test_length_bucketed_texts_equal_the_77_token_path():
     assert widths.max() == 77 and np.median(widths) < 24  # one text cut at the context length; most short
 
     original = build_random("imagebind_tiny", seed=0).eval()
-    want = torch.nn.functional.normalize(original({"text": torch.from_numpy(tokens).long()})["text"], dim=-1).numpy()
+    want = original({"text": torch.from_numpy(tokens).long()})["text"]
+    want = torch.nn.functional.normalize(want, dim=-1).numpy()
     embedder = load_embedder(tiny=True, seed=0, batch_size=16)
     stats = StreamStats()
     got = embedder.embed_tokens(tokens, stats)
@@ -136,7 +142,8 @@ def test_length_bucketed_texts_equal_the_77_token_path():
     assert ran < 0.4 * 77 * len(texts)  # most of the 77-token padding is never run
     np.testing.assert_allclose(embedder.embed_texts(texts[:5]), got[:5], atol=1e-5)  # the query path too
 
-    for batch in token_batches([tokens[:50], tokens[50:]], budget=16 * 77):  # unsorted input: still exact widths
+    # unsorted input: still exact widths
+    for batch in token_batches([tokens[:50], tokens[50:]], budget=16 * 77):
         assert batch.shape[1] >= token_widths(batch).max() and batch.size <= 16 * 77
     with pytest.raises(ValueError, match="at most 77"):
         embedder.model({"text": torch.zeros((1, 80), dtype=torch.long)})
@@ -157,11 +164,13 @@ def test_device_jpeg_decode_matches_the_cpu_path(tmp_path, device):
         im.convert("CMYK").save(tmp_path / "cmyk.jpg")
         im.save(tmp_path / "png.jpg", "PNG")  # a PNG named .jpg
     (tmp_path / "cut.jpg").write_bytes(photos[1].read_bytes()[:20_000])
-    decodable = [str(p) for p in photos + flat] + [str(tmp_path / n) for n in ("grey.jpg", "cmyk.jpg", "png.jpg")]
+    decodable = [str(p) for p in photos + flat]
+    decodable += [str(tmp_path / n) for n in ("grey.jpg", "cmyk.jpg", "png.jpg")]
     paths = decodable + [str(tmp_path / "cut.jpg"), str(tmp_path / "gone.jpg"), None]
 
     entries, failed = read_jpegs(paths)
-    assert [e[2] is None for e in entries[-4:]] == [False, True, True, False]  # grey on the device; CMYK, PNG not
+    # grey on the device; CMYK, PNG not
+    assert [e[2] is None for e in entries[-4:]] == [False, True, True, False]
     pixels, bad = decode_pixels(entries, device)
     n = len(paths)
     assert sorted((pos, kind) for pos, kind, _ in failed + bad) == [(n - 3, "unreadable"), (n - 2, "missing"),
@@ -188,7 +197,8 @@ def test_checkpoint_missing_or_mismatching_fails_clearly(tmp_path):
     # the real loading path (weights_only, strict) on a file of the right architecture
     loaded = load_embedder(tmp_path / "tiny.pth", tiny=True)
     assert loaded.fingerprint == load_embedder(tiny=True).fingerprint
-    np.testing.assert_array_equal(loaded.embed_texts(["a cat"]), load_embedder(tiny=True).embed_texts(["a cat"]))
+    np.testing.assert_array_equal(loaded.embed_texts(["a cat"]),
+                                  load_embedder(tiny=True).embed_texts(["a cat"]))
 
     broken = dict(tiny)
     broken.pop("modality_heads.text.proj.1.weight")
@@ -247,7 +257,8 @@ def test_flow_embeds_every_image_and_distinct_text_once_and_reruns_nothing(data_
 
     before = versions(data_root)
     again = embed_flow(cfg)
-    assert again["shards_up_to_date"] == again["shards"] and again["shards_computed"] == again["shards_cached"] == 0
+    assert again["shards_up_to_date"] == again["shards"]
+    assert again["shards_computed"] == again["shards_cached"] == 0
     assert versions(data_root) == before  # nothing appended, nothing rewritten
 
 
@@ -262,7 +273,8 @@ def test_killed_run_resumes_from_cached_shards_and_model_change_recomputes(data_
     def killed_after_two_shards(cfg: EmbedConfig) -> None:
         """What a run leaves when it dies after two shards finished and before anything merged."""
         model = ModelArgs.from_config(cfg)
-        shards = plan_shards("image", image_items(connect(cfg.lance_uri), cfg), cfg.shard_rows, model.fingerprint)
+        items = image_items(connect(cfg.lance_uri), cfg)
+        shards = plan_shards("image", items, cfg.shard_rows, model.fingerprint)
         task = embed_shard_task.with_options(result_storage=results_storage(cfg))
         for s in shards[:2]:
             task(s, model, 1)
@@ -272,7 +284,8 @@ def test_killed_run_resumes_from_cached_shards_and_model_change_recomputes(data_
     assert out["shards_cached"] == 2 and out["shards_computed"] == out["shards"] - 2
     assert out["image_embeddings_inserted"] == read(connect(cfg.lance_uri), "images").num_rows
 
-    changed = embed_flow(cfg.model_copy(update={"seed": 1}))  # another model: every shard again, rows replaced
+    # another model: every shard again, rows replaced
+    changed = embed_flow(cfg.model_copy(update={"seed": 1}))
     assert changed["shards_computed"] == changed["shards"] and changed["shards_cached"] == 0
     assert changed["image_embeddings_updated"] == out["image_embeddings_inserted"]
     assert changed["text_embeddings_updated"] == out["text_embeddings_inserted"]
@@ -298,7 +311,8 @@ def test_images_that_fail_to_decode_are_quarantined(data_root, demo_dir, tmp_pat
     db = connect(cfg.lance_uri)
     q = read(db, "quarantine", where="stage = 'embed'")
     images = read(db, "images")
-    bad = images.filter(pc.is_in(images.column("path"), pa.array([jpgs[0].name, jpgs[1].name]))).column("image_id")
+    bad = images.filter(pc.is_in(images.column("path"), pa.array([jpgs[0].name, jpgs[1].name])))
+    bad = bad.column("image_id")
     assert sorted(q.column("key").to_pylist()) == sorted(str(i) for i in bad.to_pylist())
     assert sorted(q.column("reason").to_pylist()) == ["image_missing", "image_unreadable"]
     embedded = set(read(db, "image_embeddings").column("image_id").to_pylist())
@@ -328,8 +342,8 @@ def test_query_finds_the_image_and_the_turn_with_context(data_root, demo_dir, mo
     caption = read(db, "dialogs", where=f"image_id = {pic['image_id']}").column("caption")[0].as_py()
     path = roots(demo_dir)[pic["split"]] / pic["path"]
     monkeypatch.setenv("MMEM_EMBED_IMAGE_ROOTS", "{}")
-    res = CliRunner().invoke(app, ["--data-root", str(data_root), "query", "--image", str(path), "-k", "2", "--tiny",
-                                   "--device", "cpu"])
+    res = CliRunner().invoke(app, ["--data-root", str(data_root), "query", "--image", str(path), "-k", "2",
+                                   "--tiny", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     found = json.loads(res.output)["images"][0]
     assert found["image_id"] == pic["image_id"] and found["distance"] < 1e-4
@@ -337,7 +351,8 @@ def test_query_finds_the_image_and_the_turn_with_context(data_root, demo_dir, mo
 
     with pytest.raises(LookupError, match="no vectors made by"):
         query(cfg.model_copy(update={"seed": 1}), text="x")
-    res = CliRunner().invoke(app, ["--data-root", str(data_root), "embed", "--checkpoint", str(data_root / "no.pth")])
+    res = CliRunner().invoke(app, ["--data-root", str(data_root), "embed",
+                                   "--checkpoint", str(data_root / "no.pth")])
     assert res.exit_code == 1 and "never downloaded" in res.output
 
 
@@ -378,5 +393,6 @@ def test_vector_index_is_built_when_large_enough_and_finds_neighbours(tmp_path):
         got = search(db, "image_embeddings", vec[i], 10)
         exact = search(db, "image_embeddings", vec[i], 10, exact=True)
         assert got.column("image_id")[0].as_py() == i and got.column("_distance")[0].as_py() < 1e-3
-        recall.append(len(set(got.column("image_id").to_pylist()) & set(exact.column("image_id").to_pylist())) / 10)
+        found, truth = set(got.column("image_id").to_pylist()), set(exact.column("image_id").to_pylist())
+        recall.append(len(found & truth) / 10)
     assert np.mean(recall) >= 0.8
