@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import DataRootOpt, fail, load
+from cli.common import DataRootOpt, echo, fail, load
 
 memory_app = typer.Typer(no_args_is_help=True, help="An agent's long-term multimodal memory (the memories table).")
 
@@ -29,10 +28,6 @@ def _store(data_root, **overrides):
     from schemas.memory import MemoryConfig
 
     return MemoryStore(load(MemoryConfig, data_root, **overrides))
-
-
-def _echo(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
 
 
 def _one_of(text, image) -> None:
@@ -65,7 +60,7 @@ def add(
                              memory_id=memory_id)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    _echo(row)
+    echo(row)
 
 
 @memory_app.command("recall")
@@ -140,7 +135,7 @@ def forget(
         fail(str(exc))
     if id_ is not None and report.deleted == 0:
         fail(f"owner {owner} has no memory {id_}")
-    _echo(report.__dict__)
+    echo(report.__dict__)
 
 
 @memory_app.command("end-session")
@@ -148,7 +143,7 @@ def end_session(owner: OwnerOpt, session: Annotated[str, typer.Option(help="The 
                 data_root: DataRootOpt = None) -> None:
     """A session ended: its transient memories are deleted for good."""
     try:
-        _echo(_store(data_root).end_session(owner, session).__dict__)
+        echo(_store(data_root).end_session(owner, session).__dict__)
     except ValueError as exc:
         fail(str(exc))
 
@@ -159,7 +154,7 @@ def maintain(data_root: DataRootOpt = None) -> None:
     rows into them (the vector index keeps its partitions), merge small fragments, drop old
     versions. Open stores do the folding themselves; schedule this (or the memory-upkeep
     deployment) for the rest."""
-    _echo(_store(data_root).maintain())
+    echo(_store(data_root).maintain())
 
 
 @memory_app.command("seed")
@@ -175,7 +170,7 @@ def seed(
     """Seed memories from the ingested VisDial tables: each dialog's image and turns, timed as they went."""
     from memory.seed import seed_visdial
     from storage.lance import open_table, table_exists
-    from tasks.runtime import Progress
+    from storage.progress import Progress
 
     store = _store(data_root, tiny=tiny, checkpoint=checkpoint)
     if not table_exists(store.db, "dialogs"):
@@ -187,4 +182,4 @@ def seed(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     counts["maintain"] = store.maintain()
-    _echo(counts)
+    echo(counts)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from cli.common import (
     ProfileOpt,
     UnsafeAuthFile,
     auth_file,
+    echo,
     ensure_auth_file,
     fail,
     is_loopback,
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
 def run(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
     """Run the parent flow: ingest -> embed -> reminders -> train -> evaluate, as the profile says
     (`[pipeline] inputs`, `stages`, and each stage's section)."""
-    from flows.demo import where_to_look
+    from cli.demo import where_to_look
     from flows.pipeline import pipeline_flow
     from schemas.pipeline import PipelineConfig
 
@@ -46,7 +46,7 @@ def run(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
     use_local_server_auth(cfg.data_root)
     state = pipeline_flow(cfg, return_state=True)
     if state.is_completed():  # each stage's result in full; the summary below says where to look
-        typer.echo(json.dumps(state.result(raise_on_failure=False), indent=2, default=str) + "\n")
+        echo(state.result(raise_on_failure=False))
     typer.echo(where_to_look(cfg, state))
     if not state.is_completed():
         raise typer.Exit(1)
@@ -58,7 +58,7 @@ def demo(
     data_root: DataRootOpt = None,
 ) -> None:
     """The whole DAG on the generated demo dataset, tiny models and the local teacher LLM server."""
-    from flows.demo import run_demo
+    from cli.demo import run_demo
 
     root = data_root or STATE.data_root or Path(os.environ.get("MMEM_DATA_ROOT", "mmem-data"))
     use_local_server_auth(root)

@@ -8,17 +8,15 @@ upkeep lock), beside live readers and writers. ``mmem serve`` deploys it hourly 
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
-from schemas.memory import MemoryConfig
+from schemas.memory import MemoryConfig, UpkeepResult
 from tasks.memory import maintain_task
 from tasks.runtime import enforce_trust
 
 
 @flow(name="memory-upkeep", log_prints=True)
-def memory_upkeep_flow(config: MemoryConfig) -> dict[str, Any]:
+def memory_upkeep_flow(config: MemoryConfig) -> UpkeepResult:
     """Upkeep of the ``memories`` table."""
     enforce_trust(config)
     return maintain_task(config)

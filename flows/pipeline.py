@@ -23,7 +23,9 @@ from flows.ingest import ingest_flow
 from flows.reminders import reminders_flow
 from flows.train import train_memory_flow, train_sft_flow
 from schemas.ingest import IngestConfig
-from schemas.pipeline import DEPENDS_ON, STAGES, PipelineConfig
+from schemas.pipeline import DEPENDS_ON, STAGES, PipelineConfig, PipelineResult
+from schemas.results import StageResult
+from schemas.train import TrainResult
 from storage.lance import versions_text
 from tasks.runtime import enforce_trust, logger, publish_markdown
 
@@ -44,35 +46,36 @@ def _run(name: str, fn, *args) -> tuple[bool, Any]:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(config: PipelineConfig) -> dict:
+def pipeline_flow(config: PipelineConfig) -> PipelineResult:
     """Run the selected stages in DAG order; returns each stage's result (versions, artifacts)."""
     enforce_trust(config)  # every stage's data root, scheduler and hosts, before the first stage starts
     log = logger()
-    results: dict[str, Any] = {}
-    status: dict[str, str] = {}
+    result = PipelineResult()
     for name in STAGES:
         if name not in config.stages:
-            status[name] = "not selected"
+            result.status[name] = "not selected"
             continue
-        blocked = [d for d in DEPENDS_ON[name] if d in config.stages and status.get(d) != "ok"]
+        blocked = [d for d in DEPENDS_ON[name] if d in config.stages and result.status.get(d) != "ok"]
         if blocked:
-            status[name] = f"skipped: {', '.join(blocked)} did not succeed"
-            log.warning("%s %s", name, status[name])
+            result.status[name] = f"skipped: {', '.join(blocked)} did not succeed"
+            log.warning("%s %s", name, result.status[name])
             continue
-        ok, out = _STAGE_RUNNERS[name](config, results)
-        if ok and name != "ingest":
-            log.info("stage %s read %s; wrote %s", name, versions_text(_read(out)), versions_text(_wrote(out)))
-        status[name] = "ok" if ok else f"FAILED: {out}"
-        results[name] = out
-        log.info("stage %s: %s", name, "ok" if ok else status[name])
-    publish_markdown("pipeline-summary", _summary(status, results), "What each stage did")
-    failed = {k: v for k, v in status.items() if v.startswith(("FAILED", "skipped"))}
+        ok, out = _STAGE_RUNNERS[name](config, result)
+        if ok:
+            setattr(result, name, out)
+            if name != "ingest":
+                log.info("stage %s read %s; wrote %s", name, versions_text(out.read_versions),
+                         versions_text(_wrote(out)))
+        result.status[name] = "ok" if ok else f"FAILED: {out}"
+        log.info("stage %s: %s", name, result.status[name])
+    publish_markdown("pipeline-summary", _summary(result), "What each stage did")
+    failed = {k: v for k, v in result.status.items() if v.startswith(("FAILED", "skipped"))}
     if failed:
-        return Failed(message="; ".join(f"{k}: {v}" for k, v in failed.items()), data=results)
-    return results
+        return Failed(message="; ".join(f"{k}: {v}" for k, v in failed.items()), data=result)
+    return result
 
 
-def _ingest(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
+def _ingest(config: PipelineConfig, result: PipelineResult) -> tuple[bool, Any]:
     out = {}
     for inp in config.inputs:
         ok, res = _run(f"ingest-{inp.split}", ingest_flow, IngestConfig(
@@ -84,48 +87,36 @@ def _ingest(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
     return True, out
 
 
-def _embed(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
-    return _run("embed", embed_flow, _pinned(config.stage("embed"), "table_versions", _ingested(results)))
+def _embed(config: PipelineConfig, result: PipelineResult) -> tuple[bool, Any]:
+    return _run("embed", embed_flow, _pinned(config.stage("embed"), "table_versions", result.ingested()))
 
 
-def _reminders(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
+def _reminders(config: PipelineConfig, result: PipelineResult) -> tuple[bool, Any]:
     return _run("reminders", reminders_flow, _pinned(config.stage("reminders"), "table_versions",
-                                                     _ingested(results)))
+                                                     result.ingested()))
 
 
-def _train_sft(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
+def _train_sft(config: PipelineConfig, result: PipelineResult) -> tuple[bool, Any]:
     sft = config.stage("train_sft")
-    version = _written_version(results.get("reminders"), "reminders")
+    version = result.reminders.versions.get("reminders") if result.reminders else None
     if version is not None and sft.reminders_version is None:
         sft = sft.model_copy(update={"reminders_version": version})  # the version reminders validated
     return _run("train_sft", train_sft_flow, sft)
 
 
-def _train_memory(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
+def _train_memory(config: PipelineConfig, result: PipelineResult) -> tuple[bool, Any]:
     """The memory model trains on the turns/dialogs ingest wrote and the embeddings embed wrote."""
-    ingested = {k: v for k, v in _ingested(results).items() if k in ("turns", "dialogs")}
-    embedded = {k: v for k, v in ((results.get("embed") or {}).get("versions") or {}).items()
+    ingested = {k: v for k, v in result.ingested().items() if k in ("turns", "dialogs")}
+    embedded = {k: v for k, v in (result.embed.versions if result.embed else {}).items()
                 if k in ("image_embeddings", "text_embeddings")}
     return _run("train_memory", train_memory_flow,
                 _pinned(config.stage("train_memory"), "table_versions", {**ingested, **embedded}))
 
 
-def _evaluate(config: PipelineConfig, results: dict) -> tuple[bool, Any]:
+def _evaluate(config: PipelineConfig, result: PipelineResult) -> tuple[bool, Any]:
     """Evaluation loads the artifact versions this run's training produced (or found up to date)."""
-    trained = {r["name"]: r["version"] for r in (results.get("train_sft"), results.get("train_memory"))
-               if isinstance(r, dict) and r.get("name") and r.get("version")}
+    trained = {r.name: r.version for r in (result.train_sft, result.train_memory) if isinstance(r, TrainResult)}
     return _run("evaluate", evaluate_flow, _pinned(config.stage("evaluate"), "artifact_versions", trained))
-
-
-def _ingested(results: dict) -> dict[str, int]:
-    """The latest version ingest wrote of each of images/dialogs/turns (every split writes the
-    same tables, one after another: the last split's version holds them all)."""
-    out: dict[str, int] = {}
-    for split in (results.get("ingest") or {}).values():
-        for name, v in (split.get("versions") or {}).items():
-            if name in ("images", "dialogs", "turns") and isinstance(v, int):
-                out[name] = max(v, out.get(name, v))
-    return out
 
 
 def _pinned(stage, field: str, versions: dict[str, int]):
@@ -139,42 +130,24 @@ _STAGE_RUNNERS = {"ingest": _ingest, "embed": _embed, "reminders": _reminders, "
                   "train_memory": _train_memory, "evaluate": _evaluate}
 
 
-def _written_version(result: Any, table: str) -> int | None:
-    if isinstance(result, dict):
-        versions = result.get("versions") or result
-        if isinstance(versions, dict) and isinstance(versions.get(table), int):
-            return versions[table]
-    return None
+def _wrote(result: StageResult) -> dict[str, int]:
+    """The table versions a stage wrote; a train stage's is the model artifact it produced (or found
+    up to date)."""
+    if isinstance(result, TrainResult) and not result.versions:
+        return {result.name: result.version}
+    return result.versions
 
 
-def _read(result: Any) -> dict:
-    if not isinstance(result, dict):
-        return {}
-    if isinstance(result.get("inputs"), dict):  # a train stage: its manifest's inputs, {table: {"version": v}}
-        return {k: v.get("version") if isinstance(v, dict) else v for k, v in result["inputs"].items()}
-    return result.get("read_versions") or {}
-
-
-def _wrote(result: Any) -> dict:
-    if not isinstance(result, dict):
-        return {}
-    if isinstance(result.get("versions"), dict):
-        return result["versions"]
-    if "artifact" in result:  # a train stage: the model artifact it produced (or found up to date)
-        return {str(result.get("name") or result["artifact"]): result.get("version")}
-    return {}
-
-
-def _summary(status: dict[str, str], results: dict) -> str:
+def _summary(result: PipelineResult) -> str:
     """Each stage's status and the table versions it read and wrote (the hand-over between stages)."""
     lines = ["| stage | status | read | wrote |", "| --- | --- | --- | --- |"]
-    for k, v in status.items():
-        out = results.get(k)
-        if k == "ingest" and isinstance(out, dict):
-            wrote = "; ".join(f"{s}: {versions_text(r.get('versions') or {})}" for s, r in out.items()
-                              if isinstance(r, dict))
+    for k, v in result.status.items():
+        out = getattr(result, k)
+        if k == "ingest":
+            read, wrote = "", "; ".join(f"{s}: {versions_text(r.versions)}" for s, r in out.items())
+        elif out is not None:
+            read, wrote = versions_text(out.read_versions), versions_text(_wrote(out))
         else:
-            wrote = versions_text(_wrote(out)) if out is not None else ""
-        read = versions_text(_read(out)) if out is not None else ""
+            read = wrote = ""
         lines.append(f"| {k} | {v.replace('|', '/')[:300]} | {read} | {wrote} |")
     return "\n".join(lines)

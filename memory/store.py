@@ -48,7 +48,7 @@ __all__ = ["ForgetReport", "MemoryStore", "Recalled"]
 
 
 class Embedder(Protocol):
-    """What the store needs from the embed stage's model (``training.imagebind.Embedder``)."""
+    """What the store needs from the embed stage's model (``embed.model.Embedder``)."""
 
     fingerprint: str
 
@@ -108,7 +108,7 @@ class MemoryStore:
     def embedder(self) -> Embedder:
         """The embed stage's ImageBind, loaded on first use (listing and forgetting never load it)."""
         if self._embedder is None:
-            from training.imagebind import cached_embedder
+            from embed.model import cached_embedder
 
             c = self.config
             self._embedder = cached_embedder(c.checkpoint, tiny=c.tiny, device=c.device)
@@ -118,7 +118,7 @@ class MemoryStore:
     def fingerprint(self) -> str:
         if self._embedder is not None:
             return self._embedder.fingerprint
-        from training.imagebind import model_fingerprint
+        from embed.weights import model_fingerprint
 
         return model_fingerprint(self.config.checkpoint, tiny=self.config.tiny)
 

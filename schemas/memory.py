@@ -16,6 +16,7 @@ from pydantic_settings import SettingsConfigDict
 
 from schemas.config import StageConfig
 from schemas.embed import EMBED_DIM
+from schemas.results import StageResult
 from schemas.tables import register
 
 TRANSIENT, DURABLE = "transient", "durable"
@@ -54,7 +55,7 @@ class MemoryConfig(StageConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_MEMORY_")
     section: ClassVar[str] = "memory"
 
-    # the embedder (the embed stage's model, through training.imagebind.load_embedder)
+    # the embedder (the embed stage's model, through embed.model.load_embedder)
     checkpoint: Path | None = Field(default=None, description="Local imagebind_huge.pth (never downloaded).")
     tiny: bool = Field(default=False, description="Tiny random-weight ImageBind (tests, demo).")
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -118,3 +119,24 @@ class MemoryConfig(StageConfig):
     seed_dialog_gap_hours: float = Field(default=24.0, gt=0, le=1e6, description="Hours between dialogs of one owner.")
     seed_image_saliency: float = Field(default=0.7, ge=0, le=1)
     seed_turn_saliency: float = Field(default=0.5, ge=0, le=1)
+
+
+class UpkeepResult(StageResult):
+    """What one ``memory-upkeep`` run did (``mmem memory maintain`` prints the same keys); an index
+    field names the index kind built by this run, ``None`` where none was built."""
+
+    rows: int
+    small_fragments_folded: int = 0
+    indexes_rebuilt: list[str] = Field(default_factory=list)
+    index_segments_merged: int = 0
+    old_versions_removed: int = 0
+    expired_purged: int | None = None
+    vector_index: str | None = None
+    owner_index: str | None = None
+    memory_id_index: str | None = None
+    superseded_by_index: str | None = None
+    session_id_index: str | None = None
+    created_at_index: str | None = None
+    subject_key_index: str | None = None
+    kind_index: str | None = None
+    model_index: str | None = None

@@ -7,13 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.config import MAX_WORKERS, StageConfig, check_as_a_whole
 from schemas.embed import EmbedConfig
 from schemas.evaluate import EvaluateConfig
 from schemas.reminders import RemindersConfig
+from schemas.results import StageResult
 from schemas.train import MemoryTrainConfig, SftConfig
 
 Stage = Literal["ingest", "embed", "reminders", "train_sft", "train_memory", "evaluate"]
@@ -84,3 +85,26 @@ class PipelineConfig(StageConfig):
     def stage(self, name: str) -> StageConfig:
         """A stage's config, with the pipeline's data root (one root for the whole DAG)."""
         return getattr(self, name).model_copy(update={"data_root": self.data_root})
+
+
+class PipelineResult(BaseModel):
+    """What the parent flow did: each stage's status and the result of each stage that ran (ingest:
+    one result per split), the fields the next stage's pins were read from."""
+
+    status: dict[str, str] = Field(default_factory=dict)
+    ingest: dict[str, SerializeAsAny[StageResult]] = Field(default_factory=dict)
+    embed: SerializeAsAny[StageResult] | None = None
+    reminders: SerializeAsAny[StageResult] | None = None
+    train_sft: SerializeAsAny[StageResult] | None = None
+    train_memory: SerializeAsAny[StageResult] | None = None
+    evaluate: SerializeAsAny[StageResult] | None = None
+
+    def ingested(self) -> dict[str, int]:
+        """The latest version ingest wrote of each of images/dialogs/turns (every split writes the
+        same tables, one after another: the last split's version holds them all)."""
+        out: dict[str, int] = {}
+        for split in self.ingest.values():
+            for name, v in split.versions.items():
+                if name in ("images", "dialogs", "turns"):
+                    out[name] = max(v, out.get(name, v))
+        return out

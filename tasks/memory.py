@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 
-from schemas.memory import MemoryConfig
+from schemas.memory import MemoryConfig, UpkeepResult
 from tasks.runtime import logger
 
 
 @task(name="memory-maintain", retries=1, retry_delay_seconds=30)
-def maintain_task(config: MemoryConfig) -> dict[str, Any]:
+def maintain_task(config: MemoryConfig) -> UpkeepResult:
     from memory.store import MemoryStore
 
-    done = MemoryStore(config).maintain()  # upkeep never loads the embedding model
+    store = MemoryStore(config)
+    done = store.maintain()  # upkeep never loads the embedding model
     logger().info("memories upkeep: %s", done)
-    return done
+    return UpkeepResult(**done, versions={"memories": store.table.version})

@@ -83,3 +83,23 @@ def flow_run_artifacts():
             return {a["key"]: a for a in resp.json()}
 
     return lambda flow_run_id: asyncio.run(_read(flow_run_id))
+
+
+# --- the memory store's tests -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    """The tiny random-weight ImageBind (identical inputs embed identically)."""
+    from embed.model import cached_embedder
+
+    return cached_embedder(None, tiny=True, device="cpu")
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    """A memory store on a fresh table."""
+    from memory.store import MemoryStore
+    from schemas.memory import MemoryConfig
+
+    return MemoryStore(MemoryConfig(data_root=tmp_path), embedder)

@@ -189,7 +189,7 @@ async def _flow_run(flow_run_id: str):
 
 @pytest.mark.slow  # about 40-85 s: the whole DAG, tiny models
 def test_pipeline_run_on_a_tiny_demo_profile_writes_every_stage_and_says_where_to_look(tmp_path):
-    from flows.demo import demo_inputs
+    from cli.demo import demo_inputs
     from training.llm_server import make_state, running_server
 
     root = tmp_path / "root"

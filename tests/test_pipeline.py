@@ -122,28 +122,28 @@ def test_rerun_after_a_poisoned_record_redoes_only_the_failed_shard(tmp_path, de
     assert all(t.state_type.value == "COMPLETED" for t in shards2.values())
     # Embed shards are not even dispatched: the tables already hold their rows, by the same model.
     assert not [t for t in runs2["tasks"] if EMBED_SHARD.match(t.name)]
-    assert results["embed"]["shards_up_to_date"] == results["embed"]["shards"]
+    assert results.embed.shards_up_to_date == results.embed.shards
     # The poisoned shard's other prompts were answered in run 1 and written through to the cache:
     # the re-run asks for the one prompt that failed, nothing else.
-    assert results["reminders"]["cache_hits"] == 19 and results["reminders"]["calls"] == 1
-    assert results["reminders"]["shards_cached"] == 4
+    assert results.reminders.cache_hits == 19 and results.reminders.calls == 1
+    assert results.reminders.shards_cached == 4
     assert sum(state.requests.values()) - calls_before == 1
-    assert results["reminders"]["valid"] == 20
-    assert {n: results["ingest"]["train"]["versions"][n] for n in ingested} == ingested  # ingest wrote nothing
-    assert results["train_sft"]["version"] == 1
+    assert results.reminders.valid == 20
+    assert {n: results.ingest["train"].versions[n] for n in ingested} == ingested  # ingest wrote nothing
+    assert results.train_sft.version == 1
 
     # Table versions handed over, as the subflow runs' parameters say.
     (embed_run,), (reminders_run,) = runs2["flows"]["embed"], runs2["flows"]["reminders"]
     (memory_run,), (sft_run,) = runs2["flows"]["train-memory-model"], runs2["flows"]["train-sft"]
     assert embed_run.parameters["config"]["table_versions"] == ingested
     assert reminders_run.parameters["config"]["table_versions"] == ingested
-    embedded = {n: results["embed"]["versions"][n] for n in ("image_embeddings", "text_embeddings")}
+    embedded = {n: results.embed.versions[n] for n in ("image_embeddings", "text_embeddings")}
     assert memory_run.parameters["config"]["table_versions"] == {
         "turns": ingested["turns"], "dialogs": ingested["dialogs"], **embedded}
-    assert sft_run.parameters["config"]["reminders_version"] == results["reminders"]["versions"]["reminders"]
-    assert results["embed"]["read_versions"] == results["reminders"]["read_versions"] == ingested
+    assert sft_run.parameters["config"]["reminders_version"] == results.reminders.versions["reminders"]
+    assert results.embed.read_versions == results.reminders.read_versions == ingested
 
     # The logs name what each stage read and wrote.
     logs = "\n".join(runs2["logs"])
-    assert f"embed read {_versions(ingested)}; wrote {_versions({**embedded, 'quarantine': results['embed']['versions']['quarantine']})}" in logs
-    assert f"reminders read {_versions(ingested)}; wrote {_versions(results['reminders']['versions'])}" in logs
+    assert f"embed read {_versions(ingested)}; wrote {_versions({**embedded, 'quarantine': results.embed.versions['quarantine']})}" in logs
+    assert f"reminders read {_versions(ingested)}; wrote {_versions(results.reminders.versions)}" in logs
