@@ -29,7 +29,7 @@ class StageResult(BaseModel):
         out.update({f"version_{k}": v for k, v in self.versions.items()})
         return out
 
-    def rows(self) -> list[dict[str, str]]:
+    def artifact_rows(self) -> list[dict[str, str]]:
         """The flat result as the rows of a Prefect table artifact (one ``count``/``value`` each)."""
         return [{"count": k, "value": v if isinstance(v, str) else json.dumps(v)} for k, v in self.flat().items()]
 
