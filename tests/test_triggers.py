@@ -115,12 +115,12 @@ def test_reminders_completion_starts_sft_and_a_new_artifact_starts_its_evaluatio
     # 2. SFT runs with the deployment's parameters (here in-process, as the pipeline would) and
     #    publishes v1: the automation starts an evaluation of exactly the variants that use it
     result = train_sft_flow(SftConfig(**sft_dep.parameters["config"]))
-    assert result["created"] and result["artifact"] == "gemma3-4b-reminders-lora:v1"
+    assert result.created and result.artifact == "gemma3-4b-reminders-lora:v1"
     with get_client(sync_client=True) as client:
         event = _poll(lambda: [e for e in _events(client, ARTIFACT_CREATED_EVENT)
-                               if e.resource.get("mmem.artifact.path") == result["path"]],
+                               if e.resource.get("mmem.artifact.path") == result.path],
                       "mmem.artifact.created event of the new version")[0]
-        assert event.resource.get("mmem.artifact.ref") == result["artifact"]
+        assert event.resource.get("mmem.artifact.ref") == result.artifact
         fired = [t for t in eval_dep.triggers if _covers(t, event)]
         assert [t.name for t in fired] == ["evaluate-on-new-gemma3-4b-reminders-lora"]
         assert not _covers(sft_on_new_reminders(), event)
