@@ -105,7 +105,8 @@ def finish(db, merged: dict[str, tuple[int, int]], rejections: list[Rejection], 
     return {**output_versions(db), "quarantine": q.version}
 
 
-def wrote_text(read_versions: dict[str, int], written: dict[str, int], merged: dict[str, tuple[int, int]]) -> str:
+def wrote_text(read_versions: dict[str, int], written: dict[str, int],
+               merged: dict[str, tuple[int, int]]) -> str:
     """The run's one line of lineage: the versions read and written, and the rows merged per table."""
     rows = ", ".join(f"{n} +{merged.get(n, (0, 0))[0]} inserted, {merged.get(n, (0, 0))[1]} updated"
                      for n in written if n != "quarantine")
