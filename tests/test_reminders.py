@@ -196,3 +196,32 @@ def test_an_image_root_recorded_relative_to_the_data_root_moves_with_it(data_roo
     prompts, rejections = build_prompts(config, *load_inputs(config.lance_uri))
     assert len(prompts) == 20 and not rejections
     assert all(p.request.messages[1]["images"][0].path.startswith(str(moved)) for p in prompts)
+
+
+def test_shard_results_persisted_before_the_move_are_ignored_and_the_root_still_reads(data_root, monkeypatch):
+    """A data root written before ShardStats moved to llmcalls: its shard records (version 2 keys,
+    naming ``tasks.reminders.ShardStats``) are never looked up, so nothing decodes them into a moved
+    class; the re-run serves every answer from the response cache and makes no call."""
+    import tasks.reminders as glue
+    from tasks.reminders import shard_cache_key
+
+    state = make_state(teacher=True)
+    with running_server(state) as url:
+        config = _config(data_root, url, limit=8)
+        first = reminders_flow(config)
+        prompts, _ = build_prompts(config, *load_inputs(config.lance_uri))
+        folder = config.cache_dir / "reminders_shards"
+        for i in (0, 4):
+            params = {"requests": [p.request for p in prompts[i:i + 4]]}
+            new = folder / shard_cache_key(None, params)
+            with monkeypatch.context() as m:  # the key the code before the move gave this shard
+                m.setattr(glue, "SHARD_RESULT_VERSION", 2)
+                old = folder / shard_cache_key(None, params)
+            assert old != new
+            old.write_text(new.read_text().replace("llmcalls.shard.ShardStats", "tasks.reminders.ShardStats"))
+            new.unlink()
+        calls = sum(state.requests.values())
+        again = reminders_flow(config)
+    assert sum(state.requests.values()) == calls and again.calls == 0 and again.cache_hits == 8
+    assert again.shards_cached == 0 and again.valid == first.valid == 8
+    assert "tasks.reminders.ShardStats" in old.read_text()  # left alone, never read
