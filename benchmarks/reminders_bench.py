@@ -6,7 +6,7 @@ Prints, against the issue's targets and a baseline measured in the same run:
 - sustained throughput of the flow over N prompts (target >= 90% of 160 req/s), next to the bare
   official client with as many requests in flight (the baseline: what the server gives any client);
   the flow keeps 12 in flight by default (``--in-flight``): with exactly 8, every slot idles for a
-  client round trip between generations (~82% of 160 on 2 cores, client or flow alike);
+  client round trip between generations (client or flow alike);
 - client-side overhead per request: client CPU per call for the whole flow (Prefect, cache,
   Lance included; the server runs in its own process) next to the bare client's, and the
   observed latency above the server's 50 ms;
@@ -135,8 +135,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=8, help="generations the server runs at once")
     ap.add_argument("--in-flight", type=int, default=None,
                     help="requests the client keeps in flight (the flow's concurrency); default 1.5 x "
-                    "--parallel: the server queues the extra ones, so no slot idles for a round trip "
-                    "(8 in flight: ~82%%)")
+                    "--parallel: the server queues the extra ones, so no slot idles for a round trip")
     ap.add_argument("--shard-size", type=int, default=512)
     ap.add_argument("--image-kb", type=int, default=48, help="JPEG size sent with every request")
     ap.add_argument("--baseline", type=int, default=1000, help="requests for the bare-client baseline")
