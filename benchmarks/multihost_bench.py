@@ -10,7 +10,8 @@ sends them. Prints, against the issue's targets:
   bare client keeping a fixed ``slots + 4`` requests in flight on it (what the server gives any
   client here);
 - the pool over A and B: throughput against the summed capacity (target >= 90%) and against the
-  best single host (target >= 1.4x), with each host's share, p50/p95 and learned concurrency;
+  best single host (target >= 1.4x), with each host's share, p50/p95 and learned concurrency
+  (whole run, and steady: between the 10% and the 90% answered, without the ramp and the drain);
 - failover: B is killed when 40% of the requests are answered (and started again at 70%, so its
   probe brings it back): requests lost (target 0) and answered twice (target 0).
 
@@ -104,15 +105,18 @@ async def pooled(urls: list[str], n: int, on_progress=None) -> dict:
     answers: Counter[int] = Counter()
     wrong = 0
     async with HostPool(urls, connect=connect, probe_s=0.2, probe_max_s=1.0, log_every_s=0) as pool:
-        t0 = time.perf_counter()
+        t0, times = time.perf_counter(), []
         async for i, text in pool.map(range(n), ask):
             answers[i] += 1
+            times.append(time.perf_counter() - t0)
             wrong += text != f"answer to: request {i}"
             if on_progress is not None:
-                on_progress(sum(answers.values()) / n)
+                on_progress(len(times) / n)
         wall = time.perf_counter() - t0
         hosts = pool.summary()
+    lo, hi = n // 10, n * 9 // 10  # steady: without the first round trips and the drain
     return {"requests": n, "wall_s": round(wall, 2), "req_per_s": round(n / wall, 1),
+            "steady_req_per_s": round((hi - lo) / (times[hi] - times[lo]), 1),
             "lost": sum(1 for i in range(n) if answers[i] == 0), "duplicated": sum(c - 1 for c in answers.values()
                                                                                if c > 1),
             "wrong_answers": wrong, "hosts": hosts}
@@ -153,10 +157,13 @@ async def run(args: argparse.Namespace) -> dict:
         "servers": {"A": f"{args.slots_a} slots", "B": f"{args.slots_b} slots", "latency_ms": args.latency_ms,
                     "summed_capacity_req_per_s": summed},
         "baseline_best_single_host": {"pool_over_A_alone_req_per_s": single["req_per_s"],
+                                      "steady_req_per_s": single["steady_req_per_s"],
                                       "bare_client_on_A_req_per_s": round(bare_a, 1),
                                       "of_A_capacity": round(single["req_per_s"] / a.capacity, 3)},
         "pool_over_A_and_B": {"req_per_s": both["req_per_s"],
                               "of_summed_capacity": round(both["req_per_s"] / summed, 3),
+                              "steady_req_per_s": both["steady_req_per_s"],
+                              "steady_of_summed_capacity": round(both["steady_req_per_s"] / summed, 3),
                               "target_of_summed_capacity": 0.9,
                               "vs_best_single_host": round(both["req_per_s"] / best, 2), "target_vs_best": 1.4,
                               "lost": both["lost"], "duplicated": both["duplicated"],

@@ -47,7 +47,7 @@ class Aimd:
     initial: float = 1.0
     cap: int | None = None  # the user's limit for a host shared with others
     ceiling: int = 256  # the most without a cap
-    tolerance: float = 2.5  # window medians above tolerance x baseline mean a queue
+    tolerance: float = 1.75  # window medians above tolerance x baseline mean a queue
     patience: int = 2  # windows in a row above it (a stall of the client's own process lasts one)
     window: int = 4  # answers per latency median (at least: a window is one round trip's answers)
     memory: int = 1000  # medians the baseline remembers
@@ -91,6 +91,22 @@ class Aimd:
         self.epoch += 1
         self._slow = 0
         self._recent.clear()
+        self.peak = max(self.peak, self.allowed)
+
+    def learned(self) -> tuple[float, float | None, float | None]:
+        """What to start the next pool on this host from: (window, baseline, most in flight
+        served without a queue)."""
+        return self.limit, self.baseline, max(self._quiet, default=None)
+
+    def resume(self, window: float, baseline: float | None, quiet: float | None) -> None:
+        """Start from what an earlier pool learned (a run's shards, one pool each, one after
+        another): that window, without slow start, and its baseline."""
+        self.limit = float(max(1.0, min(window, self.top)))
+        self.slow_start = False
+        if baseline is not None:
+            self._medians.append(baseline)
+        if quiet is not None:
+            self._quiet.append(quiet)
         self.peak = max(self.peak, self.allowed)
 
     def ok(self, latency_s: float, epoch: int, load: int) -> None:

@@ -72,7 +72,9 @@ class HostPool:
                  down_after: int = 3, probe_s: float = 0.5, probe_max_s: float = 30.0,
                  probe_timeout_s: float = 5.0, all_down_s: float = 120.0, max_tries: int | None = None,
                  probe: Callable[[Host], Awaitable[bool]] | None = None, initial: float = 1.0,
-                 log_every_s: float = 30.0) -> None:
+                 log_every_s: float = 30.0, memory: dict[str, tuple] | None = None) -> None:
+        """``memory``: what pools learned about hosts, by URL, read at the start and written back
+        at the end (one dict for a process's pools, so the next shard starts where the last ended)."""
         specs = [h if isinstance(h, HostSpec) else HostSpec.parse(h) for h in hosts]
         if not specs:
             raise ValueError("a host pool needs at least one host")
@@ -81,6 +83,10 @@ class HostPool:
             raise ValueError(f"a host is named twice: {urls}")
         self.hosts = [Host(s, Aimd(initial=initial, cap=s.cap), connect(s.url) if connect else None)
                       for s in specs]
+        self.memory = memory
+        for host in self.hosts:
+            if memory is not None and host.url in memory:
+                host.aimd.resume(*memory[host.url])
         self.down_after, self.all_down_s = down_after, all_down_s
         self.probe_s, self.probe_max_s, self.probe_timeout_s = probe_s, probe_max_s, probe_timeout_s
         self.max_tries = max_tries if max_tries is not None else 2 * len(self.hosts) + 1
@@ -100,7 +106,10 @@ class HostPool:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the probes, close the hosts' clients (what ``connect`` built)."""
+        """Stop the probes, close the hosts' clients (what ``connect`` built), remember what was
+        learned about the hosts that are up."""
+        if self.memory is not None:
+            self.memory.update({h.url: h.aimd.learned() for h in self.hosts if h.up and h.stats.ok})
         for task in self._probes.values():
             task.cancel()
         await asyncio.gather(*self._probes.values(), return_exceptions=True)

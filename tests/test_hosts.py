@@ -57,8 +57,9 @@ def test_the_faster_host_gets_more_and_the_pool_fills_both():
 
     async def main():
         fast, slow = await servers((4, 0.2), (2, 0.2))
+        memory = {}
         try:
-            async with HostPool([fast.url, slow.url], connect=connect, log_every_s=0) as pool:
+            async with HostPool([fast.url, slow.url], connect=connect, log_every_s=0, memory=memory) as pool:
                 t0, times, answers = time.perf_counter(), [], Counter()
                 async for i, text in pool.map(range(240), ask):
                     assert text == f"answer to: q{i}"
@@ -69,9 +70,9 @@ def test_the_faster_host_gets_more_and_the_pool_fills_both():
         finally:
             await fast.stop()
             await slow.stop()
-        return fast, slow, times, answers, stats, summary
+        return fast, slow, times, answers, stats, summary, memory
 
-    fast, slow, times, answers, stats, summary = asyncio.run(main())
+    fast, slow, times, answers, stats, summary, memory = asyncio.run(main())
     assert sorted(answers) == list(range(240)) and set(answers.values()) == {1}
     # steady state: from 1.5 s in (slow start done) to the last 5% (the tail drains)
     first = next(k for k, t in enumerate(times) if t >= 1.5)
@@ -84,6 +85,7 @@ def test_the_faster_host_gets_more_and_the_pool_fills_both():
     assert f.concurrency >= 4 and s.concurrency >= 2  # learned: at least the capacity
     assert f.requests == f.ok == sum(fast.answered.values()) and f.errors == 0
     assert 195 <= f.p50_ms <= f.p95_ms  # 200 ms generations, plus queueing
+    assert memory[fast.url][0] >= 4 and memory[slow.url][0] >= 2  # what the next pool starts from
     row = summary[fast.url]
     assert {"requests", "errors", "p50_ms", "p95_ms", "concurrency", "up"} <= set(row) and row["up"]
 
@@ -261,5 +263,9 @@ def test_the_window_finds_the_capacity_and_a_client_stall_does_not_empty_it():
     aimd = Aimd()
     windows = drive(aimd, 8, 1.0, 200, stall=range(120, 124))
     assert min(windows[100:]) >= 8, windows[100:]
+    warm = Aimd()
+    warm.resume(*aimd.learned())  # the next shard's pool starts where this one ended
+    assert not warm.slow_start and warm.allowed == aimd.allowed and warm.baseline == aimd.baseline
+    assert min(drive(warm, 8, 1.0, 50)) >= 8
     capped = Aimd(cap=3)
     assert max(drive(capped, 8, 1.0, 50)) == 3 and capped.peak == 3
