@@ -7,7 +7,7 @@ code. Metrics are grouped by scale (0..1 overlap scores, BLEU-4 on 0..100, ranki
 axis for all of them would flatten the small ones to nothing.
 
 A run label names the report's folder and chart prefixes come from run ids: both go through
-``storage.paths`` (``run_folder``, ``bar_charts``), so a label cannot place files outside the
+``schemas.paths`` (``run_folder``, ``bar_charts``), so a label cannot place files outside the
 reports folder.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from evaluation.metrics import GENERATION_METRICS
 from evaluation.ranking import RANKING_METRICS
-from storage.paths import check_name, safe_child
+from schemas.paths import check_name, safe_child
 
 Row = Mapping[str, Any]
 
