@@ -35,7 +35,9 @@ from storage.index import partitions_for
 
 
 def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    return "python " + " ".join(
+        shlex.quote(a) for a in [f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]
+    )
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -76,7 +78,9 @@ def synthetic_vectors(n: int, rank: int, noise: float, seed: int, episode: int =
         m = min(chunk, n - start)
         centres = -(-m // episode)
         z = rng.standard_normal((centres, rank)).astype(np.float32)
-        x = z @ basis + noise * rng.standard_normal((centres, EMBED_DIM)).astype(np.float32) / np.sqrt(EMBED_DIM)
+        x = z @ basis + noise * rng.standard_normal((centres, EMBED_DIM)).astype(np.float32) / np.sqrt(
+            EMBED_DIM
+        )
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         if episode > 1:
             x = np.repeat(x, episode, axis=0)[:m]
@@ -133,9 +137,16 @@ def speed(args) -> dict:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="memory-speed-"))
     config = MemoryConfig(
-        data_root=root, index_type=args.index_type, index_partitions=args.partitions, nprobes=args.nprobes,
-        ef=args.ef, refine_factor=args.refine_factor, index_m=args.m, index_ef_construction=args.ef_construction,
-        candidates=args.candidates, index_min_rows=min(args.rows, MemoryConfig().index_min_rows),
+        data_root=root,
+        index_type=args.index_type,
+        index_partitions=args.partitions,
+        nprobes=args.nprobes,
+        ef=args.ef,
+        refine_factor=args.refine_factor,
+        index_m=args.m,
+        index_ef_construction=args.ef_construction,
+        candidates=args.candidates,
+        index_min_rows=min(args.rows, MemoryConfig().index_min_rows),
     )
     store = MemoryStore(config, FixedEmbedder())
     vec_file = root / "vectors.npy"
@@ -154,7 +165,9 @@ def speed(args) -> dict:
 
     rng = np.random.default_rng(args.seed + 2)
     picks = rng.choice(args.rows, args.queries, replace=False)
-    q = vectors[picks] + args.query_noise * rng.standard_normal((args.queries, EMBED_DIM)).astype(np.float32) / np.sqrt(EMBED_DIM)
+    q = vectors[picks] + args.query_noise * rng.standard_normal((args.queries, EMBED_DIM)).astype(
+        np.float32
+    ) / np.sqrt(EMBED_DIM)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     owners = [f"user{int(p) % args.owners}" for p in picks]
 
@@ -180,8 +193,12 @@ def speed(args) -> dict:
     for i in range(args.exact_queries):
         where = store.visible(owners[i], None, now)
         t0 = time.perf_counter()
-        res = ds.to_table(columns=["memory_id"], filter=where, prefilter=True,
-                          nearest={"column": "vector", "q": q[i], "k": args.k, "metric": "cosine", "use_index": False})
+        res = ds.to_table(
+            columns=["memory_id"],
+            filter=where,
+            prefilter=True,
+            nearest={"column": "vector", "q": q[i], "k": args.k, "metric": "cosine", "use_index": False},
+        )
         exact_ms.append((time.perf_counter() - t0) * 1e3)
         agree.append(len(set(res.column("memory_id").to_pylist()) & truth[i]) / args.k)
 
@@ -218,25 +235,50 @@ def speed(args) -> dict:
     after_maintain = plain_recalls() if touch_ms else []
 
     out = {
-        "rows": args.rows, "owners": args.owners, "queries": args.queries, "k": args.k,
-        "data": f"vectors from {args.vectors}" if args.vectors else
-                (f"synthetic rank-{args.rank} Gaussian + noise {args.noise} (unit)"
-                 + (f", episodes of {args.episode} (spread {args.spread})" if args.episode > 1 else ", no episodes")
-                 + f", queries = a memory + noise {args.query_noise}"),
-        "index": {"type": args.index_type, "partitions": args.partitions or partitions_for(args.rows), "m": args.m,
-                  "ef_construction": args.ef_construction, "nprobes": args.nprobes, "ef": args.ef,
-                  "refine_factor": args.refine_factor, "build_s": round(index_s, 1),
-                  "trained_partitions": [i["num_partitions"] for i in
-                                         store.table.to_lance().stats.index_stats("vector_idx")["indices"]]},
+        "rows": args.rows,
+        "owners": args.owners,
+        "queries": args.queries,
+        "k": args.k,
+        "data": f"vectors from {args.vectors}"
+        if args.vectors
+        else (
+            f"synthetic rank-{args.rank} Gaussian + noise {args.noise} (unit)"
+            + (
+                f", episodes of {args.episode} (spread {args.spread})"
+                if args.episode > 1
+                else ", no episodes"
+            )
+            + f", queries = a memory + noise {args.query_noise}"
+        ),
+        "index": {
+            "type": args.index_type,
+            "partitions": args.partitions or partitions_for(args.rows),
+            "m": args.m,
+            "ef_construction": args.ef_construction,
+            "nprobes": args.nprobes,
+            "ef": args.ef,
+            "refine_factor": args.refine_factor,
+            "build_s": round(index_s, 1),
+            "trained_partitions": [
+                i["num_partitions"] for i in store.table.to_lance().stats.index_stats("vector_idx")["indices"]
+            ],
+        },
         "candidates_reranked": args.candidates,
-        "baseline_exact_bypass_vector_index": {**percentiles(exact_ms), "n": len(exact_ms),
-                                              "agreement_with_numpy_top10": round(float(np.mean(agree)), 4) if agree else None},
-        "indexed_search_top10": {**percentiles(search_ms), "recall_at_10_vs_exact": round(float(np.mean(hits)), 4)},
+        "baseline_exact_bypass_vector_index": {
+            **percentiles(exact_ms),
+            "n": len(exact_ms),
+            "agreement_with_numpy_top10": round(float(np.mean(agree)), 4) if agree else None,
+        },
+        "indexed_search_top10": {
+            **percentiles(search_ms),
+            "recall_at_10_vs_exact": round(float(np.mean(hits)), 4),
+        },
         "recall_with_rerank": percentiles(recall_ms),
         "recall_with_rerank_and_access_update": percentiles(touch_ms) if touch_ms else None,
         "recall_after_access_writes": percentiles(after_writes) if after_writes else None,
         "recall_after_maintain": {**percentiles(after_maintain), "maintain_s": round(maintain_s, 1)}
-                                 if after_maintain else None,
+        if after_maintain
+        else None,
         "targets": {"p50_ms": 20, "p99_ms": 60, "recall_at_10": 0.95},
         "machine": {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
     }
@@ -256,7 +298,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=827_830)
     s.add_argument("--owners", type=int, default=1, help="memories are spread over this many owners")
     s.add_argument("--queries", type=int, default=300)
-    s.add_argument("--exact-queries", type=int, default=5, help="queries also run exactly (slow: the baseline)")
+    s.add_argument(
+        "--exact-queries", type=int, default=5, help="queries also run exactly (slow: the baseline)"
+    )
     s.add_argument("--touch-queries", type=int, default=100,
                    help="recalls timed with access stats counted (written every touch_flush_memories)")
     s.add_argument("--warmup", type=int, default=20)
@@ -271,8 +315,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ef-construction", type=int, default=MemoryConfig().index_ef_construction)
     s.add_argument("--rank", type=int, default=64, help="intrinsic dimension of the synthetic vectors")
     s.add_argument("--noise", type=float, default=0.5)
-    s.add_argument("--episode", type=int, default=10, help="memories per episode (VisDial: a dialog's turns); 1: none")
-    s.add_argument("--spread", type=float, default=0.65, help="within an episode: cosine ~ 1/(1+spread^2), 0.7 here")
+    s.add_argument(
+        "--episode", type=int, default=10, help="memories per episode (VisDial: a dialog's turns); 1: none"
+    )
+    s.add_argument(
+        "--spread", type=float, default=0.65, help="within an episode: cosine ~ 1/(1+spread^2), 0.7 here"
+    )
     s.add_argument("--query-noise", type=float, default=0.5)
     s.add_argument("--vectors", type=Path, default=None, help="an (n, 1024) .npy of real embeddings")
     s.add_argument("--seed", type=int, default=0)

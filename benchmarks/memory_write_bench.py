@@ -42,7 +42,11 @@ from schemas.memory import MemoryConfig
 
 
 def unit(owner: str, i: int) -> np.ndarray:
-    v = np.random.default_rng(zlib.crc32(owner.encode()) * 1_000_003 + i).standard_normal(1024).astype(np.float32)
+    v = (
+        np.random.default_rng(zlib.crc32(owner.encode()) * 1_000_003 + i)
+        .standard_normal(1024)
+        .astype(np.float32)
+    )
     return v / np.linalg.norm(v)
 
 
@@ -158,19 +162,39 @@ def single_writer(root: Path, n: int) -> dict:
     raw, tbl = [], store.table
     for i in range(n // 2):
         now = datetime.now(UTC)
-        row = rows_table([{"memory_id": f"raw-{i}", "owner": "bs", "modality": "text", "text": "raw", "model": "x",
-                           "vector": unit("raw", i), "created_at": now, "last_accessed_at": now,
-                           "access_count": 0, "saliency": 0.5, "kind": "durable"}])
+        row = rows_table(
+            [
+                {
+                    "memory_id": f"raw-{i}",
+                    "owner": "bs",
+                    "modality": "text",
+                    "text": "raw",
+                    "model": "x",
+                    "vector": unit("raw", i),
+                    "created_at": now,
+                    "last_accessed_at": now,
+                    "access_count": 0,
+                    "saliency": 0.5,
+                    "kind": "durable",
+                }
+            ]
+        )
         t0 = time.perf_counter()
         tbl.add(row)
         raw.append((time.perf_counter() - t0) * 1e3)
     store.background.join()
-    return {"remember": percentiles(add), "remember_key": percentiles(key), "anchor_table_add": percentiles(raw)}
+    return {
+        "remember": percentiles(add),
+        "remember_key": percentiles(key),
+        "anchor_table_add": percentiles(raw),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, required=True, help="the speed benchmark's table (made if missing)")
+    p.add_argument(
+        "--workdir", type=Path, required=True, help="the speed benchmark's table (made if missing)"
+    )
     p.add_argument("--writers", type=int, default=4)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--forget-every", type=float, default=20, help="seconds between the forgetter's forgets")
@@ -212,10 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     adds = [w["adds"] for w in ws]
     every = [m for w in ws for m in w["ms"]]
     out["under_load"] = {
-        "adds_per_s": round(sum(adds) / args.seconds, 1), "adds_per_writer": adds,
-        "fairness_max_dev_from_mean": round(float(max(abs(a - np.mean(adds)) for a in adds) / np.mean(adds)), 3),
+        "adds_per_s": round(sum(adds) / args.seconds, 1),
+        "adds_per_writer": adds,
+        "fairness_max_dev_from_mean": round(
+            float(max(abs(a - np.mean(adds)) for a in adds) / np.mean(adds)), 3
+        ),
         "remember": {**percentiles(every), "max_ms": round(max(every), 1)},
-        "exceptions": sum(len(w["errors"]) for w in ws), "exception_examples": [e for w in ws for e in w["errors"]][:3],
+        "exceptions": sum(len(w["errors"]) for w in ws),
+        "exception_examples": [e for w in ws for e in w["errors"]][:3],
         "recall": {**percentiles(rd["ms"]), "recall_at_10": round(rd["recall_at_10"], 4), "n": len(rd["ms"])},
         "sees_writes_1s_old": f"{rd['fresh_seen']}/{rd['fresh_asked']}",
         "fresh_recall": percentiles(rd["fresh_ms"]) if rd["fresh_ms"] else None,
@@ -250,13 +278,20 @@ def main(argv: list[str] | None = None) -> None:
     out["machine"] = {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     u = out["under_load"]
     out["targets_met"] = {
-        "one_writer": out["one_writer"]["remember"]["p50_ms"] <= 15 and out["one_writer"]["remember"]["p99_ms"] <= 60
+        "one_writer": out["one_writer"]["remember"]["p50_ms"] <= 15
+        and out["one_writer"]["remember"]["p99_ms"] <= 60
         and out["one_writer"]["remember_key"]["p50_ms"] <= 40,
-        "writers": u["adds_per_s"] >= 60 and u["fairness_max_dev_from_mean"] <= 0.2 and u["remember"]["p99_ms"] <= 250
-        and u["exceptions"] == 0 and out["books"]["lost"] == 0 and out["books"]["duplicated"] == 0,
-        "recall_under_load": u["recall"]["p50_ms"] <= 20 and u["recall"]["p99_ms"] <= 60
+        "writers": u["adds_per_s"] >= 60
+        and u["fairness_max_dev_from_mean"] <= 0.2
+        and u["remember"]["p99_ms"] <= 250
+        and u["exceptions"] == 0
+        and out["books"]["lost"] == 0
+        and out["books"]["duplicated"] == 0,
+        "recall_under_load": u["recall"]["p50_ms"] <= 20
+        and u["recall"]["p99_ms"] <= 60
         and u["recall"]["recall_at_10"] >= 0.99,
-        "forget_one": out["forget_one_after_writes"]["s"] <= 1 and out["forget_one_after_writes"]["share_of_table"] <= 0.1,
+        "forget_one": out["forget_one_after_writes"]["s"] <= 1
+        and out["forget_one_after_writes"]["share_of_table"] <= 0.1,
     }
     for log in logs:
         log.unlink(missing_ok=True)

@@ -115,11 +115,16 @@ async def pooled(urls: list[str], n: int, on_progress=None) -> dict:
         wall = time.perf_counter() - t0
         hosts = pool.summary()
     lo, hi = n // 10, n * 9 // 10  # steady: without the first round trips and the drain
-    return {"requests": n, "wall_s": round(wall, 2), "req_per_s": round(n / wall, 1),
-            "steady_req_per_s": round((hi - lo) / (times[hi] - times[lo]), 1),
-            "lost": sum(1 for i in range(n) if answers[i] == 0), "duplicated": sum(c - 1 for c in answers.values()
-                                                                               if c > 1),
-            "wrong_answers": wrong, "hosts": hosts}
+    return {
+        "requests": n,
+        "wall_s": round(wall, 2),
+        "req_per_s": round(n / wall, 1),
+        "steady_req_per_s": round((hi - lo) / (times[hi] - times[lo]), 1),
+        "lost": sum(1 for i in range(n) if answers[i] == 0),
+        "duplicated": sum(c - 1 for c in answers.values() if c > 1),
+        "wrong_answers": wrong,
+        "hosts": hosts,
+    }
 
 
 def host_lines(hosts: dict) -> dict:
@@ -154,24 +159,38 @@ async def run(args: argparse.Namespace) -> dict:
     best = max(single["req_per_s"], 1e-9)
     b_after = failover["hosts"][b.url]
     return {
-        "servers": {"A": f"{args.slots_a} slots", "B": f"{args.slots_b} slots", "latency_ms": args.latency_ms,
-                    "summed_capacity_req_per_s": summed},
-        "baseline_best_single_host": {"pool_over_A_alone_req_per_s": single["req_per_s"],
-                                      "steady_req_per_s": single["steady_req_per_s"],
-                                      "bare_client_on_A_req_per_s": round(bare_a, 1),
-                                      "of_A_capacity": round(single["req_per_s"] / a.capacity, 3)},
-        "pool_over_A_and_B": {"req_per_s": both["req_per_s"],
-                              "of_summed_capacity": round(both["req_per_s"] / summed, 3),
-                              "steady_req_per_s": both["steady_req_per_s"],
-                              "steady_of_summed_capacity": round(both["steady_req_per_s"] / summed, 3),
-                              "target_of_summed_capacity": 0.9,
-                              "vs_best_single_host": round(both["req_per_s"] / best, 2), "target_vs_best": 1.4,
-                              "lost": both["lost"], "duplicated": both["duplicated"],
-                              "hosts": host_lines(both["hosts"])},
+        "servers": {
+            "A": f"{args.slots_a} slots",
+            "B": f"{args.slots_b} slots",
+            "latency_ms": args.latency_ms,
+            "summed_capacity_req_per_s": summed,
+        },
+        "baseline_best_single_host": {
+            "pool_over_A_alone_req_per_s": single["req_per_s"],
+            "steady_req_per_s": single["steady_req_per_s"],
+            "bare_client_on_A_req_per_s": round(bare_a, 1),
+            "of_A_capacity": round(single["req_per_s"] / a.capacity, 3),
+        },
+        "pool_over_A_and_B": {
+            "req_per_s": both["req_per_s"],
+            "of_summed_capacity": round(both["req_per_s"] / summed, 3),
+            "steady_req_per_s": both["steady_req_per_s"],
+            "steady_of_summed_capacity": round(both["steady_req_per_s"] / summed, 3),
+            "target_of_summed_capacity": 0.9,
+            "vs_best_single_host": round(both["req_per_s"] / best, 2),
+            "target_vs_best": 1.4,
+            "lost": both["lost"],
+            "duplicated": both["duplicated"],
+            "hosts": host_lines(both["hosts"]),
+        },
         "failover_B_killed_at_40pct_restarted_at_70pct": {
-            "req_per_s": failover["req_per_s"], "lost": failover["lost"], "duplicated": failover["duplicated"],
-            "wrong_answers": failover["wrong_answers"], "B_taken_out": b_after["downs"],
-            "hosts": host_lines(failover["hosts"])},
+            "req_per_s": failover["req_per_s"],
+            "lost": failover["lost"],
+            "duplicated": failover["duplicated"],
+            "wrong_answers": failover["wrong_answers"],
+            "B_taken_out": b_after["downs"],
+            "hosts": host_lines(failover["hosts"]),
+        },
     }
 
 

@@ -67,13 +67,18 @@ class SlotServer:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
                 method, path = head[0].split(" ")[:2]
-                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+                headers = {
+                    k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)
+                }
                 size = int(headers.get("content-length") or 0)
                 body = await reader.readexactly(size) if size else b""
                 status, answer = await self._route(method, path, body)
                 data = json.dumps(answer).encode()
-                writer.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json"
-                             f"\r\ncontent-length: {len(data)}\r\n\r\n".encode() + data)
+                writer.write(
+                    f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json"
+                    f"\r\ncontent-length: {len(data)}\r\n\r\n".encode()
+                    + data
+                )
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
                     break
@@ -110,7 +115,9 @@ class SlotServer:
         if self.max_queue is not None and self._waiting >= self.max_queue and self._sem.locked():
             self.busy += 1
             return 503, {"error": "server busy, please try again.  maximum pending requests exceeded"}
-        prompt = (req.get("messages") or [{}])[-1].get("content", "") if path == "/api/chat" else req.get("prompt")
+        prompt = (
+            (req.get("messages") or [{}])[-1].get("content", "") if path == "/api/chat" else req.get("prompt")
+        )
         text = f"answer to: {prompt}"
         self._waiting += 1
         queued = True
@@ -128,9 +135,15 @@ class SlotServer:
             if queued:
                 self._waiting -= 1
         self.answered[text] += 1
-        stats = {"model": self.model, "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": "stop",
-                 "total_duration": int(self.latency_s * 1e9), "prompt_eval_count": len(str(prompt).split()),
-                 "eval_count": len(text.split())}
+        stats = {
+            "model": self.model,
+            "created_at": "2026-01-01T00:00:00Z",
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": int(self.latency_s * 1e9),
+            "prompt_eval_count": len(str(prompt).split()),
+            "eval_count": len(text.split()),
+        }
         if path == "/api/chat":
             return 200, {**stats, "message": {"role": "assistant", "content": text}}
         return 200, {**stats, "response": text}

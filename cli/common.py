@@ -38,7 +38,9 @@ STATE = State()
 
 DataRootOpt = Annotated[
     Path | None,
-    typer.Option("--data-root", help="Data root (default ./mmem-data or $MMEM_DATA_ROOT).", show_default=False),
+    typer.Option(
+        "--data-root", help="Data root (default ./mmem-data or $MMEM_DATA_ROOT).", show_default=False
+    ),
 ]
 ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="TOML profile with per-flow sections.")]
 
@@ -65,9 +67,11 @@ class _TemporaryServerNote(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server"):
-            record.msg = (f"{record.msg.splitlines()[0]} (no PREFECT_API_URL set; waiting up to "
-                          f"{os.environ.get(STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_S)} s for it to start, longer "
-                          "on a busy machine; `mmem server start` keeps one running for every command)")
+            record.msg = (
+                f"{record.msg.splitlines()[0]} (no PREFECT_API_URL set; waiting up to "
+                f"{os.environ.get(STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_S)} s for it to start, longer "
+                "on a busy machine; `mmem server start` keeps one running for every command)"
+            )
             record.args = ()
         return True
 
@@ -128,8 +132,10 @@ def read_auth_file(path: Path) -> str | None:
     with os.fdopen(fd, encoding="utf-8") as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-            raise UnsafeAuthFile(f"{path} must be a regular file of yours with mode 0600 (it is "
-                                 f"{stat.filemode(st.st_mode)}, uid {st.st_uid}): `chmod 600` it or remove it")
+            raise UnsafeAuthFile(
+                f"{path} must be a regular file of yours with mode 0600 (it is "
+                f"{stat.filemode(st.st_mode)}, uid {st.st_uid}): `chmod 600` it or remove it"
+            )
         return fh.read().strip() or None
 
 
@@ -217,13 +223,19 @@ def use_local_server_auth(data_root: Path) -> bool:
     try:
         secret = read_auth_file(path)
     except UnsafeAuthFile as exc:
-        typer.secho(f"warning: not using the local server's auth string: {exc}", err=True, fg=typer.colors.YELLOW)
+        typer.secho(
+            f"warning: not using the local server's auth string: {exc}", err=True, fg=typer.colors.YELLOW
+        )
         return False
     owners = _listening_uids(port)
     if secret is None or (owners and owners != {os.getuid()}):
         if owners and owners != {os.getuid()}:
-            typer.secho(f"warning: port {port} is held by another user (uid {sorted(owners)}): the auth string "
-                        f"in {path} is not sent there", err=True, fg=typer.colors.YELLOW)
+            typer.secho(
+                f"warning: port {port} is held by another user (uid {sorted(owners)}): the auth string "
+                f"in {path} is not sent there",
+                err=True,
+                fg=typer.colors.YELLOW,
+            )
         return False
     os.environ["PREFECT_API_AUTH_STRING"] = secret
     if "prefect.context" in sys.modules:  # Prefect read its settings at import: read them again

@@ -19,12 +19,12 @@ from prefect.settings import PREFECT_API_URL
 from prefect.utilities.urls import url_for
 
 from flows.pipeline import pipeline_flow
+from ingest.demo_data import SPLIT_FOLDERS, write_demo
+from llmcalls.server import make_state, running_server
 from schemas.config import record_root_choice
 from schemas.memory import MemoryConfig
 from schemas.pipeline import PipelineConfig, SplitInput
 from storage.catalog import describe_tables
-from tasks.demo_data import SPLIT_FOLDERS, write_demo
-from training.llm_server import make_state, running_server
 
 DEMO_PROFILE = Path(str(resources.files("schemas") / "profiles" / "demo.toml"))
 
@@ -63,7 +63,9 @@ TEACHER_HOST, TEACHER_MODEL = "http://127.0.0.1:11500", "mmem-teacher"
 def record_made_with(cfg: PipelineConfig) -> None:
     """The models this root was made with, as defaults of every later command on it."""
     e = cfg.embed
-    record_root_choice(cfg.data_root, "imagebind", {"tiny": e.tiny, "checkpoint": e.checkpoint, "seed": e.seed})
+    record_root_choice(
+        cfg.data_root, "imagebind", {"tiny": e.tiny, "checkpoint": e.checkpoint, "seed": e.seed}
+    )
     record_root_choice(cfg.data_root, "llm", {
         "ollama_host": TEACHER_HOST, "model": TEACHER_MODEL,
         "serve": f"mmem llm serve --teacher --port {TEACHER_HOST.rsplit(':', 1)[1]}"})
@@ -86,18 +88,25 @@ def where_to_look(cfg: PipelineConfig, state: State, owner: str | None = None) -
     """How the run ended, every table with its rows and version, and the commands (and, on a
     server, the UI page) that show the results: what `mmem demo` and `mmem pipeline run` print last."""
     root = cfg.data_root
-    lines = [f"pipeline: {'completed' if state.is_completed() else 'FAILED: ' + str(state.message)}", "", "tables:"]
+    lines = [
+        f"pipeline: {'completed' if state.is_completed() else 'FAILED: ' + str(state.message)}",
+        "",
+        "tables:",
+    ]
     for t in describe_tables(cfg.lance_uri):
         lines.append(f"  {t['table']:<18} {t['rows']:>7} rows  version {t['version']}")
-    run_page = url_for("flow-run", obj_id=state.state_details.flow_run_id) if PREFECT_API_URL.value() else None
+    run_page = (
+        url_for("flow-run", obj_id=state.state_details.flow_run_id) if PREFECT_API_URL.value() else None
+    )
     lines += [
         "",
         f"model artifacts:  mmem --data-root {root} artifacts list   ({cfg.artifacts_dir})",
         f"evaluation:       mmem --data-root {root} evaluate report  (plots under {root / 'reports'})",
-        f"query:            mmem --data-root {root} query --text \"a red circle\" -k 5",
-        *([f"memory:           mmem --data-root {root} memory recall --owner {owner} --text \"a red circle\" -k 5"]
-          if owner else []),
-        f"SQL:              mmem --data-root {root} sql \"SELECT reason, count(*) FROM quarantine GROUP BY 1\"",
+        f'query:            mmem --data-root {root} query --text "a red circle" -k 5',
+        *([(f"memory:           mmem --data-root {root} memory recall --owner {owner} "
+            '--text "a red circle" -k 5')] if owner else []),
+        (f"SQL:              mmem --data-root {root} sql "
+         '"SELECT reason, count(*) FROM quarantine GROUP BY 1"'),
         f"Prefect UI:       {run_page}" if run_page else
         "Prefect UI:       run `mmem server start`, export PREFECT_API_URL as it says, and run this again",
     ]

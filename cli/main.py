@@ -12,8 +12,12 @@ import typer
 
 from cli.common import STATE, DataRootOpt, ProfileOpt, quiet_prefect
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="multimodal-memory: VisDial -> multimodal long-term memory, as Prefect flows over Lance tables.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="multimodal-memory: VisDial -> multimodal long-term memory, as Prefect flows over Lance tables.",
+)
 
 
 @app.callback()
@@ -29,7 +33,18 @@ def main(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
 
 
 # "serve" after "pipeline": it puts the --allow-* options in front of pipeline's `mmem serve`
-STAGE_MODULES = ("ingest", "tables", "embed", "reminders", "llm", "train", "evaluate", "memory", "pipeline", "serve")
+STAGE_MODULES = (
+    "ingest",
+    "tables",
+    "embed",
+    "reminders",
+    "llm",
+    "train",
+    "evaluate",
+    "memory",
+    "pipeline",
+    "serve",
+)
 
 for _name in STAGE_MODULES:
     try:

@@ -9,13 +9,19 @@ import typer
 
 from cli.common import DataRootOpt, echo, fail, load
 
-memory_app = typer.Typer(no_args_is_help=True, help="An agent's long-term multimodal memory (the memories table).")
+memory_app = typer.Typer(
+    no_args_is_help=True, help="An agent's long-term multimodal memory (the memories table)."
+)
 
 OwnerOpt = Annotated[str, typer.Option("--owner", help="Whose memory (user or agent id).")]
 TextOpt = Annotated[str | None, typer.Option("--text", help="Text to remember / query.")]
 ImageOpt = Annotated[Path | None, typer.Option("--image", help="Image file to remember / query.")]
-SessionOpt = Annotated[str | None, typer.Option("--session", help="Session id (transient memories live in one).")]
-TinyOpt = Annotated[bool | None, typer.Option("--tiny/--no-tiny", help="Tiny random-weight ImageBind.", show_default=False)]
+SessionOpt = Annotated[
+    str | None, typer.Option("--session", help="Session id (transient memories live in one).")
+]
+TinyOpt = Annotated[
+    bool | None, typer.Option("--tiny/--no-tiny", help="Tiny random-weight ImageBind.", show_default=False)
+]
 CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Local imagebind_huge.pth.")]
 
 
@@ -44,10 +50,14 @@ def add(
     image: ImageOpt = None,
     saliency: Annotated[float | None, typer.Option(help="How important, 0..1 (default from config).")] = None,
     kind: Annotated[str, typer.Option(help="transient (kept for its session) or durable.")] = "durable",
-    key: Annotated[str | None, typer.Option(help="Subject key: a new fact on it supersedes the old one.")] = None,
+    key: Annotated[
+        str | None, typer.Option(help="Subject key: a new fact on it supersedes the old one.")
+    ] = None,
     session: SessionOpt = None,
-    memory_id: Annotated[str | None, typer.Option("--id", help="Your id for it: a retry with the same id "
-                                                  "stores nothing twice.")] = None,
+    memory_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Your id for it: a retry with the same id stores nothing twice."),
+    ] = None,
     tiny: TinyOpt = None,
     checkpoint: CheckpointOpt = None,
     data_root: DataRootOpt = None,
@@ -56,8 +66,16 @@ def add(
     _one_of(text, image)
     store = _store(data_root, tiny=tiny, checkpoint=checkpoint)
     try:
-        row = store.remember(owner, text=text, image=image, saliency=saliency, kind=kind, key=key, session=session,
-                             memory_id=memory_id)
+        row = store.remember(
+            owner,
+            text=text,
+            image=image,
+            saliency=saliency,
+            kind=kind,
+            key=key,
+            session=session,
+            memory_id=memory_id,
+        )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     echo(row)
@@ -93,7 +111,9 @@ def recall(
         typer.echo(f"{rank:>2}. {h.score:.3f}  {m['memory_id']}  [{m['modality']}/{m['kind']}]  {what}")
         if explain:
             b = h.breakdown
-            terms = "  ".join(f"{t}={b[t]:.3f}x{b['w_' + t]:g}" for t in ("similarity", "recency", "frequency", "saliency"))
+            terms = "  ".join(
+                f"{t}={b[t]:.3f}x{b['w_' + t]:g}" for t in ("similarity", "recency", "frequency", "saliency")
+            )
             extra = "".join(f"  {t}={b[t]:.3f}" for t in ("cosine", "keyword") if t in b)
             typer.echo(f"      {terms}{extra}  (accessed {m['access_count']}x, last {m['last_accessed_at']})")
 
@@ -160,9 +180,13 @@ def maintain(data_root: DataRootOpt = None) -> None:
 @memory_app.command("seed")
 def seed(
     split: Annotated[str | None, typer.Option(help="Only this split of the ingested tables.")] = None,
-    owner: Annotated[str | None, typer.Option(help="One owner for all dialogs (default: one per dialog).")] = None,
+    owner: Annotated[
+        str | None, typer.Option(help="One owner for all dialogs (default: one per dialog).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N dialogs.")] = None,
-    images: Annotated[Path | None, typer.Option(help="Image folder, for images the embed stage did not embed.")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Image folder, for images the embed stage did not embed.")
+    ] = None,
     tiny: TinyOpt = None,
     checkpoint: CheckpointOpt = None,
     data_root: DataRootOpt = None,
@@ -178,7 +202,9 @@ def seed(
     try:
         total = open_table(store.db, "dialogs").count_rows()
         with Progress(min(limit or total, total), "seed memories") as bar:
-            counts = seed_visdial(store, split=split, owner=owner, limit=limit, images_root=images, progress=bar)
+            counts = seed_visdial(
+                store, split=split, owner=owner, limit=limit, images_root=images, progress=bar
+            )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     counts["maintain"] = store.maintain()

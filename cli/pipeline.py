@@ -71,14 +71,29 @@ def demo(
 
 @server_app.command("start")
 def server_start(
-    port: Annotated[int | None, typer.Option(
-        help="Port of the API and the UI (default: PREFECT_SERVER_API_PORT, else 4200).", show_default=False)] = None,
-    host: Annotated[str | None, typer.Option(
-        help="Bind address (default: PREFECT_SERVER_API_HOST, else 127.0.0.1, private to this machine). Any "
-             "other address needs PREFECT_SERVER_API_AUTH_STRING set.", show_default=False)] = None,
-    database_url: Annotated[str | None, typer.Option(
-        help="SQLAlchemy URL of the server's database, e.g. postgresql+asyncpg://user:pass@db:5432/prefect "
-             "for a shared server (default: SQLite at <data-root>/prefect/prefect.db).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the API and the UI (default: PREFECT_SERVER_API_PORT, else 4200).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Bind address (default: PREFECT_SERVER_API_HOST, else 127.0.0.1, private to this "
+            "machine). Any other address needs PREFECT_SERVER_API_AUTH_STRING set.",
+            show_default=False,
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL of the server's database, e.g. "
+            "postgresql+asyncpg://user:pass@db:5432/prefect for a shared server (default: SQLite at "
+            "<data-root>/prefect/prefect.db)."
+        ),
+    ] = None,
     data_root: DataRootOpt = None,
 ) -> None:
     """Start a local Prefect server (SQLite under the data root) and print the UI address. Ctrl-C stops it.
@@ -99,13 +114,17 @@ def server_start(
     configured = env.get("PREFECT_SERVER_API_AUTH_STRING") or (
         settings.auth_string.get_secret_value() if settings.auth_string else None)
     if not configured and not is_loopback(host):
-        fail(f"--host {host} opens the API to other machines, and anyone who reaches it can start runs and read "
-             "Secret blocks: set PREFECT_SERVER_API_AUTH_STRING=user:password (and give it to your team), "
-             "or keep the default 127.0.0.1")
+        fail(
+            f"--host {host} opens the API to other machines, and anyone who reaches it can start runs "
+            "and read Secret blocks: set PREFECT_SERVER_API_AUTH_STRING=user:password (and give it to "
+            "your team), or keep the default 127.0.0.1"
+        )
     if configured:
         env["PREFECT_SERVER_API_AUTH_STRING"] = configured
-        auth = ("Auth: the API refuses requests without PREFECT_SERVER_API_AUTH_STRING\n"
-                "  UI login: that value; Prefect clients and mmem commands: export PREFECT_API_AUTH_STRING=<it>")
+        auth = (
+            "Auth: the API refuses requests without PREFECT_SERVER_API_AUTH_STRING\n"
+            "  UI login: that value; Prefect clients and mmem commands: export PREFECT_API_AUTH_STRING=<it>"
+        )
     else:
         path = auth_file(root)
         try:
@@ -158,8 +177,13 @@ def server_env(port: int, host: str, database_url: str | None, root: Path) -> tu
     local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     url = f"http://[{local}]:{port}" if ":" in local else f"http://{local}:{port}"
     env = {k: v for k, v in os.environ.items() if k not in _DB_VARS}
-    env.update({"PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "DO_NOT_TRACK": "1"})
+    env.update(
+        {
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
+    )
     if local == host or not env.get("PREFECT_UI_API_URL"):
         env["PREFECT_UI_API_URL"] = f"{url}/api"  # the UI's browser calls this: the port we serve on
     return env, url
@@ -188,5 +212,7 @@ def serve(data_root: DataRootOpt = None, profile: ProfileOpt = None) -> None:
         fail("PREFECT_API_URL is not set: start a server (`mmem server start`) and export the URL it prints")
     from schemas.config import StageConfig
 
-    use_local_server_auth(StageConfig.load(profile or STATE.profile, data_root=data_root or STATE.data_root).data_root)
+    use_local_server_auth(
+        StageConfig.load(profile or STATE.profile, data_root=data_root or STATE.data_root).data_root
+    )
     serve_all(profile or STATE.profile, data_root or STATE.data_root)

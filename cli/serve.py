@@ -38,8 +38,13 @@ def serve(
     from deployments.serve import trust_profile
 
     try:  # the whole allow-list (profile + options) first: serving builds configs under it
-        trust_profile(profile or STATE.profile, data_root or STATE.data_root, ollama_hosts=allow_ollama_host or (),
-                      dask_addresses=allow_dask_address or (), data_roots=allow_data_root or ()).export()
+        trust_profile(
+            profile or STATE.profile,
+            data_root or STATE.data_root,
+            ollama_hosts=allow_ollama_host or (),
+            dask_addresses=allow_dask_address or (),
+            data_roots=allow_data_root or (),
+        ).export()
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     pipeline.serve(data_root=data_root, profile=profile)

@@ -30,17 +30,21 @@ def tables(ctx: typer.Context, data_root: DataRootOpt = None) -> None:
     if not rows:
         typer.echo(f"no tables under {cfg.lance_uri}")
     for r in rows:
-        typer.echo(f"{r['table']:<18} rows={r['rows']:<9} version={r['version']:<4} tags={','.join(r['tags']) or '-'}")
+        tags = ",".join(r["tags"]) or "-"
+        typer.echo(f"{r['table']:<18} rows={r['rows']:<9} version={r['version']:<4} tags={tags}")
         typer.echo(f"{'':<18} columns: {', '.join(r['columns'])}")
 
 
 def sql(
     query: Annotated[str, typer.Argument(help="DuckDB SQL; tables are named as in Lance.")],
-    version: Annotated[list[str] | None, typer.Option(help="TABLE=VERSION (number or tag) to read a past version.")] = None,
+    version: Annotated[
+        list[str] | None, typer.Option(help="TABLE=VERSION (number or tag) to read a past version.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Rows to print.")] = 50,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Run read-only DuckDB SQL over the Lance tables (joins included), e.g. mmem sql "SELECT count(*) FROM turns".
+    """Run read-only DuckDB SQL over the Lance tables (joins included), e.g.
+    mmem sql "SELECT count(*) FROM turns".
 
     Only queries run: writing, files, URLs, ATTACH, extensions and settings are refused (exit status 2).
     """
@@ -69,8 +73,12 @@ def sql(
 @tables_app.command("maintain")
 def maintain(
     ctx: typer.Context,
-    keep_hours: Annotated[float, typer.Option(min=0, help="Keep untagged versions younger than this; 0: remove "
-                                              "every untagged old version now.")] = 168.0,
+    keep_hours: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Keep untagged versions younger than this; 0: remove every untagged old version now."
+        ),
+    ] = 168.0,
     table: Annotated[list[str] | None, typer.Option(help="Only this table (repeatable).")] = None,
     data_root: DataRootOpt = None,
 ) -> None:

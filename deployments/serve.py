@@ -46,30 +46,50 @@ def build_deployments(profile: Path | None = None, data_root: Path | None = None
     evaluate = cfg.stage("evaluate")
     deployments = [
         pipeline_flow.to_deployment(
-            name="pipeline", parameters=params(cfg), tags=["mmem"],
-            schedules=[CronSchedule(cron=EXAMPLE_CRON, timezone="UTC")], paused=True,
+            name="pipeline",
+            parameters=params(cfg),
+            tags=["mmem"],
+            schedules=[CronSchedule(cron=EXAMPLE_CRON, timezone="UTC")],
+            paused=True,
             description="The whole DAG: ingest -> embed -> reminders -> train -> evaluate.",
         ),
         embed_flow.to_deployment(name="embed", parameters=params(cfg.stage("embed")), tags=["mmem"]),
-        reminders_flow.to_deployment(name="reminders", parameters=params(cfg.stage("reminders")), tags=["mmem"]),
-        train_sft_flow.to_deployment(name="train-sft", parameters=params(cfg.stage("train_sft")), tags=["mmem"],
-                                     triggers=[sft_on_new_reminders()]),
-        train_memory_flow.to_deployment(name="train-memory", parameters=params(cfg.stage("train_memory")),
-                                        tags=["mmem"]),
-        evaluate_flow.to_deployment(name="evaluate", parameters=params(evaluate), tags=["mmem"],
-                                    triggers=evaluate_on_new_artifacts(params(evaluate)["config"],
-                                                                       load_variants(evaluate.variants))),
+        reminders_flow.to_deployment(
+            name="reminders", parameters=params(cfg.stage("reminders")), tags=["mmem"]
+        ),
+        train_sft_flow.to_deployment(
+            name="train-sft",
+            parameters=params(cfg.stage("train_sft")),
+            tags=["mmem"],
+            triggers=[sft_on_new_reminders()],
+        ),
+        train_memory_flow.to_deployment(
+            name="train-memory", parameters=params(cfg.stage("train_memory")), tags=["mmem"]
+        ),
+        evaluate_flow.to_deployment(
+            name="evaluate",
+            parameters=params(evaluate),
+            tags=["mmem"],
+            triggers=evaluate_on_new_artifacts(params(evaluate)["config"], load_variants(evaluate.variants)),
+        ),
         memory_upkeep_flow.to_deployment(
-            name="memory-upkeep", parameters=params(MemoryConfig.load(profile, data_root=cfg.data_root)),
-            tags=["mmem"], schedules=[CronSchedule(cron=UPKEEP_CRON, timezone="UTC")],
-            description="Upkeep of the memories table for stores nobody keeps open."),
+            name="memory-upkeep",
+            parameters=params(MemoryConfig.load(profile, data_root=cfg.data_root)),
+            tags=["mmem"],
+            schedules=[CronSchedule(cron=UPKEEP_CRON, timezone="UTC")],
+            description="Upkeep of the memories table for stores nobody keeps open.",
+        ),
     ]
     if cfg.inputs:
         first = cfg.inputs[0]
         from schemas.ingest import IngestConfig
 
-        ingest_cfg = IngestConfig(data_root=cfg.data_root, visdial=first.visdial, images=first.images, coco=first.coco)
-        deployments.insert(1, ingest_flow.to_deployment(name="ingest", parameters=params(ingest_cfg), tags=["mmem"]))
+        ingest_cfg = IngestConfig(
+            data_root=cfg.data_root, visdial=first.visdial, images=first.images, coco=first.coco
+        )
+        deployments.insert(
+            1, ingest_flow.to_deployment(name="ingest", parameters=params(ingest_cfg), tags=["mmem"])
+        )
     return deployments
 
 

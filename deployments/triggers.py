@@ -34,7 +34,9 @@ ARTIFACT_VERSION = "{{ event.resource['mmem.artifact.version'] }}"
 TRIGGERED_RUN_LABEL = f"on-{ARTIFACT_NAME}-v{ARTIFACT_VERSION}"
 
 
-def sft_on_new_reminders(parameters: dict[str, Any] | None = None, *, enabled: bool = True) -> DeploymentEventTrigger:
+def sft_on_new_reminders(
+    parameters: dict[str, Any] | None = None, *, enabled: bool = True
+) -> DeploymentEventTrigger:
     """Run the SFT deployment when a ``reminders`` flow run completes (its gate passed, its rows
     are written). ``parameters`` default to the deployment's own."""
     return DeploymentEventTrigger(
@@ -65,7 +67,9 @@ def evaluate_on_new_artifact(
     )
 
 
-def evaluate_on_new_artifacts(config: dict[str, Any], variants: Iterable[Any]) -> list[DeploymentEventTrigger]:
+def evaluate_on_new_artifacts(
+    config: dict[str, Any], variants: Iterable[Any]
+) -> list[DeploymentEventTrigger]:
     """One trigger per artifact that a variant of ``variants`` uses (``Variant.artifact``).
 
     ``config`` is the evaluation deployment's ``config`` parameter (JSON); the run a trigger

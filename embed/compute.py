@@ -40,7 +40,7 @@ log = logging.getLogger("mmem." + __name__)
 
 DECODE_CHUNK = 32  # images per job sent to a decoding process
 TOKENIZE_CHUNK = 512
-# What the decoding processes import before they fork (torch, PIL, ImageBind's code; was training.imagebind).
+# What the decoding processes import before they fork (torch, PIL, ImageBind's code).
 PRELOAD = "embed.model"
 
 

@@ -115,7 +115,9 @@ def _train_memory(config: PipelineConfig, result: PipelineResult) -> tuple[bool,
 
 def _evaluate(config: PipelineConfig, result: PipelineResult) -> tuple[bool, Any]:
     """Evaluation loads the artifact versions this run's training produced (or found up to date)."""
-    trained = {r.name: r.version for r in (result.train_sft, result.train_memory) if isinstance(r, TrainResult)}
+    trained = {
+        r.name: r.version for r in (result.train_sft, result.train_memory) if isinstance(r, TrainResult)
+    }
     return _run("evaluate", evaluate_flow, _pinned(config.stage("evaluate"), "artifact_versions", trained))
 
 

@@ -2,12 +2,12 @@
 
 After the vector search Lance reads each further column of the candidates by random access, a
 cost paid per column and per query, and recall's filter and score need nine columns (the figures
-are in benchmarks/memory_bench.py's printout). These columns are small (~40 bytes a row as numpy arrays and codes), and a
-fragment's data files never change (an update deletes the row and writes it into a new
-fragment; an in-place column rewrite changes the fragment's file list, which is part of the
-cache key), so each fragment's columns are read once per process and, when the table moves on,
-only new or rewritten fragments are read. Deleted rows are never returned by the search, so
-deletion files need no tracking here.
+are in benchmarks/memory_bench.py's printout). These columns are small (~40 bytes a row as numpy
+arrays and codes), and a fragment's data files never change (an update deletes the row and
+writes it into a new fragment; an in-place column rewrite changes the fragment's file list,
+which is part of the cache key), so each fragment's columns are read once per process and,
+when the table moves on, only new or rewritten fragments are read. Deleted rows are never
+returned by the search, so deletion files need no tracking here.
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ class RecallColumns:
             ends = np.searchsorted(fids, np.array(sorted(todo), np.uint64), side="right")
             for fid, lo, hi in zip(sorted(todo), bounds, ends, strict=True):
                 frag, key = todo[fid]
-                live[fid] = self._read(t.slice(lo, hi - lo).combine_chunks(), frag.metadata.physical_rows, key)
+                live[fid] = self._read(
+                    t.slice(lo, hi - lo).combine_chunks(), frag.metadata.physical_rows, key
+                )
         self._fragments, self.version = live, ds.version
 
     def _read(self, t: pa.Table, physical_rows: int, key: tuple) -> _Fragment:
@@ -81,8 +83,14 @@ class RecallColumns:
         at[(t.column("_rowaddr").to_numpy() & 0xFFFFFFFF).astype(np.int64)] = np.arange(len(t))
         codes = {c: self._encode(t.column(c)) for c in CODED}
         numbers = {c: t.column(c).to_numpy().astype(dtype) for c, dtype in NUMERIC.items()}
-        return _Fragment(key, at, t.column("memory_id").chunk(0) if len(t) else pa.array([], pa.string()),
-                         t.column("superseded_by").chunk(0) if len(t) else pa.array([], pa.string()), codes, numbers)
+        return _Fragment(
+            key,
+            at,
+            t.column("memory_id").chunk(0) if len(t) else pa.array([], pa.string()),
+            t.column("superseded_by").chunk(0) if len(t) else pa.array([], pa.string()),
+            codes,
+            numbers,
+        )
 
     def _encode(self, col: pa.ChunkedArray) -> np.ndarray:
         enc = col.dictionary_encode().combine_chunks() if len(col) else pa.DictionaryArray.from_arrays(
@@ -117,8 +125,12 @@ class RecallColumns:
             for c in NUMERIC:
                 numbers[c][pick] = frag.numbers[c][pos]
             taken = pa.array(pos)
-            for i, m, s in zip(pick, frag.memory_id.take(taken).to_pylist(), frag.superseded.take(taken).to_pylist(),
-                               strict=True):
+            for i, m, s in zip(
+                pick,
+                frag.memory_id.take(taken).to_pylist(),
+                frag.superseded.take(taken).to_pylist(),
+                strict=True,
+            ):
                 ids[i], superseded[i] = m, s
         words = np.array([*self._words, None], dtype=object)  # code -1 -> None
         cols = {"memory_id": ids, "superseded_by": superseded}

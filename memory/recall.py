@@ -59,10 +59,19 @@ class Searcher:
                 nearest.update(nprobes=c.nprobes, ef=c.ef)
                 if c.refine_factor:
                     nearest["refine_factor"] = c.refine_factor
-            hits = ds.to_table(columns=["_distance"], nearest=nearest, filter=where, prefilter=where is not None,
-                               with_row_id=True, with_row_address=True, disable_scoring_autoprojection=True)
+            hits = ds.to_table(
+                columns=["_distance"],
+                nearest=nearest,
+                filter=where,
+                prefilter=where is not None,
+                with_row_id=True,
+                with_row_address=True,
+                disable_scoring_autoprojection=True,
+            )
             rows = self.mt.columns.take(hits.column("_rowaddr").to_numpy())
-            return rows.append_column("_distance", hits.column("_distance")).append_column("_rowid", hits.column("_rowid"))
+            return rows.append_column("_distance", hits.column("_distance")).append_column(
+                "_rowid", hits.column("_rowid")
+            )
 
         if indexed and owner not in self.prefilter_owners:
             got = search(None, int(n * OVERFETCH)).filter(visible)
@@ -84,13 +93,17 @@ class Searcher:
         if best <= 0:  # no word in common with any memory: nothing to blend
             return cands, cos, None
         have = set(cands.column("memory_id").to_pylist())
-        extra = hits.filter(pc.invert(pc.is_in(hits.column("memory_id"), pa.array(sorted(have), pa.string()))))
+        extra = hits.filter(
+            pc.invert(pc.is_in(hits.column("memory_id"), pa.array(sorted(have), pa.string())))
+        )
         if len(extra):
             vecs = np.stack(extra.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
             cos = np.concatenate([cos, vecs @ q])
             keep = [*SCORE_COLUMNS, "_rowid"]
             cands = pa.concat_tables([cands.select(keep), extra.select(keep)])
-        keyword = np.array([bm25.get(m, 0.0) / best for m in cands.column("memory_id").to_pylist()], np.float64)
+        keyword = np.array(
+            [bm25.get(m, 0.0) / best for m in cands.column("memory_id").to_pylist()], np.float64
+        )
         return cands, cos, keyword
 
     def public_rows(self, picked: pa.Table) -> list[dict[str, Any]]:

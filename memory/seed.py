@@ -80,15 +80,32 @@ def _records(store, dialogs, turns, paths, offset, total, owner, now) -> list[di
         back = (total - position[image_id] - 1) * gap if owner else timedelta(0)
         return now - back - NUM_TURNS * spacing
 
-    recs = [{"owner": owner or f"visdial:{image_id}", "source": f"visdial:{image_id}:0", "modality": "image",
-             "image_id": image_id, "text": caption, "image_ref": paths.get(image_id), "at": start_of(image_id),
-             "saliency": c.seed_image_saliency}
-            for image_id, caption in zip(ids, dialogs.column("caption").to_pylist(), strict=True)]
+    recs = [
+        {
+            "owner": owner or f"visdial:{image_id}",
+            "source": f"visdial:{image_id}:0",
+            "modality": "image",
+            "image_id": image_id,
+            "text": caption,
+            "image_ref": paths.get(image_id),
+            "at": start_of(image_id),
+            "saliency": c.seed_image_saliency,
+        }
+        for image_id, caption in zip(ids, dialogs.column("caption").to_pylist(), strict=True)
+    ]
     for t in turns.to_pylist():
-        recs.append({"owner": owner or f"visdial:{t['image_id']}", "source": f"visdial:{t['image_id']}:{t['turn']}",
-                     "modality": "text", "text": turn_text(t["question"], t["answer"]), "text_hash": t["text_hash"],
-                     "image_ref": None, "at": start_of(t["image_id"]) + t["turn"] * spacing,
-                     "saliency": c.seed_turn_saliency})
+        recs.append(
+            {
+                "owner": owner or f"visdial:{t['image_id']}",
+                "source": f"visdial:{t['image_id']}:{t['turn']}",
+                "modality": "text",
+                "text": turn_text(t["question"], t["answer"]),
+                "text_hash": t["text_hash"],
+                "image_ref": None,
+                "at": start_of(t["image_id"]) + t["turn"] * spacing,
+                "saliency": c.seed_turn_saliency,
+            }
+        )
     for r in recs:
         r["memory_id"] = memory_id(r["owner"], r["source"])
     return recs
@@ -127,7 +144,9 @@ class _Vectors:
             self.ds = open_table(store.db, name).to_lance()
             keys = self.ds.to_table(columns=[key, "model"], with_row_id=False)
             mine = pc.equal(keys.column("model"), store.fingerprint).to_numpy(zero_copy_only=False)
-            self.rows = {k: j for j, (k, m) in enumerate(zip(keys.column(key).to_pylist(), mine, strict=True)) if m}
+            self.rows = {
+                k: j for j, (k, m) in enumerate(zip(keys.column(key).to_pylist(), mine, strict=True)) if m
+            }
 
     def fill(self, out: np.ndarray, have: np.ndarray, idx: list[int], keys: list) -> None:
         found = [(i, self.rows[k]) for i, k in zip(idx, keys, strict=True) if k in self.rows]
@@ -158,8 +177,10 @@ def _vectors(store: MemoryStore, recs: list[dict], sources: dict[str, _Vectors],
     todo_i = [i for i in image_idx if not have[i]]
     if todo_i:
         if images_root is None:
-            raise ValueError(f"{len(todo_i)} images have no embedding by {store.fingerprint} in image_embeddings: "
-                             "run the embed stage with the same model, or pass the image folder (--images)")
+            raise ValueError(
+                f"{len(todo_i)} images have no embedding by {store.fingerprint} in image_embeddings: "
+                "run the embed stage with the same model, or pass the image folder (--images)"
+            )
         from memory.store import _open_image
 
         for i in todo_i:

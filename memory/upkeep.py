@@ -93,7 +93,9 @@ def _pinning_tags(tbl, ds, ids: list[str]) -> list[str]:
     out = []
     for name, info in tbl.tags.list().items():
         old = ds.checkout_version(info["version"])
-        held = old.to_table(columns=["memory_id"], filter=vis.ids(ids), with_row_id=True, include_deleted_rows=True)
+        held = old.to_table(
+            columns=["memory_id"], filter=vis.ids(ids), with_row_id=True, include_deleted_rows=True
+        )
         if len(held):
             out.append(name)
     return sorted(out)

@@ -97,7 +97,9 @@ def replace_rows(ds, old: pa.Table, new: pa.Table) -> None:
     merge on ``memory_id`` does, without joining the whole table to find rows already found."""
     new_fragments = write_fragments(new, ds, schema=ds.schema)
     frags: dict[int, list[str]] = {}
-    for addr, mid in zip(old.column("_rowaddr").to_pylist(), old.column("memory_id").to_pylist(), strict=True):
+    for addr, mid in zip(
+        old.column("_rowaddr").to_pylist(), old.column("memory_id").to_pylist(), strict=True
+    ):
         frags.setdefault(addr >> 32, []).append(mid)
     updated, removed = [], []
     for fid, ids in frags.items():

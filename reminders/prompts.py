@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmcalls.requests import ImageRef, LLMRequest
+from schemas.paths import stored_root as stored_root_of
 from schemas.quarantine import Reason, Rejection
 from schemas.reminders import RemindersConfig, load_prompt_data
 from storage.lance import connect, read, require, resolve_versions
-from storage.paths import stored_root as stored_root_of
 
 log = logging.getLogger("mmem." + __name__)
 

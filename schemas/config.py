@@ -128,9 +128,10 @@ class Trusted(BaseModel):
         """Refuse an Ollama host named somewhere other than ``ollama_host`` (a variants file)."""
         if normalise_host(host) not in self.ollama_hosts:
             raise UntrustedParameter(
-                f"run parameter {parameter} names Ollama host {normalise_host(host)!r}, which the process that "
-                f"runs this flow does not allow (it allows {self.ollama_hosts or 'nothing else'}); start "
-                f"`mmem serve` with --allow-ollama-host {host} to allow it")
+                f"run parameter {parameter} names Ollama host {normalise_host(host)!r}, which the process "
+                f"that runs this flow does not allow (it allows {self.ollama_hosts or 'nothing else'}); "
+                f"start `mmem serve` with --allow-ollama-host {host} to allow it"
+            )
 
     def check(self, config: StageConfig) -> None:
         """Raise :class:`UntrustedParameter` naming the first parameter this allow-list refuses."""
@@ -143,15 +144,16 @@ class Trusted(BaseModel):
             for v in value:
                 if v not in allowed:
                     raise UntrustedParameter(
-                        f"run parameter {field_name}={v!r} is not allowed by the process that runs this flow "
-                        f"(it allows {allowed or 'nothing else'}); start `mmem serve` with "
+                        f"run parameter {field_name}={v!r} is not allowed by the process that runs this "
+                        f"flow (it allows {allowed or 'nothing else'}); start `mmem serve` with "
                         f"--allow-{field_name.replace('_', '-')} {v} (or name it in its profile) to allow it")
         for host, source in given.ollama_auth.items():
             if self.ollama_auth.get(host) != source:
                 raise UntrustedParameter(
-                    f"run parameter auth_secret_block/ollama_auth binds {source.split(':', 1)[0]} credentials "
-                    f"to {host}, which the process that runs this flow does not (it binds "
-                    f"{sorted(self.ollama_auth) or 'no host'}); set it in the profile `mmem serve` reads")
+                    f"run parameter auth_secret_block/ollama_auth binds {source.split(':', 1)[0]} "
+                    f"credentials to {host}, which the process that runs this flow does not (it binds "
+                    f"{sorted(self.ollama_auth) or 'no host'}); set it in the profile `mmem serve` reads"
+                )
 
 
 class StageConfig(BaseSettings):

@@ -32,7 +32,9 @@ MEMORIES = register(
             pa.field("text", pa.string()),  # the fact, or an image's caption
             pa.field("image_ref", pa.string()),
             pa.field("vector", pa.list_(pa.float32(), EMBED_DIM), nullable=False),
-            pa.field("model", pa.string()),  # embedder fingerprint: vectors of other models are not comparable
+            pa.field(
+                "model", pa.string()
+            ),  # embedder fingerprint: vectors of other models are not comparable
             pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
             pa.field("last_accessed_at", pa.timestamp("us", tz="UTC"), nullable=False),
             pa.field("access_count", pa.int64(), nullable=False),
@@ -61,19 +63,39 @@ class MemoryConfig(StageConfig):
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     # score = sum(w_i * term_i) / sum(w_i), every term in [0, 1]
-    w_similarity: float = Field(default=3.0, ge=0, description="Weight of cosine similarity (negatives clipped to 0).")
-    w_recency: float = Field(default=1.0, ge=0, description="Weight of 0.5 ** (hours since last access / half-life).")
-    w_frequency: float = Field(default=0.0, ge=0, description="Weight of log1p(access_count) / log1p(saturation).")
+    w_similarity: float = Field(
+        default=3.0, ge=0, description="Weight of cosine similarity (negatives clipped to 0)."
+    )
+    w_recency: float = Field(
+        default=1.0, ge=0, description="Weight of 0.5 ** (hours since last access / half-life)."
+    )
+    w_frequency: float = Field(
+        default=0.0, ge=0, description="Weight of log1p(access_count) / log1p(saturation)."
+    )
     w_saliency: float = Field(default=0.5, ge=0, description="Weight of the saliency given when remembered.")
     # `python benchmarks/memory_bench.py quality` (2026-11-23): best tune MRR 0.3644 at half-life 6 h
     # (w_sal 0.25; 0.3642 with 0.5); at 24 h the test MRR was 0.245 vs 0.352 (revisit R@1 0.21 vs 0.97)
-    half_life_hours: float = Field(default=6.0, gt=0, le=1e6, description="Recency halves every this many hours.")
-    frequency_saturation: int = Field(default=32, ge=1, le=1_000_000, description="Access count at which frequency reaches 1.")
-    candidates: int = Field(default=64, ge=1, le=10_000, description="Nearest memories re-ranked by the full score.")
-    touch_flush_memories: int = Field(default=256, ge=1, le=1_000_000,
-                                      description="Recalled memories whose access stats are written together.")
-    touch_flush_seconds: float = Field(default=60.0, ge=0, le=86_400,
-                                       description="Access stats are written at the latest this long after a recall.")
+    half_life_hours: float = Field(
+        default=6.0, gt=0, le=1e6, description="Recency halves every this many hours."
+    )
+    frequency_saturation: int = Field(
+        default=32, ge=1, le=1_000_000, description="Access count at which frequency reaches 1."
+    )
+    candidates: int = Field(
+        default=64, ge=1, le=10_000, description="Nearest memories re-ranked by the full score."
+    )
+    touch_flush_memories: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Recalled memories whose access stats are written together.",
+    )
+    touch_flush_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="Access stats are written at the latest this long after a recall.",
+    )
     refresh_seconds: float = Field(default=1.0, ge=0, le=3600,
                                    description="Reads see other processes' writes at most this late.")
 
@@ -82,41 +104,72 @@ class MemoryConfig(StageConfig):
                               description="Fragments smaller than this are folded into each other.")
     fold_rows: int = Field(default=1024, ge=2, le=1_048_576,
                            description="An open store folds fragments smaller than this into each other.")
-    upkeep_small_fragments: int = Field(default=32, ge=2, le=100_000,
-                                        description="An open store folds small fragments once this many pile up.")
-    upkeep_unindexed_rows: int = Field(default=20_000, ge=1, le=10**9,
-                                       description="An open store indexes new rows once this many are outside the "
-                                                   "vector index.")
-    keep_versions_seconds: float = Field(default=600.0, ge=0, le=365 * 86_400,
-                                         description="Upkeep removes untagged table versions older than this.")
-    upkeep_commits: int = Field(default=1000, ge=1, le=10**9,
-                                description="An open store removes old versions once this many commits piled up.")
+    upkeep_small_fragments: int = Field(
+        default=32,
+        ge=2,
+        le=100_000,
+        description="An open store folds small fragments once this many pile up.",
+    )
+    upkeep_unindexed_rows: int = Field(
+        default=20_000,
+        ge=1,
+        le=10**9,
+        description="An open store indexes new rows once this many are outside the vector index.",
+    )
+    keep_versions_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=365 * 86_400,
+        description="Upkeep removes untagged table versions older than this.",
+    )
+    upkeep_commits: int = Field(
+        default=1000,
+        ge=1,
+        le=10**9,
+        description="An open store removes old versions once this many commits piled up.",
+    )
 
     # hybrid search: vector candidates plus LanceDB full-text candidates, BM25 blended into similarity
     hybrid: bool = Field(default=False, description="Also search the text with LanceDB full-text search.")
-    keyword_weight: float = Field(default=0.3, ge=0, le=1,
-                                  description="Share of the similarity term given to BM25 (scaled by the best hit).")
+    keyword_weight: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="Share of the similarity term given to BM25 (scaled by the best hit).",
+    )
 
     # policy
     default_saliency: float = Field(default=0.5, ge=0, le=1)
-    transient_ttl_hours: float = Field(default=24.0, gt=0, le=1e6,
-                                       description="Transient memories whose session never ended expire after this.")
+    transient_ttl_hours: float = Field(
+        default=24.0,
+        gt=0,
+        le=1e6,
+        description="Transient memories whose session never ended expire after this.",
+    )
 
     # the vector index (below index_min_rows the search is exact: cheap, and an index needs rows to train)
     index_min_rows: int = Field(default=50_000, ge=1, le=10**9)
     # IVF_PQ + refine_factor 1: PQ codes pick the candidates, then every candidate's distance is
     # recomputed from its stored vector, so the similarity term is exact (benchmarks/memory_bench.py)
     index_type: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = "IVF_PQ"
-    index_partitions: int | None = Field(default=None, ge=1, le=65_536, description="IVF partitions (default sqrt(rows)).")
+    index_partitions: int | None = Field(
+        default=None, ge=1, le=65_536, description="IVF partitions (default sqrt(rows))."
+    )
     index_m: int = Field(default=20, ge=4, le=256, description="HNSW edges per node.")
     index_ef_construction: int = Field(default=150, ge=10, le=10_000)
     nprobes: int = Field(default=8, ge=1, le=65_536, description="IVF partitions searched per query.")
     ef: int = Field(default=100, ge=1, le=100_000, description="HNSW search breadth.")
-    refine_factor: int | None = Field(default=1, ge=1, le=1000, description="Re-read this many x candidates exactly (IVF_PQ).")
+    refine_factor: int | None = Field(
+        default=1, ge=1, le=1000, description="Re-read this many x candidates exactly (IVF_PQ)."
+    )
 
     # seeding from VisDial
-    seed_turn_spacing_s: float = Field(default=60.0, gt=0, le=1e7, description="Seconds between seeded turns of a dialog.")
-    seed_dialog_gap_hours: float = Field(default=24.0, gt=0, le=1e6, description="Hours between dialogs of one owner.")
+    seed_turn_spacing_s: float = Field(
+        default=60.0, gt=0, le=1e7, description="Seconds between seeded turns of a dialog."
+    )
+    seed_dialog_gap_hours: float = Field(
+        default=24.0, gt=0, le=1e6, description="Hours between dialogs of one owner."
+    )
     seed_image_saliency: float = Field(default=0.7, ge=0, le=1)
     seed_turn_saliency: float = Field(default=0.5, ge=0, le=1)
 

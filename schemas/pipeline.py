@@ -55,7 +55,9 @@ class PipelineConfig(StageConfig):
     section: ClassVar[str] = "pipeline"
 
     inputs: list[SplitInput] = Field(default_factory=list, description="VisDial splits to ingest.")
-    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in DAG order.")
+    stages: list[Stage] = Field(
+        default_factory=lambda: list(STAGES), description="Stages to run, in DAG order."
+    )
     ingest_workers: int = Field(default=2, ge=1, le=MAX_WORKERS)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     reminders: RemindersConfig = Field(default_factory=RemindersConfig)

@@ -24,14 +24,18 @@ class StageResult(BaseModel):
 
     def flat(self) -> dict[str, Any]:
         """One level of ``name: value``: the versions as ``read_<table>`` / ``version_<table>``."""
-        out = {k: v for k, v in self.model_dump(mode="json").items() if k not in ("read_versions", "versions")}
+        out = {
+            k: v for k, v in self.model_dump(mode="json").items() if k not in ("read_versions", "versions")
+        }
         out.update({f"read_{k}": v for k, v in self.read_versions.items()})
         out.update({f"version_{k}": v for k, v in self.versions.items()})
         return out
 
     def artifact_rows(self) -> list[dict[str, str]]:
         """The flat result as the rows of a Prefect table artifact (one ``count``/``value`` each)."""
-        return [{"count": k, "value": v if isinstance(v, str) else json.dumps(v)} for k, v in self.flat().items()]
+        return [
+            {"count": k, "value": v if isinstance(v, str) else json.dumps(v)} for k, v in self.flat().items()
+        ]
 
     def to_json(self) -> str:
         """The JSON the CLI prints (stable keys: scripts parse it)."""

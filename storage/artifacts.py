@@ -66,7 +66,8 @@ class ArtifactVersion:
             "kind": m.get("kind"),
             "created_at": m.get("created_at"),
             "inputs": ", ".join(f"{t}@{i.get('version')}" for t, i in m.get("inputs", {}).items()),
-            "code": f"{(m.get('code', {}).get('commit') or 'unknown')[:10]}{'+dirty' if m.get('code', {}).get('dirty') else ''}",
+            "code": (m.get("code", {}).get("commit") or "unknown")[:10]
+            + ("+dirty" if m.get("code", {}).get("dirty") else ""),
             "metrics": ", ".join(f"{k}={_fmt(v)}" for k, v in m.get("metrics", {}).items()),
             "files": len(m.get("files", {})),
             "bytes": sum(f["bytes"] for f in m.get("files", {}).values()),
@@ -191,7 +192,9 @@ class ArtifactStore:
             return known[-1]
         number = int(str(version).lstrip("v"))
         if number not in known:
-            raise ArtifactError(f"{name} has no version v{number} (have: {', '.join(f'v{k}' for k in known)})")
+            raise ArtifactError(
+                f"{name} has no version v{number} (have: {', '.join(f'v{k}' for k in known)})"
+            )
         return number
 
     # --- writing --------------------------------------------------------------------------

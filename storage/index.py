@@ -107,7 +107,8 @@ def index_new_rows(tbl: lancedb.table.Table, column: str = "vector") -> int:
     lance's default ``optimize_indices()`` (which lancedb's ``Table.optimize()`` runs) re-partitions
     an IVF index by its own target partition size when it folds new rows in: a large index falls to
     a few dozen partitions, and a search with a few probes then scans a large share of the table.
-    New rows are indexed as a delta segment instead, and segments are merged, which keeps the partitions (tests/test_memory.py)."""
+    New rows are indexed as a delta segment instead, and segments are merged, which keeps the
+    partitions (tests/test_memory_upkeep.py)."""
     ds = tbl.to_lance()
     idx = vector_index(tbl, column)
     others = [i.name for i in tbl.list_indices() if idx is None or i.name != idx.name]
@@ -154,7 +155,11 @@ def search(
     ``refine_factor`` re-ranks the index's candidates by exact distance.
     """
     tbl = open_table(db, name)
-    q = tbl.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector").distance_type(METRIC).limit(k)
+    q = (
+        tbl.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
+        .distance_type(METRIC)
+        .limit(k)
+    )
     if where:
         q = q.where(where, prefilter=True)
     if columns:  # asked for by name: Lance warns that it will stop adding the distance by itself
@@ -185,7 +190,10 @@ def _captions(db: lancedb.DBConnection, image_ids: list[int]) -> dict[int, str]:
 def image_context(db: lancedb.DBConnection, hits: pa.Table) -> list[dict]:
     """Per image hit (``image_id``, ``_distance``): where the image is, its caption, its ten turns."""
     ids = hits.column("image_id").to_pylist()
-    info = {r["image_id"]: r for r in _rows(db, "images", ["image_id", "split", "path"], "image_id", ids).to_pylist()}
+    info = {
+        r["image_id"]: r
+        for r in _rows(db, "images", ["image_id", "split", "path"], "image_id", ids).to_pylist()
+    }
     caps = _captions(db, ids)
     turns: dict[int, list[dict]] = {}
     rows = _rows(db, "turns", ["image_id", "turn", "question", "answer"], "image_id", ids)
@@ -209,7 +217,9 @@ def text_context(db: lancedb.DBConnection, hits: pa.Table, examples: int = 3) ->
     for h, i, t in zip(*(keys.column(c).to_pylist() for c in ("text_hash", "image_id", "turn")), strict=True):
         by_hash.setdefault(h, []).append((i, t))
     cap_of: dict[str, list[int]] = {}
-    for h, i in zip(capt.column("caption_hash").to_pylist(), capt.column("image_id").to_pylist(), strict=True):
+    for h, i in zip(
+        capt.column("caption_hash").to_pylist(), capt.column("image_id").to_pylist(), strict=True
+    ):
         cap_of.setdefault(h, []).append(i)
     shown = {h: sorted(v)[:examples] for h, v in by_hash.items()}
     ids = sorted({i for v in shown.values() for i, _ in v})
@@ -217,11 +227,20 @@ def text_context(db: lancedb.DBConnection, hits: pa.Table, examples: int = 3) ->
         db, "turns", ["image_id", "turn", "question", "answer"], "image_id", ids).to_pylist()}
     captions = _captions(db, ids)
     out = []
-    for h, text, d in zip(hashes, hits.column("text").to_pylist(), hits.column("_distance").to_pylist(), strict=True):
-        out.append({
-            "text_hash": h, "text": text, "distance": round(float(d), 6),
-            "turn_count": len(by_hash.get(h, [])), "caption_count": len(cap_of.get(h, [])),
-            "caption_of": sorted(cap_of.get(h, []))[:examples],
-            "turns": [{**qa[(i, t)], "caption": captions.get(i)} for i, t in shown.get(h, []) if (i, t) in qa],
-        })
+    for h, text, d in zip(
+        hashes, hits.column("text").to_pylist(), hits.column("_distance").to_pylist(), strict=True
+    ):
+        out.append(
+            {
+                "text_hash": h,
+                "text": text,
+                "distance": round(float(d), 6),
+                "turn_count": len(by_hash.get(h, [])),
+                "caption_count": len(cap_of.get(h, [])),
+                "caption_of": sorted(cap_of.get(h, []))[:examples],
+                "turns": [
+                    {**qa[(i, t)], "caption": captions.get(i)} for i, t in shown.get(h, []) if (i, t) in qa
+                ],
+            }
+        )
     return out

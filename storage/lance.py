@@ -47,7 +47,9 @@ def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
     except (ValueError, FileNotFoundError):
         pass
     with table_lock(db, name):
-        return db.create_table(name, schema=spec(name).schema, exist_ok=True, data_storage_version=STORAGE_VERSION)
+        return db.create_table(
+            name, schema=spec(name).schema, exist_ok=True, data_storage_version=STORAGE_VERSION
+        )
 
 
 def stored_schema_version(tbl: lancedb.table.Table) -> int:

@@ -31,7 +31,15 @@ def maintain_tables(lance_uri: str, keep: timedelta = timedelta(days=7), *, skip
             stats = ds.cleanup_old_versions(older_than=keep, error_if_tagged_old_versions=False)
             tbl.checkout_latest()  # the handle's own version may be one cleanup just removed
             ds = tbl.to_lance()
-        out.append({"table": name, "version": ds.version, "fragments": f"{before} -> {len(ds.get_fragments())}",
-                    "fragments_removed": compaction.fragments_removed, "versions_removed": stats.old_versions,
-                    "bytes_removed": stats.bytes_removed, "tags": len(ds.tags.list())})
+        out.append(
+            {
+                "table": name,
+                "version": ds.version,
+                "fragments": f"{before} -> {len(ds.get_fragments())}",
+                "fragments_removed": compaction.fragments_removed,
+                "versions_removed": stats.old_versions,
+                "bytes_removed": stats.bytes_removed,
+                "tags": len(ds.tags.list()),
+            }
+        )
     return out

@@ -12,18 +12,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from embed.compute import embed_shard
-from embed.plan import ModelArgs, Plan, Shard, image_items, input_versions, plan, plan_shards, text_items
-from embed.query import query
+from embed.plan import ModelArgs, Plan, Shard, plan
 from embed.shard import ShardPayload
 from embed.write import finish, index_tables
 from schemas.embed import EmbedConfig
 from schemas.quarantine import Rejection
 from storage.lance import MergeResult, connect, merge
 from tasks.runtime import CheckedResults, checked_storage
-
-# SHIM(17): re-exported for importers outside this stage (tests/reliability, tests/test_pipeline_versions.py,
-# the README's ``tasks.embed.query``); the final import rewrite points them at embed.* and deletes this.
-REEXPORTED = (image_items, input_versions, plan_shards, text_items, query)
 
 
 class ShardResults(CheckedResults):

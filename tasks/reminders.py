@@ -14,15 +14,12 @@ from prefect.cache_policies import NO_CACHE
 from llmcalls.fill import Fill, plan_fill
 from llmcalls.requests import LLMRequest
 from llmcalls.shard import ShardFailed, ShardStats, check_server, run_shard
-
-# SHIM(17): build_prompts, load_inputs, limit_name, slots_dir are only re-exported here (noqa: F401) for
-# importers outside the stage (tests/reliability, tests/test_evaluate_flow.py); deleted by the final rewrite
-from reminders.prompts import build_prompts, load_inputs, plan  # noqa: F401
+from reminders.prompts import plan
 from reminders.write import table_version, validate_rows, write
 from schemas.reminders import RemindersConfig
 from tasks.runtime import CheckedResults, checked_storage, logger
 from tasks.runtime.secrets import host_auth
-from tasks.runtime.slots import ensure_limit, free_dead_slots, limit_name, slots_dir  # noqa: F401
+from tasks.runtime.slots import ensure_limit, free_dead_slots
 
 # Bump when the shard result's layout or home changes: results persisted by older code are then
 # never looked up again (the response cache and the tables still skip the work they record).

@@ -30,7 +30,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The demo dataset (20 train + 6 val dialogs), written once per session. Read-only."""
-    from tasks.demo_data import write_demo
+    from ingest.demo_data import write_demo
 
     out = tmp_path_factory.mktemp("demo")
     write_demo(out, DEMO_DIALOGS, seed=0, val_dialogs=DEMO_VAL_DIALOGS)
@@ -76,8 +76,12 @@ def flow_run_artifacts():
         async with get_client() as client:
             resp = await client._client.post(
                 "/artifacts/filter",
-                json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 200, "sort": "CREATED_DESC",
-                      "offset": 0},
+                json={
+                    "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+                    "limit": 200,
+                    "sort": "CREATED_DESC",
+                    "offset": 0,
+                },
             )
             resp.raise_for_status()
             return {a["key"]: a for a in resp.json()}

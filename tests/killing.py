@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 
 
-def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+def sigkill_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout_s: float = 120
+) -> None:
     """SIGKILL ``proc`` as soon as ``ready()``; fails if it ended by itself first or ``what`` never came."""
     try:
         deadline = time.monotonic() + timeout_s

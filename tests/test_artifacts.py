@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from schemas.paths import UnsafeName, safe_child
 from storage.artifacts import ArtifactError, ArtifactStore, code_version, fingerprint
-from storage.paths import UnsafeName, safe_child
 
 
 def writer(payload: bytes):

@@ -29,10 +29,26 @@ def test_ingest_starts_its_temporary_server_with_every_core_busy(tmp_path, demo_
         time.sleep(1)
         assert all(p.poll() is None for p in busy)
         run = subprocess.run(
-            [str(mmem), "--data-root", str(tmp_path / "root"), "ingest",
-             "--visdial", str(demo_dir / "visdial_1.0_train.json"), "--images", str(demo_dir / "images" / "train2014"),
-             "--coco", str(demo_dir / "captions_train2014.json"), "--workers", "1"],
-            check=False, env=env, capture_output=True, text=True, timeout=300)
+            [
+                str(mmem),
+                "--data-root",
+                str(tmp_path / "root"),
+                "ingest",
+                "--visdial",
+                str(demo_dir / "visdial_1.0_train.json"),
+                "--images",
+                str(demo_dir / "images" / "train2014"),
+                "--coco",
+                str(demo_dir / "captions_train2014.json"),
+                "--workers",
+                "1",
+            ],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         still_busy = all(p.poll() is None for p in busy)
     finally:
         for p in busy:
@@ -41,5 +57,7 @@ def test_ingest_starts_its_temporary_server_with_every_core_busy(tmp_path, demo_
     assert run.returncode == 0, run.stderr[-3000:]
     assert still_busy, "the busy loops ended before the command did: the machine was not loaded throughout"
     assert "Starting temporary server" in run.stderr + run.stdout
-    assert "waiting up to 300 s" in run.stderr + run.stdout, "the CLI did not give the temporary server its limit"
+    assert "waiting up to 300 s" in run.stderr + run.stdout, (
+        "the CLI did not give the temporary server its limit"
+    )
     assert '"dialogs_kept": 20' in run.stdout

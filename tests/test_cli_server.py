@@ -39,7 +39,9 @@ def _free_port() -> int:
 def _clean_env(tmp: Path) -> dict[str, str]:
     """This machine's environment without any Prefect setting (the session's test server's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MMEM_"))}
-    env.update(PREFECT_HOME=str(tmp / "prefect-home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(
+        PREFECT_HOME=str(tmp / "prefect-home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
     return env
 
 
@@ -74,7 +76,9 @@ class Server:
 def _wait_healthy(server: Server, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert server.proc.poll() is None, f"server exited with {server.proc.returncode}:\n{server.log.read_text()}"
+        assert server.proc.poll() is None, (
+            f"server exited with {server.proc.returncode}:\n{server.log.read_text()}"
+        )
         try:
             if httpx.get(f"{server.api}/health", timeout=5).status_code == 200:  # health needs no auth
                 return
@@ -134,7 +138,9 @@ def test_the_auth_string_is_generated_into_a_private_file_and_never_printed(serv
     assert user and len(password) >= 32
     text = server.log.read_text()
     assert password not in text
-    assert f"the auth string kept in {path} (mode 0600)" in text and "UI login: the content of that file" in text
+    assert (
+        f"the auth string kept in {path} (mode 0600)" in text and "UI login: the content of that file" in text
+    )
     assert f'export PREFECT_API_AUTH_STRING="$(cat {path})"' in text
 
 
@@ -166,7 +172,9 @@ def test_a_foreign_origin_gets_no_cors_grant(server):
     assert pre.status_code >= 400 and "access-control-allow-origin" not in pre.headers
     res = httpx.get(f"{server.api}/admin/version", headers={**server.auth(), "Origin": FOREIGN}, timeout=30)
     assert res.status_code == 200 and "access-control-allow-origin" not in res.headers
-    own = httpx.get(f"{server.api}/admin/version", headers={**server.auth(), "Origin": server.url}, timeout=30)
+    own = httpx.get(
+        f"{server.api}/admin/version", headers={**server.auth(), "Origin": server.url}, timeout=30
+    )
     assert own.headers.get("access-control-allow-origin") == server.url
 
 
@@ -188,17 +196,40 @@ def test_a_mmem_command_authenticates_by_itself(server, demo_dir, tmp_path):
     env = {**server.env, "PREFECT_API_URL": server.api}
     for k in ("PREFECT_SERVER_API_PORT", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_UI_API_URL"):
         env.pop(k)
-    res = subprocess.run([MMEM, "--data-root", str(server.root), "ingest", "--visdial",
-                          str(demo_dir / "visdial_1.0_val.json"), "--images", str(demo_dir / "images" / "val2014"),
-                          "--coco", str(demo_dir / "captions_val2014.json"), "--workers", "1"],
-                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    res = subprocess.run(
+        [
+            MMEM,
+            "--data-root",
+            str(server.root),
+            "ingest",
+            "--visdial",
+            str(demo_dir / "visdial_1.0_val.json"),
+            "--images",
+            str(demo_dir / "images" / "val2014"),
+            "--coco",
+            str(demo_dir / "captions_val2014.json"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert [r["state_type"] for r in _flow_runs(server, "ingest")] == ["COMPLETED"]
     # A plain Prefect client is told how: it passes the string itself (PREFECT_API_AUTH_STRING).
     code = "from prefect import flow\n@flow(name='hello-server')\ndef f():\n    return 1\nf()"
     secret = (server.root / "prefect" / "api-auth-string").read_text().strip()
-    ran = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
-                         env={**env, "PREFECT_API_AUTH_STRING": secret})
+    ran = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PREFECT_API_AUTH_STRING": secret},
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert [r["state_type"] for r in _flow_runs(server, "hello-server")] == ["COMPLETED"]
     # ... and without it, it is refused.
@@ -260,7 +291,9 @@ def test_an_auth_file_that_is_not_private_is_neither_used_nor_reused(tmp_path, m
 
     path = auth_file(tmp_path)
     secret = ensure_auth_file(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and ensure_auth_file(path) == secret  # kept, not rotated
+    assert (
+        stat.S_IMODE(path.stat().st_mode) == 0o600 and ensure_auth_file(path) == secret
+    )  # kept, not rotated
     monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
     monkeypatch.setenv("PREFECT_API_URL", "http://10.1.2.3:4200/api")  # not this machine's loopback
     assert use_local_server_auth(tmp_path) is False and "PREFECT_API_AUTH_STRING" not in os.environ

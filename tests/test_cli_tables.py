@@ -45,7 +45,8 @@ def test_tables_lists_rows_version_tags_and_columns(data_root):
     listed = re.findall(r"^(\w+)\s+rows=(\d+)\s+version=(\d+)\s+tags=(\S+)$", out, re.MULTILINE)
     assert [n for n, *_ in listed] == names
     by_name = {n: (int(r), int(v), t) for n, r, v, t in listed}
-    # Two ingests (train, then val): version 1 is the empty table, 2 train, 3 train + val; each tagged by its run.
+    # Two ingests (train, then val): version 1 is the empty table, 2 train, 3 train + val; each tagged
+    # by its run.
     rows, version, tags = by_name["turns"]
     assert (rows, version) == (ALL_TURNS, 3)
     assert len(tags.split(",")) == 2 and all(t.startswith("ingest-") for t in tags.split(","))
@@ -61,19 +62,28 @@ def test_tables_on_an_empty_root_says_so(tmp_path):
 
 def test_sql_joins_tables_and_reads_past_versions(data_root):
     join = "SELECT d.split, count(*) AS n FROM turns t JOIN dialogs d USING (image_id) GROUP BY 1 ORDER BY 1"
-    assert _frame(_mmem(data_root, "sql", join)) == [["train", str(TRAIN_TURNS)], ["val", str(ALL_TURNS - TRAIN_TURNS)]]
+    assert _frame(_mmem(data_root, "sql", join)) == [
+        ["train", str(TRAIN_TURNS)],
+        ["val", str(ALL_TURNS - TRAIN_TURNS)],
+    ]
 
     count = "SELECT count(*) AS n FROM turns"
     assert _frame(_mmem(data_root, "sql", count)) == [[str(ALL_TURNS)]]
     assert _frame(_mmem(data_root, "sql", count, "--version", "turns=2")) == [[str(TRAIN_TURNS)]]
     assert _frame(_mmem(data_root, "sql", count, "--version", "turns=1")) == [["0"]]
     # A tag works like its version number; a pinned table joins with the latest of another.
-    tag = next(t for t, v in connect(data_root / "lance").open_table("turns").tags.list().items() if v["version"] == 2)
+    tag = next(
+        t
+        for t, v in connect(data_root / "lance").open_table("turns").tags.list().items()
+        if v["version"] == 2
+    )
     assert _frame(_mmem(data_root, "sql", count, "--version", f"turns={tag}")) == [[str(TRAIN_TURNS)]]
     assert _frame(_mmem(data_root, "sql", join, "--version", "turns=2")) == [["train", str(TRAIN_TURNS)]]
     # Two pins at once: dialogs at its train-only version as well.
     both = "SELECT count(*) AS n FROM dialogs d JOIN turns t USING (image_id)"
-    assert _frame(_mmem(data_root, "sql", both, "--version", "turns=3", "--version", "dialogs=2")) == [[str(TRAIN_TURNS)]]
+    assert _frame(_mmem(data_root, "sql", both, "--version", "turns=3", "--version", "dialogs=2")) == [
+        [str(TRAIN_TURNS)]
+    ]
 
     out = _mmem(data_root, "sql", "SELECT image_id, turn FROM turns ORDER BY 1, 2", "--limit", "3")
     assert len(_frame(out)) == 3 and f"({ALL_TURNS} rows; the first 3 shown" in out
@@ -83,7 +93,9 @@ def test_sql_errors_are_clear(data_root):
     assert "Parser Error" in _error(data_root, "sql", "SELEC count(*) FROM turns")
     out = _error(data_root, "sql", "SELECT * FROM no_such_table")
     assert "no_such_table does not exist" in out and "Lance tables: dialogs, images, quarantine, turns" in out
-    assert "--version wants TABLE=VERSION, got 'turns'" in _error(data_root, "sql", "SELECT 1", "--version", "turns")
+    assert "--version wants TABLE=VERSION, got 'turns'" in _error(
+        data_root, "sql", "SELECT 1", "--version", "turns"
+    )
     out = _error(data_root, "sql", "SELECT count(*) FROM turns", "--version", "turns=9")
     assert "turns has no version 9; versions: 1, 2, 3; tags: ingest-" in out
     out = _error(data_root, "sql", "SELECT count(*) FROM turns", "--version", "turns=no-such-tag")
@@ -106,7 +118,8 @@ def test_sql_is_read_only_and_changes_nothing_on_disk(data_root, tmp_path):
     attempts = [
         f"COPY (SELECT 1 AS x) TO '{manifest}'",  # overwrite a Lance manifest so the table no longer opens
         f"COPY turns TO '{outside}.csv'",
-        f"SELECT * FROM turns; COPY dialogs TO '{outside}.parquet' (FORMAT parquet)",  # refused before it runs
+        # refused before it runs
+        f"SELECT * FROM turns; COPY dialogs TO '{outside}.parquet' (FORMAT parquet)",
         "SELECT * FROM read_csv('/etc/passwd')",
         f"SELECT * FROM read_blob('{manifest}')",
         f"SELECT * FROM glob('{lance}/*')",
@@ -131,12 +144,17 @@ def test_sql_is_read_only_and_changes_nothing_on_disk(data_root, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == listing  # nothing written beside it either
     out = _error_code(data_root, 2, "sql", "SELECT * FROM read_csv('/etc/passwd')")
     assert "root:" not in out and "Cannot access file \"/etc/passwd\"" in out
-    assert "COPY statements are refused" in _error_code(data_root, 2, "sql", f"/* a note */\nCOPY turns TO '{outside}'")
+    assert "COPY statements are refused" in _error_code(
+        data_root, 2, "sql", f"/* a note */\nCOPY turns TO '{outside}'"
+    )
     assert "INSTALL statements are refused" in _error_code(data_root, 2, "sql", "INSTALL httpfs")
 
     # Queries still read every table the lockdown left registered, at the latest and at pinned versions.
     join = "SELECT d.split, count(*) AS n FROM turns t JOIN dialogs d USING (image_id) GROUP BY 1 ORDER BY 1"
-    assert _frame(_mmem(data_root, "sql", join)) == [["train", str(TRAIN_TURNS)], ["val", str(ALL_TURNS - TRAIN_TURNS)]]
+    assert _frame(_mmem(data_root, "sql", join)) == [
+        ["train", str(TRAIN_TURNS)],
+        ["val", str(ALL_TURNS - TRAIN_TURNS)],
+    ]
     count = "WITH t AS (FROM turns) SELECT count(*) AS n FROM t"
     assert _frame(_mmem(data_root, "sql", count, "--version", "turns=2")) == [[str(TRAIN_TURNS)]]
     assert "image_id" in _mmem(data_root, "sql", "DESCRIBE turns")
@@ -152,8 +170,10 @@ def _error_code(root: Path, code: int, *args: str) -> str:
 
 def _profile(path: Path, root: Path, inputs, llm: str) -> Path:
     """The demo profile (schemas/profiles/demo.toml), cut down: fewer steps, two evaluation variants."""
-    listed = ", ".join(f'{{ split = "{i.split}", visdial = "{i.visdial}", images = "{i.images}", coco = "{i.coco}" }}'
-                       for i in inputs)
+    listed = ", ".join(
+        f'{{ split = "{i.split}", visdial = "{i.visdial}", images = "{i.images}", coco = "{i.coco}" }}'
+        for i in inputs
+    )
     path.write_text(f"""
 data_root = "{root}"
 [pipeline]
@@ -190,13 +210,15 @@ async def _flow_run(flow_run_id: str):
 @pytest.mark.slow  # about 40-85 s: the whole DAG, tiny models
 def test_pipeline_run_on_a_tiny_demo_profile_writes_every_stage_and_says_where_to_look(tmp_path):
     from cli.demo import demo_inputs
-    from training.llm_server import make_state, running_server
+    from llmcalls.server import make_state, running_server
 
     root = tmp_path / "root"
     inputs = demo_inputs(tmp_path / "demo", 4, 2)  # what `mmem demo` writes, smaller
     with running_server(make_state(teacher=True)) as llm:
         profile = _profile(tmp_path / "tiny.toml", root, inputs, llm)
-        res = CliRunner().invoke(app, ["--data-root", str(root), "pipeline", "run", "--profile", str(profile)])
+        res = CliRunner().invoke(
+            app, ["--data-root", str(root), "pipeline", "run", "--profile", str(profile)]
+        )
     assert res.exit_code == 0, res.output
     out = res.output
 
@@ -218,11 +240,15 @@ def test_pipeline_run_on_a_tiny_demo_profile_writes_every_stage_and_says_where_t
     assert _frame(_mmem(root, "sql", joined)) == [["60"]]
 
     # Where to look: the commands, on this data root, and the run's page in the UI of the server in use.
-    for line in (f"model artifacts:  mmem --data-root {root} artifacts list   ({root / 'artifacts'})",
-                 f"evaluation:       mmem --data-root {root} evaluate report  (plots under {root / 'reports'})",
-                 f"SQL:              mmem --data-root {root} sql "):
+    for line in (
+        f"model artifacts:  mmem --data-root {root} artifacts list   ({root / 'artifacts'})",
+        f"evaluation:       mmem --data-root {root} evaluate report  (plots under {root / 'reports'})",
+        f"SQL:              mmem --data-root {root} sql ",
+    ):
         assert line in summary, line
-    page = re.search(r"^Prefect UI:\s+(http://127\.0\.0\.1:\d+/runs/flow-run/([0-9a-f-]{36}))$", summary, re.MULTILINE)
+    page = re.search(
+        r"^Prefect UI:\s+(http://127\.0\.0\.1:\d+/runs/flow-run/([0-9a-f-]{36}))$", summary, re.MULTILINE
+    )
     assert page, summary
     run, flow_name = asyncio.run(_flow_run(page.group(2)))
     assert flow_name == "pipeline" and run.state.is_completed()

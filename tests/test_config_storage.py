@@ -40,8 +40,14 @@ def test_config_rejects_unknown_and_invalid_values(tmp_path):
 
 
 def _dialogs(ids, caption="c"):
-    return pa.table({"image_id": ids, "split": ["train"] * len(ids), "caption": [f"{caption}{i}" for i in ids],
-                     "caption_hash": ["h"] * len(ids)})
+    return pa.table(
+        {
+            "image_id": ids,
+            "split": ["train"] * len(ids),
+            "caption": [f"{caption}{i}" for i in ids],
+            "caption_hash": ["h"] * len(ids),
+        }
+    )
 
 
 def test_merge_dedupes_upserts_and_skips_noop_versions(tmp_path):

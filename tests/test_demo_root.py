@@ -46,15 +46,33 @@ def test_the_demos_printed_commands_and_the_readme_memory_section_run_on_its_roo
     assert re.search(r"memories\s+[1-9]\d* rows", out), out
     printed = [shlex.split(line.split(":", 1)[1].split("   (")[0].split("  (")[0])
                for line in out.splitlines() if re.match(r"^[a-zA-Z ]+:\s+mmem ", line)]
-    assert any(cmd[3:4] == ["query"] for cmd in printed) and any(cmd[3:5] == ["memory", "recall"] for cmd in printed)
+    assert any(cmd[3:4] == ["query"] for cmd in printed) and any(
+        cmd[3:5] == ["memory", "recall"] for cmd in printed
+    )
     for cmd in printed:
         assert "--tiny" not in cmd
         _run(cmd[1:])
-    query = subprocess.run([str(Path(sys.executable).with_name("mmem")), "--data-root", str(root), "query", "--text",
-                            "a red circle", "-k", "2"], capture_output=True, text=True, check=False, timeout=300)
+    query = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("mmem")),
+            "--data-root",
+            str(root),
+            "query",
+            "--text",
+            "a red circle",
+            "-k",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert query.returncode == 0, query.stderr[-2000:]
     assert "warn" not in query.stderr.lower(), query.stderr  # no deprecation warnings in a normal command
-    recalled = _run(["--data-root", str(root), "memory", "recall", "--owner", "demo", "--text", "a red circle"])
+    recalled = _run(
+        ["--data-root", str(root), "memory", "recall", "--owner", "demo", "--text", "a red circle"]
+    )
     assert recalled.startswith(" 1. "), recalled
     for cmd in _readme_block("### Memory"):
         assert cmd[0] == "mmem"
@@ -85,7 +103,11 @@ def test_recorded_choices_are_defaults_below_every_explicit_setting(tmp_path, mo
     assert (embed.tiny, embed.checkpoint, embed.seed) == (True, None, 3)
     assert MemoryConfig.load(None, data_root=root).tiny is True
     rem = RemindersConfig.load(None, data_root=root)
-    assert (rem.ollama_host, rem.model, rem.seed) == ("http://127.0.0.1:11500", "mmem-teacher", 0)  # LLM seed untouched
+    assert (rem.ollama_host, rem.model, rem.seed) == (
+        "http://127.0.0.1:11500",
+        "mmem-teacher",
+        0,
+    )  # LLM seed untouched
     # a flag of the group given now wins, and the group is not mixed with it
     ckpt = tmp_path / "imagebind_huge.pth"
     chosen = EmbedConfig.load(None, data_root=root, checkpoint=ckpt)

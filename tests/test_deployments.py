@@ -18,7 +18,9 @@ from storage.lance import connect, read
 async def _automation_names() -> set[str]:
     """The served deployments' triggers live on the server as automations."""
     async with get_client() as client:
-        resp = await client._client.post("/automations/filter", json={"sort": "NAME_ASC", "limit": 200, "offset": 0})
+        resp = await client._client.post(
+            "/automations/filter", json={"sort": "NAME_ASC", "limit": 200, "offset": 0}
+        )
         resp.raise_for_status()
         return {a["name"] for a in resp.json()}
 
@@ -26,7 +28,8 @@ async def _automation_names() -> set[str]:
 def _profile(tmp_path, demo_dir, root):
     p = tmp_path / "profile.toml"
     p.write_text(
-        f'data_root = "{root}"\n[pipeline]\ninputs = [{{ split = "train", visdial = "{demo_dir}/visdial_1.0_train.json", '
+        f'data_root = "{root}"\n[pipeline]\n'
+        f'inputs = [{{ split = "train", visdial = "{demo_dir}/visdial_1.0_train.json", '
         f'images = "{demo_dir}/images/train2014", coco = "{demo_dir}/captions_train2014.json" }}]\n'
         "[embed]\ntiny = true\n[train_sft]\ntiny = true\n[train_memory]\ntiny = true\n"
     )
@@ -51,7 +54,9 @@ def test_every_flow_has_a_deployment_and_the_pipeline_a_paused_schedule(tmp_path
     assert evaluate.match["mmem.artifact.name"] == ["gemma3-4b-reminders-lora"]
     config = evaluate.parameters["config"]
     assert config["only"] == ["4b_finetuned"] and "mmem.artifact.version" in config["run_label"]
-    assert config["artifact_versions"] == {"gemma3-4b-reminders-lora": "{{ event.resource['mmem.artifact.version'] }}"}
+    assert config["artifact_versions"] == {
+        "gemma3-4b-reminders-lora": "{{ event.resource['mmem.artifact.version'] }}"
+    }
     handed = ("only", "run_label", "artifact_versions")
     assert {k: v for k, v in config.items() if k not in handed} == \
         {k: v for k, v in deps["evaluate"].parameters["config"].items() if k not in handed}

@@ -113,7 +113,11 @@ def test_a_host_that_dies_midway_loses_nothing_and_answers_nothing_twice():
     assert set(answers.values()) == {1}, "requests answered twice"
     sb = stats[b.url]
     assert not sb.up and sb.downs == 1 and sb.failures >= 1
-    assert "ConnectionError" in sb.last_error or "RemoteProtocolError" in sb.last_error or "Read" in sb.last_error
+    assert (
+        "ConnectionError" in sb.last_error
+        or "RemoteProtocolError" in sb.last_error
+        or "Read" in sb.last_error
+    )
     assert stats[a.url].ok + sb.ok == 300 and stats[a.url].up
 
 

@@ -92,7 +92,9 @@ def test_access_stats_are_pending_until_flushed_and_never_lost(tmp_path, embedde
     assert store.table.version == version  # nothing written yet
     again = store.recall("ann", vector=unit(40), k=1, now=T0 + timedelta(hours=2), touch=False)[0]
     hours = 1 / store.config.half_life_hours  # since the pending access, not since remember
-    assert again.breakdown["frequency"] > 0 and again.breakdown["recency"] == pytest.approx(0.5 ** hours, rel=1e-4)
+    assert again.breakdown["frequency"] > 0 and again.breakdown["recency"] == pytest.approx(
+        0.5**hours, rel=1e-4
+    )
     store.recall("ann", vector=unit(41), k=1, now=T0 + timedelta(hours=3))
     assert store.table.version == version
     store.recall("ann", vector=unit(42), k=1, now=T0 + timedelta(hours=4))  # the third memory: written,
@@ -112,15 +114,24 @@ def test_access_stats_are_pending_until_flushed_and_never_lost(tmp_path, embedde
     assert fresh.get("ann", facts[3]["memory_id"])["access_count"] == 1
     with fresh:
         fresh.recall("ann", vector=unit(43), k=1, now=T0 + timedelta(hours=6))
-    assert MemoryStore(MemoryConfig(data_root=tmp_path), embedder).get("ann", facts[3]["memory_id"])["access_count"] == 2
+    assert (
+        MemoryStore(MemoryConfig(data_root=tmp_path), embedder).get("ann", facts[3]["memory_id"])[
+            "access_count"
+        ]
+        == 2
+    )
 
 
 def test_recall_reads_each_fragment_once_and_folds_small_ones(tmp_path, embedder):
     """Recall's filter and score columns are read into memory once per fragment; writes add small
     fragments, which the store's background upkeep folds once ``upkeep_small_fragments`` pile up."""
     fold_at = 8
-    store = MemoryStore(MemoryConfig(data_root=tmp_path, touch_flush_memories=1, upkeep_small_fragments=fold_at,
-                                     refresh_seconds=0), embedder)
+    store = MemoryStore(
+        MemoryConfig(
+            data_root=tmp_path, touch_flush_memories=1, upkeep_small_fragments=fold_at, refresh_seconds=0
+        ),
+        embedder,
+    )
     for i in range(5):
         store.remember("ann", f"fact {i}", vector=unit(60 + i), now=T0)
     store.recall("ann", vector=unit(60), k=2, now=T0, touch=False)
@@ -155,14 +166,23 @@ def test_in_memory_visibility_matches_the_sql_filter(store):
                                     [cutoff - timedelta(seconds=1), cutoff, now]))
     n = len(combos)
     vecs = np.stack([unit(900 + i) for i in range(n)])
-    table = pa.table({
-        "memory_id": [f"m{i}" for i in range(n)], "owner": [c[0] for c in combos], "modality": ["text"] * n,
-        "text": [f"fact {i}" for i in range(n)],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
-        "superseded_by": [c[1] for c in combos], "model": [c[2] for c in combos], "kind": [c[3] for c in combos],
-        "session_id": [c[4] for c in combos], "created_at": [c[5] for c in combos],
-        "last_accessed_at": [c[5] for c in combos], "access_count": [0] * n, "saliency": [0.5] * n,
-    })
+    table = pa.table(
+        {
+            "memory_id": [f"m{i}" for i in range(n)],
+            "owner": [c[0] for c in combos],
+            "modality": ["text"] * n,
+            "text": [f"fact {i}" for i in range(n)],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), EMBED_DIM),
+            "superseded_by": [c[1] for c in combos],
+            "model": [c[2] for c in combos],
+            "kind": [c[3] for c in combos],
+            "session_id": [c[4] for c in combos],
+            "created_at": [c[5] for c in combos],
+            "last_accessed_at": [c[5] for c in combos],
+            "access_count": [0] * n,
+            "saliency": [0.5] * n,
+        }
+    )
     for start in range(0, n, 50):  # a few fragments
         store.add_rows(table.slice(start, 50))
     direct = store.mt.synced().to_table(columns=COLUMNS, with_row_address=True)
@@ -201,7 +221,9 @@ def test_recall_returns_full_rows_even_when_row_ids_moved(store):
         picked = cands.take(order)
         assert store.search._take(picked).to_pylist() == [want[i] for i in order]
     rowid = cands.column_names.index("_rowid")
-    moved = pa.array([every.column("_rowid")[5].as_py()] + cands.column("_rowid").to_pylist()[1:], pa.uint64())
+    moved = pa.array(
+        [every.column("_rowid")[5].as_py()] + cands.column("_rowid").to_pylist()[1:], pa.uint64()
+    )
     stale = cands.set_column(rowid, "_rowid", moved)
     assert store.search._take(stale) is None  # a row id now holds another memory
     assert store.search.public_rows(stale) == want  # found by memory_id instead
@@ -216,7 +238,11 @@ def test_a_new_fact_on_a_key_supersedes_the_old_one(store):
     ids = [h.memory["memory_id"] for h in hits]
     assert berlin["memory_id"] not in ids and paris["memory_id"] in ids
     history = store.history("ann", "home", now=T0 + timedelta(days=2))
-    assert [m["text"] for m in history] == ["I live in Berlin", "I live in Paris", "maybe I live in Rome this week"]
+    assert [m["text"] for m in history] == [
+        "I live in Berlin",
+        "I live in Paris",
+        "maybe I live in Rome this week",
+    ]
     assert history[0]["superseded_by"] == paris["memory_id"] and history[1]["superseded_by"] is None
     assert [m["text"] for m in store.list("ann", now=T0 + timedelta(days=2))] == [
         "I live in Paris", "maybe I live in Rome this week"]
@@ -228,10 +254,15 @@ def test_transient_memories_are_not_kept_past_their_session(store):
     keep = store.remember("ann", "I am allergic to peanuts", vector=unit(8), now=T0)
     milk_bytes = stored_vector(store, milk["memory_id"])
     assert files_containing(store.config.lance_uri, {"milk": milk_bytes})["milk"]
-    assert [h.memory["memory_id"] for h in store.recall("ann", vector=v, k=1, session="s1", now=T0)] == [milk["memory_id"]]
-    assert milk["memory_id"] not in [h.memory["memory_id"] for h in store.recall("ann", vector=v, k=5, now=T0)]
-    assert milk["memory_id"] not in [h.memory["memory_id"] for h in store.recall("ann", vector=v, k=5, session="s2",
-                                                                                 now=T0)]
+    assert [h.memory["memory_id"] for h in store.recall("ann", vector=v, k=1, session="s1", now=T0)] == [
+        milk["memory_id"]
+    ]
+    assert milk["memory_id"] not in [
+        h.memory["memory_id"] for h in store.recall("ann", vector=v, k=5, now=T0)
+    ]
+    assert milk["memory_id"] not in [
+        h.memory["memory_id"] for h in store.recall("ann", vector=v, k=5, session="s2", now=T0)
+    ]
     report = store.end_session("ann", "s1")
     assert report.memory_ids == [milk["memory_id"]]
     assert [m["memory_id"] for m in store.list("ann", now=T0)] == [keep["memory_id"]]
@@ -240,14 +271,17 @@ def test_transient_memories_are_not_kept_past_their_session(store):
         store.remember("ann", "no session", kind="transient")
 
     # a session nobody ended: never returned once older than the TTL; upkeep removes its bytes
-    call = store.remember("ann", "call back in an hour", kind="transient", session="s3", vector=unit(9), now=T0)
+    call = store.remember(
+        "ann", "call back in an hour", kind="transient", session="s3", vector=unit(9), now=T0
+    )
     call_bytes = stored_vector(store, call["memory_id"])
     assert "call back in an hour" in [m["text"] for m in store.list("ann", now=T0)]
     late = T0 + timedelta(hours=store.config.transient_ttl_hours + 1)
     assert "call back in an hour" not in [m["text"] for m in store.list("ann", now=late)]
     assert store.get("ann", call["memory_id"], now=late) is None
-    assert store.recall("ann", vector=unit(9), k=5, session="s3", now=late, touch=False)[0].memory["text"] != (
-        "call back in an hour")
+    assert store.recall("ann", vector=unit(9), k=5, session="s3", now=late, touch=False)[0].memory[
+        "text"
+    ] != ("call back in an hour")
     assert files_containing(store.config.lance_uri, {"call": call_bytes})["call"]  # not purged yet
     assert store.expire(late).memory_ids == [call["memory_id"]]
     assert files_containing(store.config.lance_uri, {"call": call_bytes})["call"] == []

@@ -32,8 +32,12 @@ def test_forget_removes_text_and_vector_from_every_file(store):
     store.update("ann", secret["memory_id"], saliency=0.9)
     tbl.tags.create("after-secret", tbl.version)  # a tag pins a version that holds the secret
     store.recall("ann", "zq-secret-8d1f bank pin", k=2, hybrid=True, now=T0)  # builds the full-text index
-    needles = {"secret_text": secret_text.encode(), "secret_vector": stored_vector(store, secret["memory_id"]),
-               "control_text": control_text.encode(), "control_vector": stored_vector(store, control["memory_id"])}
+    needles = {
+        "secret_text": secret_text.encode(),
+        "secret_vector": stored_vector(store, secret["memory_id"]),
+        "control_text": control_text.encode(),
+        "control_vector": stored_vector(store, control["memory_id"]),
+    }
     before = files_containing(store.config.lance_uri, needles)
     assert all(before.values()), before  # the scan does see the data where it is
 
@@ -44,8 +48,9 @@ def test_forget_removes_text_and_vector_from_every_file(store):
     assert after["control_text"] and after["control_vector"]  # same files, same encoding: still found
     assert sorted(store.table.tags.list()) == ["before-secret"]
     assert store.get("ann", secret["memory_id"]) is None
-    assert [h.memory["text"] for h in store.recall("ann", "zq-secret-8d1f bank pin", k=5, hybrid=True, now=T0)] == [
-        control_text]
+    assert [
+        h.memory["text"] for h in store.recall("ann", "zq-secret-8d1f bank pin", k=5, hybrid=True, now=T0)
+    ] == [control_text]
 
     everything = store.forget("ann", everything=True)
     assert everything.deleted == 1 and store.list("ann") == []
@@ -82,8 +87,13 @@ def test_forget_reaches_into_the_vector_index(tmp_path, embedder):
 
 
 def test_an_open_store_indexes_new_rows_in_the_background(tmp_path, embedder):
-    config = MemoryConfig(data_root=tmp_path, index_min_rows=256, index_partitions=2, upkeep_unindexed_rows=10,
-                          refresh_seconds=0)
+    config = MemoryConfig(
+        data_root=tmp_path,
+        index_min_rows=256,
+        index_partitions=2,
+        upkeep_unindexed_rows=10,
+        refresh_seconds=0,
+    )
     store = MemoryStore(config, embedder)
     rows = 300
     add_facts(store, rows, seed=700)
@@ -102,8 +112,9 @@ def test_indexed_recall_filters_after_the_search_only_when_that_is_exact(tmp_pat
     ten (post-filtering would come back short: the store falls back to filtering first). Both get
     exactly the nearest visible memories, and a superseded memory of ann's never comes back."""
 
-    config = MemoryConfig(data_root=tmp_path, index_min_rows=256, index_partitions=2, nprobes=2, candidates=8,
-                          refine_factor=100)  # every probed row re-ranked exactly: the test is about filtering
+    config = MemoryConfig(
+        data_root=tmp_path, index_min_rows=256, index_partitions=2, nprobes=2, candidates=8, refine_factor=100
+    )  # every probed row re-ranked exactly: the test is about filtering
     store = MemoryStore(config, embedder)
     rows = 400
     vecs = np.stack([unit(500 + i) for i in range(rows)])
@@ -165,8 +176,12 @@ def test_seed_from_ingested_visdial(data_root, demo_dir, embedder):
     mem = store.list("agent")
     assert len(mem) == 22 and [m["modality"] for m in mem[:2]] == ["image", "text"]
     first, second = mem[:11], mem[11:]
-    assert all(b["created_at"] - a["created_at"] == timedelta(seconds=60) for a, b in itertools.pairwise(first))
-    assert second[-1]["created_at"] == T0 and second[0]["created_at"] - first[0]["created_at"] == timedelta(hours=24)
+    assert all(
+        b["created_at"] - a["created_at"] == timedelta(seconds=60) for a, b in itertools.pairwise(first)
+    )
+    assert second[-1]["created_at"] == T0 and second[0]["created_at"] - first[0]["created_at"] == timedelta(
+        hours=24
+    )
     assert first[1]["text"].startswith("Q: ") and " A: " in first[1]["text"]
     again = seed_visdial(store, split="train", owner="agent", limit=2, images_root=images, now=T0)
     assert again["inserted"] == 0  # resumable: nothing twice
@@ -184,11 +199,18 @@ def test_cli_add_recall_list_forget(tmp_path, embedder):
     out = run.invoke(app, [*base, "add", "--owner", "u1", "--text", "my cat is called Tom", "--key", "cat",
                            "--saliency", "0.9", "--tiny"])
     assert out.exit_code == 0, out.output
-    out = run.invoke(app, [*base, "add", "--owner", "u1", "--text", "my cat is called Felix", "--key", "cat", "--tiny"])
+    out = run.invoke(
+        app, [*base, "add", "--owner", "u1", "--text", "my cat is called Felix", "--key", "cat", "--tiny"]
+    )
     assert out.exit_code == 0, out.output
     out = run.invoke(app, [*base, "recall", "--owner", "u1", "--text", "my cat is called Felix", "-k", "3",
                            "--explain", "--tiny"])
-    assert out.exit_code == 0 and "Felix" in out.output and "Tom" not in out.output and "similarity=" in out.output
+    assert (
+        out.exit_code == 0
+        and "Felix" in out.output
+        and "Tom" not in out.output
+        and "similarity=" in out.output
+    )
     out = run.invoke(app, [*base, "list", "--owner", "u1", "--superseded"])
     assert "superseded" in out.output and "Tom" in out.output
     felix_line = next(line for line in out.output.splitlines() if "Felix" in line)

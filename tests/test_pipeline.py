@@ -21,9 +21,9 @@ from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.logging.handlers import APILogHandler
 
 from flows.pipeline import pipeline_flow
+from llmcalls.server import Faults, make_state, running_server
 from schemas.pipeline import PipelineConfig, SplitInput
 from storage.lance import connect
-from training.llm_server import Faults, make_state, running_server
 
 POISON = "POISONED-RECORD"
 EMBED_SHARD = re.compile(r"embed-(image|text)-\d+$")  # embed_shard_task's task_run_name
@@ -47,8 +47,11 @@ async def _read_runs(parent_id) -> dict:
     async with get_client() as client:
         flows, frontier = {}, [parent_id]
         while frontier:
-            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)), limit=200, sort=FlowRunSort.ID_DESC)
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)),
+                limit=200,
+                sort=FlowRunSort.ID_DESC,
+            )
             frontier = [f.id for f in children if f.id not in flows]
             flows.update({f.id: f for f in children})
         ids = [parent_id, *flows]
@@ -94,9 +97,13 @@ def test_rerun_after_a_poisoned_record_redoes_only_the_failed_shard(tmp_path, de
         )
         first = pipeline_flow(cfg, return_state=True)
         assert first.is_failed()
-        assert "reminders" in first.message and "train_sft" in first.message  # failed, and its dependent skipped
+        assert (
+            "reminders" in first.message and "train_sft" in first.message
+        )  # failed, and its dependent skipped
         runs1 = asyncio.run(_read_runs(first.state_details.flow_run_id))
-        shards1 = {int(REMINDER_SHARD.match(t.name)[1]): t for t in runs1["tasks"] if REMINDER_SHARD.match(t.name)}
+        shards1 = {
+            int(REMINDER_SHARD.match(t.name)[1]): t for t in runs1["tasks"] if REMINDER_SHARD.match(t.name)
+        }
         assert len(shards1) == 5
         poisoned = [i for i, t in shards1.items() if t.state_type.value == "FAILED"]
         assert len(poisoned) == 1
@@ -115,7 +122,9 @@ def test_rerun_after_a_poisoned_record_redoes_only_the_failed_shard(tmp_path, de
         runs2 = asyncio.run(_read_runs(second.state_details.flow_run_id))
 
     # Through the Prefect API: the failed shard ran again (Completed), every other one was a cache hit.
-    shards2 = {int(REMINDER_SHARD.match(t.name)[1]): t for t in runs2["tasks"] if REMINDER_SHARD.match(t.name)}
+    shards2 = {
+        int(REMINDER_SHARD.match(t.name)[1]): t for t in runs2["tasks"] if REMINDER_SHARD.match(t.name)
+    }
     assert sorted(shards2) == sorted(shards1)
     assert Counter(t.state_name for t in shards2.values()) == {"Cached": 4, "Completed": 1}
     assert [i for i, t in shards2.items() if t.state_name == "Completed"] == poisoned
@@ -145,5 +154,9 @@ def test_rerun_after_a_poisoned_record_redoes_only_the_failed_shard(tmp_path, de
 
     # The logs name what each stage read and wrote.
     logs = "\n".join(runs2["logs"])
-    assert f"embed read {_versions(ingested)}; wrote {_versions({**embedded, 'quarantine': results.embed.versions['quarantine']})}" in logs
+    wrote = {**embedded, "quarantine": results.embed.versions["quarantine"]}
+    assert (
+        f"embed read {_versions(ingested)}; wrote {_versions(wrote)}"
+        in logs
+    )
     assert f"reminders read {_versions(ingested)}; wrote {_versions(results.reminders.versions)}" in logs

@@ -39,7 +39,7 @@ def test_reminders_plan_reads_the_pinned_versions(data_root):
 
 
 def test_embed_plan_reads_the_pinned_versions(data_root):
-    from tasks.embed import input_versions, plan
+    from embed.plan import input_versions, plan
 
     cfg = EmbedConfig(data_root=data_root, tiny=True, device="cpu", shard_rows=16)
     latest = plan(connect(cfg.lance_uri), cfg)

@@ -59,8 +59,8 @@ def test_the_old_root_is_queried_re_embedded_and_recalled(root):
 
 def test_the_old_reminders_are_kept_without_asking_the_llm_again(root):
     from flows.reminders import reminders_flow
+    from llmcalls.server import make_state, running_server
     from schemas.reminders import RemindersConfig
-    from training.llm_server import make_state, running_server
 
     before = _counts(root)
     roots = {split: root / folder for split, folder in IMAGES.items()}

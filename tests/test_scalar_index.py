@@ -18,7 +18,9 @@ def test_join_keys_are_indexed_past_the_threshold_and_kept_current(data_root):
     for name, columns in JOIN_KEYS.items():
         assert ensure_scalar_indexes(db, name, min_rows=10) == dict.fromkeys(columns, "created")
         tbl = open_table(db, name)
-        assert {i.columns[0]: str(i.index_type) for i in tbl.list_indices()} == dict.fromkeys(columns, "BTree")
+        assert {i.columns[0]: str(i.index_type) for i in tbl.list_indices()} == dict.fromkeys(
+            columns, "BTree"
+        )
 
     turns = open_table(db, "turns")
     some = turns.to_lance().to_table(limit=10)
@@ -26,7 +28,9 @@ def test_join_keys_are_indexed_past_the_threshold_and_kept_current(data_root):
     plan = turns.to_lance().scanner(filter=f"image_id = {image_id}").explain_plan(verbose=True)
     assert "ScalarIndexQuery" in plan or "MaterializeIndex" in plan, plan
 
-    moved = pa.array([-1] * len(some), some.schema.field("image_id").type)  # new keys, written after the build
+    moved = pa.array(
+        [-1] * len(some), some.schema.field("image_id").type
+    )  # new keys, written after the build
     turns.add(some.set_column(some.schema.get_field_index("image_id"), "image_id", moved))
     assert ensure_scalar_indexes(db, "turns", min_rows=10) == {"image_id": "updated", "text_hash": "updated"}
     tbl = open_table(db, "turns")

@@ -34,15 +34,29 @@ def _covers(trigger, event) -> bool:
     from prefect.server.events.schemas.automations import EventTrigger
     from prefect.server.events.schemas.events import ReceivedEvent
 
-    server = EventTrigger(**trigger.model_dump(include={"match", "match_related", "after", "expect", "for_each",
-                                                        "posture", "threshold", "within"}))
+    server = EventTrigger(
+        **trigger.model_dump(
+            include={
+                "match",
+                "match_related",
+                "after",
+                "expect",
+                "for_each",
+                "posture",
+                "threshold",
+                "within",
+            }
+        )
+    )
     return server.covers(ReceivedEvent(**event.model_dump()))
 
 
 def _flow_of(event) -> str | None:
     """The name of the flow whose run the event is about (its related resource in role ``flow``)."""
-    return next((r.get("prefect.resource.name") for r in event.related if r.get("prefect.resource.role") == "flow"),
-                None)
+    return next(
+        (r.get("prefect.resource.name") for r in event.related if r.get("prefect.resource.role") == "flow"),
+        None,
+    )
 
 
 def _poll(read, what: str):
@@ -61,8 +75,11 @@ def _events(client, name: str, resource_id: str | None = None) -> list:
 
 
 def _runs_of(client, deployment_id) -> list:
-    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                                 limit=20, sort=FlowRunSort.ID_DESC)
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        limit=20,
+        sort=FlowRunSort.ID_DESC,
+    )
 
 
 @pytest.fixture

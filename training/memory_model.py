@@ -52,14 +52,3 @@ def load_memory_model(
     if not (folder / "config.json").is_file():
         return MemoryModel.from_pretrained(folder, device=dev, llm=llm)  # the older layout
     return AutoModel.from_pretrained(folder, device=dev, llm=llm)
-
-
-# SHIM(17): names other modules import from here until the final import rewrite points them home
-from training.memory_data import (  # noqa: F401
-    NUM_POSITIONS,
-    MemoryData,
-    build_memory_data,
-    read_memory_inputs,
-    tokenize,
-)
-from training.memory_net import MemoryArch  # noqa: F401

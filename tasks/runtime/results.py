@@ -42,7 +42,9 @@ class CheckedResults(LocalFileSystem):
             meta = ResultRecordMetadata.model_validate(record["metadata"])
             serializer = record["metadata"]["serializer"]
             if serializer != JSONSerializer().model_dump(mode="json"):
-                raise ValueError(f"serializer {serializer.get('type') if isinstance(serializer, dict) else '?'}")
+                raise ValueError(
+                    f"serializer {serializer.get('type') if isinstance(serializer, dict) else '?'}"
+                )
             if not isinstance(record["result"], str):  # a JSON result is stored as its text
                 raise TypeError("the result is not JSON text")
             payload = json.loads(record["result"])

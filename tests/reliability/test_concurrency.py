@@ -30,7 +30,11 @@ def test_concurrent_ingest_runs_lose_and_duplicate_nothing(tmp_path, demo_dir):
     assert [p.returncode for p in procs] == [0, 0, 0], outs
     db = connect(tmp_path / "root" / "lance")
     expected = 26
-    for name, key, per in (("dialogs", ["image_id"], 1), ("turns", ["image_id", "turn"], 10), ("images", ["image_id"], 1)):
+    for name, key, per in (
+        ("dialogs", ["image_id"], 1),
+        ("turns", ["image_id", "turn"], 10),
+        ("images", ["image_id"], 1),
+    ):
         t = read(db, name, columns=key)
         assert len(t) == expected * per, name
         assert len(t.group_by(key).aggregate([])) == len(t), f"duplicate keys in {name}"
@@ -83,8 +87,18 @@ def test_concurrent_first_opens_create_a_table_once(tmp_path):
                 start.wait()
                 open_table(db, "dialogs")
                 if writer:
-                    merge(db, "dialogs", pa.table({"image_id": [1, 2], "split": ["x"] * 2, "caption": ["c"] * 2,
-                                                   "caption_hash": ["h"] * 2}))
+                    merge(
+                        db,
+                        "dialogs",
+                        pa.table(
+                            {
+                                "image_id": [1, 2],
+                                "split": ["x"] * 2,
+                                "caption": ["c"] * 2,
+                                "caption_hash": ["h"] * 2,
+                            }
+                        ),
+                    )
             except BaseException as e:  # noqa: BLE001 - collected and asserted below
                 errors.append(e)
 
@@ -95,5 +109,7 @@ def test_concurrent_first_opens_create_a_table_once(tmp_path):
             t.join()
         assert not errors, errors
         tbl = open_table(connect(uri), "dialogs")
-        assert tbl.version == 2, f"trial {trial}: {tbl.version - 2} extra commits (a create rebased as Overwrite)"
+        assert tbl.version == 2, (
+            f"trial {trial}: {tbl.version - 2} extra commits (a create rebased as Overwrite)"
+        )
         assert len(read(connect(uri), "dialogs")) == 2

@@ -24,7 +24,9 @@ MIX = Faults(error_rate=0.20, stall_rate=0.05, drop_rate=0.05, untagged_rate=0.0
 def _accounting(config: RemindersConfig) -> dict[str, set[int]]:
     """Each dialog's fate, read from the tables (what a user would query), not from the run summary."""
     db = connect(config.lance_uri)
-    dialogs = set(read(db, "dialogs", columns=["image_id"], where="split = 'train'").column("image_id").to_pylist())
+    dialogs = set(
+        read(db, "dialogs", columns=["image_id"], where="split = 'train'").column("image_id").to_pylist()
+    )
     valid = set(read(db, "reminders", columns=["image_id"]).column("image_id").to_pylist())
     q = read(db, "quarantine", columns=["key", "reason"], where="stage = 'reminders'").to_pylist()
     assert all(r["reason"] for r in q), "every quarantine row carries its reason"
@@ -35,8 +37,18 @@ def _accounting(config: RemindersConfig) -> dict[str, set[int]]:
 
 def test_every_prompt_is_accounted_for_and_reruns_converge(data_root):
     state = make_state(teacher=True, faults=MIX)
-    config = RemindersConfig(data_root=data_root, model="mmem-teacher", splits=["train"], shard_size=4, shard_retries=0,
-                             max_attempts=2, backoff_s=0.01, backoff_max_s=0.02, timeout_s=0.5, concurrency=4)
+    config = RemindersConfig(
+        data_root=data_root,
+        model="mmem-teacher",
+        splits=["train"],
+        shard_size=4,
+        shard_retries=0,
+        max_attempts=2,
+        backoff_s=0.01,
+        backoff_max_s=0.02,
+        timeout_s=0.5,
+        concurrency=4,
+    )
     history = []
     with running_server(state) as url:
         config = config.model_copy(update={"ollama_host": url})
@@ -65,6 +77,10 @@ def test_every_prompt_is_accounted_for_and_reruns_converge(data_root):
         assert 0 < calls <= 2 * len(before["failed"])
     last_run, last, _ = history[-1]
     assert last_run.is_completed() and not last["failed"], [h[1]["failed"] for h in history]
-    assert last["valid"] >= first["valid"] and last["quarantined"] == first["quarantined"]  # settled fates stay
-    responses = read(connect(config.lance_uri), "llm_responses", columns=["status"]).column("status").to_pylist()
+    assert (
+        last["valid"] >= first["valid"] and last["quarantined"] == first["quarantined"]
+    )  # settled fates stay
+    responses = (
+        read(connect(config.lance_uri), "llm_responses", columns=["status"]).column("status").to_pylist()
+    )
     assert len(responses) == n and set(responses) == {OK} and ERROR not in responses

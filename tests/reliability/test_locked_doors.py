@@ -27,12 +27,12 @@ from typing import Self
 import pytest
 from pydantic import ValidationError
 
+from llmcalls.server import make_state, running_server
 from schemas.config import TRUSTED_ENV, Trusted
 from schemas.embed import EmbedConfig
 from schemas.reminders import RemindersConfig
 from storage.lance import connect, read, table_exists
-from tasks.secrets import AUTH_ENV
-from training.llm_server import make_state, running_server
+from tasks.runtime.secrets import AUTH_ENV
 
 HEADER = f"Bearer tok-{uuid.uuid4().hex}"
 AUTH_HOST_ENV = "MMEM_OLLAMA_AUTH_HOST"
@@ -81,8 +81,17 @@ class Recorder:
 
 
 def _reminders_config(root, url, **kw) -> RemindersConfig:
-    base = {"data_root": root, "ollama_host": url, "model": "mmem-teacher", "shard_size": 4, "shard_retries": 0,
-            "backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5, "concurrency": 4}
+    base = {
+        "data_root": root,
+        "ollama_host": url,
+        "model": "mmem-teacher",
+        "shard_size": 4,
+        "shard_retries": 0,
+        "backoff_s": 0.01,
+        "backoff_max_s": 0.05,
+        "timeout_s": 5,
+        "concurrency": 4,
+    }
     return RemindersConfig(**{**base, **kw})
 
 
@@ -152,7 +161,9 @@ def test_served_runs_with_patched_trust_parameters_are_refused_naming_them(tmp_p
     for parameter, run in refused.items():
         assert run.state.is_failed(), (parameter, run.state)
         assert f"run parameter {parameter}" in (run.state.message or ""), (parameter, run.state.message)
-    assert passed.state.is_failed() and "not allowed" not in (passed.state.message or ""), passed.state.message
+    assert passed.state.is_failed() and "not allowed" not in (passed.state.message or ""), (
+        passed.state.message
+    )
     assert "run `mmem ingest` first" in (passed.state.message or "") + out
     assert not outsider_root.exists()  # nothing written where the outsider pointed
     assert outsider.seen == []  # no image, no dialog, no token went to the outsider's listener
@@ -168,7 +179,9 @@ def test_an_allow_list_refuses_patched_configs_in_process_and_the_command_line_i
     own = EmbedConfig(data_root=tmp_path / "root", tiny=True)
     monkeypatch.setenv(TRUSTED_ENV, Trusted.of(own).model_dump_json())
     assert EmbedConfig(data_root=tmp_path / "root", dask_address="local").dask_address == "local"
-    with pytest.raises(ValidationError, match="run parameter dask_address='tls://10.0.0.1:8786' is not allowed"):
+    with pytest.raises(
+        ValidationError, match="run parameter dask_address='tls://10.0.0.1:8786' is not allowed"
+    ):
         EmbedConfig(data_root=tmp_path / "root", dask_address="tls://10.0.0.1:8786")
     with pytest.raises(Exception, match="run parameter data_root="):
         embed_flow.validate_parameters({"config": {"data_root": str(tmp_path / "elsewhere")}})
@@ -186,7 +199,9 @@ def test_an_allow_list_refuses_patched_configs_in_process_and_the_command_line_i
 
     res = CliRunner().invoke(app, ["embed", "--tiny", "--data-root", str(tmp_path / "cli-root"),
                                    "--dask-address", "tcp://127.0.0.1:9"])
-    assert "not allowed" not in res.output and "tls://" in res.output, res.output  # refused for TLS, not trust
+    assert "not allowed" not in res.output and "tls://" in res.output, (
+        res.output
+    )  # refused for TLS, not trust
 
 
 # --- 2. the Ollama token goes only to its host ----------------------------------------------------
@@ -196,8 +211,9 @@ def test_the_token_goes_only_to_the_host_it_is_bound_to(data_root, monkeypatch):
     from prefect.blocks.system import Secret
 
     from flows.reminders import reminders_flow
-    from tasks.llm_client import LLMClient, LLMUnavailable
-    from tasks.secrets import host_auth
+    from llmcalls.client import LLMClient
+    from llmcalls.requests import LLMUnavailable
+    from tasks.runtime.secrets import host_auth
 
     monkeypatch.delenv("OLLAMA_API_KEY", raising=False)
     server = make_state(teacher=True, auth=HEADER)
@@ -238,7 +254,8 @@ def test_the_token_goes_only_to_the_host_it_is_bound_to(data_root, monkeypatch):
 
 
 def test_a_server_whose_api_show_lacks_a_field_gives_one_line_naming_it():
-    from tasks.llm_client import LLMClient, LLMUnavailable
+    from llmcalls.client import LLMClient
+    from llmcalls.requests import LLMUnavailable
 
     tags = {"models": [{"model": "mmem-teacher:latest", "name": "mmem-teacher:latest"}]}
     for show in ({"model_info": "not an object"}, ["a", "list"]):
@@ -283,8 +300,11 @@ def _json_record_with_other_decoder(key: str) -> bytes:
     from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
     from prefect.serializers import JSONSerializer
 
-    record = json.loads(ResultRecord(metadata=ResultRecordMetadata(serializer=JSONSerializer(), storage_key=key),
-                                     result={"shard": 0}).serialize())
+    record = json.loads(
+        ResultRecord(
+            metadata=ResultRecordMetadata(serializer=JSONSerializer(), storage_key=key), result={"shard": 0}
+        ).serialize()
+    )
     record["metadata"]["serializer"]["object_decoder"] = "os.system"
     return json.dumps(record).encode()
 
@@ -305,10 +325,11 @@ def test_planted_pickles_under_the_cache_do_not_run(data_root, tmp_path):
     """Reminders: a first run caches its shards; pickles then replace those records, and the re-run
     (which looks the shards up) neither runs them nor serves them. Embed: a pickle waits where a shard
     not computed yet will be looked up."""
+    from embed.plan import ModelArgs, image_items, plan_shards
     from flows.embed import embed_flow
     from flows.reminders import reminders_flow
-    from tasks.embed import ModelArgs, image_items, plan_shards
-    from tasks.reminders import build_prompts, load_inputs, shard_cache_key
+    from reminders.prompts import build_prompts, load_inputs
+    from tasks.reminders import shard_cache_key
 
     sentinel = tmp_path / "sentinel"
     cfg = _reminders_config(data_root, "", limit=8)
@@ -332,19 +353,25 @@ def test_planted_pickles_under_the_cache_do_not_run(data_root, tmp_path):
 
     ecfg = EmbedConfig(data_root=data_root, tiny=True, device="cpu", shard_rows=16, decode_workers=1)
     model = ModelArgs.from_config(ecfg)
-    shard = plan_shards("image", image_items(connect(ecfg.lance_uri), ecfg), ecfg.shard_rows, model.fingerprint)[0]
+    shard = plan_shards(
+        "image", image_items(connect(ecfg.lance_uri), ecfg), ecfg.shard_rows, model.fingerprint
+    )[0]
     ecfg.results_dir.mkdir(parents=True, exist_ok=True)
     (ecfg.results_dir / shard.key).write_bytes(_planted_record(sentinel, shard.key))
     out = embed_flow(ecfg)
     assert out["shards_cached"] == 0 and out["shards_computed"] == out["shards"]
     assert not sentinel.exists()
-    assert read(connect(ecfg.lance_uri), "image_embeddings").num_rows == read(connect(ecfg.lance_uri), "images").num_rows
+    assert (
+        read(connect(ecfg.lance_uri), "image_embeddings").num_rows
+        == read(connect(ecfg.lance_uri), "images").num_rows
+    )
 
 
 def test_a_planted_journal_row_is_not_merged(data_root):
     from flows.reminders import reminders_flow
-    from tasks.llm_client import OK, Journal, LLMResult, ResponseCache, key_path
-    from tasks.reminders import build_prompts, load_inputs
+    from llmcalls.cache import Journal, ResponseCache, key_path
+    from llmcalls.requests import OK, LLMResult
+    from reminders.prompts import build_prompts, load_inputs
 
     cfg = _reminders_config(data_root, "http://127.0.0.1:1", limit=4)
     prompts, _ = build_prompts(cfg, *load_inputs(cfg.lance_uri))
@@ -366,7 +393,9 @@ def test_a_planted_journal_row_is_not_merged(data_root):
     state = make_state(teacher=True)
     with running_server(state) as url:
         out = reminders_flow(cfg.model_copy(update={"ollama_host": url}))
-    assert out["cache_hits"] == 1 and out["calls"] == 3 == sum(state.requests.values())  # the planted one re-asked
+    assert out["cache_hits"] == 1 and out["calls"] == 3 == sum(
+        state.requests.values()
+    )  # the planted one re-asked
     db = connect(cfg.lance_uri)
     responses = read(db, "llm_responses").column("response").to_pylist()
     assert not any("outsider" in (r or "") for r in responses)

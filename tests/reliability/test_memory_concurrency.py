@@ -46,7 +46,9 @@ def logged(path: Path) -> list[str]:
 
 def all_ids(root: Path) -> collections.Counter:
     s = store(root)
-    return collections.Counter(s.mt.dataset(fresh=True).to_table(columns=["memory_id"]).column("memory_id").to_pylist())
+    return collections.Counter(
+        s.mt.dataset(fresh=True).to_table(columns=["memory_id"]).column("memory_id").to_pylist()
+    )
 
 
 def files_holding(root: Path, needles: list[bytes]) -> list[str]:
@@ -83,7 +85,9 @@ def test_forget_beside_writers_in_other_processes(tmp_path):
         for i in range(15):
             main.remember("victim", f"zqvictim{r}x{i} my secret", vector=vector("victim", 100 * r + i),
                           memory_id=f"victim-{r}-{i}")
-        procs = [spawn("add", root, f"w{w}", per_round, tmp_path / f"w{w}.log", r * per_round) for w in range(3)]
+        procs = [
+            spawn("add", root, f"w{w}", per_round, tmp_path / f"w{w}.log", r * per_round) for w in range(3)
+        ]
         while any(p.poll() is None for p in procs):
             main.forget("victim", everything=True)
             forgets += 1
@@ -139,7 +143,13 @@ def test_forget_purges_every_index_even_when_the_rows_fill_whole_fragments(tmp_p
     assert built["vector_index"] == "IVF_FLAT" and built["owner_index"] == "BTREE"
     s.recall("keeper", "teapot3", vector=vector("keeper", 3), k=2, hybrid=True, touch=False)  # builds FTS
     ds = s.mt.dataset(fresh=True)
-    assert {i.field_names[0] for i in ds.describe_indices()} >= {"vector", "text", "owner", "memory_id", "kind"}
+    assert {i.field_names[0] for i in ds.describe_indices()} >= {
+        "vector",
+        "text",
+        "owner",
+        "memory_id",
+        "kind",
+    }
     victim = ds.to_table(columns=["memory_id"], filter="owner = 'zqvictimowner'", with_row_id=True)
     victim_rows = set(victim.column("_rowid").to_pylist())
     table_dir = Path(config.lance_uri) / "memories.lance"
@@ -155,8 +165,9 @@ def test_forget_purges_every_index_even_when_the_rows_fill_whole_fragments(tmp_p
     assert files_holding(table_dir, needles) == []
     keep = [vector("keeper", 5).tobytes()[:256]]
     assert files_holding(table_dir, keep)  # the same scan finds what is kept
-    assert [h.memory["memory_id"] for h in s.recall("keeper", vector=vector("keeper", 5), k=1, touch=False)] == [
-        "keeper-5"]
+    assert [
+        h.memory["memory_id"] for h in s.recall("keeper", vector=vector("keeper", 5), k=1, touch=False)
+    ] == ["keeper-5"]
     hits = s.recall("other", "lantern7", vector=vector("other", 7), k=1, hybrid=True, touch=False)
     assert hits[0].memory["memory_id"] == "other-7"
 
@@ -181,7 +192,9 @@ def test_a_stale_access_flush_never_undoes_another_process_supersede_or_forget(t
     hist = {m["memory_id"]: m for m in store(tmp_path).history("bob", "home")}
     assert hist["bob-rome"]["superseded_by"] == newer and hist["bob-rome"]["access_count"] == 1
     assert hist[newer]["superseded_by"] is None
-    assert [h.memory["memory_id"] for h in store(tmp_path).recall("bob", vector=vector("bob", 1), k=5)] == [newer]
+    assert [h.memory["memory_id"] for h in store(tmp_path).recall("bob", vector=vector("bob", 1), k=5)] == [
+        newer
+    ]
     assert paris  # the first supersede did commit before the forget
 
 
@@ -235,7 +248,9 @@ def test_upkeep_killed_midway_leaves_a_readable_table_and_runs_again(tmp_path):
         killed += proc.returncode == -signal.SIGKILL
         fresh = store(tmp_path)
         assert len(fresh.list("ann")) == 60 and len(fresh.list("bulk")) == 400
-        assert fresh.recall("ann", vector=vector("ann", 7), k=1, touch=False)[0].memory["memory_id"] == "ann-7"
+        assert (
+            fresh.recall("ann", vector=vector("ann", 7), k=1, touch=False)[0].memory["memory_id"] == "ann-7"
+        )
     assert killed >= 2
     out = run("maintain", tmp_path, env=env)
     assert "'rows': 460" in out

@@ -36,8 +36,17 @@ HEADER = f"Bearer {TOKEN}"
 
 
 def _config(root, url, **kw) -> RemindersConfig:
-    base = {"data_root": root, "ollama_host": url, "model": "mmem-teacher", "shard_size": 4, "shard_retries": 0,
-            "backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5, "concurrency": 4}
+    base = {
+        "data_root": root,
+        "ollama_host": url,
+        "model": "mmem-teacher",
+        "shard_size": 4,
+        "shard_retries": 0,
+        "backoff_s": 0.01,
+        "backoff_max_s": 0.05,
+        "timeout_s": 5,
+        "concurrency": 4,
+    }
     return RemindersConfig(**{**base, **kw})
 
 
@@ -279,13 +288,20 @@ def test_servers_bind_loopback_by_default(tmp_path):
 
     mmem = Path(sys.executable).with_name("mmem")
     env = {**os.environ, AUTH_ENV: HEADER}
-    proc = subprocess.Popen([str(mmem), "llm", "serve", "--teacher", "--port", "0", "--require-auth"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(mmem), "llm", "serve", "--teacher", "--port", "0", "--require-auth"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         banner = proc.stdout.readline()
         assert "requires an Authorization header" in banner, banner
         url = banner.split(" at ", 1)[1].split(" ", 1)[0]
-        assert httpx.URL(url).host == "127.0.0.1" and _listening(proc.pid, httpx.URL(url).port) == {"127.0.0.1"}
+        assert httpx.URL(url).host == "127.0.0.1" and _listening(proc.pid, httpx.URL(url).port) == {
+            "127.0.0.1"
+        }
         assert httpx.get(f"{url}/api/version").status_code == 401
         assert httpx.get(f"{url}/api/version", headers={"Authorization": HEADER}).status_code == 200
     finally:
@@ -299,7 +315,10 @@ def test_servers_bind_loopback_by_default(tmp_path):
     # `server start` takes its host from Prefect's settings (PREFECT_SERVER_API_HOST), 127.0.0.1 by default
     from prefect.settings.models.server.api import ServerAPISettings
 
-    assert defaults["server", "start"]["host"] is None and ServerAPISettings.model_fields["host"].default == "127.0.0.1"
+    assert (
+        defaults["server", "start"]["host"] is None
+        and ServerAPISettings.model_fields["host"].default == "127.0.0.1"
+    )
     assert defaults["llm", "serve"]["host"] == "127.0.0.1"
 
     # embed: a thread pool, or the Dask cluster at the address given (tls:// only); were it to start a
@@ -314,4 +333,6 @@ def test_servers_bind_loopback_by_default(tmp_path):
     cluster = task_runner(EmbedConfig(data_root=tmp_path, dask_address="local", dask_workers=2))
     kw = cluster.cluster_kwargs
     assert kw["n_workers"] == 2 and kw["security"] is True and not cluster.address
-    assert kw.get("host") == "127.0.0.1" and str(kw.get("dashboard_address")).startswith(("127.0.0.1", "None"))
+    assert kw.get("host") == "127.0.0.1" and str(kw.get("dashboard_address")).startswith(
+        ("127.0.0.1", "None")
+    )
