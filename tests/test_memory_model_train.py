@@ -13,6 +13,7 @@ import pytest
 import torch
 from killing import sigkill_when
 from test_memory_model import REPO, make_embedded_root, tiny_config
+from triggers_support import covers
 
 from storage.lance import connect, read
 from training.memory_data import MemoryData, build_memory_data, read_memory_inputs
@@ -41,26 +42,6 @@ def _wait_for_event(client, ref: str, timeout: float = 30.0):
         time.sleep(0.5)
 
 
-def _covers(trigger, event) -> bool:
-    """Whether the Prefect server's trigger matcher would fire ``trigger`` on ``event``."""
-    from prefect.server.events.schemas.automations import EventTrigger
-    from prefect.server.events.schemas.events import ReceivedEvent
-
-    server = EventTrigger(
-        **trigger.model_dump(
-            include={
-                "match",
-                "match_related",
-                "after",
-                "expect",
-                "for_each",
-                "posture",
-                "threshold",
-                "within",
-            }
-        )
-    )
-    return server.covers(ReceivedEvent(**event.model_dump()))
 
 
 RUN_SCRIPT = """
@@ -167,11 +148,11 @@ def test_train_memory_flow_publishes_and_skips_rerun(embedded_root):
     # the evaluation trigger fires on exactly this event; the SFT trigger does not
     from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
 
-    assert _covers(evaluate_on_new_artifact(), event) and _covers(
+    assert covers(evaluate_on_new_artifact(), event) and covers(
         evaluate_on_new_artifact(artifacts="memory-flow-test"), event
     )
-    assert not _covers(evaluate_on_new_artifact(artifacts="gemma3-4b-reminders-lora"), event)
-    assert not _covers(sft_on_new_reminders(), event)
+    assert not covers(evaluate_on_new_artifact(artifacts="gemma3-4b-reminders-lora"), event)
+    assert not covers(sft_on_new_reminders(), event)
 
     loaded = load_memory_model(art.path, device="cpu")
     data, _ = build_memory_data(read_memory_inputs(config.lance_uri, ["val"], {}), "val", loaded.tokenizer,

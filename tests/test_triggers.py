@@ -17,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from triggers_support import covers
 
 from deployments.triggers import evaluate_on_new_artifact, sft_on_new_reminders
 from flows.reminders import reminders_flow
@@ -29,26 +30,6 @@ from schemas.train import ARTIFACT_CREATED_EVENT, SftConfig
 TIMEOUT_S = 30
 
 
-def _covers(trigger, event) -> bool:
-    """Whether the server's trigger matcher fires ``trigger`` on ``event`` (as read from the API)."""
-    from prefect.server.events.schemas.automations import EventTrigger
-    from prefect.server.events.schemas.events import ReceivedEvent
-
-    server = EventTrigger(
-        **trigger.model_dump(
-            include={
-                "match",
-                "match_related",
-                "after",
-                "expect",
-                "for_each",
-                "posture",
-                "threshold",
-                "within",
-            }
-        )
-    )
-    return server.covers(ReceivedEvent(**event.model_dump()))
 
 
 def _flow_of(event) -> str | None:
@@ -120,14 +101,14 @@ def test_reminders_completion_starts_sft_and_a_new_artifact_starts_its_evaluatio
     with get_client(sync_client=True) as client:
         completed = _poll(lambda: _events(client, "prefect.flow-run.Completed", f"prefect.flow-run.{run_id}"),
                           "Completed event of the reminders run")[0]
-        assert _covers(sft_on_new_reminders(), completed)
-        assert not _covers(evaluate_on_new_artifact(), completed)
+        assert covers(sft_on_new_reminders(), completed)
+        assert not covers(evaluate_on_new_artifact(), completed)
         sft_runs = _poll(lambda: _runs_of(client, sft_id), "flow run of the SFT deployment")
         assert len(sft_runs) == 1 and sft_runs[0].parameters == sft_dep.parameters
         assert _runs_of(client, eval_id) == []
         # a completed run of another flow (the session's ingest runs, ...) is no new reminders version
         others = [e for e in _events(client, "prefect.flow-run.Completed") if _flow_of(e) != "reminders"]
-        assert others and not any(_covers(sft_on_new_reminders(), e) for e in others)
+        assert others and not any(covers(sft_on_new_reminders(), e) for e in others)
 
     # 2. SFT runs with the deployment's parameters (here in-process, as the pipeline would) and
     #    publishes v1: the automation starts an evaluation of exactly the variants that use it
@@ -138,9 +119,9 @@ def test_reminders_completion_starts_sft_and_a_new_artifact_starts_its_evaluatio
                                if e.resource.get("mmem.artifact.path") == result.path],
                       "mmem.artifact.created event of the new version")[0]
         assert event.resource.get("mmem.artifact.ref") == result.artifact
-        fired = [t for t in eval_dep.triggers if _covers(t, event)]
+        fired = [t for t in eval_dep.triggers if covers(t, event)]
         assert [t.name for t in fired] == ["evaluate-on-new-gemma3-4b-reminders-lora"]
-        assert not _covers(sft_on_new_reminders(), event)
+        assert not covers(sft_on_new_reminders(), event)
         runs = _poll(lambda: _runs_of(client, eval_id), "flow run of the evaluate deployment")
     assert len(runs) == 1
     config = runs[0].parameters["config"]
