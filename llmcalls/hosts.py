@@ -72,9 +72,10 @@ class HostPool:
                  down_after: int = 3, probe_s: float = 0.5, probe_max_s: float = 30.0,
                  probe_timeout_s: float = 5.0, all_down_s: float = 120.0, max_tries: int | None = None,
                  probe: Callable[[Host], Awaitable[bool]] | None = None, initial: float = 1.0,
-                 log_every_s: float = 30.0, memory: dict[str, tuple] | None = None) -> None:
+                 log_every_s: float = 30.0, memory: dict[str, dict] | None = None) -> None:
         """``memory``: what pools learned about hosts, by URL, read at the start and written back
-        at the end (one dict for a process's pools, so the next shard starts where the last ended)."""
+        at the end (one dict for a process's pools, so the next shard starts where the last ended:
+        each host's window, and a host that was out stays out until its probe answers)."""
         specs = [h if isinstance(h, HostSpec) else HostSpec.parse(h) for h in hosts]
         if not specs:
             raise ValueError("a host pool needs at least one host")
@@ -85,8 +86,14 @@ class HostPool:
                       for s in specs]
         self.memory = memory
         for host in self.hosts:
-            if memory is not None and host.url in memory:
-                host.aimd.resume(*memory[host.url])
+            known = (memory or {}).get(host.url)
+            if known is None:
+                continue
+            if known.get("learned"):
+                host.aimd.resume(*known["learned"])
+            if not known.get("up", True):  # probed from the start (``async with``), not struck again
+                host.up, host.last_error = False, known.get("last_error")
+                host.probe_delay = known.get("probe_delay", 0.0)
         self.down_after, self.all_down_s = down_after, all_down_s
         self.probe_s, self.probe_max_s, self.probe_timeout_s = probe_s, probe_max_s, probe_timeout_s
         self.max_tries = max_tries if max_tries is not None else 2 * len(self.hosts) + 1
@@ -100,6 +107,9 @@ class HostPool:
         self._last_log = time.monotonic()
 
     async def __aenter__(self) -> Self:
+        for host in self.hosts:
+            if not host.up:
+                self._probe_out(host)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -109,7 +119,12 @@ class HostPool:
         """Stop the probes, close the hosts' clients (what ``connect`` built), remember what was
         learned about the hosts that are up."""
         if self.memory is not None:
-            self.memory.update({h.url: h.aimd.learned() for h in self.hosts if h.up and h.stats.ok})
+            for h in self.hosts:
+                if not h.up:
+                    self.memory[h.url] = {**self.memory.get(h.url, {}), "up": False,
+                                          "last_error": h.last_error, "probe_delay": h.probe_delay}
+                elif h.stats.ok:
+                    self.memory[h.url] = {"up": True, "learned": h.aimd.learned()}
         for task in self._probes.values():
             task.cancel()
         await asyncio.gather(*self._probes.values(), return_exceptions=True)
@@ -330,6 +345,10 @@ class HostPool:
         host.stats.downs += 1
         log.warning("LLM host %s taken out after %d failures in a row (%s); probing it with back-off",
                     host.url, host.strikes, host.last_error)
+        self._probe_out(host)
+
+    def _probe_out(self, host: Host) -> None:
+        """Probe a host that is out; when none is left, start the wait for one to come back."""
         self._probes[host.url] = asyncio.get_running_loop().create_task(self._probe_loop(host))
         if not self.up and self._give_up is None:
             log.warning("every LLM host is out; waiting up to %.0f s for one to come back", self.all_down_s)
@@ -364,9 +383,8 @@ class HostPool:
             while True:
                 await asyncio.sleep(delay)
                 host.stats.probes += 1
-                delay = min(delay * 2, self.probe_max_s)
+                delay = host.probe_delay = min(delay * 2, self.probe_max_s)
                 if await self.probe(host):
-                    host.probe_delay = delay
                     self._bring_back(host)
                     return
         finally:

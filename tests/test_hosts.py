@@ -85,7 +85,7 @@ def test_the_faster_host_gets_more_and_the_pool_fills_both():
     assert f.concurrency >= 4 and s.concurrency >= 2  # learned: at least the capacity
     assert f.requests == f.ok == sum(fast.answered.values()) and f.errors == 0
     assert 195 <= f.p50_ms <= f.p95_ms  # 200 ms generations, plus queueing
-    assert memory[fast.url][0] >= 4 and memory[slow.url][0] >= 2  # what the next pool starts from
+    assert memory[fast.url]["learned"][0] >= 4 and memory[slow.url]["learned"][0] >= 2  # the next pool
     row = summary[fast.url]
     assert {"requests", "errors", "p50_ms", "p95_ms", "concurrency", "up"} <= set(row) and row["up"]
 
@@ -146,6 +146,35 @@ def test_a_dead_host_comes_back_after_its_probe_succeeds():
     assert len(first) == 40 and len(second) == 60
     assert back.up and back.downs == 1 and back.probes >= 1
     assert sum(b.answered.values()) > 0  # it answered again once back
+
+
+def test_the_next_pool_remembers_a_host_that_is_out():
+    """A run's shards each have a pool: one that starts after a host went out does not strike it
+    again with requests, it probes it, and takes it in when it answers."""
+
+    async def main():
+        a, b = await servers((2, 0.02), (2, 0.02))
+        await b.stop()
+        memory = {}
+        async with HostPool([a.url, b.url], connect=connect, log_every_s=0, memory=memory) as pool:
+            assert len([r async for r in pool.map(range(20), ask)]) == 20
+        assert memory[b.url]["up"] is False and memory[a.url]["up"] is True
+        async with HostPool([a.url, b.url], connect=connect, log_every_s=0, memory=memory, probe_s=0.05,
+                            probe_max_s=0.1) as pool:
+            assert not pool.hosts[1].up
+            assert len([r async for r in pool.map(range(20), ask)]) == 20
+            untouched = pool.stats()[1].requests
+            await b.start()
+            deadline = time.monotonic() + 10
+            while not pool.hosts[1].up and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            back = pool.hosts[1].up
+        await a.stop()
+        await b.stop()
+        return untouched, back, memory
+
+    untouched, back, memory = asyncio.run(main())
+    assert untouched == 0 and back and memory  # not one request sent to it while it was out
 
 
 def test_every_host_down_is_a_clear_error_after_a_bounded_wait():
