@@ -31,8 +31,9 @@ def _config():
 
 def reminders(
     ctx: typer.Context,
-    ollama_host: Annotated[str | None, typer.Option(
-        help="Ollama server (default $OLLAMA_HOST or 127.0.0.1:11434).")] = None,
+    ollama_host: Annotated[list[str] | None, typer.Option(
+        help="Ollama server (default $OLLAMA_HOST or 127.0.0.1:11434). Give it several times to spread the "
+        "run over several servers; URL=N: at most N requests at once there.")] = None,
     model: Annotated[str | None, typer.Option(help="Model name on that server (default gemma3:27b).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N dialogs.")] = None,
     data_root: DataRootOpt = None,
@@ -43,9 +44,10 @@ def reminders(
     from flows.reminders import reminders_flow
     from llmcalls.requests import LLMUnavailable
     from llmcalls.shard import ShardFailed
+    from schemas.config import split_hosts
     from schemas.validate import ValidationFailed
 
-    config = load(_config(), data_root, ollama_host=ollama_host, model=model, limit=limit)
+    config = load(_config(), data_root, ollama_host=split_hosts(ollama_host), model=model, limit=limit)
     run_flow(reminders_flow, config,
              errors=(LLMUnavailable, FileNotFoundError, ValidationFailed, ShardFailed))
 

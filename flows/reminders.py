@@ -15,10 +15,16 @@ average occupancy before asking again. Inside, at most two shards run at once, s
 slots between them, so one shard's tail overlaps the next one's start. The slots are held through
 ``tasks.runtime.slots``, which records the lease on disk so that the next run gives back the
 slots of a killed run (Prefect's own context manager would leave them taken).
+
+Given several Ollama hosts, the flow holds each host's slots of its own limit, and each shard
+spreads its requests over the hosts (``llmcalls.spread``): each host takes as many at once as it
+shows it can, at most its share of the slots held, and a host that fails hands its requests to
+the others. Each host's figures go to the logs and the run's summary (``hosts``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -29,10 +35,11 @@ from prefect.utilities.annotations import quote
 
 from llmcalls.cache import ResponseCache
 from llmcalls.fill import Fill
-from llmcalls.shard import ShardFailed, ShardStats
+from llmcalls.shard import ShardFailed, ShardStats, hosts_summary
 from reminders.outcome import Outcome, repaired, sort_out, to_repair
 from reminders.prompts import Prompt, repair_request
 from reminders.summary import run_summary
+from schemas.config import host_url
 from schemas.reminders import RemindersConfig, RemindersResult
 from schemas.validate import ValidationFailed
 from storage.lance import versions_text
@@ -85,10 +92,10 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
     out = Round(fill, fill.answers)
     log = logger()
 
-    def submit(i: int, workers: int, refresh: bool):
+    def submit(i: int, workers: int, refresh: bool, caps: dict[str, int] | None = None):
         named = shard_task.with_options(task_run_name=f"shard-{fill.label}-{i:05d}", refresh_cache=refresh)
         return named.submit(i, quote(fill.shards[i]), config, fill.journal(i), workers, backend,
-                            quote(fill.answered(i)))
+                            quote(fill.answered(i)), caps)
 
     def settle(i: int, fut) -> None:
         result = fut.result(raise_on_failure=False)
@@ -105,17 +112,23 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
 
     quiet = {i: submit(i, 1, False) for i in sorted(set(range(len(fill.shards))) - set(need))}
     if need:
-        name, slots = ensure_limit_task(config)
+        hosts = [host_url(h) for h in config.hosts]
+        limits = [ensure_limit_task(config, h) for h in hosts]  # (name, slots) of each host's limit
+        slots = sum(n for _, n in limits)
         window = 2 if slots >= 2 and slots % 2 == 0 and len(need) > 1 else 1
+        caps = {h: max(1, n // window) for h, (_, n) in zip(hosts, limits, strict=True)} \
+            if len(hosts) > 1 else None
         pending, running = deque(need), {}
-        # A one-minute lease, renewed while this run lives; a killed run's slots are given back by
-        # the next run on this data root (tasks.runtime.slots), whatever server granted them.
-        with hold_slots(slots_dir(config), name, slots):
+        # A one-minute lease per host, renewed while this run lives; a killed run's slots are given
+        # back by the next run on this data root (tasks.runtime.slots), whatever server granted them.
+        with contextlib.ExitStack() as held:
+            for name, n in limits:
+                held.enter_context(hold_slots(slots_dir(config), name, n))
             t0 = time.perf_counter()
             while pending or running:
                 while pending and len(running) < window:
                     i = pending.popleft()
-                    running[i] = submit(i, slots // window, True)
+                    running[i] = submit(i, slots // window, True, caps)
                 done = next(as_completed(list(running.values())))
                 i = next(k for k, f in running.items() if f is done)
                 del running[i]
@@ -170,7 +183,8 @@ def reminders_flow(config: RemindersConfig) -> RemindersResult:
                          [s for r in rounds for s in r.stats], outcome, time.perf_counter() - t0,
                          sum(r.seconds for r in rounds), backend,
                          shards=sum(len(r.fill.shards) for r in rounds),
-                         shards_cached=sum(r.cached for r in rounds), read_versions=read_versions, **written)
+                         shards_cached=sum(r.cached for r in rounds), read_versions=read_versions,
+                         hosts=hosts_summary([s for r in rounds for s in r.stats]), **written)
     if not result.reconciles():
         raise RuntimeError(f"reminders counts do not reconcile: {result.to_json()}")
     publish_table("reminders-run", result.artifact_rows(),

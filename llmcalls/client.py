@@ -23,7 +23,16 @@ import pydantic
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from llmcalls.auth import AUTH_ENV, HostAuth
-from llmcalls.requests import ERROR, OK, REJECTED, LLMRequest, LLMResult, LLMUnavailable, full_name
+from llmcalls.requests import (
+    ERROR,
+    OK,
+    REJECTED,
+    HostUnreachable,
+    LLMRequest,
+    LLMResult,
+    LLMUnavailable,
+    full_name,
+)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -69,7 +78,7 @@ class LLMClient:
         except (ConnectionError, httpx.TransportError, TimeoutError, ollama.ResponseError) as exc:
             if isinstance(exc, ollama.ResponseError) and exc.status_code in (401, 403):
                 self._refused(exc.status_code)
-            raise LLMUnavailable(
+            raise HostUnreachable(
                 f"no Ollama server answers at {self.host} ({type(exc).__name__}: {exc}). Start one there "
                 f"(`ollama serve`, then `ollama pull {model}`), or the local stand-in "
                 "(`mmem llm serve --teacher`), and point --ollama-host / OLLAMA_HOST / [reminders] "
@@ -124,6 +133,42 @@ class LLMClient:
             reraise=True,
         )
 
+    async def ask(self, req: LLMRequest) -> LLMResult:
+        """One try, for a caller that spreads requests over several hosts (``llmcalls.hosts``): the
+        answer, or a REJECTED result (a 4xx, an unreadable image). A failure another host may not
+        have (refused, dropped, timed out, 5xx, 429) raises, so that the caller can send the request
+        elsewhere; a missing model or a refused token raises ``LLMUnavailable`` naming this host."""
+        rh = req.request_hash
+        try:
+            messages = req.wire_messages()
+        except (OSError, ValueError) as exc:
+            return LLMResult(rh, REJECTED, error=f"image: {exc}", backend=self.backend)
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                resp = await self._client.chat(model=req.model, messages=messages, options=req.options,
+                                               stream=False)
+        except ollama.ResponseError as exc:
+            if is_retryable(exc):
+                raise
+            self._unavailable(exc, req)
+            return LLMResult(rh, REJECTED, error=f"HTTP {exc.status_code}: {exc.error}", attempts=1,
+                             latency_s=time.perf_counter() - t0, backend=self.backend)
+        return self._answered(rh, resp, 1, t0)
+
+    def _unavailable(self, exc: ollama.ResponseError, req: LLMRequest) -> None:
+        """A 404 (no such model here) or a 401/403 (a revoked token): stop, rather than quarantine
+        every prompt."""
+        if exc.status_code == 404:
+            raise LLMUnavailable(f"{exc.error} at {self.host}: run `ollama pull {req.model}` there") from None
+        if exc.status_code in (401, 403):
+            self._refused(exc.status_code)
+
+    def _answered(self, rh: str, resp, attempts: int, t0: float) -> LLMResult:
+        return LLMResult(rh, OK, response=resp.message.content or "", attempts=attempts,
+                         latency_s=time.perf_counter() - t0, prompt_tokens=resp.prompt_eval_count,
+                         completion_tokens=resp.eval_count, backend=self.backend)
+
     async def chat(self, req: LLMRequest, on_retry=None) -> LLMResult:
         """One request, retried as the policy says. A missing model raises ``LLMUnavailable``."""
         rh = req.request_hash
@@ -142,11 +187,7 @@ class LLMClient:
                         resp = await self._client.chat(model=req.model, messages=messages,
                                                        options=req.options, stream=False)
         except ollama.ResponseError as exc:
-            if exc.status_code == 404:
-                raise LLMUnavailable(f"{exc.error} at {self.host}: run `ollama pull {req.model}` there") \
-                    from None
-            if exc.status_code in (401, 403):  # a revoked token: stop, rather than quarantine every prompt
-                self._refused(exc.status_code)
+            self._unavailable(exc, req)
             status = ERROR if is_retryable(exc) else REJECTED
             return LLMResult(rh, status, error=f"HTTP {exc.status_code}: {exc.error}", attempts=attempts,
                              latency_s=time.perf_counter() - t0, backend=self.backend)
@@ -155,6 +196,4 @@ class LLMClient:
                 raise
             return LLMResult(rh, ERROR, error=f"{type(exc).__name__}: {exc}", attempts=attempts,
                              latency_s=time.perf_counter() - t0, backend=self.backend)
-        return LLMResult(rh, OK, response=resp.message.content or "", attempts=attempts,
-                         latency_s=time.perf_counter() - t0, prompt_tokens=resp.prompt_eval_count,
-                         completion_tokens=resp.eval_count, backend=self.backend)
+        return self._answered(rh, resp, attempts, t0)

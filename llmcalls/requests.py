@@ -24,6 +24,10 @@ class LLMUnavailable(RuntimeError):
     """The server does not answer or lacks the model: nothing to fan out to. The message says what to run."""
 
 
+class HostUnreachable(LLMUnavailable):
+    """No server answers at the host (refused, timed out): one of several hosts may come back later."""
+
+
 def full_name(name: str) -> str:
     """A model name with its tag (``gemma3`` -> ``gemma3:latest``), as a server lists it."""
     return name if ":" in name else f"{name}:latest"

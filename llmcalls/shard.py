@@ -2,11 +2,13 @@
 
 The caller says where to send them (an :class:`Endpoint`, or any object with its attributes, such
 as a ``RemindersConfig``) and which host gets which token (a :class:`~llmcalls.auth.HostAuth`).
+Given several hosts (``options.hosts``), the shard spreads over them (``llmcalls.spread``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,12 @@ from pydantic import BaseModel, ConfigDict
 from llmcalls.auth import HostAuth
 from llmcalls.cache import Journal
 from llmcalls.client import LLMClient
-from llmcalls.requests import ERROR, OK, REJECTED, LLMRequest
+from llmcalls.hosts import HostSpec
+from llmcalls.requests import ERROR, OK, REJECTED, HostUnreachable, LLMRequest, LLMResult, LLMUnavailable
+from llmcalls.spread import host_specs, merge_hosts, spread
 from storage.progress import Progress
+
+log = logging.getLogger("mmem." + __name__)
 
 
 class ClientOptions(Protocol):
@@ -62,6 +68,8 @@ class ShardStats(BaseModel):
     latencies: list[float] = []
     completion_tokens: int = 0
     wall_s: float = 0.0
+    hosts: dict[str, dict] = {}  # several hosts: each one's figures (llmcalls.hosts.HostStats)
+    host_latencies: dict[str, list[float]] = {}  # several hosts: each one's answered calls' seconds
 
     def __init__(self, shard: int | None = None, /, **data) -> None:
         if shard is not None:
@@ -80,6 +88,12 @@ class ShardFailed(RuntimeError):
         return str(self.args[0])
 
 
+def hosts_of(options: ClientOptions) -> list[str]:
+    """Where the requests go: ``options.hosts`` (``URL`` or ``URL=limit`` each) where it names any,
+    else its one ``host``."""
+    return list(getattr(options, "hosts", None) or [options.host])
+
+
 def client_for(options: ClientOptions, auth: HostAuth, backend: str | None = None) -> LLMClient:
     return LLMClient(options.host, timeout_s=options.timeout_s, max_attempts=options.max_attempts,
                      backoff_s=options.backoff_s, backoff_max_s=options.backoff_max_s, backend=backend,
@@ -87,9 +101,12 @@ def client_for(options: ClientOptions, auth: HostAuth, backend: str | None = Non
 
 
 async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptions, journal_path: Path,
-                    workers: int, backend: str | None = None, *, auth: HostAuth) -> ShardStats:
+                    workers: int, backend: str | None = None, *, auth: HostAuth,
+                    caps: dict[str, int] | None = None) -> ShardStats:
     """Make the shard's calls, ``workers`` at a time, appending each finished one to the journal
-    (requests the journal already answered are skipped). ``auth``: which host gets which token."""
+    (requests the journal already answered are skipped). ``auth``: which host gets which token.
+    Over several hosts, each host takes as many at once as it shows it can (at most its ``caps``
+    entry: the slots this run holds there), and ``workers`` is not used."""
     stats = ShardStats(shard, requests=len(requests))
     t0 = time.perf_counter()
     with Journal(journal_path) as journal, Progress(len(requests), f"shard {shard}", log_every=0.5,
@@ -104,6 +121,31 @@ async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptio
         def retried() -> None:
             stats.retries += 1
 
+        def count(res: LLMResult) -> None:
+            stats.latencies.append(res.latency_s)
+            stats.ok += res.status == OK
+            stats.failed += res.status == ERROR
+            stats.rejected += res.status == REJECTED
+            stats.completion_tokens += res.completion_tokens or 0
+            progress()
+
+        hosts = hosts_of(options)
+        if len(hosts) > 1:
+
+            def record(host: str, res: LLMResult) -> None:
+                stats.retries += max(0, res.attempts - 1)
+                if res.status == OK:
+                    stats.host_latencies.setdefault(host, []).append(res.latency_s)
+                count(res)
+
+            def connect(url: str) -> LLMClient:
+                return LLMClient(url, timeout_s=options.timeout_s, max_attempts=1, backend=backend, auth=auth)
+
+            stats.hosts = await spread(todo, host_specs(hosts, caps), connect, journal, record,
+                                       max_tries=options.max_attempts)
+            stats.wall_s = time.perf_counter() - t0
+            return stats
+
         async with client_for(options, auth, backend) as client:
 
             async def worker() -> None:
@@ -111,23 +153,47 @@ async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptio
                     req = queue.get_nowait()
                     res = await client.chat(req, on_retry=retried)
                     journal.append(res.row(req, options.host))
-                    stats.latencies.append(res.latency_s)
-                    stats.ok += res.status == OK
-                    stats.failed += res.status == ERROR
-                    stats.rejected += res.status == REJECTED
-                    stats.completion_tokens += res.completion_tokens or 0
-                    progress()
+                    count(res)
 
             await asyncio.gather(*(worker() for _ in range(min(workers, len(todo)) or 1)))
     stats.wall_s = time.perf_counter() - t0
     return stats
 
 
+def hosts_summary(stats: list[ShardStats]) -> dict[str, dict]:
+    """Each host's figures over a run's shards (several hosts; {} for one): requests, errors,
+    p50/p95 latency, learned concurrency."""
+    latencies: dict[str, list[float]] = {}
+    for s in stats:
+        for url, seconds in s.host_latencies.items():
+            latencies.setdefault(url, []).extend(seconds)
+    return merge_hosts([s.hosts for s in stats if s.hosts], latencies)
+
+
 def check_server(options: ClientOptions, model: str, *, auth: HostAuth) -> str:
-    """Fail fast (``LLMUnavailable``, saying what to run) unless ``options.host`` answers and has
-    ``model``; returns the backend that will answer."""
-    async def _check() -> str:
-        async with LLMClient(options.host, timeout_s=options.timeout_s, auth=auth) as client:
+    """Fail fast (``LLMUnavailable``, saying what to run) unless the host answers and has ``model``;
+    returns the backend that will answer. Over several hosts: each one that answers must have the
+    model and speak Ollama (else one line naming it); one that does not answer is only warned
+    about (the run's probes take it in when it does), unless none answers."""
+    urls = [HostSpec.parse(h).url for h in hosts_of(options)]
+
+    async def one(url: str) -> str:
+        async with LLMClient(url, timeout_s=options.timeout_s, auth=auth) as client:
             return await client.check(model)
 
-    return asyncio.run(_check())
+    async def _check() -> list[str | BaseException]:
+        return await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
+
+    got = asyncio.run(_check())
+    for res in got:
+        if isinstance(res, BaseException) and not isinstance(res, HostUnreachable):
+            raise res
+    backends = sorted({b for b in got if isinstance(b, str)})
+    if not backends:
+        raise got[0] if len(got) == 1 else LLMUnavailable(
+            "no LLM host answers: " + "; ".join(str(e) for e in got))
+    for url, res in zip(urls, got, strict=True):
+        if isinstance(res, BaseException):
+            log.warning("LLM host %s does not answer now; the run goes on without it until it does (%s)",
+                        url, res)
+    return "+".join(backends)

@@ -17,6 +17,7 @@ without the variable (the command line, a script) is the one that chose its valu
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 import urllib.parse
@@ -264,10 +265,12 @@ def record_root_choice(data_root: str | Path, group: str, values: dict[str, Any]
     return path
 
 
-def llm_trusted(base: Trusted, host: str, block: str | None, per_host: dict[str, str]) -> Trusted:
-    """``base`` plus an LLM config's host and the Secret blocks it binds to hosts (``auth_secret_block``
-    goes to the config's own host only)."""
-    return base.model_copy(update={"ollama_hosts": [normalise_host(host)],
+def llm_trusted(base: Trusted, host: str, block: str | None, per_host: dict[str, str],
+                hosts: list[str] | None = None) -> Trusted:
+    """``base`` plus an LLM config's hosts (``hosts``, else its one ``host``) and the Secret blocks it
+    binds to hosts (``auth_secret_block`` goes to the config's own ``host`` only)."""
+    named = [host_url(h) for h in hosts] if hosts else [host]
+    return base.model_copy(update={"ollama_hosts": [normalise_host(h) for h in named],
                                    "ollama_auth": block_bindings(host, block, per_host)})
 
 
@@ -288,6 +291,35 @@ def env_binding(default_host: str) -> dict[str, str]:
 
 def default_ollama_host(configured: str | None) -> str:
     return configured or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST
+
+
+def split_hosts(value: Any) -> str | list[str] | None:
+    """An ``ollama_host`` setting as given: one host (a string), or several (a list, a JSON list as
+    an environment variable carries it, or one string with commas or spaces between them). One
+    host stays a string. ``$OLLAMA_HOST`` is never split: Ollama defines it as one host."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+    hosts = [str(h).strip() for h in value if str(h).strip()]
+    if not hosts:
+        return None
+    return hosts[0] if len(hosts) == 1 else hosts
+
+
+def ollama_hosts(configured: str | list[str] | None) -> list[str]:
+    """Every host an ``ollama_host`` setting names (``URL`` or ``URL=limit`` each); by default
+    ``$OLLAMA_HOST``, else Ollama's default."""
+    if isinstance(configured, list):
+        return list(configured)
+    return [default_ollama_host(configured)]
+
+
+def host_url(spec: str) -> str:
+    """A host as ``ollama_host`` names it, without a ``=limit`` suffix."""
+    url, sep, limit = spec.strip().rpartition("=")
+    return url.strip() if sep and limit.strip().isdigit() else spec.strip()
 
 
 def read_profile_section(profile: str | Path, section: str) -> dict[str, Any]:

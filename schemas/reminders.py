@@ -10,13 +10,13 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import pyarrow as pa
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from schemas.config import StageConfig, Trusted, default_ollama_host, llm_trusted
+from schemas.config import StageConfig, Trusted, host_url, llm_trusted, ollama_hosts, split_hosts
 from schemas.results import StageResult
 from schemas.tables import register
 
@@ -138,8 +138,10 @@ class RemindersConfig(StageConfig):
     model_config = SettingsConfigDict(env_prefix="MMEM_REMINDERS_")
     section: ClassVar[str] = "reminders"
 
-    ollama_host: str | None = Field(default=None,
-                                    description="Ollama server; default: $OLLAMA_HOST or 127.0.0.1:11434.")
+    ollama_host: Annotated[str | list[str] | None, NoDecode] = Field(
+        default=None, description="Ollama server, or a list of them: one run spreads its requests over "
+        "all, each taking as many at once as it shows it can (`URL=N`: at most N there, for a host shared "
+        "with others). Default: $OLLAMA_HOST (one host) or 127.0.0.1:11434.")
     auth_secret_block: str | None = Field(
         default=None,
         description="Name of a Prefect Secret block holding the Authorization header value of `ollama_host` "
@@ -182,13 +184,21 @@ class RemindersConfig(StageConfig):
         "read; default the latest. The pipeline pins the versions ingest wrote.",
     )
 
+    _hosts = field_validator("ollama_host", mode="before")(classmethod(lambda cls, v: split_hosts(v)))
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every Ollama server of the run (``URL`` or ``URL=limit`` each)."""
+        return ollama_hosts(self.ollama_host)
+
     @property
     def host(self) -> str:
-        """The Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
-        return default_ollama_host(self.ollama_host)
+        """The (first) Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
+        return host_url(self.hosts[0])
 
     def trusted_values(self) -> Trusted:
-        return llm_trusted(super().trusted_values(), self.host, self.auth_secret_block, self.ollama_auth)
+        return llm_trusted(super().trusted_values(), self.host, self.auth_secret_block, self.ollama_auth,
+                           self.hosts)
 
     @property
     def options(self) -> dict:
@@ -228,6 +238,9 @@ class RemindersResult(StageResult):
     quarantined_llm_error: int = 0
     shards: int = Field(default=0, description="Shards of every round (generation, repair).")
     shards_cached: int = Field(default=0, description="Shards Prefect served from their persisted result.")
+    hosts: dict[str, dict] = Field(
+        default_factory=dict, description="Several Ollama hosts: each one's requests, errors, p50/p95 "
+        "latency and learned concurrency.")
     inserted: int = 0
     updated: int = 0
 

@@ -52,22 +52,33 @@ def shard_results_storage(config: RemindersConfig) -> ShardResults:
 
 async def generate_shard(shard: int, requests: list[LLMRequest], config: RemindersConfig, journal_path: Path,
                          workers: int, backend: str | None,
-                         answered: frozenset[str] = frozenset()) -> ShardStats:
+                         answered: frozenset[str] = frozenset(),
+                         caps: dict[str, int] | None = None) -> ShardStats:
     """A shard as a task: fails (after writing every finished call) if any request still failed.
 
     ``requests`` is the whole shard (its cache key); those in ``answered`` (already in the response
     cache) are not asked again, so a cache miss on a done shard makes no call and writes nothing.
+    ``caps``: with several hosts, the most requests at once on each (its share of the slots held).
     """
     todo = [r for r in requests if r.request_hash not in answered]
     if not todo:
         return ShardStats(shard)
-    stats = await run_shard(shard, todo, config, journal_path, workers, backend, auth=host_auth(config))
+    stats = await run_shard(shard, todo, config, journal_path, workers, backend, auth=host_auth(config),
+                            caps=caps)
     logger().info("shard %d: %d ok, %d failed, %d rejected, %d retries, %d skipped, %.1f s", shard, stats.ok,
                   stats.failed, stats.rejected, stats.retries, stats.skipped, stats.wall_s)
+    for url, h in stats.hosts.items():
+        logger().info("shard %d, host %s%s: %d ok, %d errors, p50 %s ms, p95 %s ms, %d at once (learned)",
+                      shard, url, "" if h["up"] else " (out)", h["ok"], h["errors"], _ms(h["p50_ms"]),
+                      _ms(h["p95_ms"]), h["concurrency"])
     if stats.failed:
         raise ShardFailed(f"shard {shard}: {stats.failed} of {stats.requests} requests still failed after "
                           f"{config.max_attempts} attempts; re-run the flow to retry only them", stats)
     return stats
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def server_backend(config: RemindersConfig) -> str:

@@ -1,0 +1,126 @@
+"""A shard of LLM calls over several hosts (issue 20): ``run_shard`` with ``options.hosts`` spreads
+the calls over real loopback Ollama-protocol servers, journals each once with the host that
+answered, and finishes on the hosts left when one dies midway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from llmcalls.auth import HostAuth
+from llmcalls.cache import read_journal
+from llmcalls.requests import OK, LLMRequest, LLMUnavailable
+from llmcalls.shard import check_server, run_shard
+
+_spec = importlib.util.spec_from_file_location(
+    "slot_server", Path(__file__).resolve().parents[1] / "benchmarks" / "slot_server.py")
+slot_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(slot_server)
+
+MODEL = "gemma3:27b"
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """Pure asyncio and HTTP: no Prefect server needed (overrides conftest's)."""
+    yield
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """``ClientOptions`` with several hosts."""
+
+    hosts: list[str] = field(default_factory=list)
+    timeout_s: float = 10.0
+    max_attempts: int = 4
+    backoff_s: float = 0.1
+    backoff_max_s: float = 1.0
+
+    @property
+    def host(self) -> str:
+        return self.hosts[0]
+
+
+def requests(n: int) -> list[LLMRequest]:
+    return [LLMRequest(MODEL, ({"role": "user", "content": f"q{i}"},), {"seed": 0}) for i in range(n)]
+
+
+def test_a_shard_spreads_over_hosts_and_finishes_when_one_dies(tmp_path):
+    async def main():
+        a, b = slot_server.SlotServer(4, 0.05, MODEL), slot_server.SlotServer(2, 0.05, MODEL)
+        await a.start(), await b.start()
+
+        async def kill_b():
+            while sum(b.answered.values()) < 20:
+                await asyncio.sleep(0.01)
+            await b.stop()
+
+        killer = asyncio.create_task(kill_b())
+        try:
+            opts = Hosts([a.url, f"{b.url}=2"])
+            stats = await run_shard(0, requests(300), opts, tmp_path / "shard.jsonl", 8, None,
+                                    auth=HostAuth(), caps={a.url: 6})
+        finally:
+            killer.cancel()
+            await a.stop()
+            await b.stop()
+        return a, b, stats
+
+    a, b, stats = asyncio.run(main())
+    rows = read_journal(tmp_path / "shard.jsonl")
+    per_request = Counter(r["request_hash"] for r in rows)
+    assert len(per_request) == 300 and set(per_request.values()) == {1}  # nothing lost, nothing twice
+    assert all(r["status"] == OK and r["response"].startswith("answer to: q") for r in rows)
+    by_host = Counter(r["host"] for r in rows)
+    assert by_host[b.url] >= 20 and by_host[a.url] + by_host[b.url] == 300
+    assert stats.ok == 300 and stats.failed == 0 and set(stats.hosts) == {a.url, b.url}
+    assert stats.hosts[b.url]["downs"] == 1 and not stats.hosts[b.url]["up"]
+    assert stats.hosts[a.url]["peak_concurrency"] <= 6 and stats.hosts[b.url]["peak_concurrency"] <= 2
+    assert a.peak <= 6 and b.peak <= 2  # the caps held
+    assert len(stats.host_latencies[a.url]) == by_host[a.url]
+
+
+@contextlib.contextmanager
+def serving(*models: str):
+    """Slot servers for ``models`` in a thread's event loop (``check_server`` runs its own loop)."""
+    loop, servers, ready = asyncio.new_event_loop(), [], threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        for model in models:
+            server = slot_server.SlotServer(1, 0.01, model)
+            loop.run_until_complete(server.start())
+            servers.append(server)
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+
+
+def test_the_server_check_names_a_host_that_is_not_what_it_seems():
+    with serving(MODEL) as (dead,):
+        pass  # its port now refuses connections
+    with serving(MODEL, "llama3:8b") as (good, wrong):
+        # a host that does not answer is only warned about: the run's probes take it in later
+        assert check_server(Hosts([good.url, dead.url]), MODEL, auth=HostAuth()) == "slots"
+        with pytest.raises(LLMUnavailable, match=wrong.url) as err:
+            check_server(Hosts([good.url, wrong.url]), MODEL, auth=HostAuth())
+        assert "\n" not in str(err.value) and "does not have model 'gemma3:27b'" in str(err.value)
+    with pytest.raises(LLMUnavailable, match="no LLM host answers"):
+        check_server(Hosts([dead.url, good.url]), MODEL, auth=HostAuth())
