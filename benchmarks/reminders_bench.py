@@ -14,6 +14,7 @@ Prints, against the issue's targets and a baseline measured in the same run:
 
     python benchmarks/reminders_bench.py                                # 5,000 live, 50,000 cached
     python benchmarks/reminders_bench.py --prompts 500 --cached 2000    # quicker
+    python benchmarks/reminders_bench.py --hosts 8,4 --prompts 2000     # several hosts (issue 20)
 """
 
 from __future__ import annotations
@@ -140,9 +141,17 @@ def main() -> None:
     ap.add_argument("--image-kb", type=int, default=48, help="JPEG size sent with every request")
     ap.add_argument("--baseline", type=int, default=1000, help="requests for the bare-client baseline")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmem-bench/reminders"))
+    ap.add_argument("--hosts", default=None,
+                    help="multi-host mode (benchmarks/reminders_multihost.py): each server's parallel "
+                    "generations, e.g. 8,4; --in-flight is then each host's slots (default 2 x the most)")
     args = ap.parse_args()
     in_flight = args.in_flight or args.parallel * 3 // 2
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+    if args.hosts:
+        from reminders_multihost import report, run_multihost
+
+        report(run_multihost(args, start_server, synthetic_root))
+        return
 
     from prefect.testing.utilities import prefect_test_harness
 
