@@ -193,12 +193,14 @@ def seed(
 ) -> None:
     """Seed memories from the ingested VisDial tables: each dialog's image and turns, timed as they went."""
     from memory.seed import seed_visdial
-    from storage.lance import open_table, table_exists
+    from storage.lance import TablesMissing, open_table, require
     from storage.progress import Progress
 
     store = _store(data_root, tiny=tiny, checkpoint=checkpoint)
-    if not table_exists(store.db, "dialogs"):
-        fail(f"no dialogs table under {store.config.lance_uri}: run mmem ingest first")
+    try:
+        require(store.db, ["dialogs", "turns"], hint="run `mmem ingest` first")
+    except TablesMissing as exc:
+        fail(str(exc))
     try:
         total = open_table(store.db, "dialogs").count_rows()
         with Progress(min(limit or total, total), "seed memories") as bar:

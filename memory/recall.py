@@ -23,6 +23,7 @@ from memory.table import MemoryTable
 from memory.writes import PUBLIC_COLUMNS
 from schemas.embed import normalise_text
 from schemas.memory import MemoryConfig
+from storage.lance import sql_in
 
 OVERFETCH = 1.5  # nearest rows searched per wanted candidate when the filter comes after the search
 # what the re-rank needs of a full-text hit (vector hits get theirs from memory.columns)
@@ -124,9 +125,9 @@ class Searcher:
         if not ids:
             return picked.select([])
         ds = self._seen if self._seen is not None else self.mt.synced()
-        row_ids = ", ".join(str(r) for r in picked.column("_rowid").to_pylist())
+        where = sql_in("_rowid", picked.column("_rowid").to_pylist())
         try:
-            rows = ds.to_table(columns=PUBLIC_COLUMNS, filter=f"_rowid IN ({row_ids})")
+            rows = ds.to_table(columns=PUBLIC_COLUMNS, filter=where)
         except (OSError, ValueError, RuntimeError):
             return None
         at = {m: i for i, m in enumerate(rows.column("memory_id").to_pylist())}
