@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from embed.preprocess import PREPROCESS_VERSION
 from embed.weights import model_fingerprint
+from ingest.roots import ImageRoots
 from schemas.embed import IMAGE_EMBEDDINGS, TEXT_EMBEDDINGS, EmbedConfig, normalise_text, turn_text
 from storage.lance import read, require, resolve_versions, sql_in, sql_literal, table_exists
 
@@ -91,11 +92,14 @@ def output_versions(db) -> dict[str, int]:
     return {name: db.open_table(name).version for name in OUTPUT.values() if table_exists(db, name)}
 
 
-def image_items(db, config: EmbedConfig, versions: dict[str, int] | None = None) -> pa.Table:
+def image_items(db, config: EmbedConfig, versions: dict[str, int] | None = None,
+                roots: ImageRoots | None = None) -> pa.Table:
     """``image_id, split, path, root, image_sha256`` of every ingested image, by id.
 
-    ``root`` is the folder ``path`` is relative to: the config's ``image_roots[split]`` if set,
-    else the one ingest stored with the row. ``versions`` pins the ``images`` version read.
+    ``root`` is the folder ``path`` is in, as ``roots`` (:class:`ingest.roots.ImageRoots`) finds
+    it: the config's ``image_roots[split]`` if set, else the one ingest stored (a relative one
+    against the data root); a folder that does not exist is kept as the path tried and named in
+    ``roots.missing``. ``versions`` pins the ``images`` version read.
     """
     require(db, ["images"], HINT)
     version = (versions or {}).get("images")
@@ -105,21 +109,28 @@ def image_items(db, config: EmbedConfig, versions: dict[str, int] | None = None)
     stored = "root" in tbl.schema.names
     rows = read(db, "images", columns=["image_id", "split", "path", "sha256"] + (["root"] if stored else []),
                 where=_split_filter(config), version=version).sort_by("image_id")
-    stored_roots = rows.column("root").to_pylist() if stored else [None] * len(rows)
-    given = {k: str(v) for k, v in config.image_roots.items()}
-    roots = [given.get(s) or r for s, r in zip(rows.column("split").to_pylist(), stored_roots, strict=True)]
+    roots = roots if roots is not None else ImageRoots(config.data_root, config.image_roots)
+    found = roots.column(rows.column("split").to_pylist(),
+                         rows.column("root").to_pylist() if stored else [None] * len(rows),
+                         rows.column("path").to_pylist())
     return pa.table({"image_id": rows.column("image_id"), "split": rows.column("split"),
-                     "path": rows.column("path"), "root": pa.array(roots, pa.string()),
+                     "path": rows.column("path"), "root": pa.array(found, pa.string()),
                      "image_sha256": rows.column("sha256")})
 
 
-def check_roots(items: pa.Table) -> None:
-    """A clear error, before any work, when images have no known folder (a config problem, not data)."""
+def check_roots(items: pa.Table, roots: ImageRoots | None = None, todo: list[Shard] | None = None) -> None:
+    """A clear error, before any work: images with no known folder (a config problem, not data),
+    or images still to embed whose folder is gone (``todo``: the shards to run; None = every row).
+    Rows already embedded need no file: a root whose images are gone still plans as up to date."""
     missing = sorted(set(items.filter(pc.is_null(items.column("root"))).column("split").to_pylist()))
     if missing:
         raise ValueError(f"no image folder known for split(s) {missing}: set image_roots "
                          "(MMEM_EMBED_IMAGE_ROOTS='{\"train\": \"/path/to/train2014\"}' "
                          "or [embed] image_roots)")
+    if roots is not None:
+        needed = [items] if todo is None else [s.rows for s in todo if s.kind == "image"]
+        folders = {r for rows in needed for r in rows.column("root").to_pylist() if r}
+        roots.check(sorted(folders), stage="embed")
 
 
 def text_items(db, config: EmbedConfig, versions: dict[str, int] | None = None) -> pa.Table:
@@ -233,13 +244,14 @@ def plan(db, config: EmbedConfig) -> Plan:
     model = ModelArgs.from_config(config)
     fingerprint = model.fingerprint
     versions = input_versions(db, config)
-    items = {"image": image_items(db, config, versions), "text": text_items(db, config, versions)}
-    check_roots(items["image"])
+    roots = ImageRoots(config.data_root, config.image_roots)
+    items = {"image": image_items(db, config, versions, roots), "text": text_items(db, config, versions)}
     shards, todo = 0, {}
     for kind, rows in items.items():
         planned = plan_shards(kind, rows, config.shard_rows, fingerprint)
         shards += len(planned)
         todo[kind] = pending_shards(planned, current_mask(db, kind, rows, fingerprint))
+    check_roots(items["image"], roots, todo["image"])
     return Plan(model, fingerprint, len(items["image"]), len(items["text"]), shards,
                 interleave(todo["image"], todo["text"]), versions)
 

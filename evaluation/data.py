@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from evaluation.samples import Sample, build_samples, held_out
+from ingest.roots import ImageRoots
 from schemas.evaluate import EvaluateConfig, Variant
 from schemas.quarantine import Reason, Rejection
 from storage.lance import connect, read, resolve_versions, sql_literal, table_exists
@@ -66,9 +67,20 @@ def load_eval_data(config: EvaluateConfig) -> EvalData:
         images = read(db, "images")
     else:
         images = pa.table({"image_id": pa.array([], pa.int64())})
-    images = images.filter(pc.is_in(images.column("image_id"), ids))
+    images = found_roots(images.filter(pc.is_in(images.column("image_id"), ids)), config)
     version = ",".join(f"{n}@v{v}" for n, v in versions.items())
     return EvalData(held, turns, images, version, rejections, versions)
+
+
+def found_roots(images: pa.Table, config: EvaluateConfig) -> pa.Table:
+    """``images`` with each ``root`` as the folder it is now (relative ones against the data root,
+    a gone one found under it: :class:`ingest.roots.ImageRoots`); ``image_roots`` still wins later."""
+    if "root" not in images.column_names or len(images) == 0:
+        return images
+    found = ImageRoots(config.data_root).column(images.column("split").to_pylist(),
+                                                images.column("root").to_pylist(),
+                                                images.column("path").to_pylist())
+    return images.set_column(images.column_names.index("root"), "root", pa.array(found, pa.string()))
 
 
 def samples_for(data: EvalData, variant: Variant, limit: int | None) -> list[Sample]:

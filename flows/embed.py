@@ -19,6 +19,7 @@ from embed.compute import prestart
 from embed.plan import Plan
 from embed.shard import ShardResult
 from embed.write import Collected, Writer, summary, wrote_text
+from schemas.config import record_root_choice
 from schemas.embed import EmbedConfig, EmbedResult
 from storage.lance import connect, versions_text
 from storage.progress import Progress
@@ -106,11 +107,15 @@ def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
 
 @flow(name="embed", log_prints=True)
 def embed_flow(config: EmbedConfig) -> EmbedResult:
-    """Embed every ingested image and distinct text with ImageBind into Lance; returns the counts."""
+    """Embed every ingested image and distinct text with ImageBind into Lance; returns the counts.
+    The data root records the model (``mmem-root.json``), so later commands on it use the same."""
     enforce_trust(config)
     result = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
     result.index, after = index_task(config.lance_uri, config.index_min_rows)
     result.versions.update(after)  # an index build is a new version
+    # later commands on this root (query, memory) embed with the same model without flags
+    record_root_choice(config.data_root, "imagebind",
+                       {"tiny": config.tiny, "checkpoint": config.checkpoint, "seed": config.seed})
     publish_table("embed-counts", result.artifact_rows(),
                   "Embed: rows, shards (up to date / cached / computed), merges, quarantine, table versions")
     logger().info("embed done: %s", result.flat())

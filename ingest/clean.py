@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ingest.images import ImageInfo, check_images, coco_file_names, index_image_folder
+from ingest.roots import root_to_store
 from ingest.visdial import ParsedVisdial, dialog_columns, parse_visdial
 from schemas.expectations import dialogs_suite, images_suite, turns_suite
 from schemas.ingest import IMAGES, NUM_TURNS, IngestConfig
@@ -109,8 +110,9 @@ def clean(config: IngestConfig, progress: bool = True) -> IngestOutput:
                     str(image_id), p.reason, {"path": p.path, "dialog": _dialog_json(parsed, i)}, p.detail
                 )
             )
+    root = root_to_store(config.images, config.data_root)  # relative when under the data root
     images = pa.Table.from_pylist(
-        [{"split": parsed.split, "root": str(config.images.resolve()), **info.__dict__} for info in infos],
+        [{"split": parsed.split, "root": root, **info.__dict__} for info in infos],
         schema=IMAGES.schema,
     )
     keep = np.flatnonzero(np.isin(parsed.image_ids, ok_ids))

@@ -3,7 +3,6 @@ reference (its content hash is part of the request's cache key)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import urllib.parse
@@ -12,8 +11,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ingest.roots import ImageRootMissing, ImageRoots, relative_to_root  # noqa: F401 (raised here)
 from llmcalls.requests import ImageRef, LLMRequest
-from schemas.paths import stored_root as stored_root_of
 from schemas.quarantine import Reason, Rejection
 from schemas.reminders import RemindersConfig, load_prompt_data
 from storage.lance import connect, read, require, resolve_versions
@@ -38,17 +37,6 @@ class Prompt:
     target_answer: str
     image_url: str
     request: LLMRequest
-
-
-class ImageRootMissing(FileNotFoundError):
-    """A whole image folder is gone (the data root or the images moved): the run stops before it
-    writes, rather than quarantine every dialog as ``image_missing`` and drop their reminders."""
-
-    def __init__(self, roots: dict[str, str]) -> None:
-        example = json.dumps({split: "/new/folder" for split in dict.fromkeys(roots.values())})
-        super().__init__(f"image folder(s) {sorted(roots)} do not exist (moved?); nothing was written. "
-                         "Point the reminders config's image_roots at them, e.g. "
-                         f"MMEM_REMINDERS_IMAGE_ROOTS='{example}'")
 
 
 def conversation_text(qa: list[tuple[str, str]]) -> tuple[str, str]:
@@ -95,6 +83,13 @@ def _image_places(images: pa.Table, ids: pa.ChunkedArray) -> dict[int, tuple[str
                                                strict=True)}
 
 
+def image_url(path: str, data_root) -> str:
+    """The ``reminders.image_url`` of a file: relative to the data root when under it (a root moved
+    whole keeps it), else an absolute ``file://`` URL."""
+    rel = relative_to_root(path, data_root)
+    return urllib.parse.quote(rel) if rel is not None else "file://" + urllib.parse.quote(path)
+
+
 def build_prompts(config: RemindersConfig, dialogs: pa.Table, turns: pa.Table,
                   images: pa.Table) -> tuple[list[Prompt], list[Rejection]]:
     """One prompt per dialog (in ``image_id`` order, ``limit`` first), the image by reference."""
@@ -107,14 +102,14 @@ def build_prompts(config: RemindersConfig, dialogs: pa.Table, turns: pa.Table,
         dialogs = dialogs.slice(0, config.limit)
     ids = dialogs.column("image_id")
     qa, where = _dialog_turns(turns, ids), _image_places(images, ids)
-    prompts, rejections, absent_roots = [], [], {}
+    roots = ImageRoots(config.data_root, config.image_roots)
+    prompts, rejections = [], []
     for image_id, split in zip(*_columns(dialogs, ["image_id", "split"]), strict=True):
         rel, sha, stored_root = where.get(image_id, (None, None, None))
-        root = config.image_roots.get(split) or stored_root_of(stored_root, config.data_root)
-        path = os.path.abspath(os.path.join(root, rel)) if rel and root else None
-        if root and not os.path.isdir(root):
-            absent_roots.setdefault(str(root), split)
+        root = roots.find(split, stored_root, rel)
+        if root in roots.missing:
             continue
+        path = os.path.abspath(os.path.join(root, rel)) if rel and root else None
         record = {"image_id": image_id, "split": split}
         if path is None or not os.path.isfile(path):
             rejections.append(Rejection(str(image_id), Reason.IMAGE_MISSING, record,
@@ -125,10 +120,9 @@ def build_prompts(config: RemindersConfig, dialogs: pa.Table, turns: pa.Table,
             rejections.append(Rejection(str(image_id), Reason.EMPTY_TEXT, record, "dialog has no turns"))
             continue
         user = {"role": "user", "content": f"conversation:\n{conv}", "images": (ImageRef(path, sha),)}
-        prompts.append(Prompt(image_id, split, conv, target, "file://" + urllib.parse.quote(path),
+        prompts.append(Prompt(image_id, split, conv, target, image_url(path, config.data_root),
                               LLMRequest(config.model, (system, user), config.options)))
-    if absent_roots:
-        raise ImageRootMissing(absent_roots)
+    roots.check(stage="reminders")
     return prompts, rejections
 
 

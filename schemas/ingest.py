@@ -35,7 +35,7 @@ IMAGES = register(
             pa.field("mode", pa.string()),
             pa.field("num_bytes", pa.int64()),
             pa.field("sha256", pa.string(), nullable=False),
-            pa.field("root", pa.string()),  # the image root ``path`` is relative to (absolute, as ingested)
+            pa.field("root", pa.string()),  # the folder ``path`` is in: relative to the data root if under it
         ]
     ),
     key=("image_id",),

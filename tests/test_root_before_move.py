@@ -5,7 +5,8 @@ a9eb585 (the code before the move): its Lance tables, the demo images and the Pr
 that run persisted (embed and reminders shards, which named the classes of the old modules). The
 code that reads it now must answer from what is there: no shard embedded again, no LLM call made
 again, no reminder lost, no memory missing; an old persisted shard result is ignored, never decoded
-into a moved class.
+into a moved class. Its images are found without ``image_roots``: the absolute folders it recorded
+are gone, and the same folders under the data root (by the tail of their old paths) are taken.
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from storage.lance import connect
+from storage.lance import connect, open_table, read
 
 BEFORE = Path(__file__).parent / "data" / "root-before-17"
-IMAGES = {"train": "demo/images/train2014", "val": "demo/images/val2014"}
 
 
 @pytest.fixture
 def root(tmp_path) -> Path:
+    """A copy of the old root, whose absolute image roots (``/tmp/root-before-17/demo/images/...``)
+    name a folder that is gone: renamed in the table, as the folder that wrote it may still exist on
+    the machine that made it."""
     out = tmp_path / "root"
     shutil.copytree(BEFORE, out)
+    gone = tmp_path / "gone" / "root-before-17"
+    images = open_table(connect(out / "lance"), "images")
+    for folder in ("train2014", "val2014"):
+        images.update(where=f"root = '/tmp/root-before-17/demo/images/{folder}'",
+                      values={"root": str(gone / "demo" / "images" / folder)})
+    assert not gone.exists() and images.count_rows("root LIKE '/tmp/root-before-17%'") == 0
     return out
 
 
@@ -45,10 +54,10 @@ def test_the_old_root_is_queried_re_embedded_and_recalled(root):
     before = _counts(root)
     res = CliRunner().invoke(app, ["--data-root", str(root), "query", "--text", "a red circle", "-k", "3"])
     assert res.exit_code == 0, res.output
-    assert len(json.loads(res.output[res.output.index("["):])) == 3  # the root's recorded tiny model answers
+    found = json.loads(res.output[res.output.index("{"):])
+    assert len(found["images"]) == 3  # the root's recorded tiny model answers
 
-    roots = {split: root / folder for split, folder in IMAGES.items()}
-    result = embed_flow(EmbedConfig(data_root=root, tiny=True, device="cpu", image_roots=roots))
+    result = embed_flow(EmbedConfig(data_root=root, tiny=True, device="cpu"))
     assert result.shards_computed == 0 and result.shards_up_to_date == result.shards > 0
     assert _counts(root) == before
 
@@ -63,11 +72,12 @@ def test_the_old_reminders_are_kept_without_asking_the_llm_again(root):
     from schemas.reminders import RemindersConfig
 
     before = _counts(root)
-    roots = {split: root / folder for split, folder in IMAGES.items()}
     state = make_state(teacher=True)
     with running_server(state) as url:
         result = reminders_flow(RemindersConfig(data_root=root, ollama_host=url, model="mmem-teacher",
-                                                image_roots=roots))
+                                                splits=["train"]))  # as the demo made them
     assert sum(state.requests.values()) == 0 and result.calls == 0
     assert result.valid == before["reminders"] and result.cache_hits == result.prompts
     assert _counts(root)["reminders"] == before["reminders"]
+    urls = read(connect(root / "lance"), "reminders").column("image_url").to_pylist()
+    assert all(u.startswith("demo/images/train2014/") for u in urls)  # relative to the root from now on

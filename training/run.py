@@ -9,8 +9,11 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
-from schemas.paths import stored_root
+import pyarrow as pa
+
+from ingest.roots import ImageRoots
 from schemas.train import MemoryTrainConfig, SftConfig
 from storage.artifacts import ArtifactStore, ArtifactVersion
 from storage.lance import connect, read, sql_in, table_exists
@@ -22,16 +25,31 @@ log = logging.getLogger("mmem." + __name__)
 
 
 def stored_image_paths(lance_uri: str, image_ids: list[int]) -> dict[int, Path]:
-    """image_id -> file, from the ``images`` table (root recorded at ingest + relative path)."""
+    """image_id -> file, from the ``images`` table (the root ingest recorded, found as every stage
+    finds it: :class:`ingest.roots.ImageRoots`, + the relative path)."""
     db = connect(lance_uri)
     if not table_exists(db, "images") or not image_ids:
         return {}
     tbl = read(db, "images", where=sql_in("image_id", sorted(set(image_ids))))
     if "root" not in tbl.column_names:
         return {}
-    data_root = Path(lance_uri).parent
-    return {r["image_id"]: Path(stored_root(r["root"], data_root)) / r["path"]
-            for r in tbl.select(["image_id", "root", "path"]).to_pylist() if r["root"]}
+    roots = ImageRoots(Path(lance_uri).parent)
+    out = {}
+    for r in tbl.select(["image_id", "split", "root", "path"]).to_pylist():
+        root = roots.find(r["split"], r["root"], r["path"])
+        if root:
+            out[r["image_id"]] = Path(root) / r["path"]
+    return out
+
+
+def local_image_urls(rows: pa.Table, data_root: Path) -> pa.Table:
+    """``rows`` with each ``image_url`` recorded relative to the data root made absolute (a relative
+    one would otherwise be looked up from the working directory)."""
+    if "image_url" not in rows.column_names:
+        return rows
+    urls = [u if not u or urlparse(u).scheme else str(data_root / unquote(u))
+            for u in rows.column("image_url").to_pylist()]
+    return rows.set_column(rows.column_names.index("image_url"), "image_url", pa.array(urls, pa.string()))
 
 
 def run_sft(config: SftConfig, plan: TrainPlan, run_id: str | None = None) -> ArtifactVersion:
@@ -42,7 +60,8 @@ def run_sft(config: SftConfig, plan: TrainPlan, run_id: str | None = None) -> Ar
     from training.sft import base_path, build_examples, drop_too_long, load_processor, save_adapter, train_sft
 
     db = connect(config.lance_uri)
-    rows = read(db, "reminders", version=plan.inputs["reminders"]["version"])
+    rows = local_image_urls(read(db, "reminders", version=plan.inputs["reminders"]["version"]),
+                            config.data_root)
     data = build_examples(rows, config, stored_image_paths(config.lance_uri,
                                                            rows.column("image_id").to_pylist()))
     data = drop_too_long(data, load_processor(base_path(config)), config.max_seq_length)
