@@ -28,8 +28,9 @@ def run(
     limit: Annotated[int | None, typer.Option(help="Only the first N held-out dialogs.")] = None,
     run_label: Annotated[str | None,
                          typer.Option(help="Run id to record (re-using one replaces its rows).")] = None,
-    ollama_host: Annotated[str | None,
-                           typer.Option(help="Default Ollama server for served variants.")] = None,
+    ollama_host: Annotated[list[str] | None, typer.Option(
+        help="Default Ollama server for served variants; several times: spread over several "
+        "(URL=N: at most N at once there).")] = None,
     bertscore_model: Annotated[Path | None,
                                typer.Option(help="Local BERTScore backbone (e.g. roberta-large).")] = None,
     dense_annotations: Annotated[Path | None,
@@ -46,12 +47,13 @@ def run(
     from flows.evaluate import evaluate_flow
     from llmcalls.fill import FillIncomplete
     from llmcalls.requests import LLMUnavailable
+    from schemas.config import split_hosts
     from schemas.evaluate import EvaluateConfig, load_variants
 
     errors = (FileNotFoundError, ValueError, KeyError, VariantUnavailable, LLMUnavailable, FillIncomplete)
     try:
         config = load(EvaluateConfig, data_root, variants=variants, only=only or None, split=split,
-                      limit=limit, run_label=run_label, ollama_host=ollama_host,
+                      limit=limit, run_label=run_label, ollama_host=split_hosts(ollama_host),
                       bertscore_model=bertscore_model,
                       dense_annotations=dense_annotations, device=device, batch_size=batch_size)
         load_variants(config.variants)  # a bad file fails here, before a flow run starts

@@ -31,6 +31,7 @@ from llmcalls.cache import Journal, ResponseCache
 from llmcalls.fill import Produce, plan_fill, run_fill
 from llmcalls.requests import OK, LLMRequest, LLMResult
 from llmcalls.shard import Endpoint, check_server, run_shard
+from schemas.config import host_url
 from schemas.evaluate import DEFAULT_BATCH, MEMORY_CUDA_BATCH, EvaluateConfig, Variant
 from schemas.quarantine import Rejection
 from storage.progress import Progress, ProgressFn
@@ -78,19 +79,25 @@ def answers(config: EvaluateConfig, requests: list[LLMRequest], label: str, shar
 def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list[LLMRequest], label: str,
                     auth: HostAuth, hold_slots: SlotHolder | None = None) -> dict[str, str]:
     """Answers by request hash, new ones through the reminders' shard runner (``auth``: which host
-    gets which token; ``hold_slots`` for a shared server; one this flow started needs neither)."""
+    gets which token; ``hold_slots`` for a shared server; one this flow started needs neither). A
+    variant served at the config's default host spreads over all the config's hosts (``hosts``)."""
     auth = HostAuth() if model.private else auth  # a server this flow started gets no token
+    hosts = config.hosts if not model.private and model.host == config.host else [model.host]
 
     @contextlib.contextmanager
     def start(bar: ProgressFn) -> Iterator[Produce]:
-        endpoint = Endpoint(model.host, timeout_s=config.timeout_s, max_attempts=config.max_attempts)
+        endpoint = Endpoint(model.host, timeout_s=config.timeout_s, max_attempts=config.max_attempts,
+                            hosts=tuple(hosts) if len(hosts) > 1 else ())
         backend = check_server(endpoint, model.request_model, auth=auth)
-        slots = hold_slots(model.host) if hold_slots is not None and not model.private else None
-        with slots or contextlib.nullcontext(config.concurrency) as workers:
+        with contextlib.ExitStack() as held:
+            caps = {url: held.enter_context(hold_slots(url)) if hold_slots is not None and not model.private
+                    else config.concurrency for url in (host_url(h) for h in hosts)}
+            workers = sum(caps.values())
             shards = itertools.count()
 
             def produce(todo: list[LLMRequest], journal: Path) -> None:
-                asyncio.run(run_shard(next(shards), todo, endpoint, journal, workers, backend, auth=auth))
+                asyncio.run(run_shard(next(shards), todo, endpoint, journal, workers, backend, auth=auth,
+                                      caps=caps if len(caps) > 1 else None))
                 bar(len(todo))
 
             yield produce

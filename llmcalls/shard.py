@@ -51,6 +51,7 @@ class Endpoint:
     max_attempts: int = 4
     backoff_s: float = 1.0
     backoff_max_s: float = 60.0
+    hosts: tuple[str, ...] = ()  # several: spread over them (``URL`` or ``URL=limit`` each)
 
 
 class ShardStats(BaseModel):

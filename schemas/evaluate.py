@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from schemas.config import StageConfig, Trusted, default_ollama_host, llm_trusted
+from schemas.config import StageConfig, Trusted, host_url, llm_trusted, ollama_hosts, split_hosts
 from schemas.paths import SafeName
 from schemas.results import StageResult
 from schemas.tables import register
@@ -199,7 +199,10 @@ class EvaluateConfig(StageConfig):
     )
 
     # generation
-    ollama_host: str | None = Field(default=None, description="Default Ollama host; $OLLAMA_HOST otherwise.")
+    ollama_host: Annotated[str | list[str] | None, NoDecode] = Field(
+        default=None, description="Default Ollama host, or a list: served variants without their own "
+        "`host` spread their requests over all of them (`URL=N`: at most N at once there); $OLLAMA_HOST "
+        "(one host) otherwise.")
     auth_secret_block: str | None = Field(
         default=None,
         description="Prefect Secret block holding the Authorization header value of `ollama_host` "
@@ -257,15 +260,23 @@ class EvaluateConfig(StageConfig):
                              "evaluate a held-out one")
         return self
 
+    _hosts = field_validator("ollama_host", mode="before")(classmethod(lambda cls, v: split_hosts(v)))
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every default Ollama server (``URL`` or ``URL=limit`` each)."""
+        return ollama_hosts(self.ollama_host)
+
     @property
     def host(self) -> str:
-        """The default Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
-        return default_ollama_host(self.ollama_host)
+        """The (first) default Ollama server: the config, else ``$OLLAMA_HOST``, else Ollama's default."""
+        return host_url(self.hosts[0])
 
     def trusted_values(self) -> Trusted:
-        """The default host and the auth bindings; variants' own hosts are checked when resolved
+        """The default hosts and the auth bindings; variants' own hosts are checked when resolved
         (``evaluation.models.resolve_model``), since they come from the variants file."""
-        return llm_trusted(super().trusted_values(), self.host, self.auth_secret_block, self.ollama_auth)
+        return llm_trusted(super().trusted_values(), self.host, self.auth_secret_block, self.ollama_auth,
+                           self.hosts)
 
     @property
     def reports_dir(self) -> Path:

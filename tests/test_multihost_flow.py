@@ -78,3 +78,22 @@ def test_a_host_that_stops_midway_hands_its_prompts_to_the_other(data_root):
     assert result.hosts[ua]["ok"] >= 24 - sum(b.requests.values())
     rows = read(connect(_config(data_root, [ua]).lance_uri), "llm_responses")
     assert rows.num_rows == 24 and len(set(rows.column("request_hash").to_pylist())) == 24
+
+
+def test_evaluation_spreads_a_served_variant_over_the_default_hosts(data_root):
+    from flows.evaluate import evaluate_flow
+    from schemas.evaluate import EvaluateConfig
+
+    variants = data_root / "variants.toml"
+    variants.write_text('[[variant]]\nname = "teacher_base"\nbackend = "ollama"\nmodel = "mmem-teacher"\n'
+                        'prompt = "base"\n')
+    a = make_state(teacher=True, latency_s=0.02, parallel=2)
+    b = make_state(teacher=True, latency_s=0.02, parallel=2)
+    with running_server(a) as ua, running_server(b) as ub:
+        config = EvaluateConfig(data_root=data_root, variants=variants, limit=4, run_label="hosts",
+                                ollama_host=[ua, ub], bertscore=False, shard_size=8)
+        evaluate_flow(config)
+        asked = (sum(a.requests.values()), sum(b.requests.values()))
+    rows = read(connect(config.lance_uri), "llm_responses").to_pylist()
+    assert len(rows) == sum(asked) and all(asked)  # both hosts answered, each request once
+    assert {r["host"] for r in rows} == {ua, ub}
