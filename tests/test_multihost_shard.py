@@ -124,3 +124,25 @@ def test_the_server_check_names_a_host_that_is_not_what_it_seems():
         assert "\n" not in str(err.value) and "does not have model 'gemma3:27b'" in str(err.value)
     with pytest.raises(LLMUnavailable, match="no LLM host answers"):
         check_server(Hosts([dead.url, good.url]), MODEL, auth=HostAuth())
+
+
+def test_ollama_host_given_several_times_is_a_list_and_ollama_host_stays_one(monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli.reminders
+    from cli.main import app
+    from schemas.reminders import RemindersConfig
+
+    seen = {}
+    monkeypatch.setattr(cli.reminders, "run_flow", lambda flow, config, errors=(): seen.update(c=config))
+    out = CliRunner().invoke(app, ["reminders", "--ollama-host", "http://a:1", "--ollama-host", "http://b:2=4"])
+    assert out.exit_code == 0, out.output
+    config = seen["c"]
+    assert config.hosts == ["http://a:1", "http://b:2=4"] and config.host == "http://a:1"
+    assert config.trusted_values().ollama_hosts == ["http://a:1", "http://b:2"]
+    monkeypatch.setenv("MMEM_REMINDERS_OLLAMA_HOST", '["http://c:3", "http://d:4"]')
+    assert RemindersConfig().hosts == ["http://c:3", "http://d:4"]
+    monkeypatch.delenv("MMEM_REMINDERS_OLLAMA_HOST")
+    monkeypatch.setenv("OLLAMA_HOST", "http://e:5")  # Ollama's variable: one host
+    assert RemindersConfig().hosts == ["http://e:5"] and RemindersConfig(ollama_host="http://f:6").host == \
+        "http://f:6"
