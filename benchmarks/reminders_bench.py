@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmem-bench/reminders"))
     ap.add_argument("--hosts", default=None,
                     help="multi-host mode (benchmarks/reminders_multihost.py): each server's parallel "
-                    "generations, e.g. 8,4; --in-flight is then each host's slots (default 2 x the most)")
+                    "generations, e.g. 8,4; --in-flight is then each host's slots (default 4 x the most)")
     args = ap.parse_args()
     in_flight = args.in_flight or args.parallel * 3 // 2
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]), flush=True)

@@ -39,7 +39,8 @@ def run_multihost(args, start_server, synthetic_root) -> dict:
     servers = [start_server(args.latency_ms, p) for p in parallel]
     urls = [url for _, url in servers]
     best = max(range(len(parallel)), key=lambda i: parallel[i])
-    per_host = args.in_flight or 2 * max(parallel)  # each host's slots: room above any host's capacity
+    # each host's slots (the flow runs two shards at once, each with half): room above any capacity
+    per_host = args.in_flight or 4 * max(parallel)
     hosts = zip(urls, parallel, capacity, strict=True)
     out: dict = {"hosts": {u: {"parallel": p, "capacity_req_s": c} for u, p, c in hosts},
                  "summed_capacity_req_s": sum(capacity), "latency_ms": args.latency_ms,
