@@ -42,14 +42,10 @@ def embed(
     """Embed every ingested image and distinct turn text / caption with ImageBind into Lance."""
     from embed.weights import CheckpointError
     from flows.embed import embed_flow
-    from schemas.config import record_root_choice
 
     config = _config(data_root, checkpoint, tiny, device, dask_address=dask_address, shard_rows=shard_rows,
                      batch_size=batch_size)
     run_flow(embed_flow, config, errors=(FileNotFoundError, CheckpointError, ValueError))
-    # later commands on this root (query, memory) embed with the same model without flags
-    record_root_choice(config.data_root, "imagebind",
-                       {"tiny": config.tiny, "checkpoint": config.checkpoint, "seed": config.seed})
 
 
 def query(

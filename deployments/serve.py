@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
-from prefect.deployments.runner import RunnerDeployment
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from deployments.triggers import evaluate_on_new_artifacts, sft_on_new_reminders
 from flows.embed import embed_flow
@@ -40,56 +40,37 @@ EXAMPLE_CRON = "0 3 * * 0"  # Sundays 03:00 UTC
 UPKEEP_CRON = "17 * * * *"  # memories: hourly
 
 
+def deploy(flow, name: str, config, **options) -> RunnerDeployment:
+    """``flow``'s deployment ``name`` with ``config`` as its default parameters. The entrypoint is a
+    module path (``flows.embed.embed_flow``): Prefect loads a file-path entrypoint as a script with
+    its folder first on ``sys.path``, where ``flows/embed.py`` would shadow the ``embed`` package."""
+    return flow.to_deployment(name=name, parameters={"config": config.model_dump(mode="json")}, tags=["mmem"],
+                              entrypoint_type=EntrypointType.MODULE_PATH, **options)
+
+
 def build_deployments(profile: Path | None = None, data_root: Path | None = None) -> list[RunnerDeployment]:
     cfg = PipelineConfig.load(profile, data_root=data_root)
-    params = lambda c: {"config": c.model_dump(mode="json")}
     evaluate = cfg.stage("evaluate")
     deployments = [
-        pipeline_flow.to_deployment(
-            name="pipeline",
-            parameters=params(cfg),
-            tags=["mmem"],
-            schedules=[CronSchedule(cron=EXAMPLE_CRON, timezone="UTC")],
-            paused=True,
-            description="The whole DAG: ingest -> embed -> reminders -> train -> evaluate.",
-        ),
-        embed_flow.to_deployment(name="embed", parameters=params(cfg.stage("embed")), tags=["mmem"]),
-        reminders_flow.to_deployment(
-            name="reminders", parameters=params(cfg.stage("reminders")), tags=["mmem"]
-        ),
-        train_sft_flow.to_deployment(
-            name="train-sft",
-            parameters=params(cfg.stage("train_sft")),
-            tags=["mmem"],
-            triggers=[sft_on_new_reminders()],
-        ),
-        train_memory_flow.to_deployment(
-            name="train-memory", parameters=params(cfg.stage("train_memory")), tags=["mmem"]
-        ),
-        evaluate_flow.to_deployment(
-            name="evaluate",
-            parameters=params(evaluate),
-            tags=["mmem"],
-            triggers=evaluate_on_new_artifacts(params(evaluate)["config"], load_variants(evaluate.variants)),
-        ),
-        memory_upkeep_flow.to_deployment(
-            name="memory-upkeep",
-            parameters=params(MemoryConfig.load(profile, data_root=cfg.data_root)),
-            tags=["mmem"],
-            schedules=[CronSchedule(cron=UPKEEP_CRON, timezone="UTC")],
-            description="Upkeep of the memories table for stores nobody keeps open.",
-        ),
+        deploy(pipeline_flow, "pipeline", cfg, schedules=[CronSchedule(cron=EXAMPLE_CRON, timezone="UTC")],
+               paused=True, description="The whole DAG: ingest -> embed -> reminders -> train -> evaluate."),
+        deploy(embed_flow, "embed", cfg.stage("embed")),
+        deploy(reminders_flow, "reminders", cfg.stage("reminders")),
+        deploy(train_sft_flow, "train-sft", cfg.stage("train_sft"), triggers=[sft_on_new_reminders()]),
+        deploy(train_memory_flow, "train-memory", cfg.stage("train_memory")),
+        deploy(evaluate_flow, "evaluate", evaluate, triggers=evaluate_on_new_artifacts(
+            evaluate.model_dump(mode="json"), load_variants(evaluate.variants))),
+        deploy(memory_upkeep_flow, "memory-upkeep", MemoryConfig.load(profile, data_root=cfg.data_root),
+               schedules=[CronSchedule(cron=UPKEEP_CRON, timezone="UTC")],
+               description="Upkeep of the memories table for stores nobody keeps open."),
     ]
     if cfg.inputs:
         first = cfg.inputs[0]
         from schemas.ingest import IngestConfig
 
-        ingest_cfg = IngestConfig(
-            data_root=cfg.data_root, visdial=first.visdial, images=first.images, coco=first.coco
-        )
-        deployments.insert(
-            1, ingest_flow.to_deployment(name="ingest", parameters=params(ingest_cfg), tags=["mmem"])
-        )
+        ingest_cfg = IngestConfig(data_root=cfg.data_root, visdial=first.visdial, images=first.images,
+                                  coco=first.coco)
+        deployments.insert(1, deploy(ingest_flow, "ingest", ingest_cfg))
     return deployments
 
 

@@ -62,6 +62,13 @@ def test_every_flow_has_a_deployment_and_the_pipeline_a_paused_schedule(tmp_path
         {k: v for k, v in deps["evaluate"].parameters["config"].items() if k not in handed}
     # The flow's config is the parameter schema, so the UI renders a form for it.
     assert "config" in deps["embed"]._parameter_openapi_schema.properties
+    # Flows load by module path: as a script, flows/embed.py would have its folder first on
+    # sys.path and shadow the embed package (a served run then crashed on `import embed.plan`).
+    from prefect.flows import load_flow_from_entrypoint
+
+    assert deps["embed"].entrypoint == "flows.embed.embed_flow"
+    for d in deps.values():
+        assert load_flow_from_entrypoint(d.entrypoint).name == d.flow_name
 
 
 def test_a_served_deployment_runs_through_the_server(tmp_path, demo_dir):
