@@ -35,6 +35,7 @@ from prefect.utilities.annotations import quote
 
 from llmcalls.cache import ResponseCache
 from llmcalls.fill import Fill
+from llmcalls.requests import LLMUnavailable
 from llmcalls.shard import ShardFailed, ShardStats, hosts_summary
 from reminders.outcome import Outcome, repaired, sort_out, to_repair
 from reminders.prompts import Prompt, repair_request
@@ -64,8 +65,8 @@ from tasks.runtime.slots import hold_slots, slots_dir
 @dataclass
 class Round:
     """What one fan-out over a fill did: stats of the shards that ran, failed shard indexes, the
-    error rows of the shards that asked, the answers after it, seconds spent generating, and shards
-    served from Prefect's cache."""
+    error rows of the shards that asked, the answers after it, seconds spent generating, shards
+    served from Prefect's cache, and why no host could answer (the fan-out stopped there)."""
 
     fill: Fill
     answers: dict[str, dict]
@@ -74,6 +75,7 @@ class Round:
     errors: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
     cached: int = 0
+    unavailable: LLMUnavailable | None = None
 
 
 def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
@@ -107,6 +109,8 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
         elif isinstance(result, BaseException):
             out.failed.append(i)
             log.error("shard %d failed: %s", i, result)
+            if isinstance(result, LLMUnavailable):  # no host left (or no such model): ask no more
+                out.unavailable = out.unavailable or result
         else:
             out.stats.append(result)
 
@@ -133,6 +137,8 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
                 i = next(k for k, f in running.items() if f is done)
                 del running[i]
                 settle(i, done)
+                if out.unavailable is not None:
+                    pending.clear()
                 out.errors.update(fill.errors(i))  # read before the merge deletes the journal
                 merge_shard_task(quote(fill), i)
                 log.info("%s: %d/%d shards to ask done (%d failed)", fill.label,
@@ -168,7 +174,7 @@ def reminders_flow(config: RemindersConfig) -> RemindersResult:
     backend = check_server_task(config) if fill.needed else None
     rounds = [fan_out(config, fill, backend)]
     outcome = sort_out(prompts, rounds[0].answers, rounds[0].errors)
-    if config.repair and outcome.rejections:
+    if config.repair and outcome.rejections and rounds[0].unavailable is None:
         outcome, more = _repair(config, cache, prompts, outcome, backend, run)
         rounds.append(more)
     outcome = Outcome([], plan_rejections, []) + outcome
@@ -193,6 +199,9 @@ def reminders_flow(config: RemindersConfig) -> RemindersResult:
     log.info("reminders read %s; wrote %s (+%d inserted, %d updated)", versions_text(read_versions),
              versions_text(result.versions), result.inserted, result.updated)
     log.info("reminders: %s", result.flat())
+    unavailable = next((r.unavailable for r in rounds if r.unavailable is not None), None)
+    if unavailable is not None:
+        raise unavailable  # one line saying which hosts and what to do; what was answered is kept
     if failed_shards:
         raise ShardFailed(f"{len(outcome.failed)} prompts still failed in shards {sorted(failed_shards)}; "
                           "re-run `mmem reminders`: cached answers are not requested again", ShardStats(-1))

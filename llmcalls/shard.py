@@ -143,7 +143,7 @@ async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptio
                 return LLMClient(url, timeout_s=options.timeout_s, max_attempts=1, backend=backend, auth=auth)
 
             stats.hosts = await spread(todo, host_specs(hosts, caps), connect, journal, record,
-                                       max_tries=options.max_attempts)
+                                       max_tries=options.max_attempts, all_down_s=options.timeout_s)
             stats.wall_s = time.perf_counter() - t0
             return stats
 

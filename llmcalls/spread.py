@@ -37,11 +37,11 @@ def host_specs(hosts: list[str], caps: dict[str, int] | None = None) -> list[Hos
 
 async def spread(requests: list[LLMRequest], hosts: list[HostSpec], connect: Callable[[str], LLMClient],
                  journal: Journal, record: Callable[[str, LLMResult], None], *, max_tries: int,
-                 log_every_s: float = 30.0) -> dict[str, dict]:
+                 all_down_s: float = 120.0, log_every_s: float = 30.0) -> dict[str, dict]:
     """Answer ``requests`` over ``hosts`` (each call's row to ``journal``, then ``record(host, result)``);
     returns each host's figures. A request that failed on ``max_tries`` hosts is journaled as an
-    error (a re-run asks it again); ``AllHostsDown`` and a host's ``LLMUnavailable`` (no such model,
-    refused token) end the shard."""
+    error (a re-run asks it again); ``AllHostsDown`` (no host back within ``all_down_s``) and a
+    host's ``LLMUnavailable`` (no such model, refused token) end the shard."""
     tries: Counter[str] = Counter()
 
     async def ask(host: Host, req: LLMRequest) -> tuple[str, LLMResult]:
@@ -49,7 +49,7 @@ async def spread(requests: list[LLMRequest], hosts: list[HostSpec], connect: Cal
         return host.url, await host.client.ask(req)
 
     async with HostPool(hosts, connect=connect, max_tries=max_tries, log_every_s=log_every_s,
-                        memory=LEARNED) as pool:
+                        all_down_s=all_down_s, memory=LEARNED) as pool:
         async for req, got in pool.map(requests, ask):
             if isinstance(got, RequestFailed):
                 host, res = got.tried[-1], LLMResult(req.request_hash, ERROR, error=str(got),

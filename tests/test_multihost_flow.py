@@ -8,6 +8,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from flows.reminders import reminders_flow
 from llmcalls.server import make_state, running_server
 from schemas.reminders import RemindersConfig
@@ -97,3 +99,29 @@ def test_evaluation_spreads_a_served_variant_over_the_default_hosts(data_root):
     rows = read(connect(config.lance_uri), "llm_responses").to_pylist()
     assert len(rows) == sum(asked) and all(asked)  # both hosts answered, each request once
     assert {r["host"] for r in rows} == {ua, ub}
+
+
+def test_every_host_gone_is_one_clear_error_and_the_rerun_asks_only_the_rest(data_root):
+    from llmcalls.hosts import AllHostsDown
+
+    a = make_state(teacher=True, latency_s=0.05, parallel=2)
+    b = make_state(teacher=True, latency_s=0.05, parallel=2)
+    with stoppable(a) as (ua, stop_a), stoppable(b) as (ub, stop_b):
+        def watch() -> None:  # both stop once they have answered a few
+            while sum(a.requests.values()) + sum(b.requests.values()) < 6:
+                stop_a.wait(0.01)
+            stop_a.set()
+            stop_b.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        config = _config(data_root, [ua, ub], limit=24, timeout_s=2)
+        with pytest.raises(AllHostsDown, match="no LLM host answered") as err:
+            reminders_flow(config)
+    assert ua in str(err.value) and ub in str(err.value) and "\n" not in str(err.value)
+    answered = read(connect(config.lance_uri), "llm_responses").num_rows
+    assert 0 < answered < 24  # what was answered before is kept
+    c = make_state(teacher=True)
+    with running_server(c) as uc:
+        result = reminders_flow(config.model_copy(update={"ollama_host": uc}))
+    assert result.cache_hits == answered and result.calls == sum(c.requests.values()) == 24 - answered
+    assert result.failures == 0 and result.valid + result.quarantined == 24
