@@ -21,7 +21,7 @@ from llmcalls.cache import Journal
 from llmcalls.client import LLMClient
 from llmcalls.hosts import HostSpec
 from llmcalls.requests import ERROR, OK, REJECTED, HostUnreachable, LLMRequest, LLMResult, LLMUnavailable
-from llmcalls.spread import host_specs, merge_hosts, spread
+from llmcalls.spread import LEARNED, host_specs, merge_hosts, spread
 from storage.progress import Progress
 
 log = logging.getLogger("mmem." + __name__)
@@ -197,4 +197,5 @@ def check_server(options: ClientOptions, model: str, *, auth: HostAuth) -> str:
         if isinstance(res, BaseException):
             log.warning("LLM host %s does not answer now; the run goes on without it until it does (%s)",
                         url, res)
+            LEARNED[url] = {"up": False, "last_error": str(res)[:200]}  # the shards' pools probe it
     return "+".join(backends)

@@ -161,7 +161,8 @@ class RemindersConfig(StageConfig):
     concurrency: int = Field(
         default=8, ge=1, le=1024, description="Requests in flight per Ollama host. Set it about 1.5x the "
         "server's parallel slots (OLLAMA_NUM_PARALLEL): the server queues the extra requests, so no slot "
-        "idles for a round trip between two generations.")
+        "idles for a round trip between two generations. With several hosts, the most any one gets: each "
+        "host's own share is learned below it (give room: 2-4x the largest host's slots).")
     timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     max_attempts: int = Field(default=4, ge=1, le=100,
                               description="Tries per request (5xx, timeouts, dropped connections).")
