@@ -47,9 +47,8 @@ def open_table(db: lancedb.DBConnection, name: str) -> lancedb.table.Table:
     except (ValueError, FileNotFoundError):
         pass
     with table_lock(db, name):
-        return db.create_table(
-            name, schema=spec(name).schema, exist_ok=True, data_storage_version=STORAGE_VERSION
-        )
+        options = {"new_table_data_storage_version": STORAGE_VERSION}  # lancedb's way to name it
+        return db.create_table(name, schema=spec(name).schema, exist_ok=True, storage_options=options)
 
 
 def stored_schema_version(tbl: lancedb.table.Table) -> int:
