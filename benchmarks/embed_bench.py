@@ -142,7 +142,7 @@ def run_stage(cfg: EmbedConfig) -> dict:
     t = time.perf_counter()
     again = embed_flow(cfg)
     return {"counts": counts, "wall_s": wall, "rerun_s": time.perf_counter() - t,
-            "rerun_computed": again["shards_computed"] + again["shards_cached"]}
+            "rerun_computed": again.shards_computed + again.shards_cached}
 
 
 def sync(device: torch.device) -> None:
@@ -352,33 +352,33 @@ def main() -> None:
     dev = torch.device(args.device)
     peak = peak_tflops(dev, args.peak_tflops)
     gflop = {m: v["gflop_per_sample"] for m, v in model.items()}
-    ran, at_77 = stage_flops(cfg, c["images"], c.get("text_widths", {}))
+    ran, at_77 = stage_flops(cfg, c.images, c.text_widths)
     stage_tflops = ran / 1e12 / stage["wall_s"]  # the FLOPs actually run (texts cut to their batches' widths)
-    base_full_s = c["images"] / base["images_per_s"] + (n_turns + c["images"]) / base["turns_per_s"]
+    base_full_s = c.images / base["images_per_s"] + (n_turns + c.images) / base["turns_per_s"]
     half = base["samples"] / 2
     base_rate = base["samples"] / (half / base["images_per_s"] + half / base["turns_per_s"])
-    ours_rate = (c["images"] + c["texts"]) / stage["wall_s"]
+    ours_rate = (c.images + c.texts) / stage["wall_s"]
     report = {
         "command": command,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}",
-        "model": c["model"], "dtype": "bfloat16" if dev.type == "cuda" else "float32",
+        "model": c.model, "dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "compile": args.compile,
         "image_decode": args.image_decode,
         "data": "flat scenes" if args.flat else "photo-like", **shape,
-        "images": c["images"], "turns": n_turns, "distinct_texts": c["texts"],
+        "images": c.images, "turns": n_turns, "distinct_texts": c.texts,
         "stage_wall_s": round(stage["wall_s"], 2),
-        "stage_images_per_s": round(c["images"] / stage["wall_s"], 1),
-        "stage_samples_per_s": round(ours_rate, 1), "lance_merge_s": c["merge_seconds"], "index": c["index"],
+        "stage_images_per_s": round(c.images / stage["wall_s"], 1),
+        "stage_samples_per_s": round(ours_rate, 1), "lance_merge_s": c.merge_seconds, "index": c.index,
         # summed over the shards in flight at once (so it can exceed the wall time)
-        "stage_input_wait_s": {k: c.get(f"{k}_input_wait_s") for k in ("image", "text")},
-        "stage_forward_s": {k: c.get(f"{k}_forward_s") for k in ("image", "text")},
+        "stage_input_wait_s": {k: getattr(c, f"{k}_input_wait_s") for k in ("image", "text")},
+        "stage_forward_s": {k: getattr(c, f"{k}_forward_s") for k in ("image", "text")},
         "rerun_nothing_changed_s": round(stage["rerun_s"], 2), "rerun_shards_run": stage["rerun_computed"],
         "decode_images_per_s": decode, "decode_workers": resolve_workers(cfg.decode_workers),
         "model_images_per_s": round(model["vision"]["per_s"], 1),
         "model_texts_per_s": round(model["text"]["per_s"], 1),
         "model_texts_per_s_at_77": round(model["text_77"]["per_s"], 1),
         "gflop_per_image": sig(gflop["vision"]), "gflop_per_text": sig(gflop["text"]),
-        "gflop_per_text_at_77": sig(gflop["text_77"]), "text_widths": c.get("text_widths"),
+        "gflop_per_text_at_77": sig(gflop["text_77"]), "text_widths": c.text_widths,
         "stage_tflop_run": sig(ran / 1e12), "stage_tflop_if_77": sig(at_77 / 1e12),
         "model_tflops_vision": sig(model["vision"]["tflops"]),
         "model_tflops_text": sig(model["text"]["tflops"]),

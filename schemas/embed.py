@@ -162,12 +162,3 @@ class EmbedResult(StageResult):
     quarantined_image_unreadable: int = 0
     quarantined_image_outside_root: int = 0
     index: dict[str, str] = Field(default_factory=dict, description="Vector index action per table.")
-
-    def __getitem__(self, key: str):
-        """Read like the dict the flow returned before it was typed (``result["images"]``)."""
-        if key not in type(self).model_fields:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default=None):
-        return getattr(self, key) if key in type(self).model_fields else default

@@ -234,9 +234,9 @@ def test_flow_embeds_every_image_and_distinct_text_once_and_reruns_nothing(data_
     assert len(wanted) < len(turns) + len(dialogs)  # the demo repeats texts: deduplication matters
     assert txt.num_rows == len(set(txt.column("text_hash").to_pylist())) == len(wanted)
     assert set(txt.column("text_hash").to_pylist()) == wanted
-    assert out["images"] == images.num_rows and out["texts"] == len(wanted)
-    assert out["shards_computed"] == out["shards"] > 2 and out["quarantined"] == 0
-    assert sum(out["text_widths"].values()) == len(wanted) and max(out["text_widths"]) < 77  # narrow batches
+    assert out.images == images.num_rows and out.texts == len(wanted)
+    assert out.shards_computed == out.shards > 2 and out.quarantined == 0
+    assert sum(out.text_widths.values()) == len(wanted) and max(out.text_widths) < 77  # narrow batches
 
     embedder = load_embedder(tiny=True)
     for tbl in (img, txt):
@@ -253,12 +253,12 @@ def test_flow_embeds_every_image_and_distinct_text_once_and_reruns_nothing(data_
     stored = img.filter(pc.equal(img.column("image_id"), pic["image_id"])).column("vector")[0].as_py()
     with Image.open(roots(demo_dir)[pic["split"]] / pic["path"]) as im:
         np.testing.assert_allclose(stored, embedder.embed_images([im])[0], atol=1e-5)
-    assert out["index"] == {"image_embeddings": "created", "text_embeddings": "created"}
+    assert out.index == {"image_embeddings": "created", "text_embeddings": "created"}
 
     before = versions(data_root)
     again = embed_flow(cfg)
-    assert again["shards_up_to_date"] == again["shards"]
-    assert again["shards_computed"] == again["shards_cached"] == 0
+    assert again.shards_up_to_date == again.shards
+    assert again.shards_computed == again.shards_cached == 0
     assert versions(data_root) == before  # nothing appended, nothing rewritten
 
 
@@ -281,17 +281,17 @@ def test_killed_run_resumes_from_cached_shards_and_model_change_recomputes(data_
 
     killed_after_two_shards(cfg)
     out = embed_flow(cfg)
-    assert out["shards_cached"] == 2 and out["shards_computed"] == out["shards"] - 2
-    assert out["image_embeddings_inserted"] == read(connect(cfg.lance_uri), "images").num_rows
+    assert out.shards_cached == 2 and out.shards_computed == out.shards - 2
+    assert out.image_embeddings_inserted == read(connect(cfg.lance_uri), "images").num_rows
 
     # another model: every shard again, rows replaced
     changed = embed_flow(cfg.model_copy(update={"seed": 1}))
-    assert changed["shards_computed"] == changed["shards"] and changed["shards_cached"] == 0
-    assert changed["image_embeddings_updated"] == out["image_embeddings_inserted"]
-    assert changed["text_embeddings_updated"] == out["text_embeddings_inserted"]
+    assert changed.shards_computed == changed.shards and changed.shards_cached == 0
+    assert changed.image_embeddings_updated == out.image_embeddings_inserted
+    assert changed.text_embeddings_updated == out.text_embeddings_inserted
     img = read(connect(cfg.lance_uri), "image_embeddings")
     assert set(img.column("model").to_pylist()) == {model_fingerprint(tiny=True, seed=1)}
-    assert img.num_rows == out["image_embeddings_inserted"]
+    assert img.num_rows == out.image_embeddings_inserted
 
 
 def test_images_that_fail_to_decode_are_quarantined(data_root, demo_dir, tmp_path):
@@ -305,8 +305,8 @@ def test_images_that_fail_to_decode_are_quarantined(data_root, demo_dir, tmp_pat
     jpgs[1].unlink()
     cfg = config(data_root, demo_dir, image_roots=folders)
     out = embed_flow(cfg)
-    assert out["quarantined"] == 2
-    assert out["quarantined_image_unreadable"] == 1 and out["quarantined_image_missing"] == 1
+    assert out.quarantined == 2
+    assert out.quarantined_image_unreadable == 1 and out.quarantined_image_missing == 1
 
     db = connect(cfg.lance_uri)
     q = read(db, "quarantine", where="stage = 'embed'")

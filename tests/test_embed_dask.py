@@ -44,11 +44,11 @@ def test_embed_flow_on_a_dask_cluster_with_two_workers(data_root, demo_dir, monk
         out = embed_flow(cfg)
         assert len(cluster.workers) == 2
 
-    assert out["workers"] == 2  # shards were computed in both worker processes ...
-    assert out["shards_computed"] == out["shards"] >= 3
+    assert out.workers == 2  # shards were computed in both worker processes ...
+    assert out.shards_computed == out.shards >= 3
     db = connect(cfg.lance_uri)
     img, txt = read(db, "image_embeddings"), read(db, "text_embeddings")
-    assert img.num_rows == read(db, "images").num_rows and txt.num_rows == out["texts"]
+    assert img.num_rows == read(db, "images").num_rows and txt.num_rows == out.texts
     # ... with the same weights as this process draws from the seed, and one writer: no duplicates
     local = load_embedder(tiny=True)
     assert set(img.column("model").to_pylist()) == set(txt.column("model").to_pylist()) == {local.fingerprint}
