@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -272,15 +273,17 @@ def test_outcomes_and_host_names():
     assert base_url("http://[::1]:8080") == "http://[::1]:8080"
 
 
-def drive(aimd: Aimd, slots: int, latency: float, rounds: int, stall: range = range(0)) -> list[int]:
+def drive(aimd: Aimd, slots: int, latency: float, rounds: int, stall: range = range(0),
+          spread: float = 0.0) -> list[int]:
     """A host of ``slots`` slots in virtual time: each round, the window's requests all come back
-    after ``latency`` x the queue they met (x 5 in ``stall`` rounds: the client's process stalled)."""
-    windows = []
+    after ``latency`` x the queue they met (x 5 in ``stall`` rounds: the client's process stalled;
+    ``spread``: each answer's time varies lognormally, as generations of different lengths do)."""
+    rng, windows = random.Random(0), []
     for r in range(rounds):
         w, epoch = aimd.allowed, aimd.epoch
         took = latency * max(1.0, w / slots) * (5 if r in stall else 1)
         for _ in range(w):
-            aimd.ok(took, epoch, w)
+            aimd.ok(took * rng.lognormvariate(0, spread) if spread else took, epoch, w)
         windows.append(w)
     return windows
 
@@ -293,6 +296,9 @@ def test_the_window_finds_the_capacity_and_a_client_stall_does_not_empty_it():
         assert min(settled) >= slots, (slots, settled)  # every slot stays busy
         assert max(settled) <= 2.5 * slots + 4, (slots, settled)  # a bounded queue
         assert aimd.cuts >= 2 and aimd.baseline == 1.0
+    for slots in (2, 8):  # answers of varying length: never below the capacity, never far above
+        settled = drive(Aimd(), slots, 1.0, 1000, spread=0.5)[200:]
+        assert min(settled) >= slots and max(settled) <= 2.5 * slots + 4, (slots, settled)
     aimd = Aimd()
     windows = drive(aimd, 8, 1.0, 200, stall=range(120, 124))
     assert min(windows[100:]) >= 8, windows[100:]
