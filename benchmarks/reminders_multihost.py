@@ -51,10 +51,11 @@ def run_multihost(args, start_server, synthetic_root) -> dict:
                                model="mmem-teacher", limit=args.prompts, concurrency=per_host,
                                shard_size=args.shard_size, shard_retries=0, seed=seed, timeout_s=30)
 
-    def figures(result, wall: float) -> dict:
+    def figures(result, wall: float, cpu: float) -> dict:
         hosts = {u: {k: h.get(k) for k in ("ok", "errors", "downs", "p50_s", "p95_s", "concurrency",
                                            "peak_concurrency")} for u, h in result.hosts.items()}
         return {"req_s": result.requests_per_s, "flow_wall_s": round(wall, 1), "calls": result.calls,
+                "client_cpu_ms_per_call": round(1000 * cpu / max(1, result.calls), 2),
                 "retries": result.retries, "failures": result.failures, "valid": result.valid,
                 "quarantined": result.quarantined, "hosts": hosts}
 
@@ -65,13 +66,14 @@ def run_multihost(args, start_server, synthetic_root) -> dict:
 
     try:
         with prefect_test_harness(server_startup_timeout=180):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             single = reminders_flow(config([urls[best]], 101))
-            out["baseline_best_single_host"] = figures(single, time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            out["baseline_best_single_host"] = figures(single, time.perf_counter() - t0,
+                                                       time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
             both = reminders_flow(config(urls, 102))
             wall = time.perf_counter() - t0
-            out["all_hosts"] = figures(both, wall)
+            out["all_hosts"] = figures(both, wall, time.process_time() - c0)
             out["all_hosts"]["of_summed_capacity"] = round(both.requests_per_s / sum(capacity), 3)
             out["all_hosts"]["vs_best_single_host"] = round(both.requests_per_s / single.requests_per_s, 2)
             print(json.dumps(out, indent=1), flush=True)
@@ -80,10 +82,10 @@ def run_multihost(args, start_server, synthetic_root) -> dict:
             gen_s = args.prompts / max(both.requests_per_s, 1e-9)  # the generating part of a run
             killer = threading.Timer(max(0.5, wall - gen_s) + 0.4 * gen_s, victim.kill)
             killer.start()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             failover = reminders_flow(config(urls, 103))
             killer.cancel()
-            out["failover"] = figures(failover, time.perf_counter() - t0)
+            out["failover"] = figures(failover, time.perf_counter() - t0, time.process_time() - c0)
             per_request = answered(103)
             out["failover"].update({
                 "killed": urls[-1], "killed_before_the_end": victim.poll() is not None,
