@@ -206,7 +206,8 @@ class EvaluateConfig(StageConfig):
     auth_secret_block: str | None = Field(
         default=None,
         description="Prefect Secret block holding the Authorization header value of `ollama_host` "
-        "only; $MMEM_OLLAMA_AUTH otherwise (sent to $MMEM_OLLAMA_AUTH_HOST, else to that host). Only the "
+        "only (the first, where it names several: bind the others in `ollama_auth`); $MMEM_OLLAMA_AUTH "
+        "otherwise (sent to $MMEM_OLLAMA_AUTH_HOST, else to that host). Only the "
         "block's name is kept here.")
     ollama_auth: dict[str, str] = Field(
         default_factory=dict, description="Per-host Authorization: Ollama host -> name of the Prefect Secret "

@@ -145,7 +145,8 @@ class RemindersConfig(StageConfig):
     auth_secret_block: str | None = Field(
         default=None,
         description="Name of a Prefect Secret block holding the Authorization header value of `ollama_host` "
-        "only, e.g. 'Bearer <token>' (the name only, never the value); without it, $MMEM_OLLAMA_AUTH (sent "
+        "only (the first, where it names several: bind the others in `ollama_auth`), e.g. 'Bearer <token>' "
+        "(the name only, never the value); without it, $MMEM_OLLAMA_AUTH (sent "
         "to $MMEM_OLLAMA_AUTH_HOST, else to this host); without that, none.",
     )
     ollama_auth: dict[str, str] = Field(
