@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -30,11 +31,13 @@ from llmcalls.auth import HostAuth
 from llmcalls.cache import Journal, ResponseCache
 from llmcalls.fill import Produce, plan_fill, run_fill
 from llmcalls.requests import OK, LLMRequest, LLMResult
-from llmcalls.shard import Endpoint, check_server, run_shard
+from llmcalls.shard import Endpoint, check_server, hosts_summary, run_shard
 from schemas.config import host_url
 from schemas.evaluate import DEFAULT_BATCH, MEMORY_CUDA_BATCH, EvaluateConfig, Variant
 from schemas.quarantine import Rejection
 from storage.progress import Progress, ProgressFn
+
+log = logging.getLogger("mmem." + __name__)
 
 # How a run holds a shared server's slots while it asks: given the host, a context that yields how
 # many requests may be in flight (the task glue's global concurrency limit).
@@ -93,14 +96,18 @@ def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list
             caps = {url: held.enter_context(hold_slots(url)) if hold_slots is not None and not model.private
                     else config.concurrency for url in (host_url(h) for h in hosts)}
             workers = sum(caps.values())
-            shards = itertools.count()
+            shards, done = itertools.count(), []
 
             def produce(todo: list[LLMRequest], journal: Path) -> None:
-                asyncio.run(run_shard(next(shards), todo, endpoint, journal, workers, backend, auth=auth,
-                                      caps=caps if len(caps) > 1 else None))
+                done.append(asyncio.run(run_shard(next(shards), todo, endpoint, journal, workers, backend,
+                                                  auth=auth, caps=caps if len(caps) > 1 else None)))
                 bar(len(todo))
 
             yield produce
+            for url, h in hosts_summary(done).items():  # several hosts: each one's share, for the logs
+                log.info("%s: host %s: %d ok, %d errors, p50 %s s, p95 %s s, %d at once (learned), out %d "
+                         "times", label, url, h["ok"], h["errors"], h["p50_s"], h["p95_s"], h["concurrency"],
+                         h["downs"])
 
     return answers(config, requests, label, config.shard_size, start)
 
