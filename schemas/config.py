@@ -305,6 +305,12 @@ def split_hosts(value: Any) -> str | list[str] | None:
     hosts = [str(h).strip() for h in value if str(h).strip()]
     if not hosts:
         return None
+    seen: dict[str, str] = {}
+    for h in hosts if len(hosts) > 1 else ():
+        key = normalise_host(host_url(h))
+        if key in seen:
+            raise ValueError(f"ollama_host names {key} twice ({seen[key]!r} and {h!r})")
+        seen[key] = h
     return hosts[0] if len(hosts) == 1 else hosts
 
 

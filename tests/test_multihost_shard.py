@@ -146,3 +146,5 @@ def test_ollama_host_given_several_times_is_a_list_and_ollama_host_stays_one(mon
     monkeypatch.setenv("OLLAMA_HOST", "http://e:5")  # Ollama's variable: one host
     assert RemindersConfig().hosts == ["http://e:5"] and RemindersConfig(ollama_host="http://f:6").host == \
         "http://f:6"
+    with pytest.raises(ValueError, match="twice"):
+        RemindersConfig(ollama_host=["http://g:7", "g:7=2"])
