@@ -56,11 +56,14 @@ def open_store(root: Path):
     return MemoryStore(MemoryConfig(data_root=root), FixedEmbedder())
 
 
-def writer(root: Path, owner: str, until: float, log: Path) -> dict:
+def writer(root: Path, owner: str, until: float, log: Path, rate: float | None = None) -> dict:
     store = open_store(root)
     ms, errors, i = [], [], 0
+    start = time.time()
     with open(log, "w") as fh:
         while time.time() < until:
+            if rate and (ahead := start + i / rate - time.time()) > 0:
+                time.sleep(ahead)  # a capped writer: recall beside a given write load
             t0 = time.perf_counter()
             try:
                 store.remember(owner, f"{owner} wrote {i}", vector=unit(owner, i), memory_id=f"{owner}-{i}")
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idle-seconds", type=float, default=15)
     p.add_argument("--single", type=int, default=200, help="remember() calls timed with one writer")
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--rate", type=float, default=None, help="cap each writer at this many adds/s")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     root = args.workdir
     logs = [root / f"writer{w}.log" for w in range(args.writers)]
     out: dict = {"rows": store.table.count_rows(), "writers": args.writers, "seconds": args.seconds,
-                 "forget_every_s": args.forget_every}
+                 "forget_every_s": args.forget_every, "rate_cap": args.rate}
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.writers + 2, mp_context=ctx) as pool:
         idle = pool.submit(reader, root, time.time() + args.idle_seconds, q, truth, []).result()
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         out["one_writer"] = pool.submit(single_writer, root, args.single).result()
         print("one writer", out["one_writer"], flush=True)
         until = time.time() + 5 + args.seconds  # the processes start first
-        futs = [pool.submit(writer, root, f"bw{w}", until, logs[w]) for w in range(args.writers)]
+        futs = [pool.submit(writer, root, f"bw{w}", until, logs[w], args.rate) for w in range(args.writers)]
         rd = pool.submit(reader, root, until, q, truth, logs)
         fg = pool.submit(forgetter, root, until, args.forget_every)
         ws, rd, fg = [f.result() for f in futs], rd.result(), fg.result()

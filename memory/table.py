@@ -13,17 +13,21 @@ rows it updates inside the same turn as its commit, and commits never conflict w
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from memory.columns import RecallColumns
+from memory.spool import Spool
 from schemas.memory import MEMORIES, MemoryConfig
 from storage.lance import connect, open_table, table_lock
 
 TABLE = MEMORIES.name
+log = logging.getLogger("mmem." + __name__)
 T = TypeVar("T")
 
 
@@ -46,6 +50,9 @@ class MemoryTable:
         self._stale = True
         self._writers = _Turn(self.db, TABLE)
         self._upkeep = _Turn(self.db, f"{TABLE}.upkeep")
+        local = "://" not in self.db.uri or self.db.uri.startswith("file://")
+        # the group commit's spool (:mod:`memory.spool`); object stores have no turn to share
+        self.spool = Spool(Path(self.db.uri.removeprefix("file://")) / ".spool" / TABLE) if local else None
 
     @property
     def table(self):
@@ -72,6 +79,11 @@ class MemoryTable:
                 self._ds = self._ds.checkout_version(latest)
             self._checked, self._stale = now, False
         return self._ds
+
+    def held(self):
+        """The dataset this process holds, at whatever version (for what no version changes: the
+        schema, where data files go); :meth:`dataset` when none is held yet."""
+        return self._ds if self._ds is not None else self.dataset()
 
     def own(self):
         """A dataset object of its own at the latest version, for operations that move the object
@@ -114,10 +126,27 @@ class MemoryTable:
                 self.changed()
 
     @contextmanager
+    def turn(self) -> Iterator[None]:
+        """The writers' turn without moving the LanceDB table (the group commit reads the dataset
+        itself, and a waiter whose memory another committed only looks at the spool)."""
+        self._handle()
+        with self._writers.hold():
+            try:
+                yield
+            finally:
+                self.changed()
+
+    @contextmanager
     def upkeep_turn(self, blocking: bool = True) -> Iterator[bool]:
         """One process at a time runs upkeep (compaction, index updates, purges); yields whether
-        this one got the turn (always, when ``blocking``). Taken before the writers' turn."""
+        this one got the turn (always, when ``blocking``). Taken before the writers' turn. The
+        spool entries of writers that died are removed first."""
         with self._upkeep.hold(blocking) as got:
+            if got and self.spool is not None:
+                try:
+                    self.spool.sweep()
+                except OSError as exc:  # a sweep is tidying: it never fails upkeep
+                    log.warning("memories spool not swept: %s", exc)
             yield got
 
 

@@ -2,6 +2,10 @@
 update; each in the writers' turn (:meth:`memory.table.MemoryTable.writing`) and nothing else on
 the caller's path (compaction, index updates and purges are upkeep's, :mod:`memory.upkeep`).
 
+New memories are committed in groups: a writer stages its row's data file, publishes it in the
+table's spool and waits for the turn; whoever gets the turn commits every staged memory in one
+``Append`` (:func:`commit_group`, :mod:`memory.spool`), so writers beside each other share commits.
+
 Exactly once: a write returns after its commit and does nothing that can fail after it. A caller
 that passes its own ``memory_id`` may retry after a crash or a timeout: a write whose id is already
 in the table returns the stored row instead of storing it twice.
@@ -55,27 +59,95 @@ def add(mt: MemoryTable, row: dict[str, Any], *, check_id: bool) -> dict[str, An
     in the same commit). With ``check_id`` (the caller chose the id) a stored id is returned as is."""
     # the row's data file is written before the turn (others wait only for the check and the
     # commit); a file whose commit does not happen is referenced by no version and never read
-    key = row.get("subject_key")
+    if row.get("subject_key") and row["kind"] == DURABLE:
+        return _supersede(mt, row, check_id)
+    ds = mt.held()  # the data file's place and schema: no version is read
+    staged = write_fragments(rows_table([row]), ds, schema=ds.schema)
+    if mt.spool is None:
+        with mt.writing():
+            if check_id and (old := _stored(mt, row["memory_id"])) is not None:
+                return old
+            _append(mt, staged)
+        return public(row)
+    return _grouped(mt, row, staged, check_id)
+
+
+def _grouped(mt: MemoryTable, row: dict[str, Any], staged, check_id: bool) -> dict[str, Any]:
+    """Publish the staged fragments, then wait for the turn: a writer that held it meanwhile may
+    have committed them with its own (group commit, :mod:`memory.spool`)."""
+    spool, mid = mt.spool, row["memory_id"]
+    token = spool.publish(staged, mid, check_id)
+    try:
+        with mt.turn():
+            state = spool.state(token)
+            if state in ("claimed", None):  # its committer died (or failed) before marking it
+                if _stored(mt, mid) is not None:
+                    state = "dup" if check_id else "done"
+                else:
+                    spool.remove(token)
+                    spool.publish(staged, mid, check_id, token=token)
+                    state = "pending"
+            if state == "pending":
+                commit_group(mt)
+                state = spool.state(token)
+            if state == "dup":
+                return _stored(mt, mid) or public(row)
+            if state != "done":
+                raise RuntimeError(f"memories group commit left {mid!r} {state}")
+    finally:
+        spool.remove(token)
+    return public(row)
+
+
+def commit_group(mt: MemoryTable) -> int:
+    """In the writers' turn: claim every pending spool entry, leave out caller-chosen ids already
+    stored (and a second entry of one id), commit the rest in one ``Append``, then mark each
+    entry. Returns how many memories were committed."""
+    entries = mt.spool.claim()
+    if not entries:
+        return 0
+    ds = mt.dataset(fresh=True)
+    checked = [e.memory_id for e in entries if e.check_id]
+    stored = set()
+    if checked:
+        found = ds.to_table(columns=["memory_id"], filter=vis.ids(checked))
+        stored = set(found.column("memory_id").to_pylist())
+    take, dup = [], []
+    for e in entries:
+        (dup if e.memory_id in stored else take).append(e)
+        stored.add(e.memory_id)
+    if take:
+        _append(mt, [f for e in take for f in e.fragments], ds)
+    for e in take:
+        mt.spool.mark(e.token, "done")
+    for e in dup:
+        mt.spool.mark(e.token, "dup")
+    return len(take)
+
+
+def _append(mt: MemoryTable, fragments, ds=None) -> None:
+    ds = ds or mt.dataset(fresh=True)
+    lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
+
+
+def _supersede(mt: MemoryTable, row: dict[str, Any], check_id: bool) -> dict[str, Any]:
+    """A durable memory with a key: one commit of the new row and the flags of the fact it
+    supersedes, alone in the writers' turn (the lookup and the commit must see the same version)."""
     new = rows_table([row])
-    ds = mt.dataset()
-    staged = None if key and row["kind"] == DURABLE else write_fragments(new, ds, schema=ds.schema)
     with mt.writing():
         if check_id and (old := _stored(mt, row["memory_id"])) is not None:
             return old
-        if staged is None:
-            where = (vis.owned(row["owner"]) & (pc.field("subject_key") == key) & vis.current()
-                     & (pc.field("kind") == DURABLE))
-            ds = mt.dataset(fresh=True)
-            old = ds.to_table(columns=MEMORIES.columns, filter=where, with_row_address=True)
-            if len(old):
-                flagged = old.drop_columns(["_rowaddr"]).to_pylist()
-                for r in flagged:
-                    r["superseded_by"] = row["memory_id"]
-                replace_rows(ds, old, rows_table([row, *flagged]))
-                return public(row)
-            staged = write_fragments(new, ds, schema=ds.schema)
+        where = (vis.owned(row["owner"]) & (pc.field("subject_key") == row["subject_key"]) & vis.current()
+                 & (pc.field("kind") == DURABLE))
         ds = mt.dataset(fresh=True)
-        lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(staged), read_version=ds.version)
+        old = ds.to_table(columns=MEMORIES.columns, filter=where, with_row_address=True)
+        if len(old):
+            flagged = old.drop_columns(["_rowaddr"]).to_pylist()
+            for r in flagged:
+                r["superseded_by"] = row["memory_id"]
+            replace_rows(ds, old, rows_table([row, *flagged]))
+        else:
+            _append(mt, write_fragments(new, ds, schema=ds.schema), ds)
     return public(row)
 
 

@@ -5,6 +5,10 @@
     python _memory_worker.py supersede ROOT OWNER KEY TEXT # a new fact on KEY
     python _memory_worker.py maintain ROOT                 # upkeep now
 
+With ``MEMORY_WORKER_NO_IDS=1`` an ``add`` lets the store choose the ids (a retry is not safe).
+With ``MEMORY_WORKER_DIE_IN_GROUP=claim`` (or ``commit``) an ``add`` SIGKILLs itself while it holds
+the writers' turn with other writers' memories claimed, before (after) their commit.
+
 Vectors are given (no model): memory ``i`` of an owner has the unit vector of seed
 ``hash(owner) + i``, so every process knows every vector. Ids are ``OWNER-i``, passed by the
 caller: a retried call never stores a memory twice.
@@ -12,7 +16,10 @@ caller: a retried call never stores a memory twice.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -42,11 +49,37 @@ def store(root: str, **config) -> MemoryStore:
     return MemoryStore(MemoryConfig(data_root=Path(root), **config), GivenVectors())
 
 
+def die_in_group_commit(at: str) -> None:
+    import memory.writes as w
+    from memory.spool import Spool
+
+    claim, append, others = Spool.claim, w._append, []
+
+    def claiming(self):
+        time.sleep(0.3)  # in the turn: let the other writers' entries pile up
+        got = claim(self)
+        if any(not e.token.startswith(f"{os.getpid()}-") for e in got):
+            if at == "claim":
+                os.kill(os.getpid(), signal.SIGKILL)
+            others.append(True)
+        return got
+
+    def appending(*args, **kw):
+        append(*args, **kw)
+        if others:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Spool.claim, w._append = claiming, appending
+
+
 def add(root: str, owner: str, n: int, log: str, start: int = 0) -> None:
+    if at := os.environ.get("MEMORY_WORKER_DIE_IN_GROUP"):
+        die_in_group_commit(at)
     s = store(root, upkeep_small_fragments=8)
     with open(log, "a") as fh:
         for i in range(start, start + n):
-            s.remember(owner, f"{owner} fact {i}", vector=vector(owner, i), memory_id=f"{owner}-{i}")
+            mid = None if os.environ.get("MEMORY_WORKER_NO_IDS") else f"{owner}-{i}"
+            s.remember(owner, f"{owner} fact {i}", vector=vector(owner, i), memory_id=mid)
             fh.write(f"{owner}-{i}\n")
             fh.flush()
     s.close()

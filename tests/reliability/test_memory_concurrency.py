@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from lance.file import LanceFileReader
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -230,6 +231,50 @@ def test_a_killed_writer_retried_stores_every_memory_exactly_once(tmp_path):
     run("add", tmp_path, "w", 400, tmp_path / "retry.log")  # the caller retries every call, same ids
     ids = all_ids(tmp_path)
     assert sum(ids.values()) == 400 and set(ids.values()) == {1}
+
+
+@pytest.mark.parametrize(("at", "ids"), [("claim", True), ("claim", False), ("commit", False)])
+def test_a_writer_killed_mid_group_commit_loses_and_doubles_nothing(tmp_path, at, ids):
+    """Three writer processes and a fourth that is SIGKILLed in the writers' turn holding the
+    others' memories, after claiming them and before (or after) their one commit: the others'
+    calls all return with their memory stored exactly once, also when the store chose the ids (no
+    check by id saves a commit made twice); with its own ids the killed caller retries and every
+    memory is there once; upkeep leaves the spool empty."""
+    root, n = tmp_path, 30
+    store(root).add_rows(bulk("seed", 3))  # the table exists before the writers race for it
+    owners = ["gw0", "gw1", "gw2"]
+    env = {} if ids else {"MEMORY_WORKER_NO_IDS": "1"}
+    procs = [spawn("add", root, o, n, tmp_path / f"{o}.log", env=env) for o in owners]
+    killer = spawn("add", root, "gk", n, tmp_path / "gk.log", env={**env, "MEMORY_WORKER_DIE_IN_GROUP": at})
+    out, _ = killer.communicate(timeout=300)
+    assert killer.returncode == -signal.SIGKILL, out
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    if ids:
+        run("add", root, "gk", n, tmp_path / "gk.log")  # the caller retries every id of its own
+    texts = collections.Counter(
+        store(root).mt.dataset(fresh=True).to_table(columns=["text"]).column("text").to_pylist()
+    )
+    for o in [*owners, "gk"] if ids else owners:
+        assert [texts[f"{o} fact {i}"] for i in range(n)] == [1] * n, o
+    assert max(texts.values()) == 1
+    if ids:
+        assert max(all_ids(root).values()) == 1
+    run("maintain", root)
+    assert list(store(root).mt.spool.dir.iterdir()) == []
+
+
+def test_a_malformed_spool_entry_is_reported_and_never_used(tmp_path, caplog):
+    s = store(root=tmp_path)
+    s.remember("u", "first", vector=vector("u", 0))
+    bad = s.mt.spool.dir / f"{os.getpid()}-x.pending"
+    bad.write_text('{"memory_id": "evil", "check_id": false, "fragments": [{"id": "__import__"}]}')
+    s.remember("u", "second", vector=vector("u", 1))
+    assert "malformed" in caplog.text
+    assert bad.with_suffix(".bad").exists() and not bad.exists()
+    assert "evil" not in all_ids(tmp_path)
+    assert len(s.list("u")) == 2
 
 
 def test_upkeep_killed_midway_leaves_a_readable_table_and_runs_again(tmp_path):
