@@ -45,7 +45,7 @@ def embed_reference(ingested_root, tmp_path_factory):
 
     root = copy_root(ingested_root, tmp_path_factory.mktemp("embed-ref") / "root")
     counts = embed_flow(EmbedConfig(**embed_config(root)))
-    assert counts["shards_computed"] == counts["shards"] > 10
+    assert counts.shards_computed == counts.shards > 10
     db = connect(root / "lance")
     return counts, {name: unique(read(db, name), key) for name, key in EMBED_TABLES.items()}
 
@@ -84,7 +84,7 @@ def test_embed_killed_at_a_random_point_resumes_to_the_uninterrupted_tables(seed
     root = copy_root(ingested_root, tmp_path / "root")
     cfg = EmbedConfig(**embed_config(root))
     log = tmp_path / "killed.log"
-    after = rng.randint(1, 2 * ref_counts["shards"] // 3)  # finished shards before the kill
+    after = rng.randint(1, 2 * ref_counts.shards // 3)  # finished shards before the kill
     pid = runner.start("embed", embed_config(root), log)
     runner.kill_after(
         pid,
@@ -106,7 +106,7 @@ def test_embed_killed_at_a_random_point_resumes_to_the_uninterrupted_tables(seed
     out = embed_flow(cfg)
 
     # only the shards neither merged nor persisted were computed again
-    assert (out["shards_up_to_date"], out["shards_cached"], out["shards_computed"]) == (
+    assert (out.shards_up_to_date, out.shards_cached, out.shards_computed) == (
         up_to_date, cached, len(state) - up_to_date - cached)
     assert {k: (cfg.results_dir / k).stat().st_mtime_ns for k in persisted} == persisted  # not rewritten
     db = connect(cfg.lance_uri)

@@ -359,7 +359,7 @@ def test_planted_pickles_under_the_cache_do_not_run(data_root, tmp_path):
     ecfg.results_dir.mkdir(parents=True, exist_ok=True)
     (ecfg.results_dir / shard.key).write_bytes(_planted_record(sentinel, shard.key))
     out = embed_flow(ecfg)
-    assert out["shards_cached"] == 0 and out["shards_computed"] == out["shards"]
+    assert out.shards_cached == 0 and out.shards_computed == out.shards
     assert not sentinel.exists()
     assert (
         read(connect(ecfg.lance_uri), "image_embeddings").num_rows
