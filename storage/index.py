@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import IvfHnswSq
+from lancedb.index import BTree, IvfHnswSq
 
 from storage.lance import open_table, sql_in, table_lock
 
@@ -87,7 +87,7 @@ def ensure_scalar_indexes(db: lancedb.DBConnection, name: str, columns: tuple[st
         for col in columns:
             idx = have.get(col)
             if idx is None:
-                tbl.create_scalar_index(col, index_type="BTREE", replace=True)
+                tbl.create_index(col, config=BTree(), replace=True)
                 out[col] = "created"
                 continue
             stats = tbl.index_stats(idx.name)
