@@ -369,6 +369,10 @@ def main() -> None:
         "stage_wall_s": round(stage["wall_s"], 2),
         "stage_images_per_s": round(c.images / stage["wall_s"], 1),
         "stage_samples_per_s": round(ours_rate, 1), "lance_merge_s": c.merge_seconds, "index": c.index,
+        # the wall time by phase (the rest is the flow's start and end), and when each stream finished
+        "stage_phases_s": {"plan": c.plan_seconds, "shards": c.compute_seconds, "finish": c.finish_seconds,
+                           "index": c.index_seconds},
+        "stream_done_s": c.stream_done_seconds,
         # summed over the shards in flight at once (so it can exceed the wall time)
         "stage_input_wait_s": {k: getattr(c, f"{k}_input_wait_s") for k in ("image", "text")},
         "stage_forward_s": {k: getattr(c, f"{k}_forward_s") for k in ("image", "text")},

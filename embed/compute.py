@@ -1,9 +1,9 @@
 """Computing one shard: images decoded and resized ahead in worker processes (or read there and
-decoded on the GPU), texts tokenized there, the model fed as a stream; the rows come back as Arrow
+decoded on the GPU), the model fed as a stream; the rows come back as Arrow
 in the output table's schema, undecodable images as rejections. Nothing here writes a table.
 
 On CUDA a shard streams: processes decode and resize images ahead, the main thread queues bf16
-forwards, one copy back per shard. A text shard is tokenized in the same processes, then run in
+forwards, one copy back per shard. A text shard is tokenized in Rust threads, then run in
 order of token length, each batch only as wide as its longest text (exact: the text tower is causal).
 """
 
@@ -25,11 +25,11 @@ import pyarrow as pa
 from embed.model import StreamStats
 from embed.plan import ModelArgs, Shard
 from embed.preprocess import (
-    CONTEXT_LENGTH,
     PREPROCESS_VERSION,
     load_pixels_many,
     tokenize,
-    warm_preprocessing,
+    warm_images,
+    warm_texts,
 )
 from embed.shard import ShardResult
 from ingest.images import resolve_inside
@@ -39,7 +39,6 @@ from schemas.quarantine import Reason, Rejection
 log = logging.getLogger("mmem." + __name__)
 
 DECODE_CHUNK = 32  # images per job sent to a decoding process
-TOKENIZE_CHUNK = 512
 # What the decoding processes import before they fork (torch, PIL, ImageBind's code).
 PRELOAD = "embed.model"
 
@@ -57,19 +56,19 @@ def worker_pool(workers: int, kind: str = "process") -> Executor:
 
 @lru_cache(maxsize=4)
 def _new_pool(workers: int, kind: str) -> Executor:
-    """Decoding/tokenizing workers, one pool per process, size and kind, reused by every shard
+    """Decoding workers, one pool per process, size and kind, reused by every shard
     (its size never depends on a shard's length: each new size would start new processes).
 
     Processes (forkserver: no fork of a threaded, CUDA-holding parent) where allowed; threads
     inside a daemonic process such as a Dask worker, where PIL still decodes in parallel
     because it releases the GIL. Process workers are warmed at once, all together: each loads
-    ImageBind's tokenizer (imports pytorchvideo, reads the BPE vocabulary) before any shard waits on it.
+    the image transforms before any shard waits on it.
     """
     if kind == "thread" or mp.current_process().daemon:
         return ThreadPoolExecutor(workers, thread_name_prefix="embed-decode")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([PRELOAD])  # workers fork with torch/PIL already imported
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=warm_preprocessing)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=warm_images)
     for _ in range(workers):  # starts every process now, not one by one as shards queue jobs
         pool.submit(int)
     return pool
@@ -88,6 +87,7 @@ def prestart(config: EmbedConfig) -> None:
         if workers > 1:
             worker_pool(workers, config.decode_pool)  # returns at once; the processes warm up meanwhile
         with contextlib.suppress(Exception):
+            warm_texts()
             model.load()
 
     threading.Thread(target=start, name="embed-prestart", daemon=True).start()
@@ -168,16 +168,15 @@ def _full_path(root: str, rel: str) -> str | None:
     return None if full is None else str(full)
 
 
-def embed_text_shard(shard: Shard, model: ModelArgs, workers: int = 0) -> ShardResult:
-    """Tokenize (in worker processes when there is enough) and embed one shard of distinct texts,
-    shortest first (:meth:`Embedder.embed_tokens`: narrow batches), the rows kept in shard order."""
+def embed_text_shard(shard: Shard, model: ModelArgs) -> ShardResult:
+    """Tokenize and embed one shard of distinct texts, shortest first (:meth:`Embedder.embed_tokens`:
+    narrow batches), the rows kept in shard order. Tokenizing runs here, in Rust threads
+    (:mod:`embed.bpe`), not in the decoding processes, where it would queue behind images."""
     t0 = time.perf_counter()
     texts = shard.rows.column("text").to_pylist()
-    jobs = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
     embedder = model.load()
     stream = StreamStats()
-    tokens = list(map_ordered(tokenize, jobs, resolve_workers(workers)))
-    tokens = np.concatenate(tokens) if tokens else np.zeros((0, CONTEXT_LENGTH), np.int32)
+    tokens = tokenize(texts)
     stream.input_wait_s = time.perf_counter() - t0
     vectors = embedder.embed_tokens(tokens, stream)
     out = pa.table({
@@ -200,4 +199,4 @@ def embed_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "p
                 decode: str = "cpu") -> ShardResult:
     if shard.kind == "image":
         return embed_image_shard(shard, model, workers, pool, decode)
-    return embed_text_shard(shard, model, workers)
+    return embed_text_shard(shard, model)

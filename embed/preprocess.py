@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from embed.bpe import encode, fast_safe, fast_tokenizer
 from embed.compat import import_imagebind
 
 # Bump when anything below changes what a given input embeds to (it is part of every cache key).
@@ -86,11 +87,15 @@ def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def warm_preprocessing() -> None:
-    """Load what the CPU half of preprocessing needs (transforms; the tokenizer, which imports
-    ImageBind and reads its BPE vocabulary: seconds), e.g. when a worker process starts."""
+def warm_images() -> None:
+    """Load what a decoding worker process needs before its first image (the transforms)."""
     _vision_resize_crop()
+
+
+def warm_texts() -> None:
+    """Load both tokenizers (imports ImageBind, reads its BPE vocabulary) before the first text shard."""
     tokenizer()
+    fast_tokenizer(bpe_path())
 
 
 _TOKENIZER_LOCK = threading.Lock()
@@ -99,22 +104,40 @@ _TOKENIZER_LOCK = threading.Lock()
 @lru_cache(maxsize=1)
 def tokenizer():
     """ImageBind's BPE tokenizer with its bundled vocabulary (one per process; it caches BPE merges)."""
-    ib = import_imagebind()
+    import_imagebind()
     from imagebind.models.multimodal_preprocessors import SimpleTokenizer
 
-    return SimpleTokenizer(bpe_path=ib.data.return_bpe_path(), context_length=CONTEXT_LENGTH)
+    return SimpleTokenizer(bpe_path=bpe_path(), context_length=CONTEXT_LENGTH)
 
 
 def tokenize(texts: Sequence[str]) -> np.ndarray:
-    """(n, 77) int32 token ids, exactly as ``imagebind.data.load_and_transform_text`` makes them."""
+    """(n, 77) int32 token ids, exactly as ``imagebind.data.load_and_transform_text`` makes them: the
+    Rust rebuild of its tokenizer (:mod:`embed.bpe`) for the texts it provably matches, ImageBind's
+    own for the rest."""
     out = np.zeros((len(texts), CONTEXT_LENGTH), dtype=np.int32)
     if not texts:
         return out
+    fast = np.fromiter((fast_safe(t) for t in texts), bool, len(texts))
+    if fast.any():
+        out[fast] = encode(bpe_path(), [t for t, f in zip(texts, fast, strict=True) if f], CONTEXT_LENGTH)
+    if not fast.all():
+        slow = [t for t, f in zip(texts, fast, strict=True) if not f]
+        out[~fast] = python_tokenize(slow)
+    return out
+
+
+def python_tokenize(texts: Sequence[str]) -> np.ndarray:
+    """ImageBind's own (Python) tokenizer: (n, 77) int32."""
     tok = tokenizer()
     with _TOKENIZER_LOCK:  # its BPE cache is a plain dict shared by the threads of a worker
         ids = tok(list(texts))
-    out[:] = ids.reshape(len(texts), CONTEXT_LENGTH).numpy()
-    return out
+    return ids.reshape(len(texts), CONTEXT_LENGTH).numpy().astype(np.int32)
+
+
+@lru_cache(maxsize=1)
+def bpe_path() -> str:
+    """The BPE vocabulary file ImageBind ships."""
+    return import_imagebind().data.return_bpe_path()
 
 
 def token_widths(tokens: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -68,6 +68,8 @@ class Collected:
     cached: int = 0
     workers: set[str] = field(default_factory=set)
     streams: dict[str, StreamStats] = field(default_factory=dict)  # per kind, computed shards only
+    started: float = field(default_factory=time.perf_counter)
+    done_at: dict[str, float] = field(default_factory=dict)  # per kind: seconds in, when its last shard came
 
     def add(self, res: ShardResult, cached: bool) -> int:
         """Count ``res`` and hand its rows to the writer; returns the rows it settled (for progress)."""
@@ -84,6 +86,7 @@ class Collected:
             for width, rows in res.stream.widths.items():
                 total.widths[width] = total.widths.get(width, 0) + rows
         self.writer.add(res)
+        self.done_at[res.kind] = round(time.perf_counter() - self.started, 2)
         self.rejections += res.rejections
         return len(res.rows) + len(res.rejections)
 
@@ -126,7 +129,7 @@ def summary(p: Plan, c: Collected, written: dict[str, int] | None = None) -> Emb
         workers=len(c.workers),
         **{f"{name}_inserted": w.inserted.get(name, 0) for name in OUTPUT.values()},
         **{f"{name}_updated": w.updated.get(name, 0) for name in OUTPUT.values()},
-        merge_seconds=round(w.seconds, 3), **streams,
+        merge_seconds=round(w.seconds, 3), **streams, stream_done_seconds=dict(c.done_at),
         text_widths=dict(sorted(c.streams["text"].widths.items())) if "text" in c.streams else {},
         quarantined=len(c.rejections),
         **{f"quarantined_{k}": v for k, v in reason_counts(c.rejections).items()},

@@ -11,6 +11,7 @@ a remote scheduler's come from the environment (``DASK_DISTRIBUTED__COMM__TLS__*
 from __future__ import annotations
 
 import os
+import time
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -90,7 +91,9 @@ def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
     enforce_trust(config)
     prestart(config)
     db = connect(config.lance_uri)
+    t0 = time.perf_counter()
     p: Plan = plan_task(config)
+    t1 = time.perf_counter()
     logger().info("embed read %s", versions_text(p.read_versions))
     logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",
                   p.fingerprint, p.images, p.texts, p.shards, len(p.todo))
@@ -98,11 +101,14 @@ def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
     futures = [shard_task.submit(s, p.model, config.decode_workers, config.decode_pool, config.image_decode)
                for s in p.todo]
     done = collect(futures, Writer(db, config.merge_rows, merge_task), sum(len(s.rows) for s in p.todo))
+    t2 = time.perf_counter()
     w = done.writer
     merged = {name: (w.inserted.get(name, 0), w.updated.get(name, 0)) for name in w.merged}
     written = finish_task(config.lance_uri, merged, done.rejections, f"embed-{run_id()}")
     logger().info("%s", wrote_text(p.read_versions, written, merged))
-    return summary(p, done, written)
+    return summary(p, done, written).model_copy(update={
+        "plan_seconds": round(t1 - t0, 2), "compute_seconds": round(t2 - t1, 2),
+        "finish_seconds": round(time.perf_counter() - t2, 2)})
 
 
 @flow(name="embed", log_prints=True)
@@ -111,7 +117,9 @@ def embed_flow(config: EmbedConfig) -> EmbedResult:
     The data root records the model (``mmem-root.json``), so later commands on it use the same."""
     enforce_trust(config)
     result = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
+    t0 = time.perf_counter()
     result.index, after = index_task(config.lance_uri, config.index_min_rows)
+    result.index_seconds = round(time.perf_counter() - t0, 2)
     result.versions.update(after)  # an index build is a new version
     # later commands on this root (query, memory) embed with the same model without flags
     record_root_choice(config.data_root, "imagebind",

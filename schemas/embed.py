@@ -150,6 +150,15 @@ class EmbedResult(StageResult):
     image_embeddings_updated: int = 0
     text_embeddings_updated: int = 0
     merge_seconds: float = 0.0
+    # where the run's wall time went: planning, the shards (merges overlap them), tagging and the
+    # quarantine after the last shard, the vector index; and when each stream's last shard came in
+    plan_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    finish_seconds: float = 0.0
+    index_seconds: float = 0.0
+    stream_done_seconds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per stream (image, text): seconds into the shards when its last one finished.")
     # per stream, the computed shards only: blocked on input vs running forwards (seconds)
     image_input_wait_s: float = 0.0
     image_forward_s: float = 0.0
