@@ -133,6 +133,7 @@ def run_stage(cfg: EmbedConfig) -> dict:
         if table_exists(db, name):
             db.drop_table(name)
     shutil.rmtree(cfg.results_dir, ignore_errors=True)
+    shutil.rmtree(cfg.rows_dir, ignore_errors=True)
     if cfg.compile:  # compile before the clock starts (it is a one-off per worker process)
         warm = ModelArgs.from_config(cfg).load()
         warm.embed_texts(["warm up"]), warm.embed_pixels(np.zeros((1, 224, 224, 3), np.uint8))

@@ -30,9 +30,10 @@ log = logging.getLogger("mmem." + __name__)
 Kind = Literal["image", "text"]
 OUTPUT = {"image": IMAGE_EMBEDDINGS.name, "text": TEXT_EMBEDDINGS.name}
 # Bump when a shard's persisted result changes layout or home: results stored by older code must
-# not be served from cache. 5: the result types moved from tasks.embed to embed.compute (issue 17).
+# not be served from cache. 6: the rows in an Arrow file beside the JSON.
+# 5: the result types moved from tasks.embed to embed.compute (issue 17).
 # 4: JSON results with Arrow rows (version 3 wrote pickles: their keys are never looked up again).
-RESULT_VERSION = 5
+RESULT_VERSION = 6
 INPUTS = ("images", "dialogs", "turns")
 HINT = "run `mmem ingest` first"
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from embed.compute import prestart
 from embed.plan import Plan
-from embed.shard import ShardResult
+from embed.shard import RowsUnreadable, ShardResult
 from embed.write import Collected, Writer, summary, wrote_text
 from schemas.config import record_root_choice
 from schemas.embed import EmbedConfig, EmbedResult
@@ -73,14 +75,27 @@ def remote_security(config: EmbedConfig):
     return security
 
 
-def collect(futures: list, writer: Writer, total_rows: int) -> Collected:
-    """Merge shard results as they finish (the flow is the one writer), counting cached ones."""
+def collect(submit: Callable, shards: list, writer: Writer, total_rows: int, rows_dir: Path) -> Collected:
+    """Run the shards (``submit(shard, refresh)`` -> future) and merge their results as they finish
+    (the flow is the one writer), counting cached ones. A cached result whose rows file is gone or
+    changed is computed again, once."""
     from prefect.futures import as_completed
 
     out = Collected(writer)
     with Progress(total_rows, "embed") as bar:
-        for fut in as_completed(futures):
-            bar(out.add(ShardResult.from_payload(fut.result()), cached=fut.state.name == "Cached"))
+        for refresh in (False, True):
+            futures = {submit(s, refresh): s for s in shards}
+            shards = []
+            for fut in as_completed(list(futures)):
+                try:
+                    res = ShardResult.from_payload(fut.result(), rows_dir)
+                except RowsUnreadable as exc:
+                    if refresh:
+                        raise
+                    logger().warning("%s: computing it again", exc)
+                    shards.append(futures[fut])
+                    continue
+                bar(out.add(res, cached=fut.state.name == "Cached"))
     writer.flush()
     return out
 
@@ -98,9 +113,14 @@ def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
     logger().info("model %s: %d images, %d distinct texts in %d shards; %d to run",
                   p.fingerprint, p.images, p.texts, p.shards, len(p.todo))
     shard_task = embed_shard_task.with_options(result_storage=results_storage(config))
-    futures = [shard_task.submit(s, p.model, config.decode_workers, config.decode_pool, config.image_decode)
-               for s in p.todo]
-    done = collect(futures, Writer(db, config.merge_rows, merge_task), sum(len(s.rows) for s in p.todo))
+
+    def submit(shard, refresh: bool):
+        return shard_task.with_options(refresh_cache=refresh or None).submit(
+            shard, p.model, str(config.rows_dir), config.decode_workers, config.decode_pool,
+            config.image_decode)
+
+    writer = Writer(db, config.merge_rows, merge_task)
+    done = collect(submit, p.todo, writer, sum(len(s.rows) for s in p.todo), config.rows_dir)
     t2 = time.perf_counter()
     w = done.writer
     merged = {name: (w.inserted.get(name, 0), w.updated.get(name, 0)) for name in w.merged}

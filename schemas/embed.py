@@ -130,6 +130,11 @@ class EmbedConfig(StageConfig):
         """Where shard results persist, so a killed run resumes from the last finished shard."""
         return self.cache_dir / "embed"
 
+    @property
+    def rows_dir(self) -> Path:
+        """The rows of those results, one Arrow IPC file per shard (binary, beside the JSON)."""
+        return self.cache_dir / "embed-rows"
+
 
 class EmbedResult(StageResult):
     """What an embed run did: the model, the rows and shards (up to date in the tables, served from

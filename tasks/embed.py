@@ -2,8 +2,8 @@
 merge, tag and quarantine, index), the shard cache key and the storage its results persist in.
 
 A shard's task caches on its content key (:func:`embed.plan.content_key`: rows, model fingerprint,
-preprocessing, :data:`embed.plan.RESULT_VERSION`), results persisted as JSON under the data root,
-so a killed run resumes at the first unfinished shard.
+preprocessing, :data:`embed.plan.RESULT_VERSION`), results persisted under the data root (JSON, the
+rows in an Arrow file beside it), so a killed run resumes at the first unfinished shard.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ def results_storage(config: EmbedConfig) -> ShardResults:
     return checked_storage(ShardResults, config.results_dir, "mmem-embed")
 
 
-def embed_shard_result(shard: Shard, model: ModelArgs, workers: int = 0, pool: str = "process",
+def embed_shard_result(shard: Shard, model: ModelArgs, rows_dir: str, workers: int = 0, pool: str = "process",
                        decode: str = "cpu") -> ShardPayload:
-    """:func:`embed.compute.embed_shard` as JSON, the form its task persists."""
-    return embed_shard(shard, model, workers, pool, decode).payload()
+    """:func:`embed.compute.embed_shard`, its rows written under ``rows_dir``, as the JSON its task
+    persists."""
+    return embed_shard(shard, model, workers, pool, decode).payload(rows_dir)
 
 
 embed_shard_task = task(

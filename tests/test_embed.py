@@ -270,18 +270,25 @@ def test_killed_run_resumes_from_cached_shards_and_model_change_recomputes(data_
     cfg = config(data_root, demo_dir, shard_rows=8)
 
     @flow
-    def killed_after_two_shards(cfg: EmbedConfig) -> None:
-        """What a run leaves when it dies after two shards finished and before anything merged."""
+    def killed_after_three_shards(cfg: EmbedConfig) -> None:
+        """What a run leaves when it dies after three shards finished and before anything merged."""
         model = ModelArgs.from_config(cfg)
         items = image_items(connect(cfg.lance_uri), cfg)
         shards = plan_shards("image", items, cfg.shard_rows, model.fingerprint)
         task = embed_shard_task.with_options(result_storage=results_storage(cfg))
-        for s in shards[:2]:
-            task(s, model, 1)
+        for s in shards[:3]:
+            task(s, model, str(cfg.rows_dir), 1)
 
-    killed_after_two_shards(cfg)
+    killed_after_three_shards(cfg)
+    # a cached result whose rows file changed since (or is gone) is computed again, not merged
+    rows_files = sorted(cfg.rows_dir.glob("*.arrow"))
+    assert len(rows_files) == 3
+    data = bytearray(rows_files[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rows_files[0].write_bytes(bytes(data))
+    rows_files[1].unlink()
     out = embed_flow(cfg)
-    assert out.shards_cached == 2 and out.shards_computed == out.shards - 2
+    assert out.shards_cached == 1 and out.shards_computed == out.shards - 1
     assert out.image_embeddings_inserted == read(connect(cfg.lance_uri), "images").num_rows
 
     # another model: every shard again, rows replaced
