@@ -16,10 +16,13 @@ slots between them, so one shard's tail overlaps the next one's start. The slots
 ``tasks.runtime.slots``, which records the lease on disk so that the next run gives back the
 slots of a killed run (Prefect's own context manager would leave them taken).
 
-Given several Ollama hosts, the flow holds each host's slots of its own limit, and each shard
-spreads its requests over the hosts (``llmcalls.spread``): each host takes as many at once as it
-shows it can, at most its share of the slots held, and a host that fails hands its requests to
-the others. Each host's figures go to the logs and the run's summary (``hosts``).
+Given several Ollama hosts, the flow holds each host's slots of its own limit and opens one host
+pool for the fan-out (``llmcalls.spread.SharedHosts``), which the shards running in this process
+hand their requests to: each host takes as many at once as it shows it can (learned once for the
+run, not per shard), at most the slots held there, and a host that fails hands its requests to the
+others. The earlier shard's requests go first, so the next shard fills the room its tail leaves
+while it is merged (a shard run elsewhere, e.g. on a Dask worker, gets a pool of its own, with its
+share of the slots). Each host's figures go to the logs and the run's summary (``hosts``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from prefect.utilities.annotations import quote
 from llmcalls.cache import ResponseCache
 from llmcalls.fill import Fill
 from llmcalls.requests import LLMUnavailable
-from llmcalls.shard import ShardFailed, ShardStats, hosts_summary
+from llmcalls.shard import ShardFailed, ShardStats, hosts_summary, open_hosts
 from reminders.outcome import Outcome, repaired, sort_out, to_repair
 from reminders.prompts import Prompt, repair_request
 from reminders.summary import run_summary
@@ -59,6 +62,7 @@ from tasks.reminders import (
     write_task,
 )
 from tasks.runtime import enforce_trust, logger, publish_markdown, publish_table, run_id
+from tasks.runtime.secrets import host_auth
 from tasks.runtime.slots import hold_slots, slots_dir
 
 
@@ -97,7 +101,7 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
     def submit(i: int, workers: int, refresh: bool, caps: dict[str, int] | None = None):
         named = shard_task.with_options(task_run_name=f"shard-{fill.label}-{i:05d}", refresh_cache=refresh)
         return named.submit(i, quote(fill.shards[i]), config, fill.journal(i), workers, backend,
-                            quote(fill.answered(i)), caps)
+                            quote(fill.answered(i)), caps, fill.label if caps else None)
 
     def settle(i: int, fut) -> None:
         result = fut.result(raise_on_failure=False)
@@ -128,6 +132,8 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
         with contextlib.ExitStack() as held:
             for name, n in limits:
                 held.enter_context(hold_slots(slots_dir(config), name, n))
+            held_slots = {h: n for h, (_, n) in zip(hosts, limits, strict=True)}
+            held.enter_context(open_hosts(fill.label, config, held_slots, backend, auth=host_auth(config)))
             t0 = time.perf_counter()
             while pending or running:
                 while pending and len(running) < window:
@@ -139,8 +145,7 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
                 settle(i, done)
                 if out.unavailable is not None:
                     pending.clear()
-                out.errors.update(fill.errors(i))  # read before the merge deletes the journal
-                merge_shard_task(quote(fill), i)
+                out.errors.update(merge_shard_task(quote(fill), i))  # the journal's error rows
                 log.info("%s: %d/%d shards to ask done (%d failed)", fill.label,
                          len(need) - len(pending) - len(running), len(need), len(out.failed))
             out.seconds = time.perf_counter() - t0

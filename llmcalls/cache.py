@@ -10,6 +10,7 @@ verify (planted, or edited) is never merged, it is logged and dropped.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import hmac
 import logging
@@ -70,9 +71,16 @@ def journal_key(journal_dir: Path) -> bytes:
             from None
 
 
+@functools.lru_cache(maxsize=16)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """The HMAC state after the key, copied for each row (not keyed again per row)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def _mac(key: bytes, row: dict) -> str:
-    body = orjson.dumps({k: v for k, v in row.items() if k != MAC}, option=orjson.OPT_SORT_KEYS)
-    return hmac.new(key, body, hashlib.sha256).hexdigest()
+    mac = _keyed(key).copy()
+    mac.update(orjson.dumps({k: v for k, v in row.items() if k != MAC}, option=orjson.OPT_SORT_KEYS))
+    return mac.hexdigest()
 
 
 def verified(rows: list[dict], key: bytes, path: Path) -> list[dict]:
@@ -156,19 +164,19 @@ class ResponseCache:
         tbl = open_table(db, "llm_responses").to_lance().to_table(columns=cols, filter="status = 'ok'")
         return {r["request_hash"]: r for r in tbl.to_pylist() if r["request_hash"] in wanted}
 
-    def merge(self, path: Path) -> int:
+    def merge(self, path: Path, rows: list[dict] | None = None) -> int:
         """Upsert one journal into ``llm_responses`` and delete it; returns the rows merged.
-        Every journal row is a fresh call, so it replaces whatever the key held (an error row)."""
+        Every journal row is a fresh call, so it replaces whatever the key held (an error row).
+        ``rows``: the journal's verified rows where the caller has read them already."""
         if not path.exists():
             return 0
-        rows = read_journal(path)
+        rows = read_journal(path) if rows is None else rows
         if rows:
-            for r in rows:
-                r["created_at"] = datetime.fromisoformat(r["created_at"])
-                r["options"] = options_record(r.get("options"))  # the previous release's: JSON text
-                r["prompt"] = prompt_records(r.get("prompt"))
-            table = dedupe(conform(pa.Table.from_pylist(rows, schema=LLM_RESPONSES.schema), LLM_RESPONSES),
-                           LLM_RESPONSES.key)
+            table = dedupe(conform(pa.Table.from_pylist([{
+                **r, "created_at": datetime.fromisoformat(r["created_at"]),
+                "options": options_record(r.get("options")),  # the previous release's: JSON text
+                "prompt": prompt_records(r.get("prompt"))} for r in rows], schema=LLM_RESPONSES.schema),
+                LLM_RESPONSES), LLM_RESPONSES.key)
             tbl = open_table(connect(self.lance_uri), "llm_responses")
             (tbl.merge_insert("request_hash").when_matched_update_all().when_not_matched_insert_all()
              .execute(table))

@@ -78,9 +78,11 @@ class Fill:
         return {r["request_hash"]: r for r in read_journal(self.journal(i)) if r.get("status") != OK}
 
     def merge(self, i: int) -> int:
-        """Merge shard ``i``'s journal into the cache (and delete it); returns the rows merged."""
-        errors = self.errors(i)
-        merged = self.cache.merge(self.journal(i))
+        """Merge shard ``i``'s journal into the cache (and delete it); returns the rows merged.
+        Its error rows (:meth:`errors`) are kept from the same read."""
+        rows = read_journal(self.journal(i))
+        errors = {r["request_hash"]: r for r in rows if r.get("status") != OK}
+        merged = self.cache.merge(self.journal(i), rows)
         self._errors[i] = errors
         return merged
 

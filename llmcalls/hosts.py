@@ -22,6 +22,8 @@ Ollama client, say) in ``host.client``. Per-host figures: :meth:`HostPool.stats`
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import time
 from collections import deque
@@ -99,7 +101,10 @@ class HostPool:
         self.max_tries = max_tries if max_tries is not None else 2 * len(self.hosts) + 1
         self.log_every_s = log_every_s
         self._probe_fn = probe
-        self._waiters: deque[tuple[asyncio.Future[Lease], frozenset[str]]] = deque()
+        # waiting acquirers, by (priority, arrival): (key, future, hosts to avoid)
+        self._waiters: list[tuple[tuple[int, int], asyncio.Future[Lease], frozenset[str]]] = []
+        self._arrivals = itertools.count()
+        self._queues: list[tuple[int, deque]] = []  # each map's priority and requests not sent yet
         self._probes: dict[str, asyncio.Task] = {}
         self._give_up: asyncio.TimerHandle | None = None
         self._failed: AllHostsDown | None = None
@@ -165,19 +170,21 @@ class HostPool:
         host.in_flight += 1
         return lease
 
-    async def acquire(self, exclude: Iterable[str] = ()) -> Lease:
-        """A lease on the host with the most room (first come, first served); give it back with
-        :meth:`release`. Raises :class:`AllHostsDown` when every host has been out ``all_down_s``."""
+    async def acquire(self, exclude: Iterable[str] = (), priority: int = 0) -> Lease:
+        """A lease on the host with the most room; give it back with :meth:`release`. Waiting
+        acquirers are served lowest ``priority`` first, then first come, first served. Raises
+        :class:`AllHostsDown` when every host has been out ``all_down_s``."""
         if self._failed is not None:
             raise self._failed
         excluded = frozenset(exclude)
-        if not self._waiters:
+        if not self._waiters and not self._ahead(priority):
             host = self._pick(excluded)
             if host is not None:
                 return self._grant(host)
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        entry = (fut, excluded)
-        self._waiters.append(entry)
+        entry = ((priority, next(self._arrivals)), fut, excluded)
+        bisect.insort(self._waiters, entry, key=lambda e: e[0])
+        self._dispatch()  # a waiter ahead of the others now may fit where the first did not
         try:
             return await fut
         except asyncio.CancelledError:
@@ -188,17 +195,24 @@ class HostPool:
             if entry in self._waiters:
                 self._waiters.remove(entry)
 
+    def _ahead(self, priority: int) -> bool:
+        """Whether a map served before ``priority`` has requests to send: the room is theirs (their
+        next request is on its way to :meth:`acquire`)."""
+        return any(p < priority and queue for p, queue in self._queues)
+
     def _dispatch(self) -> None:
-        """Hand free room to the waiting requests, oldest first."""
+        """Hand free room to the waiting requests, in their order."""
         while self._waiters:
-            fut, excluded = self._waiters[0]
+            (priority, _), fut, excluded = self._waiters[0]
             if fut.done():
-                self._waiters.popleft()
+                self._waiters.pop(0)
                 continue
+            if self._ahead(priority):
+                return
             host = self._pick(excluded)
             if host is None:
                 return
-            self._waiters.popleft()
+            self._waiters.pop(0)
             fut.set_result(self._grant(host))
 
     def release(self, lease: Lease, exc: BaseException | None = None) -> str:
@@ -275,12 +289,13 @@ class HostPool:
                 or len(tried) >= tries + self.down_after * len(self.hosts))
 
     async def map(self, items: Iterable[X], fn: Callable[[Host, X], Awaitable[T]], *,
-                  max_tries: int | None = None) -> AsyncIterator[tuple[X, T | RequestFailed]]:
+                  max_tries: int | None = None, priority: int = 0,
+                  ) -> AsyncIterator[tuple[X, T | RequestFailed]]:
         """Answer every item with ``fn(host, item)``, as many at once as the hosts' windows allow;
         yields ``(item, result)`` as they finish, each item exactly once (``result`` is a
         :class:`RequestFailed` for an item that failed on ``max_tries`` hosts). An exception no
         other host can mend, or :class:`AllHostsDown`, ends the iteration (in-flight tries are
-        cancelled)."""
+        cancelled). Several maps at once share the hosts; the lowest ``priority`` is served first."""
         todo: deque[tuple[X, tuple[str, ...]]] = deque((item, ()) for item in items)
         total, tries = len(todo), max_tries or self.max_tries
         out: asyncio.Queue[tuple[Any, Any, BaseException | None]] = asyncio.Queue()
@@ -312,7 +327,7 @@ class HostPool:
                     await wake.wait()
                 item, tried = todo.popleft()
                 try:
-                    lease = await self.acquire(tried)
+                    lease = await self.acquire(tried, priority)
                 except BaseException:
                     todo.appendleft((item, tried))
                     raise
@@ -324,6 +339,8 @@ class HostPool:
             if not task.cancelled() and task.exception() is not None:
                 out.put_nowait((None, None, task.exception()))
 
+        queued = (priority, todo)
+        self._queues.append(queued)
         dispatcher = asyncio.create_task(dispatch())
         dispatcher.add_done_callback(stopped)
         try:
@@ -333,6 +350,7 @@ class HostPool:
                     raise exc
                 yield item, result
         finally:
+            self._queues = [q for q in self._queues if q is not queued]
             dispatcher.cancel()
             for task in list(running):
                 task.cancel()
@@ -360,7 +378,7 @@ class HostPool:
             return
         self._failed = AllHostsDown(self.hosts, self.all_down_s)
         while self._waiters:
-            fut, _ = self._waiters.popleft()
+            _, fut, _ = self._waiters.pop(0)
             if not fut.done():
                 fut.set_exception(self._failed)
 

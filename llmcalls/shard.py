@@ -8,8 +8,10 @@ Given several hosts (``options.hosts``), the shard spreads over them (``llmcalls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +23,7 @@ from llmcalls.cache import Journal
 from llmcalls.client import LLMClient
 from llmcalls.hosts import HostSpec
 from llmcalls.requests import ERROR, OK, REJECTED, HostUnreachable, LLMRequest, LLMResult, LLMUnavailable
-from llmcalls.spread import LEARNED, host_specs, merge_hosts, spread
+from llmcalls.spread import LEARNED, SHARED, SharedHosts, host_specs, merge_hosts, shared_hosts, spread
 from storage.progress import Progress
 
 log = logging.getLogger("mmem." + __name__)
@@ -101,13 +103,36 @@ def client_for(options: ClientOptions, auth: HostAuth, backend: str | None = Non
                      auth=auth)
 
 
+def connector(options: ClientOptions, auth: HostAuth, backend: str | None) -> Callable[[str], LLMClient]:
+    """How a host pool makes its client for one host: one try per request (the pool retries
+    elsewhere)."""
+
+    def connect(url: str) -> LLMClient:
+        return LLMClient(url, timeout_s=options.timeout_s, max_attempts=1, backend=backend, auth=auth)
+
+    return connect
+
+
+def open_hosts(key: str, options: ClientOptions, caps: dict[str, int], backend: str | None, *,
+               auth: HostAuth) -> contextlib.AbstractContextManager[SharedHosts | None]:
+    """Over several hosts: the pool that this process's shards given ``shared=key`` use while the
+    block runs (``caps``: the slots held on each host); over one host, nothing."""
+    hosts = hosts_of(options)
+    if len(hosts) < 2:
+        return contextlib.nullcontext()
+    return shared_hosts(key, host_specs(hosts, caps), connector(options, auth, backend),
+                        max_tries=options.max_attempts, all_down_s=options.timeout_s)
+
+
 async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptions, journal_path: Path,
                     workers: int, backend: str | None = None, *, auth: HostAuth,
-                    caps: dict[str, int] | None = None) -> ShardStats:
+                    caps: dict[str, int] | None = None, shared: str | None = None) -> ShardStats:
     """Make the shard's calls, ``workers`` at a time, appending each finished one to the journal
     (requests the journal already answered are skipped). ``auth``: which host gets which token.
     Over several hosts, each host takes as many at once as it shows it can (at most its ``caps``
-    entry: the slots this run holds there), and ``workers`` is not used."""
+    entry: the slots this run holds there), and ``workers`` is not used; ``shared``: the key of the
+    fan-out's pool (:func:`open_hosts`), used where this process has it (an earlier shard's
+    requests go first), else the shard gets a pool of its own."""
     stats = ShardStats(shard, requests=len(requests))
     t0 = time.perf_counter()
     with Journal(journal_path) as journal, Progress(len(requests), f"shard {shard}", log_every=0.5,
@@ -139,11 +164,13 @@ async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptio
                     stats.host_latencies.setdefault(host, []).append(res.latency_s)
                 count(res)
 
-            def connect(url: str) -> LLMClient:
-                return LLMClient(url, timeout_s=options.timeout_s, max_attempts=1, backend=backend, auth=auth)
-
-            stats.hosts = await spread(todo, host_specs(hosts, caps), connect, journal, record,
-                                       max_tries=options.max_attempts, all_down_s=options.timeout_s)
+            pool = SHARED.get(shared) if shared else None
+            if pool is not None:
+                stats.hosts = await pool.spread(todo, journal, record, priority=shard)
+            else:
+                stats.hosts = await spread(todo, host_specs(hosts, caps), connector(options, auth, backend),
+                                           journal, record, max_tries=options.max_attempts,
+                                           all_down_s=options.timeout_s)
             stats.wall_s = time.perf_counter() - t0
             return stats
 

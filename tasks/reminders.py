@@ -53,18 +53,19 @@ def shard_results_storage(config: RemindersConfig) -> ShardResults:
 async def generate_shard(shard: int, requests: list[LLMRequest], config: RemindersConfig, journal_path: Path,
                          workers: int, backend: str | None,
                          answered: frozenset[str] = frozenset(),
-                         caps: dict[str, int] | None = None) -> ShardStats:
+                         caps: dict[str, int] | None = None, shared: str | None = None) -> ShardStats:
     """A shard as a task: fails (after writing every finished call) if any request still failed.
 
     ``requests`` is the whole shard (its cache key); those in ``answered`` (already in the response
     cache) are not asked again, so a cache miss on a done shard makes no call and writes nothing.
-    ``caps``: with several hosts, the most requests at once on each (its share of the slots held).
+    ``caps``: with several hosts, the most requests at once on each (its share of the slots held)
+    when the shard runs on a pool of its own, not on the fan-out's (``shared``, see ``run_shard``).
     """
     todo = [r for r in requests if r.request_hash not in answered]
     if not todo:
         return ShardStats(shard)
     stats = await run_shard(shard, todo, config, journal_path, workers, backend, auth=host_auth(config),
-                            caps=caps)
+                            caps=caps, shared=shared)
     logger().info("shard %d: %d ok, %d failed, %d rejected, %d retries, %d skipped, %.1f s", shard, stats.ok,
                   stats.failed, stats.rejected, stats.retries, stats.skipped, stats.wall_s)
     for url, h in stats.hosts.items():
@@ -86,8 +87,10 @@ def server_backend(config: RemindersConfig) -> str:
     return check_server(config, config.model, auth=host_auth(config))
 
 
-def merge_shard(fill: Fill, i: int) -> int:
-    return fill.merge(i)
+def merge_shard(fill: Fill, i: int) -> dict[str, dict]:
+    """Shard ``i``'s journal into the cache; returns its error rows (the journal is gone after)."""
+    fill.merge(i)
+    return fill.errors(i)
 
 
 def lookup_again(fill: Fill) -> dict[str, dict]:

@@ -17,7 +17,7 @@ import pytest
 from llmcalls.auth import HostAuth
 from llmcalls.cache import read_journal
 from llmcalls.requests import OK, LLMRequest, LLMUnavailable
-from llmcalls.shard import check_server, run_shard
+from llmcalls.shard import check_server, open_hosts, run_shard
 
 _spec = importlib.util.spec_from_file_location(
     "slot_server", Path(__file__).resolve().parents[1] / "benchmarks" / "slot_server.py")
@@ -48,8 +48,8 @@ class Hosts:
         return self.hosts[0]
 
 
-def requests(n: int) -> list[LLMRequest]:
-    return [LLMRequest(MODEL, ({"role": "user", "content": f"q{i}"},), {"seed": 0}) for i in range(n)]
+def requests(n: int, prefix: str = "q") -> list[LLMRequest]:
+    return [LLMRequest(MODEL, ({"role": "user", "content": f"{prefix}{i}"},), {"seed": 0}) for i in range(n)]
 
 
 def test_a_shard_spreads_over_hosts_and_finishes_when_one_dies(tmp_path):
@@ -85,6 +85,42 @@ def test_a_shard_spreads_over_hosts_and_finishes_when_one_dies(tmp_path):
     assert stats.hosts[a.url]["peak_concurrency"] <= 6 and stats.hosts[b.url]["peak_concurrency"] <= 2
     assert a.peak <= 6 and b.peak <= 2  # the caps held
     assert len(stats.host_latencies[a.url]) == by_host[a.url]
+
+
+def test_shards_on_the_fan_outs_pool_go_in_order_and_count_each_answer_once(tmp_path):
+    """Two shards at once on one shared pool (as the reminders flow runs them): the earlier shard's
+    requests go first (the later one only fills the room its tail leaves, so the two do not drain
+    together), every request is journaled once, and the shards' figures add up to what each
+    server answered."""
+
+    async def main():
+        a, b = slot_server.SlotServer(3, 0.03, MODEL), slot_server.SlotServer(1, 0.03, MODEL)
+        await a.start(), await b.start()
+        opts, auth = Hosts([a.url, b.url]), HostAuth()
+        try:
+            with open_hosts("fan-out", opts, {a.url: 4, b.url: 2}, None, auth=auth):
+                stats = await asyncio.gather(*(
+                    run_shard(i, requests(60, f"s{i}-"), opts, tmp_path / f"{i}.jsonl", 1, None, auth=auth,
+                              shared="fan-out") for i in (1, 0)))  # the later shard asks first
+        finally:
+            await a.stop()
+            await b.stop()
+        return a, b, stats
+
+    a, b, (late, first) = asyncio.run(main())
+    rows = {i: read_journal(tmp_path / f"{i}.jsonl") for i in (0, 1)}
+    assert [len({r["request_hash"] for r in rows[i]}) for i in (0, 1)] == [60, 60]
+    assert len(rows[0]) == len(rows[1]) == 60 and all(r["status"] == OK for i in (0, 1) for r in rows[i])
+    early = sorted(r["created_at"] for r in rows[0])
+    overlap = sum(early[0] < r["created_at"] < early[-1] for r in rows[1])
+    # 6 at most at once (4 + 2 held): those the later shard sent before the earlier one came, and
+    # those in the room of the earlier shard's last round trip; none in between
+    assert overlap <= 12
+    for server in (a, b):
+        answered = sum(server.answered.values())
+        assert first.hosts[server.url]["ok"] + late.hosts[server.url]["ok"] == answered
+        assert first.hosts[server.url]["requests"] + late.hosts[server.url]["requests"] == answered
+    assert a.peak <= 4 and b.peak <= 1 and sum(a.answered.values()) > sum(b.answered.values())
 
 
 @contextlib.contextmanager
