@@ -198,7 +198,10 @@ def merge(db: lancedb.DBConnection, name: str, rows: pa.Table, *, update: bool =
         new, changed = split_new_changed(tbl, rows, table_spec, update)
         if len(new) == 0 and len(changed) == 0:
             return MergeResult(name, 0, 0, tbl.version)
-        todo = pa.concat_tables([new, changed]) if len(changed) else new
+        if len(changed) == 0:  # only new keys (checked under the lock): an append, no join on the key
+            tbl.add(new)
+            return MergeResult(name, len(new), 0, tbl.version)
+        todo = pa.concat_tables([new, changed]) if len(new) else changed
         builder = tbl.merge_insert(list(table_spec.key)).when_not_matched_insert_all()
         if update:
             builder = builder.when_matched_update_all()
