@@ -39,6 +39,11 @@ class Searcher:
         self._indexed: tuple[int, bool] | None = None  # (version, has a vector index)
         self._seen = None  # the dataset the last search saw (its row ids are the ones returned)
 
+    @property
+    def seen_version(self) -> int | None:
+        """The version the last search read."""
+        return None if self._seen is None else self._seen.version
+
     def has_vector_index(self, ds) -> bool:
         if self._indexed is None or self._indexed[0] != ds.version:
             self._indexed = (ds.version, any(i.field_names == ["vector"] for i in ds.describe_indices()))
@@ -49,10 +54,13 @@ class Searcher:
         return self.mt.read(lambda _: self._vector(q, owner, visible, n))
 
     def _vector(self, q, owner, visible, n) -> pa.Table:
-        ds = self.mt.synced()
+        snap = self.mt.synced()
+        ds, view = snap.ds, snap.view
         self._seen = ds
         c = self.config
-        indexed = self.has_vector_index(ds)
+        indexed = view.indexed is not None
+        in_memory = view.delta is not None  # the rows outside the index are searched here, not by Lance
+        stable = ds.has_stable_row_ids  # without (memories never enables them) a row's id is its address
 
         def search(where, limit: int) -> pa.Table:
             nearest: dict[str, Any] = {"column": "vector", "q": q, "k": limit, "metric": "cosine"}
@@ -65,13 +73,22 @@ class Searcher:
                 nearest=nearest,
                 filter=where,
                 prefilter=where is not None,
-                with_row_id=True,
+                fast_search=in_memory,
+                with_row_id=stable,
                 with_row_address=True,
                 disable_scoring_autoprojection=True,
             )
-            rows = self.mt.columns.take(hits.column("_rowaddr").to_numpy())
-            return rows.append_column("_distance", hits.column("_distance")).append_column(
-                "_rowid", hits.column("_rowid")
+            addr = hits.column("_rowaddr").to_numpy()
+            dist = hits.column("_distance").to_numpy()
+            ids = hits.column("_rowid") if stable else pa.array(addr, pa.uint64())
+            if in_memory:  # merged with the exact distances of the rows held in memory
+                more_addr, more_dist = view.nearest(q, limit, where)
+                addr, dist = np.concatenate([addr, more_addr]), np.concatenate([dist, more_dist])
+                top = np.argsort(dist, kind="stable")[:limit]
+                addr, dist = addr[top], dist[top]
+                ids = pa.array(addr, pa.uint64())
+            return view.take(addr).append_column("_distance", pa.array(dist, pa.float32())).append_column(
+                "_rowid", ids
             )
 
         if indexed and owner not in self.prefilter_owners:
@@ -124,7 +141,7 @@ class Searcher:
         ids = picked.column("memory_id").to_pylist()
         if not ids:
             return picked.select([])
-        ds = self._seen if self._seen is not None else self.mt.synced()
+        ds = self._seen if self._seen is not None else self.mt.synced().ds
         where = sql_in("_rowid", picked.column("_rowid").to_pylist())
         try:
             rows = ds.to_table(columns=PUBLIC_COLUMNS, filter=where)

@@ -301,7 +301,8 @@ class MemoryStore:
             cands, cos, keyword = self.search.text(cands, cos, q, text, where, n)
         if len(cands) == 0:
             return []
-        last, count = self.stats.adjust(cands)
+        seen = self.search.seen_version
+        last, count = self.stats.adjust(cands, seen)
         c = self.config
         terms = {
             "similarity": scoring.similarity(cos),
@@ -318,9 +319,10 @@ class MemoryStore:
         why = scoring.breakdowns({t: v[order] for t, v in terms.items()}, scores[order], weights)
         rows = self.search.public_rows(cands.take(pa.array(order)))
         if touch:
-            for r in rows:  # what the caller sees counts earlier recalls not written yet, and this one
-                pending, _ = self.stats.pending.get(r["memory_id"], (0, None))
-                r["access_count"], r["last_accessed_at"] = r["access_count"] + pending + 1, now
+            unseen = self.stats.unseen(seen)
+            for r in rows:  # what the caller sees counts earlier recalls the rows read miss, and this one
+                earlier, _ = unseen.get(r["memory_id"], (0, None))
+                r["access_count"], r["last_accessed_at"] = r["access_count"] + earlier + 1, now
             if self.stats.touch([r["memory_id"] for r in rows], now):
                 self.background.submit("access stats", self.flush)  # written off the caller's path
         return [Recalled(r, float(scores[i]), b) for r, i, b in zip(rows, order, why, strict=True)]

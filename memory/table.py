@@ -2,8 +2,12 @@
 
 Readers never wait: each store keeps one ``lance.LanceDataset`` (so the vector index stays in its
 cache) and moves it to the table's latest version at most every ``refresh_seconds``, which bounds
-how stale a read can be without a fresh checkout per call. A read whose version another process's
-forget has cleaned up meanwhile ("Not found") moves to the latest version and tries again.
+how stale a read can be without a fresh checkout per call. A store that recalls keeps a
+:class:`Snapshot` (a version and its recall columns, :mod:`memory.columns`) that a background
+thread moves on every half ``refresh_seconds`` while recalls keep coming, so a recall reads the last
+snapshot and pays no refresh; it refreshes itself only when that snapshot is older than the bound
+(the thread fell behind) or misses one of this process's own writes. A read whose version another
+process's forget has cleaned up meanwhile ("Not found") moves to the latest version and tries again.
 
 Writers take turns: every write of ``memories`` (adds, supersedes, edits, access stats, forget,
 upkeep's compaction) holds the table's file lock (``storage.lance.table_lock``) and starts from the
@@ -13,15 +17,17 @@ rows it updates inside the same turn as its commit, and commits never conflict w
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from memory.columns import RecallColumns
+from memory.columns import RecallColumns, View
 from memory.spool import Spool
 from schemas.memory import MEMORIES, MemoryConfig
 from storage.lance import connect, open_table, table_lock
@@ -29,6 +35,18 @@ from storage.lance import connect, open_table, table_lock
 TABLE = MEMORIES.name
 log = logging.getLogger("mmem." + __name__)
 T = TypeVar("T")
+FOLLOW_IDLE_SECONDS = 30.0  # the background refresh stops this long after the last recall
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A version recall reads: the dataset, its recall columns, when its refresh began, and the
+    last of this process's writes it includes."""
+
+    ds: object
+    view: View
+    at: float
+    writes: int
 
 
 def vanished(exc: BaseException) -> bool:
@@ -46,8 +64,15 @@ class MemoryTable:
         self.columns = RecallColumns()
         self._tbl = None
         self._ds = None
-        self._checked = 0.0
-        self._stale = True
+        self._checked = 0.0  # when the refresh that found self._ds began
+        self._tick = itertools.count(1)
+        self._writes = 0  # this process's last write (a tick); reads after it must see it
+        self._row_writes = 0  # ... of the writes recall must see (not access stats: see AccessStats)
+        self._fresh_for = 0  # the last write self._ds includes
+        self._snapshot: Snapshot | None = None
+        self._refreshing = threading.Lock()  # one refresh at a time
+        self._follower: threading.Thread | None = None
+        self._recalled = 0.0  # when recall last asked for a snapshot
         self._writers = _Turn(self.db, TABLE)
         self._upkeep = _Turn(self.db, f"{TABLE}.upkeep")
         local = "://" not in self.db.uri or self.db.uri.startswith("file://")
@@ -70,15 +95,26 @@ class MemoryTable:
         """The table as a dataset at its latest version, checked at most every ``refresh_seconds``
         (always when ``fresh``, and after this process wrote)."""
         now = time.monotonic()
-        if self._ds is None:
-            self._ds = self.table.to_lance()
-            self._checked, self._stale = now, False
-        elif fresh or self._stale or now - self._checked >= self.config.refresh_seconds:
-            latest = self._ds.latest_version
-            if latest != self._ds.version:
-                self._ds = self._ds.checkout_version(latest)
-            self._checked, self._stale = now, False
+        if self._due(now, fresh):
+            with self._refreshing:
+                if self._due(now, fresh):
+                    self._refresh()
         return self._ds
+
+    def _due(self, now: float, fresh: bool) -> bool:
+        if self._ds is None or self._fresh_for < self._writes:
+            return True
+        return self._checked < now if fresh else now - self._checked >= self.config.refresh_seconds
+
+    def _refresh(self) -> None:
+        """Move to the latest version (holding ``_refreshing``)."""
+        writes, now = self._writes, time.monotonic()
+        if self._ds is None:
+            ds = self.table.to_lance()
+        else:
+            latest = self._ds.latest_version
+            ds = self._ds if latest == self._ds.version else self._ds.checkout_version(latest)
+        self._ds, self._checked, self._fresh_for = ds, now, writes
 
     def held(self):
         """The dataset this process holds, at whatever version (for what no version changes: the
@@ -92,11 +128,52 @@ class MemoryTable:
         ds = self.dataset(fresh=True)
         return ds.checkout_version(ds.version)
 
-    def synced(self):
-        """:meth:`dataset` with :attr:`columns` following it (what recall reads)."""
-        ds = self.dataset()
-        self.columns.sync(ds)
-        return ds
+    def synced(self) -> Snapshot:
+        """What recall reads: the last :class:`Snapshot`, kept at most ``refresh_seconds`` old by a
+        background thread; refreshed here only when it is older or misses this process's writes."""
+        now = self._recalled = time.monotonic()
+        snap = self._snapshot
+        if self._stale(snap, now):
+            with self._refreshing:
+                snap = self._snapshot
+                if self._stale(snap, now):
+                    snap = self._snap()
+        self._follow()
+        return snap
+
+    def _stale(self, snap: Snapshot | None, now: float) -> bool:
+        return snap is None or snap.writes < self._row_writes or now - snap.at >= self.config.refresh_seconds
+
+    def _snap(self) -> Snapshot:
+        """A snapshot of the latest version (holding ``_refreshing``)."""
+        writes, now = self._writes, time.monotonic()
+        self._refresh()
+        snap = self._snapshot = Snapshot(self._ds, self.columns.sync(self._ds), now, writes)
+        return snap
+
+    def _follow(self) -> None:
+        """Start the background refresh (while recalls keep coming)."""
+        if self.config.refresh_seconds <= 0 or (self._follower is not None and self._follower.is_alive()):
+            return
+        self._follower = threading.Thread(target=self._following, name="mmem-memory-refresh", daemon=True)
+        self._follower.start()
+
+    def _following(self) -> None:
+        period = self.config.refresh_seconds / 2  # a refresh may take up to the other half
+        while time.monotonic() - self._recalled < max(FOLLOW_IDLE_SECONDS, 10 * self.config.refresh_seconds):
+            snap = self._snapshot
+            wait = period - (time.monotonic() - snap.at) if snap is not None else 0.0
+            if wait > 0:
+                time.sleep(wait)
+                continue
+            try:
+                with self._refreshing:
+                    self._snap()
+            except Exception as exc:  # noqa: BLE001 -- a recall refreshes itself if this falls behind
+                if vanished(exc):
+                    self._ds = None  # reopen: the cached version's files may be gone
+                log.debug("memories snapshot not refreshed: %s", exc)
+                time.sleep(period)
 
     def read(self, fn: Callable[[object], T], attempts: int = 3) -> T:
         """``fn(dataset)``, moved to the latest version and retried if its files were cleaned up."""
@@ -106,24 +183,28 @@ class MemoryTable:
             except (OSError, ValueError, RuntimeError) as exc:
                 if not vanished(exc) or attempt == attempts - 1:
                     raise
-                self._ds = None  # reopen: the cached version's files may be gone
+                self._ds = self._snapshot = None  # reopen: the cached version's files may be gone
         raise AssertionError("unreachable")
 
-    def changed(self) -> None:
-        """This process wrote: the next read checks the version (read-your-writes)."""
-        self._stale = True
+    def changed(self, rows: bool = True) -> None:
+        """This process wrote: the next read checks the version (read-your-writes). ``rows=False``:
+        a write after which recall may go on reading its snapshot (access stats, which it adds from
+        memory until its snapshot holds them; compaction and index updates, which change no row)."""
+        self._writes = next(self._tick)
+        if rows:
+            self._row_writes = self._writes
 
     @contextmanager
-    def writing(self) -> Iterator[object]:
+    def writing(self, rows: bool = True) -> Iterator[object]:
         """The writers' turn (re-entrant in this process); yields the LanceDB table at its latest
-        version."""
+        version. ``rows``: see :meth:`changed`."""
         tbl = self._handle()  # created (under the same flock) before the turn is taken
         with self._writers.hold():
             try:
                 tbl.checkout_latest()
                 yield tbl
             finally:
-                self.changed()
+                self.changed(rows)
 
     @contextmanager
     def turn(self) -> Iterator[None]:

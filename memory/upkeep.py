@@ -128,7 +128,7 @@ def drop_stale_index_rows(tbl, ds, gone: set[int] | None = None) -> list[str]:
 def fold_small_fragments(mt: MemoryTable, rows: int) -> int:
     """Merge fragments under ``rows`` (every single write leaves one) into each other; bigger
     fragments are left alone. Returns how many small fragments there were."""
-    with mt.writing():
+    with mt.writing(rows=False):  # what recall reads is unchanged
         ds = mt.own()
         small = [f.fragment_id for f in ds.get_fragments() if f.metadata.physical_rows < rows]
         if len(small) >= 2:
@@ -148,7 +148,7 @@ def unindexed_rows(ds) -> int:
 def index_new_rows_delta(mt: MemoryTable) -> None:
     """Index the rows outside the indexes as delta segments (no merge: that rewrites the whole
     vector index, which :func:`maintain` does), in the writers' turn."""
-    with mt.writing():
+    with mt.writing(rows=False):  # what recall reads is unchanged
         ds = mt.own()
         ds.optimize.optimize_indices(num_indices_to_merge=0)
 

@@ -164,9 +164,10 @@ def replace(mt: MemoryTable, owner: str, memory_id: str, edit) -> dict[str, Any]
     return public(row)
 
 
-def replace_rows(ds, old: pa.Table, new: pa.Table) -> None:
+def replace_rows(ds, old: pa.Table, new: pa.Table) -> int:
     """One commit that deletes the ``old`` rows (found with ``_rowaddr``) and adds ``new``: what a
-    merge on ``memory_id`` does, without joining the whole table to find rows already found."""
+    merge on ``memory_id`` does, without joining the whole table to find rows already found.
+    Returns the version committed."""
     new_fragments = write_fragments(new, ds, schema=ds.schema)
     frags: dict[int, list[str]] = {}
     for addr, mid in zip(
@@ -179,7 +180,7 @@ def replace_rows(ds, old: pa.Table, new: pa.Table) -> None:
         updated.append(md) if md is not None else removed.append(fid)
     op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
                                      new_fragments=new_fragments)
-    lance.LanceDataset.commit(ds.uri, op, read_version=ds.version)
+    return lance.LanceDataset.commit(ds.uri, op, read_version=ds.version).version
 
 
 def insert_new(mt: MemoryTable, rows: pa.Table) -> int:
@@ -197,12 +198,16 @@ def insert_new(mt: MemoryTable, rows: pa.Table) -> int:
 class AccessStats:
     """Accesses counted by recalls and written in one commit per ``touch_flush_memories`` memories
     or ``touch_flush_seconds``: a write per recall would leave a fragment per recall for every
-    search to visit. Recalls of this store see pending accesses at once; other processes once
-    written. The write reads the rows in the writers' turn and changes only their stats, so it
-    cannot undo another process's supersede, edit or forget."""
+    search to visit. Recalls of this store see pending accesses at once, and written ones until
+    the version recall reads holds them (so a flush never makes recall refresh on its path); other
+    processes see them once written. The write reads the rows in the writers' turn and changes
+    only their stats, so it cannot undo another process's supersede, edit or forget."""
 
     def __init__(self, flush_memories: int, flush_seconds: float) -> None:
         self.pending: dict[str, tuple[int, datetime]] = {}
+        # flushed accesses by the version that holds them (None: being written)
+        self._written: list[tuple[int | None, dict[str, tuple[int, datetime]]]] = []
+        self._lock = threading.Lock()  # guards _written (recalls prune it, flushes add to it)
         self._writing = threading.Lock()  # one flush at a time: a caller's waits for the background's
         self._since = 0.0
         self._memories, self._seconds = flush_memories, flush_seconds
@@ -216,14 +221,29 @@ class AccessStats:
             self.pending[m] = (count + 1, now)
         return len(self.pending) >= self._memories or time.monotonic() - self._since >= self._seconds
 
-    def adjust(self, cands: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates' last access (datetime64[us]) and access count, pending accesses included."""
+    def unseen(self, version: int | None) -> dict[str, tuple[int, datetime]]:
+        """Accesses that a read of ``version`` does not hold: pending ones, and written ones of later
+        versions (count, last access)."""
+        with self._lock:
+            written = self._written = [(v, p) for v, p in self._written
+                                       if v is None or version is None or v > version]
+        out = dict(self.pending)
+        for _, part in written:
+            for m, (n, t) in part.items():
+                had, last = out.get(m, (0, t))
+                out[m] = (had + n, max(last, t))
+        return out
+
+    def adjust(self, cands: pa.Table, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates' last access (datetime64[us]) and access count, as of now: read at
+        ``version``, plus :meth:`unseen`."""
         last = cands.column("last_accessed_at").to_numpy().astype("datetime64[us]")
         count = cands.column("access_count").to_numpy().astype(np.int64)
-        if self.pending:
+        extra = self.unseen(version)
+        if extra:
             for i, m in enumerate(cands.column("memory_id").to_pylist()):
-                if m in self.pending:
-                    n, t = self.pending[m]
+                if m in extra:
+                    n, t = extra[m]
                     count[i] += n
                     last[i] = np.datetime64(t.astimezone(UTC).replace(tzinfo=None), "us")
         return last, count
@@ -234,23 +254,34 @@ class AccessStats:
             if not self.pending:
                 return 0
             pending, self.pending = self.pending, {}
-            return write_stats(mt, pending)
+            entry = (None, pending)
+            with self._lock:
+                self._written = [*self._written, entry]  # counted by recalls while it is written
+            version = None
+            try:
+                n, version = write_stats(mt, pending)
+            finally:
+                with self._lock:
+                    self._written = [(version, pending) if e is entry else e for e in self._written
+                                     if e is not entry or version is not None]
+            return n
 
 
-def write_stats(mt: MemoryTable, pending: dict[str, tuple[int, datetime]]) -> int:
+def write_stats(mt: MemoryTable, pending: dict[str, tuple[int, datetime]]) -> tuple[int, int]:
     """Read the rows in the writers' turn, add the counts, write them back in the same turn: no
     other writer can come between (a merge of the two stat columns alone would not need the read,
-    but Lance joins the whole table for it); one commit (:func:`replace_rows`)."""
-    with mt.writing():
+    but Lance joins the whole table for it); one commit (:func:`replace_rows`). Returns how many
+    memories were updated and the version that holds them."""
+    with mt.writing(rows=False):
         ds = mt.dataset(fresh=True)
         old = ds.to_table(columns=MEMORIES.columns, filter=vis.ids(pending), with_row_address=True)
         if len(old) == 0:  # all forgotten meanwhile
-            return 0
+            return 0, ds.version
         rows = dedupe(old.drop_columns(["_rowaddr"]), ("memory_id",))
         got = rows.column("memory_id").to_pylist()
         count = pc.add(rows.column("access_count"), pa.array([pending[m][0] for m in got], pa.int64()))
         last = pa.array([pending[m][1] for m in got], pa.timestamp("us", tz="UTC"))
         rows = rows.set_column(rows.column_names.index("access_count"), "access_count", count)
         rows = rows.set_column(rows.column_names.index("last_accessed_at"), "last_accessed_at", last)
-        replace_rows(ds, old, conform(rows, MEMORIES))
-    return len(got)
+        version = replace_rows(ds, old, conform(rows, MEMORIES))
+    return len(got), version

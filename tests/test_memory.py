@@ -185,8 +185,9 @@ def test_in_memory_visibility_matches_the_sql_filter(store):
     )
     for start in range(0, n, 50):  # a few fragments
         store.add_rows(table.slice(start, 50))
-    direct = store.mt.synced().to_table(columns=COLUMNS, with_row_address=True)
-    rows = store.columns.take(direct.column("_rowaddr").to_numpy()[::-1])  # any order, any fragment
+    snap = store.mt.synced()
+    direct = snap.ds.to_table(columns=COLUMNS, with_row_address=True)
+    rows = snap.view.take(direct.column("_rowaddr").to_numpy()[::-1])  # any order, any fragment
     assert rows.to_pylist() == direct.select(COLUMNS).to_pylist()[::-1]  # the cache holds what Lance does
     for owner, session in itertools.product(["ann", "bob", "carl"], [None, "s1", "s2"]):
         rule = store.visible(owner, session, now)
