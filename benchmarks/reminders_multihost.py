@@ -12,15 +12,66 @@ run is answered from another's cache), in one Prefect test server:
 3. all hosts, the last one killed (SIGKILL) 40% of the way through: every prompt must end
    answered once or quarantined (requests lost: 0), and no request answered twice.
 
+And, in the same run, what this machine lets any client do over the same hosts (the servers share
+its cores with the client): the bare official client with a fixed 1.5 x each host's slots in
+flight (no pool, no flow), and the host pool alone (learned windows, no Prefect, no journal, no
+cache). The flow's figure is also given against those ceilings.
+
     python benchmarks/reminders_bench.py --hosts 8,4 --prompts 2000
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import threading
 import time
 from collections import Counter
+
+
+async def bare_hosts(urls: list[str], in_flight: list[int], requests: list) -> float:
+    """The official client alone, ``in_flight[i]`` requests at a time on ``urls[i]``; req/s."""
+    import ollama
+
+    queue = list(requests)
+
+    async def worker(client) -> None:
+        while queue:
+            req = queue.pop()
+            await client.chat(model=req.model, messages=req.wire_messages(), options=req.options)
+
+    clients = [ollama.AsyncClient(host=u) for u in urls]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c, n in zip(clients, in_flight, strict=True) for _ in range(n)))
+    return len(requests) / (time.perf_counter() - t0)
+
+
+async def pool_hosts(urls: list[str], requests: list) -> float:
+    """The host pool alone (what the flow's shards use, without Prefect, journal or cache); req/s."""
+    from llmcalls.auth import HostAuth
+    from llmcalls.client import LLMClient
+    from llmcalls.hosts import HostPool
+
+    async with HostPool(urls, connect=lambda u: LLMClient(u, max_attempts=1, auth=HostAuth()),
+                        log_every_s=0) as pool:
+        t0 = time.perf_counter()
+        async for _ in pool.map(requests, lambda host, req: host.client.ask(req)):
+            pass
+        return len(requests) / (time.perf_counter() - t0)
+
+
+def ceilings(urls: list[str], parallel: list[int], requests: list) -> dict:
+    """Both ceilings over ``requests`` (each its own copy: none is answered from a cache), with
+    the client's CPU per call."""
+    out = {}
+    for name, run in (("bare_client", lambda: bare_hosts(urls, [p * 3 // 2 for p in parallel], requests)),
+                      ("host_pool", lambda: pool_hosts(urls, requests))):
+        c0 = time.process_time()
+        rate = asyncio.run(run())
+        out[name] = {"req_s": round(rate, 1), "client_cpu_ms_per_call":
+                     round(1000 * (time.process_time() - c0) / len(requests), 2)}
+    return out
 
 
 def run_multihost(args, start_server, synthetic_root) -> dict:
@@ -59,6 +110,11 @@ def run_multihost(args, start_server, synthetic_root) -> dict:
                 "retries": result.retries, "failures": result.failures, "valid": result.valid,
                 "quarantined": result.quarantined, "hosts": hosts}
 
+    def requests_of(cfg: RemindersConfig) -> list:
+        from reminders.prompts import build_prompts, load_inputs
+
+        return [p.request for p in build_prompts(cfg, *load_inputs(cfg.lance_uri))[0]]
+
     def answered(seed: int) -> Counter:
         """Rows of ``llm_responses`` per request of the run with ``seed`` (options carry the seed)."""
         rows = read(connect(root / "lance"), "llm_responses").to_pylist()
@@ -76,6 +132,11 @@ def run_multihost(args, start_server, synthetic_root) -> dict:
             out["all_hosts"] = figures(both, wall, time.process_time() - c0)
             out["all_hosts"]["of_summed_capacity"] = round(both.requests_per_s / sum(capacity), 3)
             out["all_hosts"]["vs_best_single_host"] = round(both.requests_per_s / single.requests_per_s, 2)
+            out["load_average_1m_after_all_hosts"] = round(os.getloadavg()[0], 2)
+            out["ceilings"] = ceilings(urls, parallel, requests_of(config(urls, 104)))
+            for name, ceiling in out["ceilings"].items():
+                ceiling["of_summed_capacity"] = round(ceiling["req_s"] / sum(capacity), 3)
+                out["all_hosts"][f"of_{name}"] = round(both.requests_per_s / ceiling["req_s"], 3)
             print(json.dumps(out, indent=1), flush=True)
 
             victim = servers[-1][0]
@@ -110,6 +171,11 @@ def report(out: dict) -> None:
           f"{out['summed_capacity_req_s']:.0f} (target >= 90%): {verdict[ok_sum]}; "
           f"{both['vs_best_single_host']}x the best single host's "
           f"{out['baseline_best_single_host']['req_s']} req/s (target >= 1.4x): {verdict[ok_best]}")
+    ceil = out["ceilings"]
+    print(f"same hosts, same run, no flow: bare official client {ceil['bare_client']['req_s']} req/s "
+          f"({100 * ceil['bare_client']['of_summed_capacity']:.1f}%), host pool alone "
+          f"{ceil['host_pool']['req_s']} req/s ({100 * ceil['host_pool']['of_summed_capacity']:.1f}%): "
+          f"the flow is {100 * both['of_bare_client']:.1f}% / {100 * both['of_host_pool']:.1f}% of them")
     print(f"failover ({fail['killed']} killed midway: {fail['killed_before_the_end']}): lost {fail['lost']}, "
           f"answered twice {fail['answered_twice']}, failures {fail['failures']}: {verdict[ok_fail]}")
 

@@ -101,7 +101,7 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
     def submit(i: int, workers: int, refresh: bool, caps: dict[str, int] | None = None):
         named = shard_task.with_options(task_run_name=f"shard-{fill.label}-{i:05d}", refresh_cache=refresh)
         return named.submit(i, quote(fill.shards[i]), config, fill.journal(i), workers, backend,
-                            quote(fill.answered(i)), caps, fill.label if caps else None)
+                            quote(fill.answered(i)), caps, fill.label if refresh else None)
 
     def settle(i: int, fut) -> None:
         result = fut.result(raise_on_failure=False)
@@ -124,8 +124,7 @@ def fan_out(config: RemindersConfig, fill: Fill, backend: str | None) -> Round:
         limits = [ensure_limit_task(config, h) for h in hosts]  # (name, slots) of each host's limit
         slots = sum(n for _, n in limits)
         window = 2 if slots >= 2 and slots % 2 == 0 and len(need) > 1 else 1
-        caps = {h: max(1, n // window) for h, (_, n) in zip(hosts, limits, strict=True)} \
-            if len(hosts) > 1 else None
+        caps = {h: max(1, n // window) for h, (_, n) in zip(hosts, limits, strict=True)}  # a pool of its own
         pending, running = deque(need), {}
         # A one-minute lease per host, renewed while this run lives; a killed run's slots are given
         # back by the next run on this data root (tasks.runtime.slots), whatever server granted them.

@@ -187,6 +187,14 @@ def classify(exc: BaseException) -> str:
     return FATAL
 
 
+def describe_error(exc: BaseException | None) -> str:
+    """One line for a host's last error: the exception's type and its first 200 characters."""
+    if exc is None:
+        return ""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def base_url(url: str) -> str:
     """``url`` as a base URL, with scheme and port filled in as Ollama's client does."""
     default = None

@@ -9,14 +9,14 @@ off hosts that fail:
 - a host that refuses connections or times out ``down_after`` times in a row is taken out; a
   probe (``GET /api/version``) with exponential back-off brings it back;
 - a request that failed on a host (refused, dropped, timed out, busy, 5xx) is leased again to
-  another host, up to ``max_tries`` hosts; anything else (a 4xx, a bug) is the caller's;
+  another host, up to ``max_tries`` hosts (after ``backoff(tries)`` seconds when it failed on every
+  host up: one host is retried with back-off); anything else (a 4xx, a bug) is the caller's;
 - while every host is out, waiting requests wait ``all_down_s`` for one to come back, then get
   :class:`AllHostsDown` (one line per host: what went wrong there).
 
 Use ``async with pool.lease() as host`` for one try, :meth:`HostPool.call` for one request with
-failover, or :meth:`HostPool.map` for many (each item answered exactly once or given up with its
-last error). Each :class:`Host` carries what the caller's ``connect(url)`` built for it (an
-Ollama client, say) in ``host.client``. Per-host figures: :meth:`HostPool.stats`.
+failover, or :meth:`HostPool.map` for many. Each :class:`Host` carries what the caller's
+``connect(url)`` built for it in ``host.client``. Per-host figures: :meth:`HostPool.stats`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from llmcalls.balance import (
     HostStats,
     RequestFailed,
     classify,
+    describe_error,
 )
 
 log = logging.getLogger("mmem." + __name__)
@@ -74,7 +75,8 @@ class HostPool:
                  down_after: int = 3, probe_s: float = 0.5, probe_max_s: float = 30.0,
                  probe_timeout_s: float = 5.0, all_down_s: float = 120.0, max_tries: int | None = None,
                  probe: Callable[[Host], Awaitable[bool]] | None = None, initial: float = 1.0,
-                 log_every_s: float = 30.0, memory: dict[str, dict] | None = None) -> None:
+                 log_every_s: float = 30.0, memory: dict[str, dict] | None = None,
+                 backoff: Callable[[int], float] | None = None) -> None:
         """``memory``: what pools learned about hosts, by URL, read at the start and written back
         at the end (one dict for a process's pools, so the next shard starts where the last ended:
         each host's window, and a host that was out stays out until its probe answers)."""
@@ -99,7 +101,7 @@ class HostPool:
         self.down_after, self.all_down_s = down_after, all_down_s
         self.probe_s, self.probe_max_s, self.probe_timeout_s = probe_s, probe_max_s, probe_timeout_s
         self.max_tries = max_tries if max_tries is not None else 2 * len(self.hosts) + 1
-        self.log_every_s = log_every_s
+        self.log_every_s, self.backoff = log_every_s, backoff
         self._probe_fn = probe
         # waiting acquirers, by (priority, arrival): (key, future, hosts to avoid)
         self._waiters: list[tuple[tuple[int, int], asyncio.Future[Lease], frozenset[str]]] = []
@@ -233,7 +235,7 @@ class HostPool:
             host.aimd.ok(latency, lease.epoch, lease.load)
         elif outcome in (BUSY, DOWN, ERROR, FATAL):
             stats.errors += 1
-            host.last_error = _describe(exc)
+            host.last_error = describe_error(exc)
             if outcome == BUSY:
                 stats.busy += 1
                 host.aimd.cut(lease.epoch)
@@ -314,11 +316,17 @@ class HostPool:
                 elif self._spent((*tried, lease.host.url), tries):
                     out.put_nowait((item, RequestFailed([*tried, lease.host.url], exc), None))
                 else:
-                    todo.appendleft((item, (*tried, lease.host.url)))
-                    wake.set()
+                    tried = (*tried, lease.host.url)
+                    elsewhere = any(h.up and h.url not in tried for h in self.hosts)
+                    wait = self.backoff(len(tried)) if self.backoff and not elsewhere else 0.0
+                    asyncio.get_running_loop().call_later(wait, again, item, tried)
                 return
             self.release(lease)
             out.put_nowait((item, result, None))
+
+        def again(item: X, tried: tuple[str, ...]) -> None:
+            todo.appendleft((item, tried))
+            wake.set()
 
         async def dispatch() -> None:
             while True:
@@ -440,11 +448,3 @@ class HostPool:
         if self.log_every_s and now - self._last_log >= self.log_every_s:
             self._last_log = now
             log.info("LLM hosts: %s", self.describe())
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-

@@ -1,8 +1,10 @@
-"""One shard of LLM calls: ``workers`` requests in flight, each finished call journaled at once.
+"""One shard of LLM calls, each finished call journaled at once.
 
 The caller says where to send them (an :class:`Endpoint`, or any object with its attributes, such
 as a ``RemindersConfig``) and which host gets which token (a :class:`~llmcalls.auth.HostAuth`).
-Given several hosts (``options.hosts``), the shard spreads over them (``llmcalls.spread``).
+One host or several (``options.hosts``), the calls go through one path: a host pool
+(``llmcalls.spread``) that learns how many each host takes at once, retries a failed call
+elsewhere (or, on the one host, after a back-off) and journals each answer once.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,8 +74,8 @@ class ShardStats(BaseModel):
     latencies: list[float] = []
     completion_tokens: int = 0
     wall_s: float = 0.0
-    hosts: dict[str, dict] = {}  # several hosts: each one's figures (llmcalls.hosts.HostStats)
-    host_latencies: dict[str, list[float]] = {}  # several hosts: each one's answered calls' seconds
+    hosts: dict[str, dict] = {}  # each host's figures (llmcalls.spread.answer)
+    host_latencies: dict[str, list[float]] = {}  # each host's answered calls' seconds
 
     def __init__(self, shard: int | None = None, /, **data) -> None:
         if shard is not None:
@@ -97,15 +100,8 @@ def hosts_of(options: ClientOptions) -> list[str]:
     return list(getattr(options, "hosts", None) or [options.host])
 
 
-def client_for(options: ClientOptions, auth: HostAuth, backend: str | None = None) -> LLMClient:
-    return LLMClient(options.host, timeout_s=options.timeout_s, max_attempts=options.max_attempts,
-                     backoff_s=options.backoff_s, backoff_max_s=options.backoff_max_s, backend=backend,
-                     auth=auth)
-
-
 def connector(options: ClientOptions, auth: HostAuth, backend: str | None) -> Callable[[str], LLMClient]:
-    """How a host pool makes its client for one host: one try per request (the pool retries
-    elsewhere)."""
+    """How a host pool makes its client for one host: one try per request (the pool retries)."""
 
     def connect(url: str) -> LLMClient:
         return LLMClient(url, timeout_s=options.timeout_s, max_attempts=1, backend=backend, auth=auth)
@@ -113,41 +109,46 @@ def connector(options: ClientOptions, auth: HostAuth, backend: str | None) -> Ca
     return connect
 
 
+def retry_wait(options: ClientOptions) -> Callable[[int], float]:
+    """Seconds before a request that failed on every host up is tried again after its n-th try:
+    exponential from ``backoff_s`` with jitter, at most ``backoff_max_s``."""
+    return lambda n: min(options.backoff_max_s, options.backoff_s * 2 ** (n - 1)
+                         + random.uniform(0, options.backoff_s))
+
+
 def open_hosts(key: str, options: ClientOptions, caps: dict[str, int], backend: str | None, *,
-               auth: HostAuth) -> contextlib.AbstractContextManager[SharedHosts | None]:
-    """Over several hosts: the pool that this process's shards given ``shared=key`` use while the
-    block runs (``caps``: the slots held on each host); over one host, nothing."""
-    hosts = hosts_of(options)
-    if len(hosts) < 2:
-        return contextlib.nullcontext()
-    return shared_hosts(key, host_specs(hosts, caps), connector(options, auth, backend),
-                        max_tries=options.max_attempts, all_down_s=options.timeout_s)
+               auth: HostAuth) -> contextlib.AbstractContextManager[SharedHosts]:
+    """The host pool that this process's shards given ``shared=key`` use while the block runs
+    (``caps``: the slots held on each host)."""
+    return shared_hosts(key, host_specs(hosts_of(options), caps), connector(options, auth, backend),
+                        max_tries=options.max_attempts, all_down_s=options.timeout_s,
+                        backoff=retry_wait(options))
 
 
 async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptions, journal_path: Path,
                     workers: int, backend: str | None = None, *, auth: HostAuth,
                     caps: dict[str, int] | None = None, shared: str | None = None) -> ShardStats:
-    """Make the shard's calls, ``workers`` at a time, appending each finished one to the journal
-    (requests the journal already answered are skipped). ``auth``: which host gets which token.
-    Over several hosts, each host takes as many at once as it shows it can (at most its ``caps``
-    entry: the slots this run holds there), and ``workers`` is not used; ``shared``: the key of the
-    fan-out's pool (:func:`open_hosts`), used where this process has it (an earlier shard's
-    requests go first), else the shard gets a pool of its own."""
+    """Make the shard's calls, appending each finished one to the journal (requests the journal
+    already answered are skipped). ``auth``: which host gets which token. Each host takes as many
+    at once as it shows it can, at most its ``caps`` entry (the slots this run holds there; one
+    host without ``caps``: ``workers``). ``shared``: the key of the fan-out's pool
+    (:func:`open_hosts`), used where this process has it (an earlier shard's requests go first),
+    else the shard gets a pool of its own."""
     stats = ShardStats(shard, requests=len(requests))
     t0 = time.perf_counter()
+    hosts = hosts_of(options)
+    if caps is None and len(hosts) == 1:
+        caps = {HostSpec.parse(hosts[0]).url: max(1, workers)}
     with Journal(journal_path) as journal, Progress(len(requests), f"shard {shard}", log_every=0.5,
                                                     enabled=False) as progress:
         done = journal.done()
         todo = [r for r in requests if r.request_hash not in done]
         stats.skipped = len(requests) - len(todo)
-        queue: asyncio.Queue[LLMRequest] = asyncio.Queue()
-        for r in todo:
-            queue.put_nowait(r)
 
-        def retried() -> None:
-            stats.retries += 1
-
-        def count(res: LLMResult) -> None:
+        def record(host: str, res: LLMResult) -> None:
+            stats.retries += max(0, res.attempts - 1)
+            if res.status == OK:
+                stats.host_latencies.setdefault(host, []).append(res.latency_s)
             stats.latencies.append(res.latency_s)
             stats.ok += res.status == OK
             stats.failed += res.status == ERROR
@@ -155,42 +156,20 @@ async def run_shard(shard: int, requests: list[LLMRequest], options: ClientOptio
             stats.completion_tokens += res.completion_tokens or 0
             progress()
 
-        hosts = hosts_of(options)
-        if len(hosts) > 1:
-
-            def record(host: str, res: LLMResult) -> None:
-                stats.retries += max(0, res.attempts - 1)
-                if res.status == OK:
-                    stats.host_latencies.setdefault(host, []).append(res.latency_s)
-                count(res)
-
-            pool = SHARED.get(shared) if shared else None
-            if pool is not None:
-                stats.hosts = await pool.spread(todo, journal, record, priority=shard)
-            else:
-                stats.hosts = await spread(todo, host_specs(hosts, caps), connector(options, auth, backend),
-                                           journal, record, max_tries=options.max_attempts,
-                                           all_down_s=options.timeout_s)
-            stats.wall_s = time.perf_counter() - t0
-            return stats
-
-        async with client_for(options, auth, backend) as client:
-
-            async def worker() -> None:
-                while not queue.empty():
-                    req = queue.get_nowait()
-                    res = await client.chat(req, on_retry=retried)
-                    journal.append(res.row(req, options.host))
-                    count(res)
-
-            await asyncio.gather(*(worker() for _ in range(min(workers, len(todo)) or 1)))
+        pool = SHARED.get(shared) if shared else None
+        if pool is not None:
+            stats.hosts = await pool.spread(todo, journal, record, priority=shard)
+        elif todo:
+            stats.hosts = await spread(todo, host_specs(hosts, caps), connector(options, auth, backend),
+                                       journal, record, max_tries=options.max_attempts,
+                                       all_down_s=options.timeout_s, backoff=retry_wait(options))
     stats.wall_s = time.perf_counter() - t0
     return stats
 
 
 def hosts_summary(stats: list[ShardStats]) -> dict[str, dict]:
-    """Each host's figures over a run's shards (several hosts; {} for one): requests, errors,
-    p50/p95 latency, learned concurrency."""
+    """Each host's figures over a run's shards: requests, errors, p50/p95 latency, learned
+    concurrency."""
     latencies: dict[str, list[float]] = {}
     for s in stats:
         for url, seconds in s.host_latencies.items():

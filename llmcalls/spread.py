@@ -52,15 +52,15 @@ def host_specs(hosts: list[str], caps: dict[str, int] | None = None) -> list[Hos
 
 
 async def spread(requests: list[LLMRequest], hosts: list[HostSpec], connect: Callable[[str], LLMClient],
-                 journal: Journal, record: Record, *, max_tries: int,
-                 all_down_s: float = 120.0, log_every_s: float = 30.0) -> dict[str, dict]:
+                 journal: Journal, record: Record, *, max_tries: int, all_down_s: float = 120.0,
+                 log_every_s: float = 30.0, backoff: Callable[[int], float] | None = None) -> dict[str, dict]:
     """Answer ``requests`` over ``hosts`` on a pool of their own (each call's row to ``journal``,
     then ``record(host, result)``); returns each host's figures for these requests. A request that
     failed on ``max_tries`` hosts is journaled as an error (a re-run asks it again);
     ``AllHostsDown`` (no host back within ``all_down_s``) and a host's ``LLMUnavailable`` (no such
-    model, refused token) end the shard."""
+    model, refused token) end the shard. ``backoff``: see :class:`HostPool`."""
     async with HostPool(hosts, connect=connect, max_tries=max_tries, log_every_s=log_every_s,
-                        all_down_s=all_down_s, memory=LEARNED) as pool:
+                        all_down_s=all_down_s, memory=LEARNED, backoff=backoff) as pool:
         return await answer(pool, requests, journal, record, Counter())
 
 
@@ -113,7 +113,8 @@ class SharedHosts:
     from the pool's thread as the answers come."""
 
     def __init__(self, hosts: list[HostSpec], connect: Callable[[str], LLMClient], *, max_tries: int,
-                 all_down_s: float = 120.0, log_every_s: float = 30.0) -> None:
+                 all_down_s: float = 120.0, log_every_s: float = 30.0,
+                 backoff: Callable[[int], float] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="llm-hosts", daemon=True)
         self._thread.start()
@@ -121,7 +122,7 @@ class SharedHosts:
 
         async def start() -> HostPool:
             return await HostPool(hosts, connect=connect, max_tries=max_tries, log_every_s=log_every_s,
-                                  all_down_s=all_down_s, memory=LEARNED).__aenter__()
+                                  all_down_s=all_down_s, memory=LEARNED, backoff=backoff).__aenter__()
 
         try:
             self.pool = asyncio.run_coroutine_threadsafe(start(), self.loop).result()
@@ -150,10 +151,11 @@ class SharedHosts:
 
 
 @contextlib.contextmanager
-def shared_hosts(key: str, hosts: list[HostSpec], connect: Callable[[str], LLMClient], *,
-                 max_tries: int, all_down_s: float = 120.0) -> Iterator[SharedHosts]:
+def shared_hosts(key: str, hosts: list[HostSpec], connect: Callable[[str], LLMClient], *, max_tries: int,
+                 all_down_s: float = 120.0, backoff: Callable[[int], float] | None = None,
+                 ) -> Iterator[SharedHosts]:
     """A :class:`SharedHosts` known as ``key`` to this process's shards while the block runs."""
-    shared = SharedHosts(hosts, connect, max_tries=max_tries, all_down_s=all_down_s)
+    shared = SharedHosts(hosts, connect, max_tries=max_tries, all_down_s=all_down_s, backoff=backoff)
     SHARED[key] = shared
     try:
         yield shared

@@ -18,7 +18,7 @@ import httpx
 import ollama
 import pytest
 
-from llmcalls.balance import BUSY, DOWN, ERROR, FATAL, Aimd, HostSpec, base_url, classify
+from llmcalls.balance import BUSY, DOWN, ERROR, FATAL, Aimd, HostBusy, HostSpec, base_url, classify
 from llmcalls.hosts import AllHostsDown, HostPool
 
 _spec = importlib.util.spec_from_file_location(
@@ -215,6 +215,35 @@ def test_busy_answers_shrink_the_window_and_go_elsewhere():
     assert sorted(got) == list(range(200))
     assert a.busy + b.busy > 0 and sum(s.busy for s in stats) == a.busy + b.busy
     assert all(s.concurrency <= 6 for s in stats) and all(s.up for s in stats)
+
+
+def test_a_request_that_failed_on_every_host_up_waits_its_backoff_and_another_host_does_not():
+    """One host: a busy answer is tried again there after ``backoff(tries)`` seconds (not hammered at
+    once); two hosts: it goes to the other one at once."""
+
+    async def main(n_hosts: int) -> list[float]:
+        hosts = await servers(*[(2, 0.01)] * n_hosts)
+        first: dict[int, float] = {}
+        gaps: list[float] = []
+
+        async def busy_once(host, i: int) -> str:
+            if i not in first:
+                first[i] = time.perf_counter()
+                raise HostBusy("busy")  # as a 503 says
+            gaps.append(time.perf_counter() - first[i])
+            return await ask(host, i)
+
+        try:
+            async with HostPool([h.url for h in hosts], connect=connect, log_every_s=0, max_tries=3,
+                                backoff=lambda tries: 0.3 * tries) as pool:
+                assert sorted([i async for i, _ in pool.map(range(4), busy_once)]) == [0, 1, 2, 3]
+        finally:
+            for h in hosts:
+                await h.stop()
+        return gaps
+
+    assert min(asyncio.run(main(1))) >= 0.3
+    assert max(asyncio.run(main(2))) < 0.3
 
 
 def test_a_per_host_cap_is_never_exceeded():
