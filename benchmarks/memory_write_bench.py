@@ -85,12 +85,13 @@ def reader(root: Path, until: float, queries: np.ndarray, truth: list[list[str]]
     sim = Weights.similarity_only()
     for q in queries[:10]:  # index pages into the cache, as a live process has them
         store.recall("user0", vector=q, k=10, weights=sim, touch=False)
-    ms, hits, fresh_ms, seen, asked, i = [], [], [], 0, 0, 0
+    ms, cpu, hits, fresh_ms, seen, asked, i = [], [], [], [], 0, 0, 0
     while time.time() < until:
         q = queries[i % len(queries)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         got = store.recall("user0", vector=q, k=10, weights=sim)
         ms.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)  # the process's, its background threads' included
         hits.append(len({h.memory["memory_id"] for h in got} & set(truth[i % len(queries)])) / 10)
         i += 1
         old = _written_before(logs[i % len(logs)], time.time() - 1.0) if logs else None
@@ -102,8 +103,8 @@ def reader(root: Path, until: float, queries: np.ndarray, truth: list[list[str]]
             asked += 1
             seen += bool(top) and top[0].memory["memory_id"] == old
     store.close()
-    return {"ms": ms, "recall_at_10": float(np.mean(hits)) if hits else None, "fresh_ms": fresh_ms,
-            "fresh_seen": seen, "fresh_asked": asked}
+    return {"ms": ms, "cpu_ms": cpu, "recall_at_10": float(np.mean(hits)) if hits else None,
+            "fresh_ms": fresh_ms, "fresh_seen": seen, "fresh_asked": asked}
 
 
 def _written_before(log: Path, t: float) -> str | None:
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=None, help="cap each writer at this many adds/s")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
 
     store, vectors, sargs = speed_table(args.workdir)
     rng = np.random.default_rng(7)
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     with ProcessPoolExecutor(max_workers=args.writers + 2, mp_context=ctx) as pool:
         idle = pool.submit(reader, root, time.time() + args.idle_seconds, q, truth, []).result()
         out["idle_recall"] = {**percentiles(idle["ms"]), "recall_at_10": round(idle["recall_at_10"], 4),
-                              "n": len(idle["ms"])}
+                              "n": len(idle["ms"]), "cpu_p50_ms": round(float(np.median(idle["cpu_ms"])), 2)}
         print("idle", out["idle_recall"], flush=True)
         out["one_writer"] = pool.submit(single_writer, root, args.single).result()
         print("one writer", out["one_writer"], flush=True)
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         "remember": {**percentiles(every), "max_ms": round(max(every), 1)},
         "exceptions": sum(len(w["errors"]) for w in ws),
         "exception_examples": [e for w in ws for e in w["errors"]][:3],
-        "recall": {**percentiles(rd["ms"]), "recall_at_10": round(rd["recall_at_10"], 4), "n": len(rd["ms"])},
+        "recall": {**percentiles(rd["ms"]), "recall_at_10": round(rd["recall_at_10"], 4), "n": len(rd["ms"]),
+                   "cpu_p50_ms": round(float(np.median(rd["cpu_ms"])), 2)},
         "sees_writes_1s_old": f"{rd['fresh_seen']}/{rd['fresh_asked']}",
         "fresh_recall": percentiles(rd["fresh_ms"]) if rd["fresh_ms"] else None,
         "forgetter": fg,
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
                           "s": round(time.perf_counter() - t0, 2)}
     out["forget_owner"] = cleanup
     store.maintain()
-    out["machine"] = {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    out["machine"] = {"cpus": os.cpu_count(), "load_at_start_1_5_15": load_at_start,
+                      "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     u = out["under_load"]
     out["targets_met"] = {
         "one_writer": out["one_writer"]["remember"]["p50_ms"] <= 15

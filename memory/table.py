@@ -95,31 +95,35 @@ class MemoryTable:
         """The table as a dataset at its latest version, checked at most every ``refresh_seconds``
         (always when ``fresh``, and after this process wrote)."""
         now = time.monotonic()
+        ds = self._ds
         if self._due(now, fresh):
             with self._refreshing:
+                ds = self._ds
                 if self._due(now, fresh):
-                    self._refresh()
-        return self._ds
+                    ds = self._refresh()
+        return ds
 
     def _due(self, now: float, fresh: bool) -> bool:
         if self._ds is None or self._fresh_for < self._writes:
             return True
         return self._checked < now if fresh else now - self._checked >= self.config.refresh_seconds
 
-    def _refresh(self) -> None:
-        """Move to the latest version (holding ``_refreshing``)."""
-        writes, now = self._writes, time.monotonic()
-        if self._ds is None:
+    def _refresh(self):
+        """Move to the latest version (holding ``_refreshing``); returns the dataset."""
+        writes, now, ds = self._writes, time.monotonic(), self._ds
+        if ds is None:
             ds = self.table.to_lance()
         else:
-            latest = self._ds.latest_version
-            ds = self._ds if latest == self._ds.version else self._ds.checkout_version(latest)
+            latest = ds.latest_version
+            ds = ds if latest == ds.version else ds.checkout_version(latest)
         self._ds, self._checked, self._fresh_for = ds, now, writes
+        return ds
 
     def held(self):
         """The dataset this process holds, at whatever version (for what no version changes: the
         schema, where data files go); :meth:`dataset` when none is held yet."""
-        return self._ds if self._ds is not None else self.dataset()
+        ds = self._ds
+        return ds if ds is not None else self.dataset()
 
     def own(self):
         """A dataset object of its own at the latest version, for operations that move the object
@@ -147,8 +151,8 @@ class MemoryTable:
     def _snap(self) -> Snapshot:
         """A snapshot of the latest version (holding ``_refreshing``)."""
         writes, now = self._writes, time.monotonic()
-        self._refresh()
-        snap = self._snapshot = Snapshot(self._ds, self.columns.sync(self._ds), now, writes)
+        ds = self._refresh()
+        snap = self._snapshot = Snapshot(ds, self.columns.sync(ds), now, writes)
         return snap
 
     def _follow(self) -> None:
