@@ -257,12 +257,13 @@ def plan(db, config: EmbedConfig) -> Plan:
                 interleave(todo["image"], todo["text"]), versions)
 
 
-def interleave(a: list[Shard], b: list[Shard]) -> list[Shard]:
-    """Both lists, each in order, ``b`` spread evenly through ``a``. Image shards wait on CPU
-    decoding and text shards mostly on the model, so running them side by side keeps the device
-    busy while images decode (instead of all images, then all texts)."""
+def interleave(a: list[Shard], b: list[Shard], within: float = 0.5) -> list[Shard]:
+    """Both lists, each in order, ``b`` spread evenly through the first ``within`` of ``a``. Image
+    shards wait on CPU decoding and text shards mostly on the model, so running them side by side
+    keeps the device busy while images decode (instead of all images, then all texts); ending the
+    texts early lets their table's vector index build while the last images decode."""
     if not a or not b:
         return a + b
     slots = sorted([((i + 0.5) / len(a), 0, s) for i, s in enumerate(a)] +
-                   [((j + 0.5) / len(b), 1, s) for j, s in enumerate(b)], key=lambda t: (t[0], t[1]))
+                   [((j + 0.5) / len(b) * within, 1, s) for j, s in enumerate(b)], key=lambda t: (t[0], t[1]))
     return [s for *_, s in slots]

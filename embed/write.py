@@ -136,9 +136,11 @@ def summary(p: Plan, c: Collected, written: dict[str, int] | None = None) -> Emb
     )
 
 
-def index_tables(lance_uri: str, min_rows: int) -> tuple[dict[str, str], dict[str, int]]:
-    """Build (or extend) the vector index of both tables once they are large enough; the action per
-    table and the versions after (an index build is a new version)."""
+def index_tables(lance_uri: str, min_rows: int, tables: list[str] | None = None
+                 ) -> tuple[dict[str, str], dict[str, int]]:
+    """Build (or extend) the vector index of the output tables (or ``tables``) once they are large
+    enough; the action per table and the versions after (an index build is a new version)."""
     db = connect(lance_uri)
-    actions = {name: ensure_vector_index(db, name, min_rows=min_rows).action for name in OUTPUT.values()}
+    actions = {name: ensure_vector_index(db, name, min_rows=min_rows).action
+               for name in tables or OUTPUT.values()}
     return actions, output_versions(db)

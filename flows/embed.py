@@ -10,9 +10,12 @@ a remote scheduler's come from the environment (``DASK_DISTRIBUTED__COMM__TLS__*
 
 from __future__ import annotations
 
+import contextvars
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow
@@ -75,13 +78,16 @@ def remote_security(config: EmbedConfig):
     return security
 
 
-def collect(submit: Callable, shards: list, writer: Writer, total_rows: int, rows_dir: Path) -> Collected:
+def collect(submit: Callable, shards: list, writer: Writer, total_rows: int, rows_dir: Path,
+            stream_done: Callable[[str], None] = lambda table: None) -> Collected:
     """Run the shards (``submit(shard, refresh)`` -> future) and merge their results as they finish
     (the flow is the one writer), counting cached ones. A cached result whose rows file is gone or
-    changed is computed again, once."""
+    changed is computed again, once. When every shard of one table is merged while the other's still
+    run, ``stream_done(table)``."""
     from prefect.futures import as_completed
 
     out = Collected(writer)
+    left = Counter(s.kind for s in shards)
     with Progress(total_rows, "embed") as bar:
         for refresh in (False, True):
             futures = {submit(s, refresh): s for s in shards}
@@ -96,8 +102,36 @@ def collect(submit: Callable, shards: list, writer: Writer, total_rows: int, row
                     shards.append(futures[fut])
                     continue
                 bar(out.add(res, cached=fut.state.name == "Cached"))
+                left[res.kind] -= 1
+                if not refresh and left[res.kind] == 0 and sum(left.values()):
+                    writer.flush(res.table)
+                    stream_done(res.table)
     writer.flush()
     return out
+
+
+class EarlyIndex:
+    """Builds a table's vector index as soon as its last shard is merged, in a thread of its own (as
+    a task of the run), while the other table's shards still run: the text shards finish first
+    (:func:`embed.plan.interleave`), and their index build would otherwise wait for the last image."""
+
+    def __init__(self, config: EmbedConfig) -> None:
+        self.config = config
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="embed-index")
+        self.futures: list[Future] = []
+
+    def __call__(self, table: str) -> None:
+        logger().info("every %s shard is merged: indexing it while the others run", table)
+        run = contextvars.copy_context().run  # the task runs inside this flow run
+        self.futures.append(self.pool.submit(run, index_task, self.config.lance_uri,
+                                             self.config.index_min_rows, [table]))
+
+    def wait(self) -> dict[str, str]:
+        """The index action per table indexed early (raises what a build raised)."""
+        try:
+            return {table: action for f in self.futures for table, action in f.result()[0].items()}
+        finally:
+            self.pool.shutdown()
 
 
 @flow(name="embed-shards", log_prints=True)
@@ -119,16 +153,19 @@ def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
             shard, p.model, str(config.rows_dir), config.decode_workers, config.decode_pool,
             config.image_decode)
 
-    writer = Writer(db, config.merge_rows, merge_task)
-    done = collect(submit, p.todo, writer, sum(len(s.rows) for s in p.todo), config.rows_dir)
+    writer, early = Writer(db, config.merge_rows, merge_task), EarlyIndex(config)
+    done = collect(submit, p.todo, writer, sum(len(s.rows) for s in p.todo), config.rows_dir, early)
     t2 = time.perf_counter()
+    indexed = early.wait()  # before tagging: the run's tag names the version with the index
+    t3 = time.perf_counter()
     w = done.writer
     merged = {name: (w.inserted.get(name, 0), w.updated.get(name, 0)) for name in w.merged}
     written = finish_task(config.lance_uri, merged, done.rejections, f"embed-{run_id()}")
     logger().info("%s", wrote_text(p.read_versions, written, merged))
     return summary(p, done, written).model_copy(update={
         "plan_seconds": round(t1 - t0, 2), "compute_seconds": round(t2 - t1, 2),
-        "finish_seconds": round(time.perf_counter() - t2, 2)})
+        "finish_seconds": round(time.perf_counter() - t3, 2), "index": indexed,
+        "index_seconds": round(t3 - t2, 2)})  # waiting for an index begun while shards ran
 
 
 @flow(name="embed", log_prints=True)
@@ -138,8 +175,10 @@ def embed_flow(config: EmbedConfig) -> EmbedResult:
     enforce_trust(config)
     result = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
     t0 = time.perf_counter()
-    result.index, after = index_task(config.lance_uri, config.index_min_rows)
-    result.index_seconds = round(time.perf_counter() - t0, 2)
+    actions, after = index_task(config.lance_uri, config.index_min_rows)
+    # a table indexed while the shards ran is "current" by now: report what that build did
+    result.index = {t: result.index.get(t, a) if a == "current" else a for t, a in actions.items()}
+    result.index_seconds = round(result.index_seconds + time.perf_counter() - t0, 2)
     result.versions.update(after)  # an index build is a new version
     # later commands on this root (query, memory) embed with the same model without flags
     record_root_choice(config.data_root, "imagebind",

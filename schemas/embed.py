@@ -155,8 +155,9 @@ class EmbedResult(StageResult):
     image_embeddings_updated: int = 0
     text_embeddings_updated: int = 0
     merge_seconds: float = 0.0
-    # where the run's wall time went: planning, the shards (merges overlap them), tagging and the
-    # quarantine after the last shard, the vector index; and when each stream's last shard came in
+    # where the run's wall time went: planning, the shards (merges and a table's early index overlap
+    # them), tagging and the quarantine, waiting on vector indexes after the last shard; and when
+    # each stream's last shard came in
     plan_seconds: float = 0.0
     compute_seconds: float = 0.0
     finish_seconds: float = 0.0

@@ -254,6 +254,11 @@ def test_flow_embeds_every_image_and_distinct_text_once_and_reruns_nothing(data_
     with Image.open(roots(demo_dir)[pic["split"]] / pic["path"]) as im:
         np.testing.assert_allclose(stored, embedder.embed_images([im])[0], atol=1e-5)
     assert out.index == {"image_embeddings": "created", "text_embeddings": "created"}
+    # the texts end first (spread through the first half of the images) and their table is indexed
+    # while the last images run: the run's text version carries the index, built before the tail
+    assert out.stream_done_seconds["text"] < out.stream_done_seconds["image"]
+    text_ds = connect(cfg.lance_uri).open_table("text_embeddings").to_lance()
+    assert text_ds.checkout_version(out.versions["text_embeddings"]).describe_indices()
 
     before = versions(data_root)
     again = embed_flow(cfg)
@@ -403,3 +408,13 @@ def test_vector_index_is_built_when_large_enough_and_finds_neighbours(tmp_path):
         found, truth = set(got.column("image_id").to_pylist()), set(exact.column("image_id").to_pylist())
         recall.append(len(found & truth) / 10)
     assert np.mean(recall) >= 0.8
+
+
+def test_text_shards_run_within_the_first_half_of_the_image_shards():
+    from embed.plan import interleave
+
+    order = interleave([f"i{n}" for n in range(10)], [f"t{n}" for n in range(30)])
+    assert [x for x in order if x[0] == "i"] == [f"i{n}" for n in range(10)]  # each list in order
+    assert [x for x in order if x[0] == "t"] == [f"t{n}" for n in range(30)]
+    assert order.index("t29") < order.index("i5") and order.index("t0") < order.index("i1")
+    assert interleave([], ["t0"]) == ["t0"] and interleave(["i0"], []) == ["i0"]
