@@ -200,6 +200,8 @@ def main() -> None:
                 "latency_p95_ms": round(1000 * live.latency_p95_s, 1),
                 "client_overhead_ms_p50_over_server": round(1000 * live.latency_p50_s - args.latency_ms, 1),
                 "live_flow_wall_s": round(wall, 1),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "host": {k: (live.hosts.get(url) or {}).get(k) for k in ("concurrency", "peak_concurrency")},
             })
             print(json.dumps(results, indent=1), flush=True)
 

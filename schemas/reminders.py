@@ -160,10 +160,10 @@ class RemindersConfig(StageConfig):
     limit: int | None = Field(default=None, ge=1, le=10**9, description="Only the first N dialogs.")
     shard_size: int = Field(default=256, ge=1, le=100_000)
     concurrency: int = Field(
-        default=8, ge=1, le=1024, description="Requests in flight per Ollama host. Set it about 1.5x the "
-        "server's parallel slots (OLLAMA_NUM_PARALLEL): the server queues the extra requests, so no slot "
-        "idles for a round trip between two generations. With several hosts, the most any one gets: each "
-        "host's own share is learned below it (give room: 2-4x the largest host's slots).")
+        default=8, ge=1, le=1024, description="The most requests in flight on any one Ollama host (the "
+        "slots the run holds there); how many each host really gets is learned below it while the run "
+        "goes. Give room: at least 1.5x the server's parallel slots (OLLAMA_NUM_PARALLEL), so no slot idles "
+        "for a round trip between two generations; 2-4x the largest host's slots with several hosts.")
     timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     max_attempts: int = Field(default=4, ge=1, le=100,
                               description="Tries per request (5xx, timeouts, dropped connections).")
