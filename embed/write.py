@@ -138,9 +138,12 @@ def summary(p: Plan, c: Collected, written: dict[str, int] | None = None) -> Emb
 
 def index_tables(lance_uri: str, min_rows: int, tables: list[str] | None = None
                  ) -> tuple[dict[str, str], dict[str, int]]:
-    """Build (or extend) the vector index of the output tables (or ``tables``) once they are large
-    enough; the action per table and the versions after (an index build is a new version)."""
+    """Build (or extend) the vector index of the output tables (or only ``tables``, which must exist:
+    the others may be being created meanwhile) once they are large enough; the action per table and
+    the versions after (an index build is a new version)."""
     db = connect(lance_uri)
     actions = {name: ensure_vector_index(db, name, min_rows=min_rows).action
                for name in tables or OUTPUT.values()}
+    if tables:
+        return actions, {name: db.open_table(name).version for name in tables}
     return actions, output_versions(db)
