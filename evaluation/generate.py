@@ -80,10 +80,12 @@ def answers(config: EvaluateConfig, requests: list[LLMRequest], label: str, shar
 
 
 def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list[LLMRequest], label: str,
-                    auth: HostAuth, hold_slots: SlotHolder | None = None) -> dict[str, str]:
+                    auth: HostAuth, hold_slots: SlotHolder | None = None
+                    ) -> tuple[dict[str, str], dict[str, dict]]:
     """Answers by request hash, new ones through the reminders' shard runner (``auth``: which host
-    gets which token; ``hold_slots`` for a shared server; one this flow started needs neither). A
-    variant served at the config's default host spreads over all the config's hosts (``hosts``)."""
+    gets which token; ``hold_slots`` for a shared server; one this flow started needs neither), and
+    each host's figures for the requests sent (:func:`llmcalls.shard.hosts_summary`; none if all
+    were cached). A variant served at the config's default host spreads over all the config's hosts."""
     auth = HostAuth() if model.private else auth  # a server this flow started gets no token
     hosts = config.hosts if not model.private and model.host == config.host else [model.host]
 
@@ -104,12 +106,14 @@ def generate_ollama(config: EvaluateConfig, model: ResolvedModel, requests: list
                 bar(len(todo))
 
             yield produce
-            for url, h in hosts_summary(done).items():  # several hosts: each one's share, for the logs
+            figures.update(hosts_summary(done))
+            for url, h in figures.items():  # each host's share, for the logs and the run's result
                 log.info("%s: host %s: %d ok, %d errors, p50 %s s, p95 %s s, %d at once (learned), out %d "
                          "times", label, url, h["ok"], h["errors"], h["p50_s"], h["p95_s"], h["concurrency"],
                          h["downs"])
 
-    return answers(config, requests, label, config.shard_size, start)
+    figures: dict[str, dict] = {}
+    return answers(config, requests, label, config.shard_size, start), figures
 
 
 def generate_in_process(config: EvaluateConfig, model: ResolvedModel, requests: list[LLMRequest],

@@ -51,7 +51,7 @@ def evaluate_flow(config: EvaluateConfig) -> EvaluateResult:
              len(data.dialogs))
     backbone = resolve_backbone(config.bertscore_model, config.bertscore_layers) if config.bertscore else None
     code = scoring_code_version()
-    rows, rejections, skipped, results = [], list(data.rejections), {}, {}
+    rows, rejections, skipped, results, hosts = [], list(data.rejections), {}, {}, {}
     read_versions = dict(data.versions)
     for v in variants:
         try:
@@ -63,7 +63,7 @@ def evaluate_flow(config: EvaluateConfig) -> EvaluateResult:
             skipped[v.name] = str(exc)
             continue
         values, n, dropped, model, read_at, also_read = _evaluate_variant(config, v, model, data, backbone,
-                                                                          code, f"{run}-{v.name}")
+                                                                          code, f"{run}-{v.name}", hosts)
         read_versions |= also_read
         rejections += dropped
         rows += metric_rows(run, v, model, read_at, config.split, values, n,
@@ -79,16 +79,17 @@ def evaluate_flow(config: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(
         run_id=run, flow_run_id=run_id(), metrics=results, skipped=skipped, quarantined=len(rejections),
         dataset_version=data.dataset_version, report=str(reports / "evaluation.md"),
-        charts=[str(p) for p in charts], **versions, read_versions=read_versions,
+        charts=[str(p) for p in charts], hosts=hosts, **versions, read_versions=read_versions,
         versions={"evaluations": versions["evaluations_version"],
                   "quarantine": versions["quarantine_version"]})
 
 
 def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, data: EvalData,
-                      backbone: Backbone | None, code: str,
-                      label: str) -> tuple[dict, dict, list, ResolvedModel, str, dict[str, int]]:
+                      backbone: Backbone | None, code: str, label: str,
+                      hosts: dict[str, dict]) -> tuple[dict, dict, list, ResolvedModel, str, dict[str, int]]:
     """(metric values, samples behind each metric, rejections, the model with its recorded version,
-    the dataset versions read, the tables it read besides the held-out data's) of one variant."""
+    the dataset versions read, the tables it read besides the held-out data's) of one variant; an
+    Ollama variant's figures per host go into ``hosts`` under its name."""
     dense = str(config.dense_annotations) if config.dense_annotations else None
     data = without_training_data(data, model)
     ranked: dict[str, float] = {}
@@ -111,7 +112,9 @@ def _evaluate_variant(config: EvaluateConfig, v: Variant, model: ResolvedModel, 
                 batch = generation_batch_size(config, v, str(resolve_device(config.device)))
                 answers = generate_in_process_task(config, model_at, prompts.requests, label, batch)
             else:
-                answers = generate_ollama_task(config, model_at, prompts.requests, label)
+                answers, figures = generate_ollama_task(config, model_at, prompts.requests, label)
+                if figures:
+                    hosts[v.name] = figures
                 model = served_version_task(config, model_at)  # the digest of what answered
         requests, samples, dropped = prompts.requests, prompts.samples, data.rejections + prompts.rejections
         if v.ranking:  # VisDial ranks every round of a dialog, whatever turns the generation used

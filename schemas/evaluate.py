@@ -294,6 +294,9 @@ class EvaluateResult(StageResult):
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict,
                                                  description="Variant -> metric -> value.")
     skipped: dict[str, str] = Field(default_factory=dict, description="Variant -> why it was skipped.")
+    hosts: dict[str, dict[str, dict]] = Field(
+        default_factory=dict, description="Ollama variant -> host -> its requests, errors, p50/p95 latency "
+        "and learned concurrency for this run's new requests.")
     quarantined: int = 0
     dataset_version: str = Field(default="",
                                  description="The held-out tables read, e.g. dialogs@v3,turns@v3.")

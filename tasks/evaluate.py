@@ -106,7 +106,7 @@ def served_version_task(config: EvaluateConfig, model: ResolvedModel) -> Resolve
 
 @task(name="generate-ollama", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 def generate_ollama_task(config: EvaluateConfig, model: ResolvedModel, requests: list,
-                         label: str) -> dict[str, str]:
+                         label: str) -> tuple[dict[str, str], dict[str, dict]]:
     return G.generate_ollama(config, model, requests, label, host_auth(config),
                              hold_slots=_shared_slots(config))
 

@@ -94,11 +94,15 @@ def test_evaluation_spreads_a_served_variant_over_the_default_hosts(data_root):
     with running_server(a) as ua, running_server(b) as ub:
         config = EvaluateConfig(data_root=data_root, variants=variants, limit=4, run_label="hosts",
                                 ollama_host=[ua, ub], bertscore=False, shard_size=8)
-        evaluate_flow(config)
+        result = evaluate_flow(config)
         asked = (sum(a.requests.values()), sum(b.requests.values()))
     rows = read(connect(config.lance_uri), "llm_responses").to_pylist()
     assert len(rows) == sum(asked) and all(asked)  # both hosts answered, each request once
     assert {r["host"] for r in rows} == {ua, ub}
+    # the run's result gives each host's share, as the logs do
+    figures = result.hosts["teacher_base"]
+    assert set(figures) == {ua, ub}
+    assert (figures[ua]["ok"], figures[ub]["ok"]) == asked and figures[ua]["errors"] == 0
 
 
 def test_every_host_gone_is_one_clear_error_and_the_rerun_asks_only_the_rest(data_root):
