@@ -68,7 +68,11 @@ class ShardResult:
             raise RowsUnreadable(f"shard {p.key}: {exc}") from None
         if hashlib.sha256(data).hexdigest() != p.rows_sha256:
             raise RowsUnreadable(f"shard {p.key}: rows file changed since its result was written")
-        rows = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        try:
+            rows = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+            rows.validate(full=True)  # offsets and lengths inside their buffers before anything reads them
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RowsUnreadable(f"shard {p.key}: rows file is not a valid Arrow file ({exc})") from None
         expected = (IMAGE_EMBEDDINGS if p.kind == "image" else TEXT_EMBEDDINGS).schema
         if [(f.name, f.type) for f in rows.schema] != [(f.name, f.type) for f in expected] or \
                 len(rows) != p.num_rows:
