@@ -22,6 +22,8 @@ from functools import lru_cache
 import numpy as np
 import pyarrow as pa
 
+from embed.device import resolve_device
+from embed.jpeg import decode_pixels, read_jpegs
 from embed.model import StreamStats
 from embed.plan import ModelArgs, Shard
 from embed.preprocess import (
@@ -125,8 +127,10 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
     jobs = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     ok = np.ones(len(rows), dtype=bool)
     rejections: list[Rejection] = []
+    on_gpu = decode == "gpu" and resolve_device(model.device).type == "cuda"
+    # the workers start on the whole shard now, while the model loads (seconds, on a run's first shard)
+    work = map_ordered(read_jpegs if on_gpu else load_pixels_many, jobs, resolve_workers(workers), pool)
     embedder = model.load()
-    on_gpu = decode == "gpu" and embedder.device.type == "cuda"
 
     def reject(j: int, failed: list[tuple[int, str, str]]) -> None:
         for pos, kind, detail in sorted(failed):
@@ -137,16 +141,12 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
 
     def chunks() -> Iterator:
         if on_gpu:
-            from embed.jpeg import decode_pixels, read_jpegs
-
-            reads = map_ordered(read_jpegs, jobs, resolve_workers(workers), pool)
-            for j, (entries, failed) in enumerate(reads):
+            for j, (entries, failed) in enumerate(work):
                 pixels, bad = decode_pixels(entries, embedder.device)
                 reject(j, failed + bad)
                 yield pixels
             return
-        decoded = map_ordered(load_pixels_many, jobs, resolve_workers(workers), pool)
-        for j, (pixels, failed) in enumerate(decoded):
+        for j, (pixels, failed) in enumerate(work):
             reject(j, failed)
             yield pixels
 
@@ -174,10 +174,10 @@ def embed_text_shard(shard: Shard, model: ModelArgs) -> ShardResult:
     (:mod:`embed.bpe`), not in the decoding processes, where it would queue behind images."""
     t0 = time.perf_counter()
     texts = shard.rows.column("text").to_pylist()
-    embedder = model.load()
     stream = StreamStats()
     tokens = tokenize(texts)
     stream.input_wait_s = time.perf_counter() - t0
+    embedder = model.load()
     vectors = embedder.embed_tokens(tokens, stream)
     out = pa.table({
         "text_hash": shard.rows.column("text_hash"),
