@@ -153,8 +153,12 @@ def sync(device: torch.device) -> None:
 
 def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
     """Images/s of decode + resize + crop alone, in worker processes and in threads (the stage's
-    own pools): what the stage can feed the GPU whatever the model's speed."""
+    own pools), and on a GPU by nvJPEG in the worker processes (``image_decode="gpu"``): what the
+    stage can feed the GPU whatever the model's speed."""
+    from functools import partial
+
     from embed.compute import DECODE_CHUNK, map_ordered, resolve_workers
+    from embed.jpeg import decode_files
     from embed.preprocess import load_pixels_many
 
     rows = read(connect(cfg.lance_uri), "images", columns=["path"]).slice(0, images)
@@ -162,12 +166,15 @@ def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
     paths = [str(folder / p) for p in rows.column("path").to_pylist()]
     jobs = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     out = {}
-    for kind in ("process", "thread"):
+    ways = {"process": (load_pixels_many, "process"), "thread": (load_pixels_many, "thread")}
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        ways["gpu-process"] = (partial(decode_files, "cuda"), "process")
+    for name, (fn, kind) in ways.items():
         workers = resolve_workers(cfg.decode_workers)
-        list(map_ordered(load_pixels_many, jobs[:workers], workers, kind))  # start the pool
+        list(map_ordered(fn, jobs[:workers], workers, kind))  # start the pool
         t = time.perf_counter()
-        n = sum(len(px) for px, _ in map_ordered(load_pixels_many, jobs, workers, kind))
-        out[kind] = round(n / (time.perf_counter() - t), 1)
+        n = sum(len(px) for px, _ in map_ordered(fn, jobs, workers, kind))
+        out[name] = round(n / (time.perf_counter() - t), 1)
     return out
 
 
@@ -328,6 +335,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="dense bf16 peak (default: from the GPU name)")
     ap.add_argument("--prepare-only", action="store_true", help="generate and ingest the data, then stop")
+    ap.add_argument("--stage-only", action="store_true",
+                    help="the stage and the decode rates only (no model-only timing, baseline or MFU)")
     args = ap.parse_args()
     args.batch_size = args.batch_size or (256 if args.device == "cuda" else 32)
     args.data = args.data or Path("/tmp/mmem-bench/" + ("visdial" if args.flat else "visdial-photos"))
@@ -344,20 +353,9 @@ def main() -> None:
     with prefect_test_harness(server_startup_timeout=180):  # a private Prefect server, not timed
         stage = run_stage(cfg)
     decode = decode_only(cfg, root, args.decode_images)
-    model = model_only(cfg, args.model_seconds)
-    base = baseline(cfg, root, args.baseline_samples, args.data / "baseline-pt")
-
     c = stage["counts"]
-    db = connect(cfg.lance_uri)
-    n_turns = read(db, "turns", columns=["turn"]).num_rows
+    n_turns = read(connect(cfg.lance_uri), "turns", columns=["turn"]).num_rows
     dev = torch.device(args.device)
-    peak = peak_tflops(dev, args.peak_tflops)
-    gflop = {m: v["gflop_per_sample"] for m, v in model.items()}
-    ran, at_77 = stage_flops(cfg, c.images, c.text_widths)
-    stage_tflops = ran / 1e12 / stage["wall_s"]  # the FLOPs actually run (texts cut to their batches' widths)
-    base_full_s = c.images / base["images_per_s"] + (n_turns + c.images) / base["turns_per_s"]
-    half = base["samples"] / 2
-    base_rate = base["samples"] / (half / base["images_per_s"] + half / base["turns_per_s"])
     ours_rate = (c.images + c.texts) / stage["wall_s"]
     report = {
         "command": command,
@@ -379,6 +377,37 @@ def main() -> None:
         "stage_forward_s": {k: getattr(c, f"{k}_forward_s") for k in ("image", "text")},
         "rerun_nothing_changed_s": round(stage["rerun_s"], 2), "rerun_shards_run": stage["rerun_computed"],
         "decode_images_per_s": decode, "decode_workers": resolve_workers(cfg.decode_workers),
+    }
+    if not args.stage_only:
+        report |= model_figures(args, cfg, root, c, stage["wall_s"], n_turns, ours_rate)
+    print("\n=== embed benchmark ===")
+    for k, v in report.items():
+        print(f"{k:34s} {v}")
+    print("targets (one H100, photo-like data): stage_wall_s <= 100; mfu_model_vision/text >= 0.40 and "
+          "mfu_stage >= 0.30 on the FLOPs actually run (texts at their batches' widths); rerun <= 5 s")
+    print("speedup_per_sample: (images + distinct texts)/s of the stage vs the baseline's samples/s "
+          "(half images, half turns); speedup_full_set: the baseline's extrapolated time for every image, "
+          "turn and caption "
+          "one at a time (no dedupe, as the report did) over the stage's wall time")
+    out = args.data / f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"written to {out}\nreproduce with: {command}")
+
+
+def model_figures(args, cfg: EmbedConfig, root: Path, c, wall_s: float, n_turns: int,
+                  ours_rate: float) -> dict:
+    """The model alone, the one-at-a-time baseline, and the MFUs against the stage's wall time."""
+    model = model_only(cfg, args.model_seconds)
+    base = baseline(cfg, root, args.baseline_samples, args.data / "baseline-pt")
+    dev = torch.device(args.device)
+    peak = peak_tflops(dev, args.peak_tflops)
+    gflop = {m: v["gflop_per_sample"] for m, v in model.items()}
+    ran, at_77 = stage_flops(cfg, c.images, c.text_widths)
+    stage_tflops = ran / 1e12 / wall_s  # the FLOPs actually run (texts cut to their batches' widths)
+    base_full_s = c.images / base["images_per_s"] + (n_turns + c.images) / base["turns_per_s"]
+    half = base["samples"] / 2
+    base_rate = base["samples"] / (half / base["images_per_s"] + half / base["turns_per_s"])
+    report = {
         "model_images_per_s": round(model["vision"]["per_s"], 1),
         "model_texts_per_s": round(model["text"]["per_s"], 1),
         "model_texts_per_s_at_77": round(model["text_77"]["per_s"], 1),
@@ -393,23 +422,12 @@ def main() -> None:
         "baseline_turns_per_s": round(base["turns_per_s"], 2),
         "speedup_per_sample": round(ours_rate / base_rate, 1),
         "baseline_full_set_s_extrapolated": round(base_full_s, 1),
-        "speedup_full_set": round(base_full_s / stage["wall_s"], 1),
+        "speedup_full_set": round(base_full_s / wall_s, 1),
     }
     if peak:
         report |= {f"mfu_model_{m}": round(model[m]["tflops"] / peak, 3) for m in model}
         report["mfu_stage"] = round(stage_tflops / peak, 3)
-    print("\n=== embed benchmark ===")
-    for k, v in report.items():
-        print(f"{k:34s} {v}")
-    print("targets (one H100, photo-like data): stage_wall_s <= 100; mfu_model_vision/text >= 0.40 and "
-          "mfu_stage >= 0.30 on the FLOPs actually run (texts at their batches' widths); rerun <= 5 s")
-    print("speedup_per_sample: (images + distinct texts)/s of the stage vs the baseline's samples/s "
-          "(half images, half turns); speedup_full_set: the baseline's extrapolated time for every image, "
-          "turn and caption "
-          "one at a time (no dedupe, as the report did) over the stage's wall time")
-    out = args.data / f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}.json"
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"written to {out}\nreproduce with: {command}")
+    return report
 
 
 if __name__ == "__main__":

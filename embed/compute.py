@@ -1,5 +1,5 @@
-"""Computing one shard: images decoded and resized ahead in worker processes (or read there and
-decoded on the GPU), the model fed as a stream; the rows come back as Arrow
+"""Computing one shard: images decoded and resized ahead in worker processes (on the CPU, or
+on the GPU by nvJPEG), the model fed as a stream; the rows come back as Arrow
 in the output table's schema, undecodable images as rejections. Nothing here writes a table.
 
 On CUDA a shard streams: processes decode and resize images ahead, the main thread queues bf16
@@ -17,13 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import pyarrow as pa
 
 from embed.device import resolve_device
-from embed.jpeg import decode_pixels, read_jpegs
+from embed.jpeg import decode_files
 from embed.model import StreamStats
 from embed.plan import ModelArgs, Shard
 from embed.preprocess import (
@@ -117,8 +117,8 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
                       decode: str = "cpu") -> ShardResult:
     """Decode, preprocess and embed one shard of images; undecodable ones become rejections.
 
-    ``decode="gpu"`` on a CUDA model: the workers only read the files, JPEGs decode and resize on
-    the GPU (:mod:`embed.jpeg`), anything else on the CPU; otherwise the workers decode and resize.
+    ``decode="gpu"`` on a CUDA model: the workers decode JPEGs and resize them on the GPU
+    (:mod:`embed.jpeg`), anything else on the CPU; otherwise they decode and resize on the CPU.
     """
     t0 = time.perf_counter()
     rows = shard.rows
@@ -127,9 +127,11 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
     jobs = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     ok = np.ones(len(rows), dtype=bool)
     rejections: list[Rejection] = []
-    on_gpu = decode == "gpu" and resolve_device(model.device).type == "cuda"
+    device = resolve_device(model.device)
+    on_gpu = decode == "gpu" and device.type == "cuda"
+    decoder = partial(decode_files, str(device)) if on_gpu else load_pixels_many
     # the workers start on the whole shard now, while the model loads (seconds, on a run's first shard)
-    work = map_ordered(read_jpegs if on_gpu else load_pixels_many, jobs, resolve_workers(workers), pool)
+    work = map_ordered(decoder, jobs, resolve_workers(workers), pool)
     embedder = model.load()
 
     def reject(j: int, failed: list[tuple[int, str, str]]) -> None:
@@ -140,12 +142,6 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
                                         {k: rows.column(k)[i].as_py() for k in rows.column_names}, detail))
 
     def chunks() -> Iterator:
-        if on_gpu:
-            for j, (entries, failed) in enumerate(work):
-                pixels, bad = decode_pixels(entries, embedder.device)
-                reject(j, failed + bad)
-                yield pixels
-            return
         for j, (pixels, failed) in enumerate(work):
             reject(j, failed)
             yield pixels

@@ -1,9 +1,11 @@
-"""Images decoded where the model runs: nvJPEG (``torchvision.io.decode_jpeg`` on CUDA, a batch
-per call) and the resize and crop on the same device, with PIL on the CPU as the fallback.
+"""Images decoded by nvJPEG (``torchvision.io.decode_jpeg`` on CUDA, a batch per call) with the
+resize and crop on the same device, and PIL on the CPU as the fallback.
 
-Decoding and resizing photos is CPU work; on a machine with few cores per GPU it, not the
-model, bounds the image stream. Here the worker processes only read the files and
-look at their headers (:func:`read_jpegs`); baseline and progressive RGB or greyscale JPEGs go to
+Decoding and resizing photos is CPU work; on a machine with few cores per GPU it, not the model,
+bounds the image stream. With ``image_decode="gpu"`` each decoding worker process reads its files,
+looks at their headers, and decodes them on the GPU (:func:`decode_files`): one nvJPEG handle per
+process, so the workers decode in parallel (torchvision serialises the calls of one process), and
+the CPU keeps only nvJPEG's entropy decoding. Baseline and progressive RGB or greyscale JPEGs go to
 the GPU, anything else (PNG, CMYK, a file nvJPEG refuses) takes ImageBind's CPU path
 (:func:`embed.preprocess.load_pixels`), so every file embeds as before or is quarantined as before.
 
@@ -114,3 +116,11 @@ def decode_pixels(entries: Sequence[Entry], device: torch.device | str
     pixels = torch.stack(kept) if kept else torch.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8,
                                                         device=device)
     return pixels, failed
+
+
+def decode_files(device: str, paths: Sequence[str | None]) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """:func:`embed.preprocess.load_pixels_many` with the decoding on ``device``: the pixels
+    (n, 224, 224, 3) uint8 on the host, and the failures by position. Runs in decoding workers."""
+    entries, failed = read_jpegs(paths)
+    pixels, bad = decode_pixels(entries, device)
+    return pixels.cpu().numpy(), sorted(failed + bad)

@@ -136,13 +136,14 @@ def summary(p: Plan, c: Collected, written: dict[str, int] | None = None) -> Emb
     )
 
 
-def index_tables(lance_uri: str, min_rows: int, tables: list[str] | None = None
-                 ) -> tuple[dict[str, str], dict[str, int]]:
+def index_tables(lance_uri: str, min_rows: int, tables: list[str] | None = None,
+                 accelerator: str | None = None) -> tuple[dict[str, str], dict[str, int]]:
     """Build (or extend) the vector index of the output tables (or only ``tables``, which must exist:
     the others may be being created meanwhile) once they are large enough; the action per table and
-    the versions after (an index build is a new version)."""
+    the versions after (an index build is a new version). ``accelerator``: where a new index's
+    partitions are trained (the embed device when it is a GPU)."""
     db = connect(lance_uri)
-    actions = {name: ensure_vector_index(db, name, min_rows=min_rows).action
+    actions = {name: ensure_vector_index(db, name, min_rows=min_rows, accelerator=accelerator).action
                for name in tables or OUTPUT.values()}
     if tables:
         return actions, {name: db.open_table(name).version for name in tables}

@@ -110,6 +110,14 @@ def collect(submit: Callable, shards: list, writer: Writer, total_rows: int, row
     return out
 
 
+def index_device(config: EmbedConfig) -> str | None:
+    """The GPU that trains a new vector index's partitions: this process's, when the run embeds on a
+    GPU (a flow process without one, with the shards on Dask workers, trains on its CPU)."""
+    import torch
+
+    return "cuda" if config.device != "cpu" and torch.cuda.is_available() else None
+
+
 class EarlyIndex:
     """Builds a table's vector index as soon as its last shard is merged, in a thread of its own (as
     a task of the run), while the other table's shards still run: the text shards finish first
@@ -124,7 +132,7 @@ class EarlyIndex:
         logger().info("every %s shard is merged: indexing it while the others run", table)
         run = contextvars.copy_context().run  # the task runs inside this flow run
         self.futures.append(self.pool.submit(run, index_task, self.config.lance_uri,
-                                             self.config.index_min_rows, [table]))
+                                             self.config.index_min_rows, [table], index_device(self.config)))
 
     def wait(self) -> dict[str, str]:
         """The index action per table indexed early (raises what a build raised)."""
@@ -175,7 +183,7 @@ def embed_flow(config: EmbedConfig) -> EmbedResult:
     enforce_trust(config)
     result = embed_shards_flow.with_options(task_runner=task_runner(config))(config)
     t0 = time.perf_counter()
-    actions, after = index_task(config.lance_uri, config.index_min_rows)
+    actions, after = index_task(config.lance_uri, config.index_min_rows, accelerator=index_device(config))
     # a table indexed while the shards ran is "current" by now: report what that build did
     result.index = {t: result.index.get(t, a) if a == "current" else a for t, a in actions.items()}
     result.index_seconds = round(result.index_seconds + time.perf_counter() - t0, 2)

@@ -154,7 +154,7 @@ def test_device_jpeg_decode_matches_the_cpu_path(tmp_path, device):
     """embed.jpeg (nvJPEG on CUDA; libjpeg through torchvision on CPU) + resize/crop on the device:
     within a few levels of ImageBind's PIL path on photo-like and flat JPEGs; greyscale on the device
     too; CMYK and PNG take the CPU path exactly; truncated, missing and outside files fail as before."""
-    from embed.jpeg import decode_pixels, read_jpegs
+    from embed.jpeg import decode_files, read_jpegs
     from ingest.demo_data import write_split
 
     photos = sorted(write_split(tmp_path / "p", "train", 6, seed=0, photos=True)["images"].iterdir())
@@ -168,16 +168,16 @@ def test_device_jpeg_decode_matches_the_cpu_path(tmp_path, device):
     decodable += [str(tmp_path / n) for n in ("grey.jpg", "cmyk.jpg", "png.jpg")]
     paths = decodable + [str(tmp_path / "cut.jpg"), str(tmp_path / "gone.jpg"), None]
 
-    entries, failed = read_jpegs(paths)
+    entries, _ = read_jpegs(paths)
     # grey on the device; CMYK, PNG not
     assert [e[2] is None for e in entries[-4:]] == [False, True, True, False]
-    pixels, bad = decode_pixels(entries, device)
+    pixels, failed = decode_files(device, paths)  # what a decoding worker returns to the shard
     n = len(paths)
-    assert sorted((pos, kind) for pos, kind, _ in failed + bad) == [(n - 3, "unreadable"), (n - 2, "missing"),
-                                                                    (n - 1, "outside")]
-    assert pixels.shape == (len(decodable), 224, 224, 3) and pixels.dtype == torch.uint8
+    assert [(pos, kind) for pos, kind, _ in failed] == [(n - 3, "unreadable"), (n - 2, "missing"),
+                                                        (n - 1, "outside")]
+    assert pixels.shape == (len(decodable), 224, 224, 3) and pixels.dtype == np.uint8
     want = np.stack([load_pixels(p) for p in decodable]).astype(int)
-    diff = np.abs(pixels.cpu().numpy().astype(int) - want)
+    diff = np.abs(pixels.astype(int) - want)
     # edges of flat scenes ring a level more than photos; nvJPEG's IDCT and chroma upsampling add a little
     assert diff.max() <= (4 if device == "cpu" else 12) and diff.mean() < (0.5 if device == "cpu" else 1.5), (
         diff.max(), diff.mean())
@@ -371,8 +371,10 @@ def test_query_finds_the_image_and_the_turn_with_context(data_root, demo_dir, mo
 # --- the vector index ------------------------------------------------------------------------
 
 
-def test_vector_index_is_built_when_large_enough_and_finds_neighbours(tmp_path):
-    from storage.index import ensure_vector_index, search
+# accelerator: the partitions trained by torch k-means (a GPU on the embed device; the CPU here)
+@pytest.mark.parametrize("accelerator", [None, "cpu"])
+def test_vector_index_is_built_when_large_enough_and_finds_neighbours(tmp_path, accelerator):
+    from storage.index import ensure_vector_index, partitions_for, search
 
     db = connect(tmp_path / "lance")
     rng = np.random.default_rng(0)
@@ -386,9 +388,11 @@ def test_vector_index_is_built_when_large_enough_and_finds_neighbours(tmp_path):
             "image_sha256": ["s"] * (hi - lo)})
 
     merge(db, "image_embeddings", rows(0, 500))
-    assert ensure_vector_index(db, "image_embeddings", min_rows=1000).action == "none"
+    assert ensure_vector_index(db, "image_embeddings", min_rows=1000,
+                               accelerator=accelerator).action == "none"
     merge(db, "image_embeddings", rows(500, 2800))
-    assert ensure_vector_index(db, "image_embeddings", min_rows=1000).action == "created"
+    assert ensure_vector_index(db, "image_embeddings", min_rows=1000,
+                               accelerator=accelerator).action == "created"
 
     def partitions():
         stats = open_table(db, "image_embeddings").to_lance().stats.index_stats("vector_idx")
@@ -396,9 +400,10 @@ def test_vector_index_is_built_when_large_enough_and_finds_neighbours(tmp_path):
 
     trained = partitions()
     merge(db, "image_embeddings", rows(2800, 3000))
-    assert ensure_vector_index(db, "image_embeddings", min_rows=1000).action == "updated"
+    assert ensure_vector_index(db, "image_embeddings", min_rows=1000,
+                               accelerator=accelerator).action == "updated"
     # new rows join the trained partitions (lance's default optimize re-partitions: 52 -> 1 here)
-    assert partitions() == trained and trained[0] > 8
+    assert partitions() == trained and trained == [partitions_for(2800)]
 
     recall = []
     for i in rng.integers(0, 3000, 20):
