@@ -13,9 +13,10 @@ returned by the index search, so deletion files need no tracking for indexed fra
 Rows outside the vector index (new memories, rows rewritten by access stats or supersedes, until
 upkeep indexes them) would be scanned by Lance on every search: one read and decode per fragment
 and per query, the largest part of a recall while others write. Their vectors are held here too
-(at most :data:`DELTA_MAX_ROWS`; past that, Lance scans them) and searched exactly in memory
-(:meth:`View.nearest`); for these fragments the deletion file is part of the key, so a deleted row
-is never returned.
+(at most :data:`DELTA_MAX_ROWS`; past that, Lance scans them, in one block per view) and searched
+exactly in memory (:meth:`View.nearest`: only the rows the recall's rule keeps); for these fragments
+the deletion file is part of the key, so a deleted row is never returned. Recall's visibility rule
+is evaluated here on the numpy columns (:meth:`View.select`), the same rule Lance filters with.
 
 Each sync makes a new :class:`View` (fragments shared with the previous one): a search and the
 lookups of its results use one view, whatever a background sync publishes meanwhile.
@@ -23,7 +24,9 @@ lookups of its results use one view, whatever a background sync publishes meanwh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +55,7 @@ class _Fragment:
     at: np.ndarray  # row position by physical offset (-1: deleted when read)
     memory_id: pa.Array
     superseded: pa.Array  # superseded_by (kept as is: mostly null)
+    current: np.ndarray  # superseded_by is null (what visibility asks of it)
     codes: dict[str, np.ndarray]
     numbers: dict[str, np.ndarray]
     addr: np.ndarray  # row address of each row read
@@ -66,60 +70,146 @@ class View:
     version: int | None
     fragments: dict[int, _Fragment]
     words: np.ndarray  # the vocabulary (object array; the last entry, None, is code -1)
+    vocab: dict[str, int]  # word -> code (shared, only ever grows: a later word is in no row here)
     indexed: frozenset[int] | None = None  # fragments the vector index covers; None: no vector index
     delta: tuple[int, ...] | None = None  # fragments searched in memory; None: Lance scans them
+    stacked: _Stack | None = None  # their rows in one block
 
     def take(self, row_addresses: np.ndarray) -> pa.Table:
         """The rows at ``row_addresses`` (``_rowaddr`` of a search of this version), in order."""
+        at = self._locate(row_addresses)
+        cols = {c: at.strings(c) for c in ("memory_id", "superseded_by")}
+        for c in CODED:
+            cols[c] = pa.array(self.words[at.gather(c)], _TYPES[c])
+        for c in NUMERIC:
+            cols[c] = pa.array(at.gather(c), _TYPES[c])
+        return pa.table({c: cols[c] for c in COLUMNS})
+
+    def select(self, row_addresses: np.ndarray, rule: Callable) -> np.ndarray:
+        """Which of the rows at ``row_addresses`` ``rule`` keeps (a rule of :mod:`memory.visibility`,
+        evaluated on the columns held here): a boolean mask."""
+        return np.asarray(rule(self._locate(row_addresses)), bool)
+
+    def _locate(self, row_addresses: np.ndarray) -> _Rows:
         addr = np.asarray(row_addresses, np.uint64)
         frag_ids = (addr >> np.uint64(32)).astype(np.int64)
         offsets = (addr & np.uint64(0xFFFFFFFF)).astype(np.int64)
         order = np.argsort(frag_ids, kind="stable")
-        ids, sup, pos_of, frags = [], [], [], []
+        runs = []
         for fid, lo, hi in _runs(frag_ids[order]):
             frag = self.fragments.get(fid)
             pos = frag.at[offsets[order[lo:hi]]] if frag is not None else np.array([-1])
             if frag is None or (pos < 0).any():
                 raise LookupError(f"fragment {fid} of version {self.version} is not what the search saw")
-            taken = pa.array(pos)
-            ids.append(frag.memory_id.take(taken))
-            sup.append(frag.superseded.take(taken))
-            pos_of.append(pos)
-            frags.append(frag)
-        back = np.argsort(order, kind="stable")  # sorted by fragment -> the caller's order
-        cols = {"memory_id": _joined(ids, pa.string()).take(pa.array(back)),
-                "superseded_by": _joined(sup, pa.string()).take(pa.array(back))}
-        for c in CODED:
-            codes = _stacked([f.codes[c][p] for f, p in zip(frags, pos_of, strict=True)], np.int32)
-            cols[c] = pa.array(self.words[codes[back]], _TYPES[c])
-        for c, dtype in NUMERIC.items():
-            values = _stacked([f.numbers[c][p] for f, p in zip(frags, pos_of, strict=True)], dtype)
-            cols[c] = pa.array(values[back], _TYPES[c])
-        return pa.table({c: cols[c] for c in COLUMNS})
+            runs.append((frag, pos))
+        return _Rows(self.vocab, runs, np.argsort(order, kind="stable"), len(addr))
 
-    def nearest(self, q: np.ndarray, n: int, where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine distances of the ``n`` nearest rows held in memory (``where``: only rows it
-        selects): their row addresses and distances, nearest first."""
-        blocks = [self.fragments[f] for f in self.delta or ()]
-        if not blocks:
+    def nearest(self, q: np.ndarray, n: int, rule: Callable | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine distances of the ``n`` nearest rows held in memory (``rule``: only rows it
+        keeps, see :meth:`select`): their row addresses and distances, nearest first."""
+        s = self.stacked
+        if s is None or not len(s.addr):
             return _NO_ADDR, _NO_DIST
-        addr = np.concatenate([b.addr for b in blocks])
+        addr, vectors, inv_norm = s.addr, s.vectors, s.inv_norm
+        if rule is not None:  # the rows it drops are not compared (often all: other owners' new rows)
+            kept = np.flatnonzero(np.asarray(rule(s.rows), bool))
+            addr, inv_norm = addr[kept], inv_norm[kept]
+            vectors = vectors[kept] if len(kept) < len(s.addr) // 2 else vectors
         # einsum, not BLAS: OpenBLAS's threads spin after a product, taking the CPU Lance's search needs
-        dist = 1.0 - np.concatenate([np.einsum("ij,j->i", b.vectors, q) * b.inv_norm for b in blocks])
-        if where is None:
-            top = np.argpartition(dist, n)[:n] if len(dist) > n else np.arange(len(dist))
-            top = top[np.argsort(dist[top], kind="stable")]
-            return addr[top], dist[top]
-        order = np.argsort(dist, kind="stable")
-        found, step = [], max(4 * n, 256)
-        for start in range(0, len(order), step):
-            chunk = order[start:start + step]
-            rows = self.take(addr[chunk]).append_column("_i", pa.array(chunk))
-            found.extend(rows.filter(where).column("_i").to_numpy())
-            if len(found) >= n:
-                break
-        pick = np.asarray(found[:n], np.int64)
-        return addr[pick], dist[pick]
+        dots = np.einsum("ij,j->i", vectors, q)
+        dist = 1.0 - (dots if len(dots) == len(addr) else dots[kept]) * inv_norm
+        top = np.argpartition(dist, n)[:n] if len(dist) > n else np.arange(len(dist))
+        top = top[np.argsort(dist[top], kind="stable")]
+        return addr[top], dist[top]
+
+
+class _Rows:
+    """Some rows of a view, in the caller's order: their columns gathered on demand (and kept, with
+    ``memo``: the rows held with vectors are filtered by every recall), and the terms of a
+    visibility rule over them (``field``, ``time``: the builder :mod:`memory.visibility` takes)."""
+
+    def __init__(self, vocab: dict[str, int], runs: list, back: np.ndarray | None, n: int,
+                 memo: bool = False) -> None:
+        self.vocab, self.runs, self.back, self.n = vocab, runs, back, n  # runs: (fragment, positions)
+        self.memo: dict[str, np.ndarray] | None = {} if memo else None
+
+    def gather(self, c: str) -> np.ndarray:
+        """A coded or numeric column (codes for the coded ones; ``current``: superseded_by is null)."""
+        got = None if self.memo is None else self.memo.get(c)
+        if got is None:
+            parts = [f.current[p] if c == "current" else (f.codes if c in CODED else f.numbers)[c][p]
+                     for f, p in self.runs]
+            got = np.concatenate(parts) if parts else np.empty(0, NUMERIC.get(c, np.int32))
+            got = got if self.back is None else got[self.back]
+            if self.memo is not None:
+                self.memo[c] = got
+        return got
+
+    def strings(self, c: str) -> pa.Array:
+        if c == "superseded_by" and self.gather("current").all():  # the usual case: no row superseded
+            return pa.nulls(self.n, pa.string())
+        parts = [getattr(f, "memory_id" if c == "memory_id" else "superseded").take(pa.array(p))
+                 for f, p in self.runs]
+        got = _joined(parts, pa.string())
+        return got if self.back is None else got.take(pa.array(self.back))
+
+    def field(self, c: str) -> _Term:
+        return _Term(self, c)
+
+    @staticmethod
+    def time(t: datetime) -> np.datetime64:
+        return np.datetime64(t.astimezone(UTC).replace(tzinfo=None), "us")
+
+
+class _Term:
+    """One column of :class:`_Rows` in a rule: compared, it gives a boolean mask."""
+
+    __hash__ = None
+
+    def __init__(self, rows: _Rows, c: str) -> None:
+        self.rows, self.c = rows, c
+
+    def __eq__(self, value) -> np.ndarray:  # type: ignore[override]
+        if self.c in CODED:
+            return self.rows.gather(self.c) == self.rows.vocab.get(value, -2)  # -2: no row has it
+        if self.c in NUMERIC:
+            return self.rows.gather(self.c) == value
+        return pc.fill_null(pc.equal(self.rows.strings(self.c), value), False).to_numpy(zero_copy_only=False)
+
+    def __ge__(self, value) -> np.ndarray:
+        return self.rows.gather(self.c) >= value
+
+    def is_null(self) -> np.ndarray:
+        if self.c in CODED:
+            return self.rows.gather(self.c) == -1
+        if self.c in NUMERIC:
+            return np.zeros(self.rows.n, bool)
+        if self.c == "superseded_by":
+            return self.rows.gather("current")
+        return self.rows.strings(self.c).is_null().to_numpy(zero_copy_only=False)
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """The rows held with their vectors in one block: writers leave many small fragments, and one
+    product over a block costs less than one per fragment."""
+
+    addr: np.ndarray
+    vectors: np.ndarray  # (rows, EMBED_DIM)
+    inv_norm: np.ndarray
+    rows: _Rows  # their filter columns, for a rule
+
+    @classmethod
+    def of(cls, frags: list[_Fragment], vocab: dict[str, int]) -> _Stack:
+        vectors = _joined_np([f.vectors for f in frags], np.float32).reshape(-1, EMBED_DIM)
+        inv_norm = _joined_np([f.inv_norm for f in frags], np.float32)
+        lo = 0
+        for f in frags:  # each fragment's vectors now point into the block: held once
+            hi = lo + len(f.addr)
+            f.vectors, f.inv_norm, lo = vectors[lo:hi], inv_norm[lo:hi], hi
+        runs = [(f, np.arange(len(f.addr))) for f in frags]
+        return cls(_joined_np([f.addr for f in frags], np.uint64), vectors, inv_norm,
+                   _Rows(vocab, runs, None, lo, memo=True))
 
 
 class RecallColumns:
@@ -127,8 +217,8 @@ class RecallColumns:
     the fragments earlier views did not hold."""
 
     def __init__(self) -> None:
-        self.view = View(None, {}, np.array([None], dtype=object))
         self._vocab: dict[str, int] = {}
+        self.view = View(None, {}, np.array([None], dtype=object), self._vocab)
         self._words: list[str] = []
         self.rows_read = 0  # rows read from disk so far (tests check that a sync reads only what changed)
 
@@ -172,7 +262,11 @@ class RecallColumns:
         words = prev.words
         if len(words) != len(self._words) + 1:  # the vocabulary grew
             words = np.array([*self._words, None], object)
-        self.view = View(ds.version, live, words, indexed, tuple(sorted(vectored)) if hold else None)
+        delta = stacked = None
+        if hold:
+            delta = tuple(sorted(vectored))
+            stacked = _Stack.of([live[f] for f in delta], self._vocab)
+        self.view = View(ds.version, live, words, self._vocab, indexed, delta, stacked)
         return self.view
 
     def _read(self, ds, todo: dict, with_vectors: bool) -> dict[int, _Fragment]:
@@ -190,6 +284,7 @@ class RecallColumns:
         codes = {c: self._encode(t.column(c)) for c in CODED}
         numbers = {c: t.column(c).to_numpy().astype(dtype) for c, dtype in NUMERIC.items()}
         memory_id, superseded = _single(t.column("memory_id")), _single(t.column("superseded_by"))
+        current = superseded.is_null().to_numpy(zero_copy_only=False)
         vecs = inv_norm = None
         if with_vectors:
             vecs = np.empty((0, EMBED_DIM), np.float32)
@@ -207,7 +302,7 @@ class RecallColumns:
             at = np.full(frag.physical_rows, -1, np.int64)
             at[(part & np.uint64(0xFFFFFFFF)).astype(np.int64)] = np.arange(hi - lo)
             out[fid] = _Fragment(
-                key, at, memory_id.slice(lo, hi - lo), superseded.slice(lo, hi - lo),
+                key, at, memory_id.slice(lo, hi - lo), superseded.slice(lo, hi - lo), current[lo:hi].copy(),
                 {c: v[lo:hi].copy() for c, v in codes.items()},
                 {c: v[lo:hi].copy() for c, v in numbers.items()},
                 part.copy(), None if vecs is None else vecs[lo:hi].copy(),
@@ -259,5 +354,5 @@ def _joined(parts: list[pa.Array], typ) -> pa.Array:
     return pa.concat_arrays(parts) if parts else pa.array([], typ)
 
 
-def _stacked(parts: list[np.ndarray], dtype) -> np.ndarray:
+def _joined_np(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, Self
 
@@ -245,14 +246,19 @@ class MemoryStore:
 
     def visible(self, owner: str, session: str | None, now: datetime) -> pc.Expression:
         """What recall may return (:func:`memory.visibility.visible` for this store's model)."""
-        return vis.visible(owner, self.fingerprint, session, utc(now), self.config.transient_ttl_hours)
+        return self.rule(owner, session, now)()
+
+    def rule(self, owner: str, session: str | None, now: datetime) -> Callable:
+        """:meth:`visible` for any builder of its terms (``rule(on)``, :mod:`memory.visibility`)."""
+        ttl = self.config.transient_ttl_hours
+        return partial(vis.visible, owner, self.fingerprint, session, utc(now), ttl)
 
     def candidates(self, q: np.ndarray, owner: str, session: str | None = None, now: datetime | None = None,
                    n: int | None = None) -> pa.Table:
         """The ``n`` (default ``candidates``) nearest visible memories of a query vector, before
         the re-rank: the scoring columns, ``_distance`` and ``_rowid``."""
-        where = self.visible(owner, session, utc(now))
-        return self.search.vector(_unit(q), owner, where, n or self.config.candidates)
+        rule = self.rule(owner, session, now)
+        return self.search.vector(_unit(q), owner, rule, n or self.config.candidates)
 
     def has_vector_index(self) -> bool:
         return self.search.has_vector_index(self.mt.dataset(fresh=True))
@@ -292,13 +298,12 @@ class MemoryStore:
         else:
             raise ValueError("recall needs a text, an image or a vector")
         n = max(self.config.candidates, k)
-        where = self.visible(owner, session, now)
         cands = self.candidates(q, owner, session, now, n)
         cos = 1.0 - cands.column("_distance").to_numpy().astype(np.float64)
         keyword = None
         if hybrid and text and text.strip():
             self._ensure_fts()
-            cands, cos, keyword = self.search.text(cands, cos, q, text, where, n)
+            cands, cos, keyword = self.search.text(cands, cos, q, text, self.visible(owner, session, now), n)
         if len(cands) == 0:
             return []
         seen = self.search.seen_version
@@ -319,7 +324,7 @@ class MemoryStore:
         why = scoring.breakdowns({t: v[order] for t, v in terms.items()}, scores[order], weights)
         rows = self.search.public_rows(cands.take(pa.array(order)))
         if touch:
-            unseen = self.stats.unseen(seen)
+            unseen = self.stats.unseen(seen, [r["memory_id"] for r in rows])
             for r in rows:  # what the caller sees counts earlier recalls the rows read miss, and this one
                 earlier, _ = unseen.get(r["memory_id"], (0, None))
                 r["access_count"], r["last_accessed_at"] = r["access_count"] + earlier + 1, now

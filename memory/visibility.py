@@ -2,8 +2,11 @@
 
 The same expression filters a Lance scan or search (pylance turns it into its own filter, using
 the scalar indexes) and a pyarrow table already in memory (``Table.filter``), so the rule is
-written once. Expiry is part of it: an expired transient memory is never returned, whether or not
-upkeep has purged it yet; the physical purge (:func:`expired`) can wait for upkeep.
+written once. The rules recall applies to rows it holds in memory take the builder of their terms
+(``on``): :data:`ARROW` makes the expression, :class:`memory.columns.View` evaluates the same rule
+on its numpy columns (an Arrow plan per call would cost more than the hundred rows it filters).
+Expiry is part of it: an expired transient memory is never returned, whether or not upkeep has
+purged it yet; the physical purge (:func:`expired`) can wait for upkeep.
 """
 
 from __future__ import annotations
@@ -27,8 +30,18 @@ def cutoff(now: datetime, ttl_hours: float) -> datetime:
     return now - timedelta(hours=ttl_hours)
 
 
-def owned(owner: str) -> pc.Expression:
-    return pc.field("owner") == owner
+class Arrow:
+    """Builds a rule's terms as pyarrow expressions."""
+
+    field = staticmethod(pc.field)
+    time = staticmethod(_time)
+
+
+ARROW = Arrow()
+
+
+def owned(owner: str, on=ARROW) -> pc.Expression:
+    return on.field("owner") == owner
 
 
 def live(now: datetime, ttl_hours: float) -> pc.Expression:
@@ -41,21 +54,22 @@ def expired(now: datetime, ttl_hours: float) -> pc.Expression:
     return (pc.field("kind") == TRANSIENT) & (pc.field("created_at") < _time(cutoff(now, ttl_hours)))
 
 
-def current() -> pc.Expression:
+def current(on=ARROW) -> pc.Expression:
     """Not superseded by a newer fact on its key."""
-    return pc.field("superseded_by").is_null()
+    return on.field("superseded_by").is_null()
 
 
 def ids(memory_ids) -> pc.Expression:
     return pc.field("memory_id").isin(pa.array(list(memory_ids), pa.string()))
 
 
-def visible(owner: str, model: str, session: str | None, now: datetime, ttl_hours: float) -> pc.Expression:
+def visible(owner: str, model: str, session: str | None, now: datetime, ttl_hours: float,
+            on=ARROW) -> pc.Expression:
     """What recall may return: the owner's current durable facts embedded by ``model``, and the
-    live transient memories of ``session``."""
-    rule = owned(owner) & (pc.field("model") == model) & current()
-    kept = pc.field("kind") == DURABLE
+    live transient memories of ``session`` (``on``: see the module's docstring)."""
+    rule = owned(owner, on) & (on.field("model") == model) & current(on)
+    kept = on.field("kind") == DURABLE
     if session:
-        recent = pc.field("created_at") >= _time(cutoff(now, ttl_hours))
-        kept = kept | ((pc.field("session_id") == session) & recent)
+        recent = on.field("created_at") >= on.time(cutoff(now, ttl_hours))
+        kept = kept | ((on.field("session_id") == session) & recent)
     return rule & kept

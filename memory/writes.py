@@ -221,15 +221,17 @@ class AccessStats:
             self.pending[m] = (count + 1, now)
         return len(self.pending) >= self._memories or time.monotonic() - self._since >= self._seconds
 
-    def unseen(self, version: int | None) -> dict[str, tuple[int, datetime]]:
+    def unseen(self, version: int | None, memory_ids=None) -> dict[str, tuple[int, datetime]]:
         """Accesses that a read of ``version`` does not hold: pending ones, and written ones of later
-        versions (count, last access)."""
+        versions (count, last access); of ``memory_ids`` only, when given (what a recall looks up)."""
         with self._lock:
             written = self._written = [(v, p) for v, p in self._written
                                        if v is None or version is None or v > version]
-        out = dict(self.pending)
-        for _, part in written:
-            for m, (n, t) in part.items():
+        wanted = None if memory_ids is None else set(memory_ids)
+        out: dict[str, tuple[int, datetime]] = {}
+        for part in (self.pending, *(p for _, p in written)):
+            for m in list(part) if wanted is None else part.keys() & wanted:  # a snapshot of its keys
+                n, t = part[m]
                 had, last = out.get(m, (0, t))
                 out[m] = (had + n, max(last, t))
         return out
@@ -239,9 +241,10 @@ class AccessStats:
         ``version``, plus :meth:`unseen`."""
         last = cands.column("last_accessed_at").to_numpy().astype("datetime64[us]")
         count = cands.column("access_count").to_numpy().astype(np.int64)
-        extra = self.unseen(version)
+        ids = cands.column("memory_id").to_pylist()
+        extra = self.unseen(version, ids)
         if extra:
-            for i, m in enumerate(cands.column("memory_id").to_pylist()):
+            for i, m in enumerate(ids):
                 if m in extra:
                     n, t = extra[m]
                     count[i] += n

@@ -155,8 +155,9 @@ def test_recall_reads_each_fragment_once_and_folds_small_ones(tmp_path, embedder
 
 
 def test_in_memory_visibility_matches_the_sql_filter(store):
-    """Recall filters its candidates in memory and, for sparse owners, has Lance filter first: the
-    one visibility expression must pick the same rows both ways, for every mix of columns."""
+    """Recall filters its candidates in memory (the rule evaluated on the view's numpy columns) and,
+    for sparse owners, has Lance filter first: the one visibility rule must pick the same rows every
+    way (SQL, Arrow expression, numpy), for every mix of columns."""
     from memory.columns import COLUMNS
 
     now = T0 + timedelta(days=2)
@@ -187,13 +188,16 @@ def test_in_memory_visibility_matches_the_sql_filter(store):
         store.add_rows(table.slice(start, 50))
     snap = store.mt.synced()
     direct = snap.ds.to_table(columns=COLUMNS, with_row_address=True)
-    rows = snap.view.take(direct.column("_rowaddr").to_numpy()[::-1])  # any order, any fragment
+    addrs = direct.column("_rowaddr").to_numpy()[::-1]
+    rows = snap.view.take(addrs)  # any order, any fragment
     assert rows.to_pylist() == direct.select(COLUMNS).to_pylist()[::-1]  # the cache holds what Lance does
     for owner, session in itertools.product(["ann", "bob", "carl"], [None, "s1", "s2"]):
         rule = store.visible(owner, session, now)
         by_sql = set(store._scan(rule, ["memory_id"]).column("memory_id").to_pylist())
         in_memory = set(rows.filter(rule).column("memory_id").to_pylist())
-        assert by_sql == in_memory
+        kept = snap.view.select(addrs, store.rule(owner, session, now))
+        in_numpy = set(rows.column("memory_id").filter(pa.array(kept)).to_pylist())
+        assert by_sql == in_memory == in_numpy
         assert (len(by_sql) > 0) == (owner != "carl")
 
 
