@@ -192,24 +192,94 @@ class _Term:
 @dataclass(frozen=True)
 class _Stack:
     """The rows held with their vectors in one block: writers leave many small fragments, and one
-    product over a block costs less than one per fragment."""
+    product over a block costs less than one per fragment. A sync that only adds fragments after
+    the previous stack's appends their rows to its block (each sync under writes would otherwise
+    copy every held vector again); an earlier view keeps seeing its own first rows."""
 
     addr: np.ndarray
     vectors: np.ndarray  # (rows, EMBED_DIM)
     inv_norm: np.ndarray
     rows: _Rows  # their filter columns, for a rule
+    frags: tuple[_Fragment, ...] = ()
+    block: _Block | None = None
+    starts: np.ndarray | None = None  # each fragment's first row in the block
 
     @classmethod
-    def of(cls, frags: list[_Fragment], vocab: dict[str, int]) -> _Stack:
-        vectors = _joined_np([f.vectors for f in frags], np.float32).reshape(-1, EMBED_DIM)
-        inv_norm = _joined_np([f.inv_norm for f in frags], np.float32)
-        lo = 0
-        for f in frags:  # each fragment's vectors now point into the block: held once
-            hi = lo + len(f.addr)
-            f.vectors, f.inv_norm, lo = vectors[lo:hi], inv_norm[lo:hi], hi
-        runs = [(f, np.arange(len(f.addr))) for f in frags]
-        return cls(_joined_np([f.addr for f in frags], np.uint64), vectors, inv_norm,
-                   _Rows(vocab, runs, None, lo, memo=True))
+    def of(cls, frags: list[_Fragment], vocab: dict[str, int], prev: _Stack | None = None) -> _Stack:
+        sizes = [len(f.addr) for f in frags]
+        n = sum(sizes)
+        held = 0  # the leading fragments the previous stack holds too
+        if prev is not None and prev.block is not None:
+            for a, b in zip(prev.frags, frags, strict=False):
+                if a is not b:
+                    break
+                held += 1
+        lo = sum(sizes[:held])
+        if held and held == len(prev.frags) and prev.block.used == lo and n <= prev.block.capacity:
+            block = prev.block  # only appended to: the rows of earlier views stay as they are
+            runs = [*prev.rows.runs, *((f, np.arange(len(f.addr))) for f in frags[held:])]
+            for f in frags[held:]:
+                lo = block.put(f, lo)
+        else:  # a new block: the rows the previous one holds are copied in runs, the others put
+            block, runs, lo = _Block(n), [], 0
+            was = {} if prev is None or prev.block is None else {id(f): i for i, f in enumerate(prev.frags)}
+            for f, size in zip(frags, sizes, strict=True):
+                i = was.get(id(f))
+                runs.append((f, np.arange(size)) if i is None else prev.rows.runs[i])
+                lo = block.put(f, lo) if i is None else block.copy(prev, i, f, lo)
+            block.flush(prev)
+        rows = _Rows(vocab, runs, None, n, memo=True)
+        rows.memo.update({c: v[:n] for c, v in block.columns.items()})  # the rule reads the block
+        starts = np.cumsum([0, *sizes[:-1]]) if sizes else np.empty(0, np.int64)
+        return cls(block.addr[:n], block.vectors[:n], block.inv_norm[:n], rows, tuple(frags), block, starts)
+
+
+class _Block:
+    """Storage that successive stacks share: a stack reads its first rows, the next appends after."""
+
+    def __init__(self, rows: int) -> None:
+        self.capacity = max(rows, min(2 * rows, DELTA_MAX_ROWS), 256)
+        self.vectors = np.empty((self.capacity, EMBED_DIM), np.float32)
+        self.inv_norm = np.empty(self.capacity, np.float32)
+        self.addr = np.empty(self.capacity, np.uint64)
+        self.columns = {c: np.empty(self.capacity, np.int32) for c in CODED}
+        self.columns["current"] = np.empty(self.capacity, bool)
+        self.columns.update({c: np.empty(self.capacity, dtype) for c, dtype in NUMERIC.items()})
+        self.used = 0
+        self._run: list[int] | None = None  # rows of a previous block to copy: [from, to, count]
+
+    def put(self, f: _Fragment, lo: int) -> int:
+        """Write ``f``'s rows at ``lo`` (the end of the used rows); its vectors point here from now."""
+        hi = lo + len(f.addr)
+        self.vectors[lo:hi], self.inv_norm[lo:hi], self.addr[lo:hi] = f.vectors, f.inv_norm, f.addr
+        for c, v in self.columns.items():
+            v[lo:hi] = f.current if c == "current" else (f.codes if c in CODED else f.numbers)[c]
+        f.vectors, f.inv_norm = self.vectors[lo:hi], self.inv_norm[lo:hi]
+        self.used = hi
+        return hi
+
+    def copy(self, prev: _Stack, i: int, f: _Fragment, lo: int) -> int:
+        """Take ``f`` (``prev``'s ``i``-th fragment) from ``prev``'s block at ``lo``: neighbours in
+        both blocks are copied in one piece (:meth:`flush`)."""
+        src, size = int(prev.starts[i]), len(f.addr)
+        run = self._run
+        if run is not None and run[0] + run[2] == src and run[1] + run[2] == lo:
+            run[2] += size
+        else:
+            self.flush(prev)
+            self._run = [src, lo, size]
+        f.vectors, f.inv_norm = self.vectors[lo:lo + size], self.inv_norm[lo:lo + size]
+        self.used = lo + size
+        return lo + size
+
+    def flush(self, prev: _Stack | None) -> None:
+        if self._run is None:
+            return
+        (src, lo, size), self._run = self._run, None
+        a, b = slice(src, src + size), slice(lo, lo + size)
+        self.vectors[b], self.inv_norm[b], self.addr[b] = prev.vectors[a], prev.inv_norm[a], prev.addr[a]
+        for c, v in self.columns.items():
+            v[b] = prev.rows.memo[c][a]
 
 
 class RecallColumns:
@@ -265,7 +335,7 @@ class RecallColumns:
         delta = stacked = None
         if hold:
             delta = tuple(sorted(vectored))
-            stacked = _Stack.of([live[f] for f in delta], self._vocab)
+            stacked = _Stack.of([live[f] for f in delta], self._vocab, prev.stacked)
         self.view = View(ds.version, live, words, self._vocab, indexed, delta, stacked)
         return self.view
 

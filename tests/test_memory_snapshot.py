@@ -110,3 +110,35 @@ def test_a_flush_of_access_stats_does_not_make_recall_refresh(tmp_path, embedder
     assert again.breakdown["recency"] == pytest.approx(0.5**hours, rel=1e-4)
     store.background.join()
     assert store.get("ann", fact["memory_id"])["access_count"] == 2  # a read of the latest version
+
+
+def test_held_rows_are_appended_to_and_earlier_views_keep_theirs(tmp_path, embedder):
+    """Each sync that only adds fragments appends their rows to the held block; a deletion in a held
+    fragment starts a new block. Every view, kept after later syncs, still holds exactly the rows
+    outside the index of its own version (addresses, vectors, filter columns)."""
+    config = MemoryConfig(data_root=tmp_path, index_min_rows=256, index_partitions=2, refresh_seconds=0)
+    store = MemoryStore(config, embedder)
+    facts(store, list(range(300)), lambda i: "ann", seed=5000)
+    store.maintain()
+    views = []
+    for i in range(300, 306):
+        facts(store, [i], lambda i: "bob" if i % 2 else "ann", seed=5000)
+        views.append(store.mt.synced().view)
+        if i == 303:
+            store.update("ann", "m302", saliency=0.9)  # a deletion file on a held fragment
+            views.append(store.mt.synced().view)
+    blocks = [v.stacked.block for v in views]
+    for view in views:
+        ds = store.mt.dataset().checkout_version(view.version)
+        held = ds.scanner(columns=["vector", "owner", "saliency"], with_row_address=True,
+                          fragments=[f for f in ds.get_fragments() if f.fragment_id in view.delta]).to_table()
+        s = view.stacked
+        at = {int(a): r for r, a in enumerate(s.addr)}
+        assert sorted(at) == sorted(held.column("_rowaddr").to_pylist())
+        rows = np.array([at[int(a)] for a in held.column("_rowaddr").to_pylist()])
+        want = np.stack(held.column("vector").to_numpy(zero_copy_only=False))
+        assert np.array_equal(s.vectors[rows], want)
+        assert np.allclose(s.inv_norm[rows], 1 / np.linalg.norm(want, axis=1), rtol=1e-5)
+        assert list(view.words[s.rows.gather("owner")[rows]]) == held.column("owner").to_pylist()
+        assert np.allclose(s.rows.gather("saliency")[rows], held.column("saliency").to_numpy())
+    assert blocks[1] is blocks[0] and blocks[-1] is blocks[-2] and blocks[-1] is not blocks[0]
