@@ -167,7 +167,7 @@ class Searcher:
         take = getattr(ds, "_take_rows", None)
         try:
             rows = take(rowids, read) if take else ds.to_table(columns=read, filter=sql_in("_rowid", rowids))
-        except (OSError, ValueError, RuntimeError):
+        except (OSError, ValueError, RuntimeError, TypeError):  # TypeError: a changed private take
             return None
         at = {m: i for i, m in enumerate(rows.column("memory_id").to_pylist())}
         if len(rows) != len(ids) or any(m not in at for m in ids):
