@@ -143,7 +143,8 @@ def _create(tbl: lancedb.table.Table, column: str, rows: int, accelerator: str |
                          replace=True)
         return
     # Lance trains IVF_HNSW_SQ's partitions on the CPU only (its accelerator covers IVF_PQ): the
-    # k-means, a third of the build, runs on the device instead and the build takes its centroids
+    # k-means, most of the build (benchmarks/index_bench.py), runs on the device and the build takes
+    # its centroids
     centroids = train_centroids(tbl.to_lance(), column, partitions, accelerator)
     tbl.to_lance().create_index(column, index_type=INDEX_TYPE, metric=METRIC, num_partitions=partitions,
                                 ivf_centroids=centroids, name=f"{column}_idx", replace=True)
