@@ -251,6 +251,11 @@ def test_a_new_fact_on_a_key_supersedes_the_old_one(store):
     assert history[0]["superseded_by"] == paris["memory_id"] and history[1]["superseded_by"] is None
     assert [m["text"] for m in store.list("ann", now=T0 + timedelta(days=2))] == [
         "I live in Paris", "maybe I live in Rome this week"]
+    # the next durable fact flags only the current durable one: not the superseded, not the transient
+    oslo = store.remember("ann", "I live in Oslo", key="home", now=T0 + timedelta(days=2, hours=1))
+    flags = {m["text"]: m["superseded_by"] for m in store.history("ann", "home", now=T0 + timedelta(days=2))}
+    assert flags == {"I live in Berlin": paris["memory_id"], "I live in Paris": oslo["memory_id"],
+                     "maybe I live in Rome this week": None, "I live in Oslo": None}
 
 
 def test_transient_memories_are_not_kept_past_their_session(store):
