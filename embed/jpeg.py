@@ -5,7 +5,7 @@ Decoding and resizing photos is CPU work; on a machine with few cores per GPU it
 bounds the image stream. With ``image_decode="gpu"`` each decoding worker process reads its files,
 looks at their headers, and decodes them on the GPU (:func:`decode_files`): one nvJPEG handle per
 process, so the workers decode in parallel (torchvision serialises the calls of one process), and
-the CPU keeps only nvJPEG's entropy decoding. Baseline and progressive RGB or greyscale JPEGs go to
+the CPU does at most nvJPEG's entropy decoding. Baseline and progressive RGB or greyscale JPEGs go to
 the GPU, anything else (PNG, CMYK, a file nvJPEG refuses) takes ImageBind's CPU path
 (:func:`embed.preprocess.load_pixels`), so every file embeds as before or is quarantined as before.
 
