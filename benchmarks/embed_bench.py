@@ -114,13 +114,13 @@ def pil_decode_per_core(root: Path, images: int = 200) -> dict:
             "jpeg_mean_kib": round(float(np.mean([len(b) for b in blobs])) / 1024, 1)}
 
 
-def stage_config(args, root: Path) -> EmbedConfig:
+def stage_config(args, root: Path, image_decode: str) -> EmbedConfig:
     images = Path((root / ".ingested").read_text())
     return EmbedConfig(
         data_root=root, tiny=args.tiny, random_weights=not args.tiny, device=args.device,
         batch_size=args.batch_size, shard_rows=args.shard_rows, decode_workers=args.decode_workers,
         decode_pool=args.decode_pool, concurrent_shards=args.concurrent_shards,
-        image_decode=args.image_decode,
+        image_decode=image_decode,
         compile=args.compile, image_roots={"train": images}, index_min_rows=args.index_min_rows,
     )
 
@@ -322,11 +322,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
     ap.add_argument("--shard-rows", type=int, default=4096)
     ap.add_argument("--decode-workers", type=int, default=0, help="0: all cores but one")
-    ap.add_argument("--decode-images", type=int, default=16384, help="images in the decode-only timing")
+    ap.add_argument("--decode-images", type=int, default=16384,
+                    help="images in the decode-only timing (0: no decode-only timing)")
     ap.add_argument("--decode-pool", choices=["process", "thread"], default="process")
     ap.add_argument("--concurrent-shards", type=int, default=3)
-    ap.add_argument("--image-decode", choices=["cpu", "gpu"], default="cpu",
-                    help="gpu: nvJPEG + resize on the GPU")
+    ap.add_argument("--image-decode", choices=["cpu", "gpu"], nargs="+", default=["cpu"],
+                    help="gpu: nvJPEG + resize on the GPU; several: the stage once with each, same run")
     ap.add_argument("--index-min-rows", type=int, default=100_000)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compiled before timing)")
     ap.add_argument("--model-seconds", type=float, default=15.0, help="length of each model-only timing loop")
@@ -347,12 +348,21 @@ def main() -> None:
         return
     shape = pil_decode_per_core(root)
     print(f"data: {'flat scenes' if args.flat else 'photo-like'}, {shape}")
-    cfg = stage_config(args, root)
     from prefect.testing.utilities import prefect_test_harness
 
+    decoders = list(dict.fromkeys(args.image_decode))
     with prefect_test_harness(server_startup_timeout=180):  # a private Prefect server, not timed
-        stage = run_stage(cfg)
-    decode = decode_only(cfg, root, args.decode_images)
+        stages = {d: run_stage(stage_config(args, root, d)) for d in decoders}
+    cfg = stage_config(args, root, decoders[0])
+    decode = decode_only(cfg, root, args.decode_images) if args.decode_images else None
+    for d, stage in stages.items():
+        report_stage(args, command, root, stage_config(args, root, d), stage, shape, decode)
+
+
+def report_stage(args, command: str, root: Path, cfg: EmbedConfig, stage: dict, shape: dict,
+                 decode: dict | None) -> None:
+    """Print one stage run's figures (and the model-only ones unless ``--stage-only``) and keep them
+    as JSON beside the data."""
     c = stage["counts"]
     n_turns = read(connect(cfg.lance_uri), "turns", columns=["turn"]).num_rows
     dev = torch.device(args.device)
@@ -362,7 +372,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}",
         "model": c.model, "dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "compile": args.compile,
-        "image_decode": args.image_decode,
+        "image_decode": cfg.image_decode,
         "data": "flat scenes" if args.flat else "photo-like", **shape,
         "images": c.images, "turns": n_turns, "distinct_texts": c.texts,
         "stage_wall_s": round(stage["wall_s"], 2),
@@ -380,7 +390,7 @@ def main() -> None:
     }
     if not args.stage_only:
         report |= model_figures(args, cfg, root, c, stage["wall_s"], n_turns, ours_rate)
-    print("\n=== embed benchmark ===")
+    print(f"\n=== embed benchmark (image decode: {cfg.image_decode}) ===")
     for k, v in report.items():
         print(f"{k:34s} {v}")
     print("targets (one H100, photo-like data): stage_wall_s <= 100; mfu_model_vision/text >= 0.40 and "
@@ -389,7 +399,9 @@ def main() -> None:
           "(half images, half turns); speedup_full_set: the baseline's extrapolated time for every image, "
           "turn and caption "
           "one at a time (no dedupe, as the report did) over the stage's wall time")
-    out = args.data / f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}.json"
+    decoder = "" if cfg.image_decode == "cpu" else f"-{cfg.image_decode}-decode"
+    name = f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}{decoder}.json"
+    out = args.data / name
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"written to {out}\nreproduce with: {command}")
 
