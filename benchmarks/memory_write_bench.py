@@ -7,7 +7,8 @@ The table is the speed benchmark's (``memory_bench.py speed --workdir``: written
 if missing). In one run, on the same table:
 
 1. idle: recall p50/p99 and recall@10 against exact search (numpy over the same vectors), one
-   process, nothing else running;
+   process, nothing else running; after each recall, Lance's own top-10 search with the same index
+   settings on a dataset opened once (the anchor: the least a recall can cost, here and in 3.);
 2. one writer: ``remember(vector=...)``, ``remember(key=...)`` (a supersede each), and LanceDB's
    own ``table.add`` of one row (the anchor: the least a write can cost);
 3. under load: ``--writers`` processes remembering as fast as they can (each with its own ids, so
@@ -83,15 +84,20 @@ def reader(root: Path, until: float, queries: np.ndarray, truth: list[list[str]]
 
     store = open_store(root)
     sim = Weights.similarity_only()
+    anchor_ds = store.mt.dataset(fresh=True)  # opened once: Lance's own search, the anchor
     for q in queries[:10]:  # index pages into the cache, as a live process has them
         store.recall("user0", vector=q, k=10, weights=sim, touch=False)
-    ms, cpu, hits, fresh_ms, seen, asked, i = [], [], [], [], 0, 0, 0
+        lance_search(anchor_ds, q, store.config)
+    ms, cpu, anchor, hits, fresh_ms, seen, asked, i = [], [], [], [], [], 0, 0, 0
     while time.time() < until:
         q = queries[i % len(queries)]
         t0, c0 = time.perf_counter(), time.process_time()
         got = store.recall("user0", vector=q, k=10, weights=sim)
         ms.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)  # the process's, its background threads' included
+        t0 = time.perf_counter()
+        lance_search(anchor_ds, q, store.config)
+        anchor.append((time.perf_counter() - t0) * 1e3)
         hits.append(len({h.memory["memory_id"] for h in got} & set(truth[i % len(queries)])) / 10)
         i += 1
         old = _written_before(logs[i % len(logs)], time.time() - 1.0) if logs else None
@@ -104,7 +110,16 @@ def reader(root: Path, until: float, queries: np.ndarray, truth: list[list[str]]
             seen += bool(top) and top[0].memory["memory_id"] == old
     store.close()
     return {"ms": ms, "cpu_ms": cpu, "recall_at_10": float(np.mean(hits)) if hits else None,
-            "fresh_ms": fresh_ms, "fresh_seen": seen, "fresh_asked": asked}
+            "fresh_ms": fresh_ms, "fresh_seen": seen, "fresh_asked": asked, "anchor_ms": anchor}
+
+
+def lance_search(ds, q: np.ndarray, config: MemoryConfig):
+    """Lance's own top 10 with the store's index settings, on a dataset opened once (no filter, no
+    new rows, no columns but the distance): the least a recall can cost at that moment."""
+    nearest = {"column": "vector", "q": q, "k": 10, "metric": "cosine", "nprobes": config.nprobes,
+               "ef": config.ef, "refine_factor": config.refine_factor}
+    return ds.to_table(columns=["_distance"], nearest=nearest, fast_search=True, with_row_address=True,
+                       disable_scoring_autoprojection=True)
 
 
 def _written_before(log: Path, t: float) -> str | None:
@@ -230,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     with ProcessPoolExecutor(max_workers=args.writers + 2, mp_context=ctx) as pool:
         idle = pool.submit(reader, root, time.time() + args.idle_seconds, q, truth, []).result()
         out["idle_recall"] = {**percentiles(idle["ms"]), "recall_at_10": round(idle["recall_at_10"], 4),
-                              "n": len(idle["ms"]), "cpu_p50_ms": round(float(np.median(idle["cpu_ms"])), 2)}
+                              "n": len(idle["ms"]), "cpu_p50_ms": round(float(np.median(idle["cpu_ms"])), 2),
+                              "anchor_lance_search": percentiles(idle["anchor_ms"])}
         print("idle", out["idle_recall"], flush=True)
         out["one_writer"] = pool.submit(single_writer, root, args.single).result()
         print("one writer", out["one_writer"], flush=True)
@@ -251,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         "exceptions": sum(len(w["errors"]) for w in ws),
         "exception_examples": [e for w in ws for e in w["errors"]][:3],
         "recall": {**percentiles(rd["ms"]), "recall_at_10": round(rd["recall_at_10"], 4), "n": len(rd["ms"]),
-                   "cpu_p50_ms": round(float(np.median(rd["cpu_ms"])), 2)},
+                   "cpu_p50_ms": round(float(np.median(rd["cpu_ms"])), 2),
+                   "anchor_lance_search": percentiles(rd["anchor_ms"])},
         "sees_writes_1s_old": f"{rd['fresh_seen']}/{rd['fresh_asked']}",
         "fresh_recall": percentiles(rd["fresh_ms"]) if rd["fresh_ms"] else None,
         "forgetter": fg,
