@@ -7,8 +7,9 @@ The table is the speed benchmark's (``memory_bench.py speed --workdir``: written
 if missing). In one run, on the same table:
 
 1. idle: recall p50/p99 and recall@10 against exact search (numpy over the same vectors), one
-   process, nothing else running; after each recall, Lance's own top-10 search with the same index
-   settings on a dataset opened once (the anchor: the least a recall can cost, here and in 3.);
+   process, nothing else running; after each recall, Lance's own search for the candidates a recall
+   re-ranks, same index settings, on a dataset opened once (the anchor: the least a recall can cost,
+   here and in 3.);
 2. one writer: ``remember(vector=...)``, ``remember(key=...)`` (a supersede each), and LanceDB's
    own ``table.add`` of one row (the anchor: the least a write can cost);
 3. under load: ``--writers`` processes remembering as fast as they can (each with its own ids, so
@@ -114,10 +115,11 @@ def reader(root: Path, until: float, queries: np.ndarray, truth: list[list[str]]
 
 
 def lance_search(ds, q: np.ndarray, config: MemoryConfig):
-    """Lance's own top 10 with the store's index settings, on a dataset opened once (no filter, no
-    new rows, no columns but the distance): the least a recall can cost at that moment."""
-    nearest = {"column": "vector", "q": q, "k": 10, "metric": "cosine", "nprobes": config.nprobes,
-               "ef": config.ef, "refine_factor": config.refine_factor}
+    """Lance's own search for the candidates a recall re-ranks (``candidates`` nearest, the store's
+    index settings and refine) on a dataset opened once: no filter, no new rows, no columns but the
+    distance. The least a recall can cost at that moment."""
+    nearest = {"column": "vector", "q": q, "k": config.candidates, "metric": "cosine",
+               "nprobes": config.nprobes, "ef": config.ef, "refine_factor": config.refine_factor}
     return ds.to_table(columns=["_distance"], nearest=nearest, fast_search=True, with_row_address=True,
                        disable_scoring_autoprojection=True)
 
