@@ -122,6 +122,7 @@ def stage_config(args, root: Path, image_decode: str) -> EmbedConfig:
         decode_pool=args.decode_pool, concurrent_shards=args.concurrent_shards,
         image_decode=image_decode,
         compile=args.compile, image_roots={"train": images}, index_min_rows=args.index_min_rows,
+        early_index=not args.late_index,
     )
 
 
@@ -329,6 +330,8 @@ def main() -> None:
     ap.add_argument("--image-decode", choices=["cpu", "gpu"], nargs="+", default=["cpu"],
                     help="gpu: nvJPEG + resize on the GPU; several: the stage once with each, same run")
     ap.add_argument("--index-min-rows", type=int, default=100_000)
+    ap.add_argument("--late-index", action="store_true",
+                    help="every vector index after the last shard (early_index=False)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compiled before timing)")
     ap.add_argument("--model-seconds", type=float, default=15.0, help="length of each model-only timing loop")
     ap.add_argument("--baseline-samples", type=int, default=256,
@@ -372,7 +375,7 @@ def report_stage(args, command: str, root: Path, cfg: EmbedConfig, stage: dict, 
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}",
         "model": c.model, "dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "compile": args.compile,
-        "image_decode": cfg.image_decode,
+        "image_decode": cfg.image_decode, "early_index": cfg.early_index,
         "data": "flat scenes" if args.flat else "photo-like", **shape,
         "images": c.images, "turns": n_turns, "distinct_texts": c.texts,
         "stage_wall_s": round(stage["wall_s"], 2),

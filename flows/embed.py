@@ -162,7 +162,8 @@ def embed_shards_flow(config: EmbedConfig) -> EmbedResult:
             config.image_decode)
 
     writer, early = Writer(db, config.merge_rows, merge_task), EarlyIndex(config)
-    done = collect(submit, p.todo, writer, sum(len(s.rows) for s in p.todo), config.rows_dir, early)
+    done = collect(submit, p.todo, writer, sum(len(s.rows) for s in p.todo), config.rows_dir,
+                   early if config.early_index else lambda table: None)
     t2 = time.perf_counter()
     indexed = early.wait()  # before tagging: the run's tag names the version with the index
     t3 = time.perf_counter()

@@ -101,6 +101,10 @@ class EmbedConfig(StageConfig):
                             description="Rows buffered before each merge into Lance.")
     index_min_rows: int = Field(default=100_000, ge=1, le=10**12,
                                 description="Build a vector index once a table has this many rows.")
+    early_index: bool = Field(
+        default=True, description="Index a table as soon as its last shard is merged, while the other "
+        "table's shards run (the build's CPU threads then compete with the image decoders); false: "
+        "every index after the last shard.")
     splits: list[str] | None = Field(default=None, description="Splits to embed; default all.")
     image_roots: dict[str, Path] = Field(
         default_factory=dict, description="split -> image folder, overriding the root stored by ingest."

@@ -257,14 +257,33 @@ def test_flow_embeds_every_image_and_distinct_text_once_and_reruns_nothing(data_
     # the texts end first (spread through the first half of the images) and their table is indexed
     # while the last images run: the run's text version carries the index, built before the tail
     assert out.stream_done_seconds["text"] < out.stream_done_seconds["image"]
-    text_ds = connect(cfg.lance_uri).open_table("text_embeddings").to_lance()
+    text_tbl = connect(cfg.lance_uri).open_table("text_embeddings")
+    text_ds = text_tbl.to_lance()
     assert text_ds.checkout_version(out.versions["text_embeddings"]).describe_indices()
+    tagged = [t["version"] for name, t in text_tbl.tags.list().items() if name.startswith("embed-")]
+    assert len(tagged) == 1 and text_ds.checkout_version(tagged[0]).describe_indices()
 
     before = versions(data_root)
     again = embed_flow(cfg)
     assert again.shards_up_to_date == again.shards
     assert again.shards_computed == again.shards_cached == 0
     assert versions(data_root) == before  # nothing appended, nothing rewritten
+
+
+def test_late_index_builds_every_index_after_the_run_version(data_root, demo_dir):
+    """``early_index=False``: no table is indexed while shards run, so the version the run tags holds
+    no index; the index comes with the flow's last step, and is there at the end."""
+    from flows.embed import embed_flow
+
+    out = embed_flow(config(data_root, demo_dir, early_index=False))
+    assert out.index == {"image_embeddings": "created", "text_embeddings": "created"}
+    tbl = connect(data_root / "lance").open_table("text_embeddings")
+    tagged = [t["version"] for name, t in tbl.tags.list().items() if name.startswith("embed-")]
+    assert len(tagged) == 1
+    ds = tbl.to_lance()
+    assert not ds.checkout_version(tagged[0]).describe_indices()  # the run's rows, not yet indexed
+    assert ds.checkout_version(out.versions["text_embeddings"]).describe_indices()
+    assert out.versions["text_embeddings"] > tagged[0]
 
 
 def test_killed_run_resumes_from_cached_shards_and_model_change_recomputes(data_root, demo_dir):
