@@ -353,13 +353,12 @@ def main() -> None:
     print(f"data: {'flat scenes' if args.flat else 'photo-like'}, {shape}")
     from prefect.testing.utilities import prefect_test_harness
 
-    decoders = list(dict.fromkeys(args.image_decode))
+    cfgs = [stage_config(args, root, d) for d in dict.fromkeys(args.image_decode)]
     with prefect_test_harness(server_startup_timeout=180):  # a private Prefect server, not timed
-        stages = {d: run_stage(stage_config(args, root, d)) for d in decoders}
-    cfg = stage_config(args, root, decoders[0])
-    decode = decode_only(cfg, root, args.decode_images) if args.decode_images else None
-    for d, stage in stages.items():
-        report_stage(args, command, root, stage_config(args, root, d), stage, shape, decode)
+        stages = [run_stage(cfg) for cfg in cfgs]
+    decode = decode_only(cfgs[0], root, args.decode_images) if args.decode_images else None
+    for cfg, stage in zip(cfgs, stages, strict=True):
+        report_stage(args, command, root, cfg, stage, shape, decode)
 
 
 def report_stage(args, command: str, root: Path, cfg: EmbedConfig, stage: dict, shape: dict,
@@ -402,8 +401,9 @@ def report_stage(args, command: str, root: Path, cfg: EmbedConfig, stage: dict, 
           "(half images, half turns); speedup_full_set: the baseline's extrapolated time for every image, "
           "turn and caption "
           "one at a time (no dedupe, as the report did) over the stage's wall time")
-    decoder = "" if cfg.image_decode == "cpu" else f"-{cfg.image_decode}-decode"
-    name = f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}{decoder}.json"
+    variant = ("" if cfg.image_decode == "cpu" else f"-{cfg.image_decode}-decode") + (
+        "" if cfg.early_index else "-late-index")
+    name = f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}{variant}.json"
     out = args.data / name
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"written to {out}\nreproduce with: {command}")
