@@ -154,27 +154,26 @@ def sync(device: torch.device) -> None:
 
 def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
     """Images/s of decode + resize + crop alone, in worker processes and in threads (the stage's
-    own pools), and on a GPU by nvJPEG in the worker processes (``image_decode="gpu"``): what the
-    stage can feed the GPU whatever the model's speed."""
-    from functools import partial
-
+    own pools), and on a GPU by nvJPEG in this process from bytes the workers read
+    (``image_decode="gpu"``): what the stage can feed the GPU whatever the model's speed."""
     from embed.compute import DECODE_CHUNK, map_ordered, resolve_workers
-    from embed.jpeg import decode_files
+    from embed.jpeg import decode_on_device, read_jpegs
     from embed.preprocess import load_pixels_many
 
     rows = read(connect(cfg.lance_uri), "images", columns=["path"]).slice(0, images)
     folder = Path((root / ".ingested").read_text())
     paths = [str(folder / p) for p in rows.column("path").to_pylist()]
     jobs = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
-    out = {}
-    ways = {"process": (load_pixels_many, "process"), "thread": (load_pixels_many, "thread")}
+    workers = resolve_workers(cfg.decode_workers)
+    ways = {"process": lambda js: map_ordered(load_pixels_many, js, workers, "process"),
+            "thread": lambda js: map_ordered(load_pixels_many, js, workers, "thread")}
     if torch.cuda.is_available() and cfg.device != "cpu":
-        ways["gpu-process"] = (partial(decode_files, "cuda"), "process")
-    for name, (fn, kind) in ways.items():
-        workers = resolve_workers(cfg.decode_workers)
-        list(map_ordered(fn, jobs[:workers], workers, kind))  # start the pool
+        ways["gpu"] = lambda js: decode_on_device(map_ordered(read_jpegs, js, workers, "process"), "cuda")
+    out = {}
+    for name, run in ways.items():
+        sum(len(px) for px, _ in run(jobs[:workers]))  # start the pool (and the decoder)
         t = time.perf_counter()
-        n = sum(len(px) for px, _ in map_ordered(fn, jobs, workers, kind))
+        n = sum(len(px) for px, _ in run(jobs))
         out[name] = round(n / (time.perf_counter() - t), 1)
     return out
 

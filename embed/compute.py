@@ -1,5 +1,5 @@
-"""Computing one shard: images decoded and resized ahead in worker processes (on the CPU, or
-on the GPU by nvJPEG), the model fed as a stream; the rows come back as Arrow
+"""Computing one shard: images decoded and resized ahead in worker processes (or read there and
+decoded on the model's GPU by nvJPEG), the model fed as a stream; the rows come back as Arrow
 in the output table's schema, undecodable images as rejections. Nothing here writes a table.
 
 On CUDA a shard streams: processes decode and resize images ahead, the main thread queues bf16
@@ -17,13 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
 
 from embed.device import resolve_device
-from embed.jpeg import decode_files
+from embed.jpeg import decode_on_device, read_jpegs
 from embed.model import StreamStats
 from embed.plan import ModelArgs, Shard
 from embed.preprocess import (
@@ -117,8 +117,9 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
                       decode: str = "cpu") -> ShardResult:
     """Decode, preprocess and embed one shard of images; undecodable ones become rejections.
 
-    ``decode="gpu"`` on a CUDA model: the workers decode JPEGs and resize them on the GPU
-    (:mod:`embed.jpeg`), anything else on the CPU; otherwise they decode and resize on the CPU.
+    ``decode="gpu"`` on a CUDA model: the workers read JPEGs, and this process decodes and resizes
+    them on the model's GPU (:mod:`embed.jpeg`), anything else on the CPU; otherwise the workers
+    decode and resize on the CPU.
     """
     t0 = time.perf_counter()
     rows = shard.rows
@@ -129,9 +130,10 @@ def embed_image_shard(shard: Shard, model: ModelArgs, workers: int = 0, pool: st
     rejections: list[Rejection] = []
     device = resolve_device(model.device)
     on_gpu = decode == "gpu" and device.type == "cuda"
-    decoder = partial(decode_files, str(device)) if on_gpu else load_pixels_many
     # the workers start on the whole shard now, while the model loads (seconds, on a run's first shard)
-    work = map_ordered(decoder, jobs, resolve_workers(workers), pool)
+    work = map_ordered(read_jpegs if on_gpu else load_pixels_many, jobs, resolve_workers(workers), pool)
+    if on_gpu:
+        work = decode_on_device(work, device)
     embedder = model.load()
 
     def reject(j: int, failed: list[tuple[int, str, str]]) -> None:

@@ -1,25 +1,31 @@
-"""Images decoded by nvJPEG (``torchvision.io.decode_jpeg`` on CUDA, a batch per call) with the
-resize and crop on the same device, and PIL on the CPU as the fallback.
+"""Images decoded by the GPU that runs the model: nvJPEG (``torchvision.io.decode_jpeg`` on CUDA,
+batched; on A100/H100 its hardware JPEG engines) with the resize and crop on the same device, in the
+process that feeds the model. PIL on the CPU stays the fallback.
 
-Decoding and resizing photos is CPU work; on a machine with few cores per GPU it, not the model,
-bounds the image stream. With ``image_decode="gpu"`` each decoding worker process reads its files,
-looks at their headers, and decodes them on the GPU (:func:`decode_files`): one nvJPEG handle per
-process, so the workers decode in parallel (torchvision serialises the calls of one process), and
-the CPU does at most nvJPEG's entropy decoding. Baseline and progressive RGB or greyscale JPEGs go to
-the GPU, anything else (PNG, CMYK, a file nvJPEG refuses) takes ImageBind's CPU path
-(:func:`embed.preprocess.load_pixels`), so every file embeds as before or is quarantined as before.
+Decoding photos is CPU work; on a machine with a few cores per GPU it, not the model, bounds the
+image stream. With ``image_decode="gpu"`` the decoding workers only read files and look at their
+headers (:func:`read_jpegs`); whole baseline and progressive RGB or greyscale JPEGs come back as
+bytes, anything else (PNG, CMYK, a file cut short) is decoded there by ImageBind's CPU path. A
+thread of the feeding process then decodes many jobs' JPEGs in one nvJPEG call on its own CUDA
+stream (:func:`decode_on_device`), so the decode overlaps the forwards queued on the model's
+stream. One CUDA context does it all:
+decoding in every worker process (one context each) was measured to slow the model it shares the
+GPU with. A file nvJPEG refuses takes the CPU path, so every file embeds as before or is
+quarantined as before.
 
 The transform is ImageBind's: the short side to 224 with antialiased bicubic (torchvision's tensor
 resize follows PIL's filter), centre crop 224, uint8. Decoders differ in their IDCT and chroma
 upsampling, so pixels match the CPU path within a few levels, not bit for bit;
-``tests/test_embed.py`` pins the tolerance (CPU decode here, nvJPEG on a GPU machine).
+``tests/test_embed.py`` pins the tolerance (libjpeg through torchvision here, nvJPEG on a GPU machine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,19 +33,22 @@ from PIL import Image
 
 from embed.preprocess import IMAGE_SIZE, load_pixels
 
-_DECODE_LOCK = threading.Lock()
 JPEG_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB as PIL does; CMYK/YCCK and the rest stay on the CPU
+DEVICE_BATCH = 256  # JPEGs per nvJPEG call: the hardware decoder works a batch at a time
+PREFETCH = 4  # decoded jobs held ahead of the model (device memory: ~150 KiB each image)
+
+# position in the job, path, and the JPEG's bytes (the device decodes them) or the CPU path's pixels
+Entry = tuple[int, str, bytes | np.ndarray]
+Failure = tuple[int, str, str]  # position in the job, "missing" | "unreadable" | "outside", detail
+Job = tuple[list[Entry], list[Failure]]
 
 
-Entry = tuple[int, str, bytes | None]  # position in the job, path, JPEG bytes for the device (None: CPU path)
-
-
-def read_jpegs(paths: Sequence[str | None]) -> tuple[list[Entry], list[tuple[int, str, str]]]:
-    """Per file, its bytes if it is a JPEG the device decoder takes (else ``None``: decode on the
-    CPU), and ``(position, "missing" | "outside", detail)`` of paths with no file. Runs in worker
-    processes: reading and a header parse, no pixel decoding."""
+def read_jpegs(paths: Sequence[str | None]) -> Job:
+    """Per file, its bytes if it is a JPEG the device decodes, else its pixels from ImageBind's CPU
+    path; and the failures by position (``None`` is a path that left its root). Runs in decoding
+    worker processes: for a JPEG, reading and a header parse, no pixel decoding."""
     entries: list[Entry] = []
-    failed = []
+    failed: list[Failure] = []
     for i, path in enumerate(paths):
         if path is None:
             failed.append((i, "outside", "path resolves outside the image root"))
@@ -47,33 +56,24 @@ def read_jpegs(paths: Sequence[str | None]) -> tuple[list[Entry], list[tuple[int
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
+            entries.append((i, path, data if _gpu_decodable(data) else load_pixels(io.BytesIO(data))))
         except FileNotFoundError:
             failed.append((i, "missing", "no such file at embed time"))
-            continue
-        except OSError:
-            entries.append((i, path, None))  # the CPU path reports it
-            continue
-        entries.append((i, path, data if _gpu_decodable(data) else None))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is one failure
+            failed.append((i, "unreadable", f"{type(exc).__name__}: {exc}"))
     return entries, failed
 
 
 def _gpu_decodable(data: bytes) -> bool:
-    if data[:2] != b"\xff\xd8":
+    # a file cut short (no end-of-image marker) goes to PIL, which refuses it; nvJPEG's hardware
+    # decoder would return the part it has
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
         return False
     try:
         with Image.open(io.BytesIO(data)) as im:  # the header only
             return im.format == "JPEG" and im.mode in JPEG_MODES
     except Exception:  # noqa: BLE001 - a header PIL cannot read: the CPU path decides
         return False
-
-
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except Exception:  # noqa: BLE001 - the CPU path decodes it or says why not
-        return None
 
 
 def resize_crop(image: torch.Tensor) -> torch.Tensor:
@@ -85,42 +85,106 @@ def resize_crop(image: torch.Tensor) -> torch.Tensor:
     return F.center_crop(out, IMAGE_SIZE).permute(1, 2, 0)
 
 
-def decode_pixels(entries: Sequence[Entry], device: torch.device | str
-                  ) -> tuple[torch.Tensor, list[tuple[int, str, str]]]:
-    """(n, 224, 224, 3) uint8 on ``device`` for the entries that decode, in order, and
-    ``(position, "unreadable", detail)`` of the rest. Entries with bytes go to the device decoder
-    (a batch it refuses is retried one by one), the others and its refusals to the CPU path."""
+def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """Decoded (3, H, W) uint8 images on ``device``, ``None`` where the decoder refuses one."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except Exception:  # noqa: BLE001 - one bad file fails the batch: find it
+        out: list[torch.Tensor | None] = []
+        for x in data:
+            try:
+                out.append(decode_jpeg(x, mode=ImageReadMode.RGB, device=device))
+            except Exception:  # noqa: BLE001 - the CPU path decodes it or says why not
+                out.append(None)
+        return out
+
+
+def decode_jobs(jobs: Sequence[Job], device: torch.device | str) -> list[tuple[torch.Tensor, list[Failure]]]:
+    """Per job, its (n, 224, 224, 3) uint8 pixels on ``device`` in order, and its failures: the JPEG
+    bytes of every job decoded in one call, the CPU path's pixels copied over, and a JPEG the device
+    refuses decoded by the CPU path (or, failing that, one ``unreadable`` failure)."""
     device = torch.device(device)
-    blobs = [b for _, _, b in entries]
-    out: list[torch.Tensor | None] = [None] * len(blobs)
-    failed = []
-    gpu = [i for i, b in enumerate(blobs) if b is not None]
-    if gpu:
-        data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in gpu]
-        with _DECODE_LOCK:  # shards' threads share the process's one decoder handle
+    blobs = [e[2] for entries, _ in jobs for e in entries if isinstance(e[2], bytes)]
+    decoded = iter(_decode_jpegs(blobs, device) if blobs else [])
+    out = []
+    for entries, failed in jobs:
+        failed = list(failed)
+        pixels = []
+        for pos, path, data in entries:
+            image = next(decoded) if isinstance(data, bytes) else None
+            if image is not None:
+                pixels.append(resize_crop(image))
+                continue
             try:
-                images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-            except Exception:  # noqa: BLE001 - one bad file fails the batch: find it
-                images = [_decode_one(x, device) for x in data]
-        for i, image in zip(gpu, images, strict=True):
-            out[i] = None if image is None else resize_crop(image)
-    for i in range(len(blobs)):
-        if out[i] is None:
-            try:
-                out[i] = torch.from_numpy(np.array(load_pixels(entries[i][1]))).to(device)
+                px = data if isinstance(data, np.ndarray) else load_pixels(path)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is one failure
-                failed.append((entries[i][0], "unreadable", f"{type(exc).__name__}: {exc}"))
-    kept = [t for t in out if t is not None]
-    pixels = torch.stack(kept) if kept else torch.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8,
-                                                        device=device)
-    return pixels, failed
+                failed.append((pos, "unreadable", f"{type(exc).__name__}: {exc}"))
+                continue
+            pixels.append(torch.tensor(px, device=device))
+        stacked = (torch.stack(pixels) if pixels
+                   else torch.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, device=device))
+        out.append((stacked, sorted(failed)))
+    return out
 
 
-def decode_files(device: str, paths: Sequence[str | None]) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
-    """:func:`embed.preprocess.load_pixels_many` with the decoding on ``device``: the pixels
-    (n, 224, 224, 3) uint8 on the host, and the failures by position. Runs in decoding workers."""
-    entries, failed = read_jpegs(paths)
-    pixels, bad = decode_pixels(entries, device)
-    return pixels.cpu().numpy(), sorted(failed + bad)
+def decode_on_device(jobs: Iterable[Job], device: torch.device | str, batch: int = DEVICE_BATCH,
+                     ahead: int = PREFETCH) -> Iterator[tuple[torch.Tensor, list[Failure]]]:
+    """:func:`decode_jobs` over a stream of jobs (the workers' :func:`read_jpegs`), in order, in a
+    thread that stays up to ``ahead`` jobs ahead. On CUDA it decodes on a stream of its own and hands
+    over only finished pixels, marked as used by the model's stream (so their memory is not reused
+    before the model has read them)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    done: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                done.put(item, timeout=0.1)
+                return True
+        return False
+
+    def work() -> None:
+        stream = torch.cuda.Stream(device) if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for group in _groups(jobs, batch):
+                    results = decode_jobs(group, device)
+                    if cuda:
+                        stream.synchronize()
+                        for pixels, _ in results:
+                            pixels.record_stream(torch.cuda.default_stream(device))
+                    if not all(put(r) for r in results):
+                        return
+            put(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            put(exc)
+
+    thread = threading.Thread(target=work, name="embed-device-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := done.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _groups(jobs: Iterable[Job], batch: int) -> Iterator[list[Job]]:
+    """Consecutive jobs holding about ``batch`` JPEGs together."""
+    group: list[Job] = []
+    have = 0
+    for job in jobs:
+        group.append(job)
+        have += len(job[0])
+        if have >= batch:
+            yield group
+            group, have = [], 0
+    if group:
+        yield group

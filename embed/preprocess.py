@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -47,10 +48,10 @@ def image_to_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(_vision_resize_crop()(rgb), dtype=np.uint8)
 
 
-def load_pixels(path: str | os.PathLike) -> np.ndarray:
-    """Decode one image file fully and preprocess it; raises on unreadable data (caller quarantines)."""
-    with open(path, "rb") as fh:
-        image = Image.open(fh)
+def load_pixels(source: str | os.PathLike | BinaryIO) -> np.ndarray:
+    """Decode one image (a file, or its bytes already read) fully and preprocess it; raises on
+    unreadable data (caller quarantines)."""
+    with Image.open(source) as image:
         image.load()
         return image_to_pixels(image)
 
