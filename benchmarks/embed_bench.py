@@ -170,6 +170,11 @@ def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
     if torch.cuda.is_available() and cfg.device != "cpu":
         ways["gpu"] = lambda js: decode_on_device(map_ordered(read_jpegs, js, workers, "process"), "cuda")
     out = {}
+    if "gpu" in ways:  # how far the GPU's pixels are from ImageBind's CPU path, in levels of 255
+        [(gpu, _)] = ways["gpu"]([jobs[0]])
+        cpu, _ = load_pixels_many(jobs[0])
+        diff = np.abs(gpu.cpu().numpy().astype(int) - cpu.astype(int))
+        out["gpu_pixel_diff_max_mean"] = (int(diff.max()), round(float(diff.mean()), 3))
     for name, run in ways.items():
         sum(len(px) for px, _ in run(jobs[:workers]))  # start the pool (and the decoder)
         t = time.perf_counter()
