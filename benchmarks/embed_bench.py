@@ -32,6 +32,7 @@ import shlex
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -153,9 +154,8 @@ def sync(device: torch.device) -> None:
 
 
 def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
-    """Images/s of decode + resize + crop alone, in worker processes and in threads (the stage's
-    own pools), and on a GPU by nvJPEG in this process from bytes the workers read
-    (``image_decode="gpu"``): what the stage can feed the GPU whatever the model's speed."""
+    """Images/s of decode + resize + crop alone (workers' processes or threads; the GPU from bytes
+    the workers read): what the stage can feed the GPU whatever the model's speed."""
     from embed.compute import DECODE_CHUNK, map_ordered, resolve_workers
     from embed.jpeg import decode_on_device, read_jpegs
     from embed.preprocess import load_pixels_many
@@ -165,15 +165,13 @@ def decode_only(cfg: EmbedConfig, root: Path, images: int) -> dict:
     paths = [str(folder / p) for p in rows.column("path").to_pylist()]
     jobs = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     workers = resolve_workers(cfg.decode_workers)
-    ways = {"process": lambda js: map_ordered(load_pixels_many, js, workers, "process"),
-            "thread": lambda js: map_ordered(load_pixels_many, js, workers, "thread")}
+    ways = {k: partial(map_ordered, load_pixels_many, workers=workers, kind=k) for k in ("process", "thread")}
     if torch.cuda.is_available() and cfg.device != "cpu":
         ways["gpu"] = lambda js: decode_on_device(map_ordered(read_jpegs, js, workers, "process"), "cuda")
     out = {}
     if "gpu" in ways:  # how far the GPU's pixels are from ImageBind's CPU path, in levels of 255
-        [(gpu, _)] = ways["gpu"]([jobs[0]])
-        cpu, _ = load_pixels_many(jobs[0])
-        diff = np.abs(gpu.cpu().numpy().astype(int) - cpu.astype(int))
+        [(gpu, _)] = ways["gpu"](jobs[:1])
+        diff = np.abs(gpu.cpu().numpy() - load_pixels_many(jobs[0])[0].astype(int))
         out["gpu_pixel_diff_max_mean"] = (int(diff.max()), round(float(diff.mean()), 3))
     for name, run in ways.items():
         sum(len(px) for px, _ in run(jobs[:workers]))  # start the pool (and the decoder)
