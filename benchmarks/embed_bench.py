@@ -405,8 +405,7 @@ def report_stage(args, command: str, root: Path, cfg: EmbedConfig, stage: dict, 
           "one at a time (no dedupe, as the report did) over the stage's wall time")
     variant = ("" if cfg.image_decode == "cpu" else f"-{cfg.image_decode}-decode") + (
         "" if cfg.early_index else "-late-index")
-    name = f"embed-bench-{'tiny' if args.tiny else 'huge'}-{args.device}-{args.dialogs}{variant}.json"
-    out = args.data / name
+    out = args.data / f"embed-bench-{('huge', 'tiny')[args.tiny]}-{args.device}-{args.dialogs}{variant}.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"written to {out}\nreproduce with: {command}")
 
