@@ -9,16 +9,15 @@ What it measures, in one run:
                 MFU against the GPU's dense peak; FLOPs per sample counted by torch's FlopCounterMode.
   3. baseline-- the research report's way on a subset: fp32, one sample at a time, ImageBind's own
                 ``load_and_transform_vision_data`` per image, one ``torch.save`` .pt file per sample.
-Targets (issue 3, one H100): stage <= 150 s; model >= 45% of dense bf16 peak; >= 20x the baseline.
+Targets (issue 18, one H100): stage <= 100 s; model MFU >= 0.40, stage MFU >= 0.30; re-run <= 5 s.
 
     python benchmarks/embed_bench.py --device cuda                       # full size, one H100
-    python benchmarks/embed_bench.py --device cuda --compile             # torch.compile'd model
     python benchmarks/embed_bench.py --tiny --device cpu --dialogs 400 --baseline-samples 64   # CPU check
 
-The data is generated once (``--data``) and ingested once into ``--data/embed-root-<N>``; both steps
-are timed but are not part of the embed figure. By default it has the real set's cost shape
-(``write_split(photos=True)``: photo-like JPEGs, >= 500k distinct turn texts at full size; the
-per-core PIL decode rate is printed); ``--flat`` gives the old flat-colour demo scenes, whose
+The data is generated once (``--data``) and ingested once into ``--data/embed-root-<N>``, neither
+part of the figure. By default it has the real set's cost shape (``write_split(photos=True)``:
+photo-like progressive JPEGs, >= 500k distinct turn texts at full size; the per-core PIL decode rate
+is printed); ``--baseline-jpeg`` writes them baseline, ``--flat`` the flat-colour demo scenes, whose
 figure flatters the stage (DESIGN.md, "Cost shape").
 """
 
@@ -75,16 +74,16 @@ def prepare(args) -> Path:
     from ingest.clean import clean
     from ingest.write import write
 
-    data = args.data / str(args.dialogs)
+    data = args.data / args.tag
     if not (data / ".complete").exists():
         t = time.perf_counter()
         shutil.rmtree(data, ignore_errors=True)
         write_split(data, "train", args.dialogs, seed=0, workers=args.workers, progress=True,
-                    photos=not args.flat)
+                    photos=not args.flat, baseline_jpeg=args.baseline_jpeg)
         (data / ".complete").write_text("ok")
         print(f"generated {args.dialogs} dialogs + JPEGs in {time.perf_counter() - t:.1f} s "
               "(not part of the figure)")
-    root = args.data / f"embed-root-{args.dialogs}"
+    root = args.data / f"embed-root-{args.tag}"
     if not (root / ".ingested").exists():
         t = time.perf_counter()
         shutil.rmtree(root, ignore_errors=True)
@@ -317,6 +316,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None,
                     help="default /tmp/mmem-bench/visdial-photos (/tmp/mmem-bench/visdial with --flat)")
     ap.add_argument("--flat", action="store_true", help="the flat-colour demo scenes (flatters the stage)")
+    ap.add_argument("--baseline-jpeg", action="store_true", help="photos as baseline JPEGs, as COCO's are")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes generating/ingesting")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     choices=["cuda", "cpu"])
@@ -346,13 +346,15 @@ def main() -> None:
     args = ap.parse_args()
     args.batch_size = args.batch_size or (256 if args.device == "cuda" else 32)
     args.data = args.data or Path("/tmp/mmem-bench/" + ("visdial" if args.flat else "visdial-photos"))
+    args.tag = f"{args.dialogs}{'-baseline' * args.baseline_jpeg}"  # names the data, its root, the JSON
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
     root = prepare(args)
     if args.prepare_only:
         return
     shape = pil_decode_per_core(root)
-    print(f"data: {'flat scenes' if args.flat else 'photo-like'}, {shape}")
+    args.shape = "flat scenes" if args.flat else "photo-like" + ", baseline JPEG" * args.baseline_jpeg
+    print(f"data: {args.shape}, {shape}")
     from prefect.testing.utilities import prefect_test_harness
 
     cfgs = [stage_config(args, root, d) for d in dict.fromkeys(args.image_decode)]
@@ -377,7 +379,7 @@ def report_stage(args, command: str, root: Path, cfg: EmbedConfig, stage: dict, 
         "model": c.model, "dtype": "bfloat16" if dev.type == "cuda" else "float32",
         "compile": args.compile,
         "image_decode": cfg.image_decode, "early_index": cfg.early_index,
-        "data": "flat scenes" if args.flat else "photo-like", **shape,
+        "data": args.shape, **shape,
         "images": c.images, "turns": n_turns, "distinct_texts": c.texts,
         "stage_wall_s": round(stage["wall_s"], 2),
         "stage_images_per_s": round(c.images / stage["wall_s"], 1),
@@ -401,11 +403,9 @@ def report_stage(args, command: str, root: Path, cfg: EmbedConfig, stage: dict, 
           "mfu_stage >= 0.30 on the FLOPs actually run (texts at their batches' widths); rerun <= 5 s")
     print("speedup_per_sample: (images + distinct texts)/s of the stage vs the baseline's samples/s "
           "(half images, half turns); speedup_full_set: the baseline's extrapolated time for every image, "
-          "turn and caption "
-          "one at a time (no dedupe, as the report did) over the stage's wall time")
-    variant = ("" if cfg.image_decode == "cpu" else f"-{cfg.image_decode}-decode") + (
-        "" if cfg.early_index else "-late-index")
-    out = args.data / f"embed-bench-{('huge', 'tiny')[args.tiny]}-{args.device}-{args.dialogs}{variant}.json"
+          "turn and caption one at a time (no dedupe, as the report did) over the stage's wall time")
+    variant = "-gpu-decode" * (cfg.image_decode == "gpu") + "-late-index" * (not cfg.early_index)
+    out = args.data / f"embed-bench-{('huge', 'tiny')[args.tiny]}-{args.device}-{args.tag}{variant}.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"written to {out}\nreproduce with: {command}")
 

@@ -4,19 +4,18 @@ process that feeds the model. PIL on the CPU stays the fallback.
 
 Decoding photos is CPU work; on a machine with a few cores per GPU it, not the model, bounds the
 image stream. With ``image_decode="gpu"`` the decoding workers only read files and look at their
-headers (:func:`read_jpegs`); whole baseline and progressive RGB or greyscale JPEGs come back as
-bytes, anything else (PNG, CMYK, a file cut short) is decoded there by ImageBind's CPU path. A
-thread of the feeding process then decodes many jobs' JPEGs in one nvJPEG call on its own CUDA
-stream (:func:`decode_on_device`), so the decode overlaps the forwards queued on the model's
-stream. One CUDA context does it all:
-decoding in every worker process (one context each) was measured to slow the model it shares the
-GPU with. A file nvJPEG refuses takes the CPU path, so every file embeds as before or is
-quarantined as before.
+headers (:func:`read_jpegs`): whole baseline RGB or greyscale JPEGs come back as bytes; anything
+else (progressive scans, PNG, CMYK, a file cut short) is decoded there by ImageBind's CPU path. A
+thread of the feeding process decodes many jobs' JPEGs in one nvJPEG call on a CUDA stream of its
+own (:func:`decode_on_device`), so the decode overlaps the forwards on the model's stream. One CUDA
+context does it all: nvJPEG in every worker process (a context each) slowed the model it shares the
+GPU with (``benchmarks/results/h100-2026-12-07c``). A file nvJPEG refuses takes the CPU path, so
+every file embeds as before or is quarantined as before.
 
 The transform is ImageBind's: the short side to 224 with antialiased bicubic (torchvision's tensor
 resize follows PIL's filter), centre crop 224, uint8. Decoders differ in their IDCT and chroma
 upsampling, so pixels match the CPU path within a few levels, not bit for bit;
-``tests/test_embed.py`` pins the tolerance (libjpeg through torchvision here, nvJPEG on a GPU machine).
+``tests/test_embed_jpeg.py`` pins the tolerance (libjpeg through torchvision here, nvJPEG on a GPU).
 """
 
 from __future__ import annotations
@@ -71,7 +70,9 @@ def _gpu_decodable(data: bytes) -> bool:
         return False
     try:
         with Image.open(io.BytesIO(data)) as im:  # the header only
-            return im.format == "JPEG" and im.mode in JPEG_MODES
+            # progressive scans: nvJPEG's hardware engines refuse them, and its one-at-a-time
+            # software path in this process starved the model (h100-2026-12-08): PIL decodes them
+            return im.format == "JPEG" and im.mode in JPEG_MODES and not im.info.get("progressive")
     except Exception:  # noqa: BLE001 - a header PIL cannot read: the CPU path decides
         return False
 

@@ -94,6 +94,10 @@ def test_photos_have_the_real_data_cost_shape(tmp_path):
             assert 400 <= min(im.size) and max(im.size) <= 720
             px = np.asarray(im, dtype=np.float32)
         assert px.std() > 20 and np.abs(np.diff(px, axis=1)).mean() > 4  # texture and noise, not flat colour
+    base = write_split(tmp_path / "b", "train", 2, seed=0, photos=True, baseline_jpeg=True)["images"]
+    with Image.open(base / files[0].name) as im, Image.open(files[0]) as prog:  # the same photo, baseline
+        assert not im.info.get("progressive") and im.size == prog.size
+        assert np.abs(np.asarray(im, dtype=int) - np.asarray(prog, dtype=int)).mean() < 2
     doc = json.loads(paths["visdial"].read_text())["data"]
     texts = [turn_text(doc["questions"][r["question"]], doc["answers"][r["answer"]])
              for d in doc["dialogs"] for r in d["dialog"]]

@@ -20,18 +20,25 @@ def test_device_jpeg_decode_matches_the_cpu_path(tmp_path, device):
 
     photos = sorted(write_split(tmp_path / "p", "train", 6, seed=0, photos=True)["images"].iterdir())
     flat = sorted(write_split(tmp_path / "f", "train", 3, seed=0)["images"].iterdir())
+    baseline = []
+    for i, p in enumerate(photos[:3]):  # the demo photos are progressive; these, baseline as COCO's
+        with Image.open(p) as im:
+            im.save(tmp_path / f"base{i}.jpg", quality=92)
+        baseline.append(tmp_path / f"base{i}.jpg")
     with Image.open(photos[0]) as im:
         im.convert("L").save(tmp_path / "grey.jpg", quality=90)
         im.convert("CMYK").save(tmp_path / "cmyk.jpg")
         im.save(tmp_path / "png.jpg", "PNG")  # a PNG named .jpg
-    (tmp_path / "cut.jpg").write_bytes(photos[1].read_bytes()[:20_000])
-    decodable = [str(p) for p in photos + flat]
+    (tmp_path / "cut.jpg").write_bytes(baseline[1].read_bytes()[:20_000])
+    decodable = [str(p) for p in photos + baseline + flat]
     decodable += [str(tmp_path / n) for n in ("grey.jpg", "cmyk.jpg", "png.jpg")]
     paths = decodable + [str(tmp_path / "cut.jpg"), str(tmp_path / "gone.jpg"), None]
 
     job = read_jpegs(paths)  # what a decoding worker returns
-    # grey on the device; CMYK, PNG decoded by the worker; the cut file refused there (no end marker)
-    assert [isinstance(e[2], bytes) for e in job[0][-3:]] == [True, False, False]
+    # baseline photos, flat scenes and grey to the device; progressive photos, CMYK, PNG decoded by the
+    # worker; the cut file refused there (no end marker)
+    on_device = [isinstance(e[2], bytes) for e in job[0]]
+    assert on_device == [False] * len(photos) + [True] * (len(baseline) + len(flat) + 1) + [False, False]
     [(pixels, failed)] = decode_jobs([job], device)
     n = len(paths)
     assert [(pos, kind) for pos, kind, _ in failed] == [(n - 3, "unreadable"), (n - 2, "missing"),
@@ -44,7 +51,7 @@ def test_device_jpeg_decode_matches_the_cpu_path(tmp_path, device):
     # edges of flat scenes ring a level more than photos; nvJPEG's IDCT and chroma upsampling add a little
     assert diff.max() <= (4 if device == "cpu" else 12) and diff.mean() < (0.5 if device == "cpu" else 1.5), (
         diff.max(), diff.mean())
-    assert diff[-2:].max() == 0  # CMYK and PNG: the CPU path itself
+    assert diff[-2:].max() == 0 and diff[:len(photos)].max() == 0  # CMYK, PNG, progressive: the CPU path
 
     # a stream of jobs, decoded several to a device call, comes back job by job in order
     jobs = [read_jpegs(paths[i:i + 4]) for i in range(0, n, 4)]
