@@ -93,8 +93,8 @@ class EmbedConfig(StageConfig):
         "that feeds the GPU (PIL releases the GIL while decoding and resizing; no pixels cross a pipe).")
     image_decode: Literal["cpu", "gpu"] = Field(
         default="cpu", description="Where JPEGs decode and resize: worker processes (PIL), or the model's "
-        "GPU (nvJPEG; the workers only read files; other formats and CMYK still on the CPU). CPU-only runs "
-        "ignore gpu.")
+        "GPU for baseline JPEGs (nvJPEG in the feeding process; the workers only read them; progressive, "
+        "CMYK and other formats still on the CPU). CPU-only runs ignore gpu.")
     concurrent_shards: int = Field(default=2, ge=1, le=MAX_WORKERS,
                                    description="Shards in flight per flow (local runner).")
     merge_rows: int = Field(default=65536, ge=1, le=10_000_000,
