@@ -1,6 +1,8 @@
 """The GPU image decoder (:mod:`embed.jpeg`) against ImageBind's CPU path: same pixels within a
 few levels, the same failures, jobs in order."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +67,8 @@ def test_device_jpeg_decode_matches_the_cpu_path(tmp_path, device):
 
     with pytest.raises(OSError, match="a worker died"):
         list(decode_on_device(broken(), device))
+    # a consumer that stops early (a failed shard) leaves no decoding thread behind
+    stream = decode_on_device(iter(jobs), device, batch=1, ahead=1)
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "embed-device-decode"]
