@@ -200,7 +200,7 @@ NOISE_BANK = 1024  # side of the per-process sensor-noise bank that images take 
 # size; progressive scans bring the generated files' decode cost per image to a COCO photo's.
 PHOTO_JPEG = {"quality": 92, "subsampling": 2, "progressive": True}
 # COCO's own photos are baseline JPEGs, which nvJPEG's hardware engines decode (progressive ones they
-# refuse); ``baseline_jpeg=True`` writes them so, for measuring that path (PIL decodes them ~3x faster)
+# refuse); ``baseline_jpeg=True`` writes them so, for measuring that path (PIL decodes them ~2.6x faster)
 
 
 @lru_cache(maxsize=1)
