@@ -105,14 +105,24 @@ def _profile(tmp_path: Path, root: Path, host: str) -> Path:
     return p
 
 
-def _run_patched(name: str, patch: dict, timeout: float = 120):
-    """Start deployment ``name`` through the API as an outsider would: its own parameters, patched."""
+def _run_patched(runs: dict[str, tuple[str, dict]], timeout: float = 240) -> dict:
+    """Start each deployment through the API as an outsider would (its own parameters, patched), all
+    at once (the serving process picks them up in one poll), and wait for their final states."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    started = {}
     with get_client(sync_client=True) as client:
-        params = client.read_deployment_by_name(name).parameters
-    return run_deployment(name, parameters={"config": {**params["config"], **patch}}, timeout=timeout)
+        for key, (name, patch) in runs.items():
+            config = client.read_deployment_by_name(name).parameters["config"]
+            started[key] = run_deployment(name, parameters={"config": {**config, **patch}}, timeout=0)
+        deadline = time.monotonic() + timeout
+        while True:
+            done = {k: client.read_flow_run(r.id) for k, r in started.items()}
+            if all(r.state is not None and r.state.is_final() for r in done.values()):
+                return done
+            assert time.monotonic() < deadline, {k: r.state for k, r in done.items()}
+            time.sleep(1)
 
 
 def _served(profile: Path, *allow: str) -> subprocess.Popen:
@@ -147,14 +157,15 @@ def test_served_runs_with_patched_trust_parameters_are_refused_naming_them(tmp_p
         proc = _served(_profile(tmp_path, root, own.url), "--allow-ollama-host", allowed.url)
         try:
             _wait_for_deployments(proc, ["embed/embed", "reminders/reminders"])
-            refused = {
-                "dask_address": _run_patched("embed/embed", {"dask_address": "tls://127.0.0.1:9"}),
-                "data_root": _run_patched("embed/embed", {"data_root": str(outsider_root)}),
-                "ollama_host": _run_patched("reminders/reminders", {"ollama_host": outsider.url}),
-                "auth_secret_block": _run_patched("reminders/reminders", {"auth_secret_block": "stolen"}),
-            }
-            # a host the serving process allows passes the check: that run fails later, for want of tables
-            passed = _run_patched("reminders/reminders", {"ollama_host": allowed.url})
+            refused = _run_patched({
+                "dask_address": ("embed/embed", {"dask_address": "tls://127.0.0.1:9"}),
+                "data_root": ("embed/embed", {"data_root": str(outsider_root)}),
+                "ollama_host": ("reminders/reminders", {"ollama_host": outsider.url}),
+                "auth_secret_block": ("reminders/reminders", {"auth_secret_block": "stolen"}),
+                # a host the serving process allows passes the check: that run fails later, for want of tables
+                "allowed": ("reminders/reminders", {"ollama_host": allowed.url}),
+            })
+            passed = refused.pop("allowed")
         finally:
             proc.terminate()
             out = proc.communicate(timeout=60)[0]
