@@ -73,7 +73,8 @@ def test_every_flow_has_a_deployment_and_the_pipeline_a_paused_schedule(tmp_path
 
 def test_a_served_deployment_runs_through_the_server(tmp_path, demo_dir):
     root = tmp_path / "root"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    # the serving process looks for scheduled runs every second (Prefect's default: every 10)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     code = "import sys; from deployments.serve import serve_all; serve_all(sys.argv[1])"
     proc = subprocess.Popen([sys.executable, "-c", code, str(_profile(tmp_path, demo_dir, root))], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

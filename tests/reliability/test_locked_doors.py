@@ -129,7 +129,8 @@ def _served(profile: Path, *allow: str) -> subprocess.Popen:
     from prefect.settings import PREFECT_API_URL
 
     mmem = Path(sys.executable).with_name("mmem")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    # the serving process looks for scheduled runs every second (Prefect's default: every 10)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     env.pop(TRUSTED_ENV, None)
     return subprocess.Popen([str(mmem), "serve", "--profile", str(profile), *allow], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
