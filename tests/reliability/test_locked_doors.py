@@ -106,12 +106,10 @@ def _profile(tmp_path: Path, root: Path, host: str) -> Path:
 
 
 def _run_patched(runs: dict[str, tuple[str, dict]], timeout: float = 240) -> dict:
-    """Start each deployment through the API as an outsider would (its own parameters, patched), all
-    at once (the serving process picks them up in one poll), and wait for their final states."""
+    """Start each deployment as an outsider would (its parameters, patched), all at once: final states."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-
-    started = {}
+    started: dict = {}
     with get_client(sync_client=True) as client:
         for key, (name, patch) in runs.items():
             config = client.read_deployment_by_name(name).parameters["config"]
@@ -129,7 +127,6 @@ def _served(profile: Path, *allow: str) -> subprocess.Popen:
     from prefect.settings import PREFECT_API_URL
 
     mmem = Path(sys.executable).with_name("mmem")
-    # the serving process looks for scheduled runs every second (Prefect's default: every 10)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     env.pop(TRUSTED_ENV, None)
     return subprocess.Popen([str(mmem), "serve", "--profile", str(profile), *allow], env=env,
@@ -163,10 +160,9 @@ def test_served_runs_with_patched_trust_parameters_are_refused_naming_them(tmp_p
                 "data_root": ("embed/embed", {"data_root": str(outsider_root)}),
                 "ollama_host": ("reminders/reminders", {"ollama_host": outsider.url}),
                 "auth_secret_block": ("reminders/reminders", {"auth_secret_block": "stolen"}),
-                # a host the serving process allows passes the check: that run fails later, for want of tables
-                "allowed": ("reminders/reminders", {"ollama_host": allowed.url}),
+                "allowed": ("reminders/reminders", {"ollama_host": allowed.url}),  # passes; fails later
             })
-            passed = refused.pop("allowed")
+            passed = refused.pop("allowed")  # an allowed host: no refusal, the run fails for want of tables
         finally:
             proc.terminate()
             out = proc.communicate(timeout=60)[0]
